@@ -1,0 +1,193 @@
+"""``OCDConfig``: every setting of the method in one JSON-serialisable dataclass.
+
+Defaults follow the authors' released code where it and the paper disagree (see
+docs/how-ocd-works.md for the table): Adam lr 5e-4 for 3 overfit steps on the layer's weight
+only, normalisation by the per-element standard deviation of the delta, a 1000-step linear
+beta schedule from 1e-6 to 1e-2 sampled with 10 DDIM steps (eta = 0). The UNet's default size
+is small enough to fit on two CPU cores; ``OCDConfig.paper()`` gives the paper's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_NAME = "ocd_config.json"
+FORMAT_VERSION = 1
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict, tuple)) and not isinstance(default, str):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "overfit_optimizer": ("adam", "sgd"),
+    "delta": ("full", "rank1"),
+    "generator": ("diffusion", "regression"),
+    "scale": ("learned", "global"),
+    "sampler": ("ddim", "ddpm"),
+    "task": ("auto", "classification", "regression"),
+    "on_nonfinite": ("skip", "raise"),
+    "perturbation": ("gaussian", "reinit"),
+}
+
+
+@dataclass
+class OCDConfig:
+    """Configuration of an OCD adapter. Every field is stored in ``ocd_config.json``.
+
+    Example:
+        >>> cfg = OCDConfig(delta="rank1", overfit_steps=3)
+        >>> OCDConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    # --- target layer -------------------------------------------------------------------
+    layer: str | None = _f(None, "Name of the target module (as in model.named_modules()); set by wrap().")
+    layer_ranking: list = _f(
+        [], "Layer-selection scores [[name, score], ...], best first, when layer='auto' chose the layer."
+    )
+
+    # --- collection: overfitting each training sample ---------------------------------------
+    overfit_steps: int = _f(3, "Gradient steps taken on each training sample alone (the paper's K=3).")
+    overfit_optimizer: str = _f("adam", "Optimizer of the per-sample overfit: 'adam' (released code) or 'sgd' (paper text).")
+    overfit_lr: float = _f(5e-4, "Learning rate of the per-sample overfit.")
+    adam_betas: tuple = _f((0.9, 0.999), "Adam betas of the per-sample overfit.")
+    adam_eps: float = _f(1e-8, "Adam epsilon of the per-sample overfit.")
+    shard_size: int = _f(4096, "Samples per safetensors shard written by collect(); a shard is the unit of resumption.")
+    on_nonfinite: str = _f("skip", "What collect()/fit() do on NaN/Inf: 'skip' the sample and count it, or 'raise'.")
+
+    # --- the hypernetwork -----------------------------------------------------------------
+    delta: str = _f("full", "Delta parameterisation: 'full' matrix (the paper's UNet) or 'rank1' (Linear on vector inputs).")
+    generator: str = _f("diffusion", "'diffusion' (the paper) or 'regression' (an MLP trained with MSE; a control).")
+    scale: str = _f("learned", "'learned' scale model rho(I(x)), or 'global' (mean rho over training; the paper's ablation).")
+    cond_dim: int = _f(128, "Width of the conditioning embedding for the MLP denoiser, the regressor and the scale model.")
+    mlp_hidden: int = _f(256, "Hidden width of the MLP networks (rank-1 denoiser, regressor, scale model).")
+    mlp_layers: int = _f(3, "Residual blocks of the MLP networks.")
+    unet_channels: tuple = _f((32, 64, 64), "UNet2DModel block_out_channels (full path); one entry per level.")
+    unet_layers_per_block: int = _f(1, "ResNet layers per UNet block.")
+    unet_attention: bool = _f(False, "Use attention blocks at the two lowest UNet resolutions.")
+    dropout: float = _f(0.0, "Dropout in the hypernetwork (always off while sampling).")
+
+    # --- diffusion --------------------------------------------------------------------------
+    num_train_timesteps: int = _f(1000, "Diffusion training timesteps (released code: 1000).")
+    beta_start: float = _f(1e-6, "First beta of the linear schedule (released code: 1e-6).")
+    beta_end: float = _f(1e-2, "Last beta of the linear schedule (released code: 1e-2).")
+    sampler: str = _f("ddim", "Sampler: 'ddim' (released code) or 'ddpm'.")
+    sampling_steps: int = _f(10, "Denoising steps at inference (released code: 10).")
+    eta: float = _f(0.0, "DDIM eta (0 = deterministic given the initial noise).")
+    clip_sample: bool = _f(False, "Clip samples to [-1, 1] in the scheduler; off: normalised deltas are unbounded.")
+
+    # --- fitting ----------------------------------------------------------------------------
+    fit_steps: int = _f(2000, "Optimizer steps of fit() (denoiser and scale model).")
+    fit_batch_size: int = _f(128, "Batch size of fit().")
+    fit_lr: float = _f(1e-4, "Adam learning rate of the denoiser / regressor.")
+    scale_lr: float = _f(1e-3, "Adam learning rate of the scale model.")
+    ema_decay: float = _f(0.995, "EMA decay of the denoiser weights; sampling uses the EMA.")
+    grad_clip: float = _f(1.0, "Gradient-norm clip of fit().")
+    checkpoint_every: int = _f(500, "fit() writes a resumable checkpoint every this many steps (0: never).")
+
+    # --- inference --------------------------------------------------------------------------
+    num_draws: int = _f(1, "Draws per input when the model is called; >1 returns the ensemble mean (the paper's OCD(5)).")
+    task: str = _f("auto", "How draws are averaged: 'classification' (probabilities), 'regression' (values), 'auto'.")
+    seed: int | None = _f(None, "Seed of the sampling noise; None draws fresh noise on every call.")
+
+    # --- layer selection ----------------------------------------------------------------------
+    perturbation: str = _f("gaussian", "Layer selection perturbation: 'gaussian' noise (paper) or 'reinit' (released selector).")
+    selection_draws: int = _f(32, "Perturbation draws per candidate layer in layer selection.")
+    noise_scale: float = _f(1.0, "Gaussian perturbation std as a multiple of the layer weight's std.")
+
+    ocdwrap_version: int = _f(FORMAT_VERSION, "Format version of this config (for forward compatibility).")
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"OCDConfig.{name}={value!r} is not valid; choose one of {list(choices)}.")
+        for name in ("overfit_steps", "shard_size", "sampling_steps", "fit_batch_size", "num_draws", "selection_draws"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"OCDConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.overfit_lr <= 0:
+            raise ConfigError(f"OCDConfig.overfit_lr must be > 0, got {self.overfit_lr!r}.")
+        if self.sampling_steps > self.num_train_timesteps:
+            raise ConfigError(
+                f"OCDConfig.sampling_steps={self.sampling_steps} exceeds num_train_timesteps={self.num_train_timesteps}."
+            )
+        self.adam_betas = tuple(self.adam_betas)
+        self.unet_channels = tuple(int(c) for c in self.unet_channels)
+        self.layer_ranking = [list(r) for r in self.layer_ranking]
+
+    # --- presets ----------------------------------------------------------------------------
+    @classmethod
+    def paper(cls, **overrides: Any) -> OCDConfig:
+        """The paper's network size: a 128-channel UNet with five downsamplings and attention."""
+        base = dict(unet_channels=(128,) * 6, unet_attention=True, unet_layers_per_block=2, fit_steps=20000)
+        base.update(overrides)
+        return cls(**base)
+
+    # --- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        d["unet_channels"] = list(self.unet_channels)
+        return d
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OCDConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown OCDConfig keys {unknown} (written by a newer ocdwrap?); "
+                "upgrade ocdwrap to use them.",
+                stacklevel=2,
+            )
+        version = d.get("ocdwrap_version", FORMAT_VERSION)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            warnings.warn(
+                f"This config has format version {version}, newer than this ocdwrap's {FORMAT_VERSION}; "
+                "loading what is known.",
+                stacklevel=2,
+            )
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["ocdwrap_version"] = FORMAT_VERSION
+        return cls(**kwargs)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``ocd_config.json`` into ``directory`` (atomically) and return its path."""
+        from .io import atomic_write_text
+
+        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        atomic_write_text(path, self.to_json_string())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> OCDConfig:
+        """Read ``ocd_config.json`` from ``directory``."""
+        from .io import read_json
+
+        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        return cls.from_dict(read_json(path))
+
+    def replace(self, **changes: Any) -> OCDConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def help(name: str) -> str:
+        """The documentation of one field."""
+        for f in fields(OCDConfig):
+            if f.name == name:
+                return f.metadata["help"]
+        raise ConfigError(f"OCDConfig has no field {name!r}.")

@@ -1,0 +1,89 @@
+"""Safe, atomic file writing and reading: safetensors and JSON only, never pickle.
+
+Every write goes to a temporary file in the same directory, is flushed and fsync'ed, then
+renamed over the destination, so a crash leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .errors import CorruptFileError
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def read_json(path: str) -> Any:
+    """Read a JSON file, turning a truncated or corrupted file into :class:`CorruptFileError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({e}); the file is truncated or corrupted. "
+            "Restore it from a backup, or delete it and recreate it."
+        ) from e
+
+
+def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors to ``path`` atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_tensors(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a truncated or corrupted file into :class:`CorruptFileError`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(
+            f"{path} could not be read as safetensors ({e}); the file is truncated or corrupted. "
+            "Delete it and write it again (collect() resumes from the last complete shard)."
+        ) from e
+
+
+def tensor_fingerprint(*tensors: torch.Tensor | None) -> str:
+    """A short hash of tensors' shapes, dtypes and values, to tell base models apart."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
