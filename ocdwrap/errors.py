@@ -65,5 +65,9 @@ class CollectionExistsError(OCDError, FileExistsError):
     """The output directory already holds a different collection."""
 
 
+class AdapterExistsError(OCDError, FileExistsError):
+    """The target directory already holds a saved adapter (pass overwrite=True to replace it)."""
+
+
 class ConfigError(OCDError, ValueError):
     """A configuration value is invalid."""

@@ -1,0 +1,154 @@
+"""The dynamic layer: the target layer computing with W + delta_b for every sample b of a batch.
+
+``DynamicLayer`` keeps the original module as ``base_layer`` and adds, when a delta is set
+for the current call, a per-sample term with no Python loop over the batch:
+
+* Linear, vector or sequence inputs:  y_b = base(x_b) + x_b @ delta_bᵀ          (one bmm)
+* Linear, rank-one delta u_b v_bᵀ:     y_b = base(x_b) + u_b (v_bᵀ x_b)          (no matrix formed)
+* Conv2d (groups=1):                   y_b = base(x_b) + conv(x_b, delta_b)       (one grouped conv)
+
+With no delta set the layer is exactly the base layer; a zero delta adds exact zeros.
+The delta is set per thread through :class:`LayerState`, so concurrent calls do not mix.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LayerReachError, UnsupportedLayerError
+
+
+@dataclass
+class FullDelta:
+    """A full per-sample delta: (B, out, in) for Linear, (B, out, in, kh, kw) for Conv2d."""
+
+    delta: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.delta.shape[0]
+
+
+@dataclass
+class Rank1Delta:
+    """A rank-one per-sample delta u vᵀ for a Linear layer: u (B, out), v (B, in)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.u.shape[0]
+
+    def full(self) -> torch.Tensor:
+        """The matrices, (B, out, in)."""
+        return self.u.unsqueeze(2) * self.v.unsqueeze(1)
+
+
+DeltaSpec = FullDelta | Rank1Delta
+
+
+def layer_kind(module: nn.Module) -> str:
+    """'linear' or 'conv2d'; raises :class:`UnsupportedLayerError` for anything else."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise UnsupportedLayerError(
+                f"Conv2d with groups={module.groups} is not supported (only groups=1); "
+                "choose another layer, e.g. a pointwise or dense convolution or a Linear layer."
+            )
+        return "conv2d"
+    raise UnsupportedLayerError(
+        f"Layer type {type(module).__name__} is not supported; ocdwrap targets nn.Linear and nn.Conv2d "
+        "(groups=1). Choose one of those (ocdwrap.select_layer lists the candidates)."
+    )
+
+
+class LayerState(threading.local):
+    """Per-thread state shared by an OCDModel and its dynamic layer."""
+
+    def __init__(self) -> None:
+        self.delta: DeltaSpec | None = None
+        self.capture: list | None = None  # [(layer input, layer output)] while capturing
+        self.disabled: bool = False
+        self.overrides: dict = {}
+
+
+class DynamicLayer(nn.Module):
+    """Wraps ``base_layer`` (nn.Linear or nn.Conv2d) and adds a per-sample delta when one is set."""
+
+    def __init__(self, base_layer: nn.Module, state: LayerState) -> None:
+        super().__init__()
+        self.kind = layer_kind(base_layer)
+        self.base_layer = base_layer
+        self._ocd_state = state
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        spec = self._ocd_state.delta
+        if spec is None or self._ocd_state.disabled:
+            return out
+        return out + self.delta_term(x, spec).to(out.dtype)
+
+    # ------------------------------------------------------------------------------------
+    def delta_term(self, x: torch.Tensor, spec: DeltaSpec) -> torch.Tensor:
+        """The per-sample contribution of ``spec`` for input ``x``."""
+        if self.kind == "linear":
+            return self._linear_term(x, spec)
+        return self._conv_term(x, spec)
+
+    def _linear_term(self, x: torch.Tensor, spec: DeltaSpec) -> torch.Tensor:
+        B = spec.batch
+        if x.shape[0] % B != 0:
+            raise LayerReachError(
+                f"The target Linear got an input of shape {tuple(x.shape)}, whose first dimension is not "
+                f"a multiple of the batch size {B}; ocdwrap needs the batch (sample-major) in dim 0."
+            )
+        xs = x.reshape(B, -1, x.shape[-1])  # (B, T, in)
+        if isinstance(spec, Rank1Delta):
+            u, v = spec.u.to(x.dtype), spec.v.to(x.dtype)
+            term = torch.einsum("bti,bi->bt", xs, v).unsqueeze(-1) * u.unsqueeze(1)  # (B, T, out)
+        else:
+            d = spec.delta.to(x.dtype)
+            term = torch.bmm(xs, d.transpose(1, 2))  # (B, T, out)
+        return term.reshape(*x.shape[:-1], term.shape[-1])
+
+    def _conv_term(self, x: torch.Tensor, spec: DeltaSpec) -> torch.Tensor:
+        if isinstance(spec, Rank1Delta):
+            raise UnsupportedLayerError("A rank-one delta applies to Linear layers only, not Conv2d.")
+        conv = self.base_layer
+        B, C = x.shape[0], x.shape[1]
+        d = spec.delta.to(x.dtype)  # (B, out, C, kh, kw)
+        if d.shape[0] != B:
+            raise LayerReachError(f"Conv2d input batch {B} does not match the delta batch {d.shape[0]}.")
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = 0
+        y = F.conv2d(
+            x.reshape(1, B * C, *x.shape[2:]),
+            d.reshape(B * d.shape[1], *d.shape[2:]),
+            None,
+            conv.stride,
+            padding,
+            conv.dilation,
+            groups=B,
+        )  # (1, B*out, H', W')
+        return y.reshape(B, d.shape[1], *y.shape[2:])
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}"

@@ -1,0 +1,444 @@
+"""``wrap()`` and ``OCDModel``: the base model with its target layer made dynamic.
+
+``OCDModel(*args, **kwargs)`` is called exactly like the base model and returns the same
+type. Under the hood one call is two passes over the base model:
+
+1. a capture pass (no delta) that records I(x) = (layer input, layer output, model output);
+2. the prediction pass, where the target layer computes with W + rho(I(x)) * delta_hat for every
+   sample, delta_hat drawn by the fitted hypernetwork (``num_draws`` per input: the batch is
+   repeated, all draws run in one pass, and the draws are averaged).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import batch_size, map_tensors, read_output, replace_output
+from .capture import Conditioning, LayerCapture, build_conditioning
+from .config import CONFIG_NAME, OCDConfig
+from .errors import (
+    AdapterExistsError,
+    BaseModelMismatchError,
+    CalibrationRequiredError,
+    LayerNotFoundError,
+    NotFittedError,
+    UnsupportedLayerError,
+)
+from .io import atomic_save_tensors, load_tensors, tensor_fingerprint
+from .layer import DeltaSpec, DynamicLayer, LayerState, layer_kind
+
+logger = logging.getLogger("ocdwrap")
+
+WEIGHTS_NAME = "ocd_model.safetensors"
+
+
+@dataclass
+class EnsembleOutput:
+    """What :meth:`OCDModel.ensemble` returns.
+
+    Attributes:
+        output: the base model's output type, its prediction replaced by the ensemble's
+            (log of the mean probability for classification, mean value for regression).
+        mean: (B, ...) mean probabilities (classification) or mean values (regression).
+        std: (B, ...) standard deviation across draws of the same quantity.
+        draws: (K, B, ...) every draw's raw prediction (logits or values).
+        uncertainty: (B,) the spread between draws, ``std`` averaged over output dimensions.
+    """
+
+    output: Any
+    mean: torch.Tensor
+    std: torch.Tensor
+    draws: torch.Tensor
+    uncertainty: torch.Tensor
+
+
+def _candidate_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parts = name.split(".")
+    parent = model
+    for p in parts[:-1]:
+        parent = getattr(parent, p)
+    return parent, parts[-1]
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name`` in ``model``; a clear error listing candidates when absent."""
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        candidates = _candidate_layers(model)
+        close = difflib.get_close_matches(name, candidates, n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise LayerNotFoundError(
+            f"Target layer {name!r} not found in the base model.{hint} "
+            f"Linear/Conv2d layers it has: {candidates[:40]}{' ...' if len(candidates) > 40 else ''}"
+        )
+    module = modules[name]
+    if isinstance(module, DynamicLayer):
+        raise UnsupportedLayerError(f"Layer {name!r} is already wrapped by ocdwrap; call unload() first.")
+    try:
+        layer_kind(module)
+    except UnsupportedLayerError as e:
+        raise UnsupportedLayerError(
+            f"Layer {name!r} is a {type(module).__name__}. {e} Candidates: {_candidate_layers(model)[:40]}"
+        ) from None
+    return module
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    found: list[torch.Tensor] = []
+    map_tensors(obj, lambda t: found.append(t) or t)
+    return found[0] if found else None
+
+
+def _attention_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    mask = kwargs.get("attention_mask")
+    if mask is None and args and isinstance(args[0], dict):
+        mask = args[0].get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) else None
+
+
+class OCDModel(nn.Module):
+    """A base model whose target layer gets per-input weights from a fitted OCD hypernetwork.
+
+    Create it with :func:`ocdwrap.wrap` or :meth:`OCDModel.from_pretrained`.
+
+    Example:
+        >>> model = ocdwrap.wrap(base, layer="fc2")
+        >>> store = ocdwrap.collect(model, train_loader, loss_fn, out_dir="deltas/")
+        >>> ocdwrap.fit(model, store)
+        >>> logits = model(images)                      # same call as base(images)
+        >>> with model.disable_ocd():
+        ...     base_logits = model(images)
+    """
+
+    def __init__(self, base: nn.Module, layer: str, config: OCDConfig | None = None) -> None:
+        super().__init__()
+        config = (config or OCDConfig()).replace(layer=layer)
+        original = resolve_layer(base, layer)
+        self.config = config
+        self.layer_name = layer
+        self._state = LayerState()
+        self._requires_grad = {n: p.requires_grad for n, p in base.named_parameters()}
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.base_model = base
+        dynamic = DynamicLayer(original, self._state)
+        parent, attr = _get_parent(base, layer)
+        setattr(parent, attr, dynamic)
+        self._capture = LayerCapture(dynamic, self._state)
+        self.hypernet: nn.Module | None = None
+
+    # --- the target layer --------------------------------------------------------------------
+    @property
+    def target_layer(self) -> DynamicLayer:
+        """The dynamic layer (its original module is ``.base_layer``)."""
+        parent, attr = _get_parent(self.base_model, self.layer_name)
+        return getattr(parent, attr)
+
+    @property
+    def layer_kind(self) -> str:
+        return self.target_layer.kind
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.target_layer.weight.shape)
+
+    def layer_fingerprint(self) -> str:
+        """A hash of the target layer's base weight and bias, to tell base models apart."""
+        layer = self.target_layer
+        return tensor_fingerprint(layer.weight, layer.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.target_layer.weight.device
+
+    # --- state switches ------------------------------------------------------------------------
+    @contextmanager
+    def disable_ocd(self) -> Iterator[OCDModel]:
+        """Inside this context the model behaves exactly like the base model."""
+        previous = self._state.disabled
+        self._state.disabled = True
+        try:
+            yield self
+        finally:
+            self._state.disabled = previous
+
+    @contextmanager
+    def use_deltas(self, spec: DeltaSpec) -> Iterator[OCDModel]:
+        """Run the base model with explicit per-sample deltas (no capture, no generation)."""
+        previous = self._state.delta
+        self._state.delta = spec
+        try:
+            yield self
+        finally:
+            self._state.delta = previous
+
+    @contextmanager
+    def sampling(self, **overrides: Any) -> Iterator[OCDModel]:
+        """Temporarily change sampling settings for calls in this thread.
+
+        Accepts ``num_draws``, ``seed``, ``sampler``, ``sampling_steps``, ``eta``, ``task``.
+
+        Example:
+            >>> with model.sampling(num_draws=5, seed=0):
+            ...     logits = model(x)        # OCD(5): the mean of five generated networks
+        """
+        allowed = {"num_draws", "seed", "sampler", "sampling_steps", "eta", "task"}
+        bad = set(overrides) - allowed
+        if bad:
+            raise TypeError(f"sampling() got unknown settings {sorted(bad)}; allowed: {sorted(allowed)}.")
+        self.config.replace(**{k: v for k, v in overrides.items() if k != "seed" or v is not None})  # validate
+        previous = self._state.overrides
+        self._state.overrides = {**previous, **overrides}
+        try:
+            yield self
+        finally:
+            self._state.overrides = previous
+
+    def _setting(self, name: str) -> Any:
+        return self._state.overrides.get(name, getattr(self.config, name))
+
+    # --- passes --------------------------------------------------------------------------------
+    def _call_base(self, args: tuple, kwargs: dict) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def conditioning(self, *args: Any, **kwargs: Any) -> tuple[Conditioning, Any]:
+        """One base pass: the per-sample conditioning I(x) and the base model's output."""
+        tensor = _first_tensor((args, kwargs))
+        if tensor is None:
+            raise TypeError("OCDModel got no tensor inputs; call it the way the base model is called.")
+        B = tensor.shape[0]
+        previous = self._state.delta
+        self._state.delta = None
+        try:
+            with self._capture.session() as records:
+                out = self._call_base(args, kwargs)
+        finally:
+            self._state.delta = previous
+        cond = build_conditioning(records, read_output(out), self.layer_kind, B, _attention_mask(args, kwargs))
+        return cond, out
+
+    def _require_hypernet(self) -> nn.Module:
+        if self.hypernet is None:
+            raise NotFittedError(
+                "This OCDModel has no fitted hypernetwork yet: run ocdwrap.collect(...) and "
+                "ocdwrap.fit(model, store), or load one with OCDModel.from_pretrained(base, dir). "
+                "For the base model's behaviour use `with model.disable_ocd():`."
+            )
+        return self.hypernet
+
+    def _torch_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
+        if generator is not None:
+            return generator
+        seed = self._setting("seed")
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def generate(
+        self,
+        cond: Conditioning,
+        *,
+        num_draws: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> DeltaSpec:
+        """Per-sample deltas for conditioning ``cond``: ``num_draws`` per sample, sample-major."""
+        hypernet = self._require_hypernet()
+        return hypernet.generate(
+            cond.to(self.device),
+            num_draws=num_draws,
+            generator=self._torch_generator(generator),
+            sampler=self._setting("sampler"),
+            steps=self._setting("sampling_steps"),
+            eta=self._setting("eta"),
+        )
+
+    def _draws(self, args: tuple, kwargs: dict, num_draws: int, generator: torch.Generator | None):
+        cond, base_out = self.conditioning(*args, **kwargs)
+        spec = self.generate(cond, num_draws=num_draws, generator=generator)
+        B = cond.layer_input.shape[0]
+        if num_draws > 1:
+            args, kwargs = map_tensors((args, kwargs), lambda t: t.repeat_interleave(num_draws, 0) if t.dim() and t.shape[0] == B else t)
+        with self.use_deltas(spec):
+            out = self._call_base(args, kwargs)
+        return out, B
+
+    def _task(self, pred: torch.Tensor) -> str:
+        task = self._setting("task")
+        if task != "auto":
+            return task
+        return "classification" if pred.dim() == 2 and pred.shape[1] > 1 and pred.is_floating_point() else "regression"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._state.disabled or self._state.delta is not None:
+            return self._call_base(args, kwargs)
+        num_draws = int(self._setting("num_draws"))
+        if num_draws == 1:
+            out, _ = self._draws(args, kwargs, 1, None)
+            return out
+        return self.ensemble(*args, num_draws=num_draws, **kwargs).output
+
+    def ensemble(
+        self,
+        *args: Any,
+        num_draws: int = 5,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> EnsembleOutput:
+        """Run ``num_draws`` generated networks per input and combine them (the paper's OCD(K)).
+
+        Classification averages probabilities; regression averages values. ``std`` and
+        ``uncertainty`` give the spread between draws.
+
+        Example:
+            >>> ens = model.ensemble(images, num_draws=5, generator=torch.Generator().manual_seed(0))
+            >>> ens.mean.argmax(1), ens.uncertainty
+        """
+        out, B = self._draws(args, kwargs, num_draws, generator)
+        pred = read_output(out)
+        draws = pred.reshape(B, num_draws, *pred.shape[1:]).transpose(0, 1)  # (K, B, ...)
+        if self._task(pred) == "classification":
+            probs = draws.float().softmax(dim=-1)
+            mean, std = probs.mean(0), probs.std(0, unbiased=False)
+            combined = mean.clamp_min(1e-30).log().to(pred.dtype)
+        else:
+            mean, std = draws.float().mean(0), draws.float().std(0, unbiased=False)
+            combined = mean.to(pred.dtype)
+        uncertainty = std.reshape(B, -1).mean(1)
+        # the rest of the output (hidden states etc.) is that of the first draw
+        first = map_tensors(out, lambda t: t[::num_draws] if t.dim() and t.shape[0] == B * num_draws else t)
+        return EnsembleOutput(replace_output(first, combined), mean, std, draws, uncertainty)
+
+    # --- undo ------------------------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """Remove ocdwrap from the base model and return it untouched (original layer, flags)."""
+        self._capture.remove()
+        parent, attr = _get_parent(self.base_model, self.layer_name)
+        setattr(parent, attr, self.target_layer.base_layer)
+        for n, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+        base = self.base_model
+        return base
+
+    # --- save / load -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
+        """Save the adapter (never the base model): ``ocd_config.json`` + ``ocd_model.safetensors``.
+
+        Refuses to replace an existing adapter unless ``overwrite=True``.
+        """
+        hypernet = self._require_hypernet()
+        directory = os.fspath(directory)
+        weights = os.path.join(directory, WEIGHTS_NAME)
+        if not overwrite and (os.path.exists(weights) or os.path.exists(os.path.join(directory, CONFIG_NAME))):
+            raise AdapterExistsError(
+                f"{directory} already holds an OCD adapter; pass overwrite=True to replace it, or choose "
+                "another directory."
+            )
+        os.makedirs(directory, exist_ok=True)
+        import json
+
+        meta = {
+            "format": "ocdwrap-adapter",
+            "layer": self.layer_name,
+            "fingerprint": self.layer_fingerprint(),
+            "hypernet": json.dumps(hypernet.spec()),
+        }
+        atomic_save_tensors(weights, hypernet.state_dict(), metadata=meta)
+        self.config.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: nn.Module,
+        directory: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+    ) -> OCDModel:
+        """Wrap ``base`` and load a saved adapter into it (frozen, eval mode).
+
+        Raises :class:`BaseModelMismatchError` when ``base``'s target layer is not the one the
+        adapter was fitted on.
+        """
+        import json
+
+        from safetensors import safe_open
+
+        from .hypernet import OCDHyperNetwork
+
+        directory = os.fspath(directory)
+        config = OCDConfig.load(directory)
+        path = os.path.join(directory, WEIGHTS_NAME)
+        state = load_tensors(path)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "ocdwrap-adapter" or "hypernet" not in meta:
+            raise BaseModelMismatchError(f"{path} is not an ocdwrap adapter (missing metadata).")
+        model = cls(base, meta["layer"], config)
+        found = model.layer_fingerprint()
+        if found != meta["fingerprint"]:
+            model.unload()
+            raise BaseModelMismatchError(
+                f"The adapter in {directory} was fitted on a different base model: layer {meta['layer']!r} "
+                f"has fingerprint {found}, the adapter expects {meta['fingerprint']}. Load it onto the "
+                "base model it was fitted on."
+            )
+        hypernet = OCDHyperNetwork.from_spec(config, json.loads(meta["hypernet"]))
+        hypernet.load_state_dict(state)
+        model.hypernet = hypernet.to(device or model.device).eval()
+        return model
+
+
+def wrap(
+    base: nn.Module,
+    layer: str = "auto",
+    config: OCDConfig | None = None,
+    calibration: Any = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    **select_kwargs: Any,
+) -> OCDModel:
+    """Wrap ``base`` for OCD on one layer; the base's parameters are frozen.
+
+    Args:
+        base: the trained base model.
+        layer: a module name (``"fc2"``, ``"classifier.out_proj"``) or ``"auto"`` to pick it
+            with the paper's loss-entropy criterion on ``calibration`` data.
+        config: an :class:`OCDConfig`; defaults to ``OCDConfig()``.
+        calibration: batches for ``layer="auto"`` (see :mod:`ocdwrap.batches`).
+        loss_fn: per-sample loss ``loss_fn(output, target)``, needed for ``layer="auto"``.
+        select_kwargs: passed to :func:`ocdwrap.select_layer`.
+
+    Example:
+        >>> model = ocdwrap.wrap(lenet, layer="fc2")
+        >>> model = ocdwrap.wrap(lenet, layer="auto", calibration=val_loader,
+        ...                      loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    """
+    config = config or OCDConfig()
+    if layer == "auto":
+        if calibration is None or loss_fn is None:
+            raise CalibrationRequiredError(
+                'layer="auto" needs calibration data and a loss to score the candidate layers: '
+                'wrap(base, layer="auto", calibration=loader, loss_fn=loss), or name the layer, '
+                f"e.g. layer={(_candidate_layers(base) or ['fc'])[-1]!r}."
+            )
+        from .select import select_layer
+
+        kw = dict(perturbation=config.perturbation, draws=config.selection_draws, noise_scale=config.noise_scale)
+        kw.update(select_kwargs)
+        scores = select_layer(base, calibration, loss_fn, **kw)
+        layer = scores.best
+        config = config.replace(layer_ranking=scores.to_list())
+        logger.info("ocdwrap: layer='auto' chose %r (highest loss entropy)\n%s", layer, scores)
+    return OCDModel(base, layer, config)

@@ -1,0 +1,115 @@
+"""``DeltaStore``: the on-disk collection of overfitted deltas, sharded safetensors + a JSON manifest.
+
+Layout of a collection directory::
+
+    manifest.json              identity (layer, base fingerprint, overfit settings), shards, summary
+    shard-00000.safetensors    per sample: rho (n,), cond_in (n, d_in), cond_act (n, d_act),
+    shard-00001.safetensors    cond_out (n, d_out), index (n,) position in the data stream,
+    ...                        energy (n,) top-singular-value energy fraction (Linear targets),
+                               and the normalised delta: delta (n, out, in·kh·kw) for the full
+                               parameterisation and/or u (n, out), v (n, in) for rank one.
+
+Shards are written atomically and listed in the manifest only once complete, so an
+interrupted collection resumes after the last listed shard.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import CorruptFileError
+from .io import load_tensors, read_json
+
+MANIFEST_NAME = "manifest.json"
+STORE_FORMAT = "ocdwrap-deltas"
+STORE_VERSION = 1
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+class DeltaStore:
+    """Read access to a collection written by :func:`ocdwrap.collect`.
+
+    Example:
+        >>> store = DeltaStore("deltas/")
+        >>> len(store), store.dims, store.manifest["summary"]
+        >>> data = store.load(["delta", "rho", "cond_in", "cond_act", "cond_out"])
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = os.fspath(directory)
+        path = os.path.join(self.directory, MANIFEST_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{self.directory} holds no delta collection (no {MANIFEST_NAME}); run ocdwrap.collect first."
+            )
+        self.manifest: dict[str, Any] = read_json(path)
+        if self.manifest.get("format") != STORE_FORMAT:
+            raise CorruptFileError(f"{path} is not an ocdwrap delta manifest (format={self.manifest.get('format')!r}).")
+
+    def __len__(self) -> int:
+        return int(sum(s["count"] for s in self.manifest["shards"]))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Conditioning widths: {'cond_in': d_in, 'cond_act': d_act, 'cond_out': d_out}."""
+        return dict(self.manifest["dims"])
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.manifest["keys"])
+
+    @property
+    def layer(self) -> str:
+        return self.manifest["identity"]["layer"]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["identity"]["weight_shape"])
+
+    def shard_paths(self) -> list[str]:
+        return [os.path.join(self.directory, s["file"]) for s in self.manifest["shards"]]
+
+    def load(self, keys: list[str] | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Concatenate ``keys`` (default: all) over every shard."""
+        keys = keys or self.keys
+        missing = [k for k in keys if k not in self.keys]
+        if missing:
+            raise KeyError(
+                f"This collection has no {missing} (it holds {self.keys}); collect again with a config "
+                "that stores them (delta='full' stores 'delta'; Linear targets on vectors also store 'u', 'v')."
+            )
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        for path in self.shard_paths():
+            if len(keys) == len(self.keys):
+                tensors = load_tensors(path, device)
+            else:
+                tensors = self._load_some(path, keys, device)
+            for k in keys:
+                parts[k].append(tensors[k])
+        if not self.manifest["shards"]:
+            return {k: torch.empty(0) for k in keys}
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    @staticmethod
+    def _load_some(path: str, keys: list[str], device: str | torch.device) -> dict[str, torch.Tensor]:
+        if not os.path.exists(path):
+            raise CorruptFileError(f"Shard {path} listed in the manifest is missing; collect again to rebuild it.")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise CorruptFileError(f"{path} could not be read as safetensors ({e}); delete it and collect again.") from e
+
+    def __repr__(self) -> str:
+        return f"DeltaStore({self.directory!r}, samples={len(self)}, layer={self.layer!r}, complete={self.complete})"
