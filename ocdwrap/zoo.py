@@ -200,7 +200,7 @@ def _train_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(total), n
+    return float(total.detach()), n
 
 
 @torch.no_grad()
