@@ -63,7 +63,9 @@ def batch_size(inputs: Inputs) -> int:
                 return v.shape[0]
     if isinstance(inputs, (tuple, list)) and inputs and isinstance(inputs[0], torch.Tensor):
         return inputs[0].shape[0]
-    raise BatchFormatError(f"Cannot find the batch dimension of inputs of type {type(inputs).__name__}.")
+    raise BatchFormatError(
+        f"Cannot find the batch dimension of inputs of type {type(inputs).__name__}."
+    )
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -150,7 +152,9 @@ def replace_output(output: Any, new: torch.Tensor) -> Any:
         return (new, *output[1:])
     if isinstance(output, list):
         return [new, *output[1:]]
-    raise BatchFormatError(f"Cannot replace the prediction in an output of type {type(output).__name__}.")
+    raise BatchFormatError(
+        f"Cannot replace the prediction in an output of type {type(output).__name__}."
+    )
 
 
 def per_sample_loss(
@@ -190,7 +194,9 @@ def check_loss_is_sum(
     if n < 2 or not isinstance(target, torch.Tensor) or target.shape[:1] != (n,):
         return
     with torch.no_grad():
-        parts = sum(loss_fn(prediction[i : i + 1], target[i : i + 1]).sum() for i in range(min(n, 4)))
+        parts = sum(
+            loss_fn(prediction[i : i + 1], target[i : i + 1]).sum() for i in range(min(n, 4))
+        )
         first = loss_fn(prediction[: min(n, 4)], target[: min(n, 4)]).sum()
     if not torch.allclose(parts, first, rtol=1e-3, atol=1e-6):
         raise LossShapeError(
@@ -205,7 +211,9 @@ def check_inputs(inputs: Inputs, device: torch.device) -> None:
 
     def check(t: torch.Tensor) -> torch.Tensor:
         if t.device.type != device.type or (
-            device.index is not None and t.device.index is not None and t.device.index != device.index
+            device.index is not None
+            and t.device.index is not None
+            and t.device.index != device.index
         ):
             raise DeviceDtypeError(
                 f"An input tensor is on {t.device} but the model is on {device}; move the batch with "

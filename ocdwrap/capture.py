@@ -34,14 +34,20 @@ class Conditioning:
     model_output: torch.Tensor
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"cond_in": self.layer_input, "cond_act": self.layer_output, "cond_out": self.model_output}
+        return {
+            "cond_in": self.layer_input,
+            "cond_act": self.layer_output,
+            "cond_out": self.model_output,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> Conditioning:
         return cls(d["cond_in"], d["cond_act"], d["cond_out"])
 
     def to(self, device: torch.device | str) -> Conditioning:
-        return Conditioning(*(t.to(device) for t in (self.layer_input, self.layer_output, self.model_output)))
+        return Conditioning(
+            *(t.to(device) for t in (self.layer_input, self.layer_output, self.model_output))
+        )
 
     def index(self, idx: torch.Tensor | slice) -> Conditioning:
         return Conditioning(self.layer_input[idx], self.layer_output[idx], self.model_output[idx])
@@ -50,7 +56,12 @@ class Conditioning:
         """Each sample repeated ``k`` times, sample-major."""
         if k == 1:
             return self
-        return Conditioning(*(t.repeat_interleave(k, 0) for t in (self.layer_input, self.layer_output, self.model_output)))
+        return Conditioning(
+            *(
+                t.repeat_interleave(k, 0)
+                for t in (self.layer_input, self.layer_output, self.model_output)
+            )
+        )
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -65,7 +76,9 @@ def _masked_mean(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (t * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-def pool_layer_tensor(t: torch.Tensor, kind: str, batch: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def pool_layer_tensor(
+    t: torch.Tensor, kind: str, batch: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Pool a layer input or output to (B, F) per sample."""
     if kind == "conv2d":
         return t.float().mean(dim=(2, 3))

@@ -122,7 +122,9 @@ def overfit_batch(
             (grad,) = torch.autograd.grad(losses.sum(), delta)
             with torch.no_grad():
                 if cfg.overfit_optimizer == "adam":
-                    _adam_update(delta, grad, m, v, step + 1, cfg.overfit_lr, cfg.adam_betas, cfg.adam_eps)
+                    _adam_update(
+                        delta, grad, m, v, step + 1, cfg.overfit_lr, cfg.adam_betas, cfg.adam_eps
+                    )
                 else:
                     delta.add_(grad, alpha=-cfg.overfit_lr)
     finally:
@@ -156,11 +158,13 @@ def overfit_one(
                 w0 = layer.weight.detach().clone()
                 w = torch.nn.Parameter(w0.clone())
                 if cfg.overfit_optimizer == "adam":
-                    opt = torch.optim.Adam([w], lr=cfg.overfit_lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+                    opt = torch.optim.Adam(
+                        [w], lr=cfg.overfit_lr, betas=cfg.adam_betas, eps=cfg.adam_eps
+                    )
                 else:
                     opt = torch.optim.SGD([w], lr=cfg.overfit_lr)
                 xb = index_batch(inputs, slice(b, b + 1))
-                yb = map_tensors(target, lambda t: t[b : b + 1])
+                yb = index_batch(target, slice(b, b + 1))
                 original = layer._parameters["weight"]
                 layer._parameters["weight"] = w  # this sample's own weight copy
                 try:
@@ -192,14 +196,18 @@ def rank1_right_factor(layer_input: torch.Tensor, optimizer: str) -> torch.Tenso
     return layer_input.sign() if optimizer == "adam" else layer_input
 
 
-def rank1_factors(delta: torch.Tensor, layer_input: torch.Tensor, optimizer: str) -> tuple[torch.Tensor, torch.Tensor]:
+def rank1_factors(
+    delta: torch.Tensor, layer_input: torch.Tensor, optimizer: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares u for delta ≈ u vᵀ given the right factor v; returns (u (B, out), v (B, in))."""
     v = rank1_right_factor(layer_input.float(), optimizer)
     u = torch.einsum("boi,bi->bo", delta.float(), v) / (v * v).sum(1, keepdim=True).clamp_min(1e-30)
     return u, v
 
 
-def _identity(model: OCDModel, cfg: OCDConfig, store_full: bool, store_rank1: bool) -> dict[str, Any]:
+def _identity(
+    model: OCDModel, cfg: OCDConfig, store_full: bool, store_rank1: bool
+) -> dict[str, Any]:
     return {
         "layer": model.layer_name,
         "layer_kind": model.layer_kind,
@@ -253,7 +261,6 @@ def collect(
     out_dir = os.fspath(out_dir)
     is_linear = model.layer_kind == "linear"
     store_full = cfg.delta == "full"
-    store_rank1 = is_linear  # decided for vector inputs on the first batch
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     manifest: dict[str, Any] | None = None
     if os.path.exists(manifest_path):
@@ -267,7 +274,9 @@ def collect(
             )
         if same:
             manifest = old
-            if manifest.get("complete") and (max_samples is None or len(DeltaStore(out_dir)) >= max_samples):
+            if manifest.get("complete") and (
+                max_samples is None or len(DeltaStore(out_dir)) >= max_samples
+            ):
                 return DeltaStore(out_dir)
         else:
             for s in old["shards"]:
@@ -300,7 +309,9 @@ def collect(
     position = 0
     skipped = manifest.get("skipped", 0) if manifest else 0
     checked_loss = False
-    bar = tqdm(total=total, initial=done, desc="ocdwrap collect", unit="sample", disable=not progress)
+    bar = tqdm(
+        total=total, initial=done, desc="ocdwrap collect", unit="sample", disable=not progress
+    )
     device = model.device
 
     def flush(final: bool) -> None:
@@ -357,7 +368,7 @@ def collect(
         if keep_from > 0 or keep_to < B:
             sel = slice(keep_from, keep_to)
             inputs = index_batch(inputs, sel)
-            target = map_tensors(target, lambda t, s=sel: t[s])
+            target = index_batch(target, sel)
             lo, B = lo + keep_from, keep_to - keep_from
         check_inputs(inputs, device)
         res = overfit_batch(model, inputs, target, loss_fn, config=cfg, check_loss=not checked_loss)
@@ -404,7 +415,9 @@ def collect(
         if is_linear:
             rows["energy"] = top_singular_energy(delta)
         if store_full:
-            rows["delta"] = (delta / rho.view(n, *([1] * (delta.dim() - 1)))).reshape(n, delta.shape[1], -1)
+            rows["delta"] = (delta / rho.view(n, *([1] * (delta.dim() - 1)))).reshape(
+                n, delta.shape[1], -1
+            )
         if ident["store_rank1"]:
             u, v = rank1_factors(delta, res.layer_input[idx], cfg.overfit_optimizer)
             rows["u"], rows["v"] = u / rho.unsqueeze(1), v
@@ -417,7 +430,9 @@ def collect(
             break
     bar.close()
     if manifest is None or (manifest["identity"] is None and not manifest["shards"]):
-        raise EmptyDataError("collect() got no samples from the data loader; check that it is not empty.")
+        raise EmptyDataError(
+            "collect() got no samples from the data loader; check that it is not empty."
+        )
     flush(final=True)
     manifest["skipped"] = skipped
     manifest["summary"] = _summary(out_dir, manifest)

@@ -51,28 +51,55 @@ class OCDConfig:
     """
 
     # --- target layer -------------------------------------------------------------------
-    layer: str | None = _f(None, "Name of the target module (as in model.named_modules()); set by wrap().")
+    layer: str | None = _f(
+        None, "Name of the target module (as in model.named_modules()); set by wrap()."
+    )
     layer_ranking: list = _f(
-        [], "Layer-selection scores [[name, score], ...], best first, when layer='auto' chose the layer."
+        [],
+        "Layer-selection scores [[name, score], ...], best first, when layer='auto' chose the layer.",
     )
 
     # --- collection: overfitting each training sample ---------------------------------------
-    overfit_steps: int = _f(3, "Gradient steps taken on each training sample alone (the paper's K=3).")
-    overfit_optimizer: str = _f("adam", "Optimizer of the per-sample overfit: 'adam' (released code) or 'sgd' (paper text).")
+    overfit_steps: int = _f(
+        3, "Gradient steps taken on each training sample alone (the paper's K=3)."
+    )
+    overfit_optimizer: str = _f(
+        "adam", "Optimizer of the per-sample overfit: 'adam' (released code) or 'sgd' (paper text)."
+    )
     overfit_lr: float = _f(5e-4, "Learning rate of the per-sample overfit.")
     adam_betas: tuple = _f((0.9, 0.999), "Adam betas of the per-sample overfit.")
     adam_eps: float = _f(1e-8, "Adam epsilon of the per-sample overfit.")
-    shard_size: int = _f(4096, "Samples per safetensors shard written by collect(); a shard is the unit of resumption.")
-    on_nonfinite: str = _f("skip", "What collect()/fit() do on NaN/Inf: 'skip' the sample and count it, or 'raise'.")
+    shard_size: int = _f(
+        4096,
+        "Samples per safetensors shard written by collect(); a shard is the unit of resumption.",
+    )
+    on_nonfinite: str = _f(
+        "skip", "What collect()/fit() do on NaN/Inf: 'skip' the sample and count it, or 'raise'."
+    )
 
     # --- the hypernetwork -----------------------------------------------------------------
-    delta: str = _f("full", "Delta parameterisation: 'full' matrix (the paper's UNet) or 'rank1' (Linear on vector inputs).")
-    generator: str = _f("diffusion", "'diffusion' (the paper) or 'regression' (an MLP trained with MSE; a control).")
-    scale: str = _f("learned", "'learned' scale model rho(I(x)), or 'global' (mean rho over training; the paper's ablation).")
-    cond_dim: int = _f(128, "Width of the conditioning embedding for the MLP denoiser, the regressor and the scale model.")
-    mlp_hidden: int = _f(256, "Hidden width of the MLP networks (rank-1 denoiser, regressor, scale model).")
+    delta: str = _f(
+        "full",
+        "Delta parameterisation: 'full' matrix (the paper's UNet) or 'rank1' (Linear on vector inputs).",
+    )
+    generator: str = _f(
+        "diffusion", "'diffusion' (the paper) or 'regression' (an MLP trained with MSE; a control)."
+    )
+    scale: str = _f(
+        "learned",
+        "'learned' scale model rho(I(x)), or 'global' (mean rho over training; the paper's ablation).",
+    )
+    cond_dim: int = _f(
+        128,
+        "Width of the conditioning embedding for the MLP denoiser, the regressor and the scale model.",
+    )
+    mlp_hidden: int = _f(
+        256, "Hidden width of the MLP networks (rank-1 denoiser, regressor, scale model)."
+    )
     mlp_layers: int = _f(3, "Residual blocks of the MLP networks.")
-    unet_channels: tuple = _f((32, 64, 64), "UNet2DModel block_out_channels (full path); one entry per level.")
+    unet_channels: tuple = _f(
+        (32, 64, 64), "UNet2DModel block_out_channels (full path); one entry per level."
+    )
     unet_layers_per_block: int = _f(1, "ResNet layers per UNet block.")
     unet_attention: bool = _f(False, "Use attention blocks at the two lowest UNet resolutions.")
     dropout: float = _f(0.0, "Dropout in the hypernetwork (always off while sampling).")
@@ -84,7 +111,9 @@ class OCDConfig:
     sampler: str = _f("ddim", "Sampler: 'ddim' (released code) or 'ddpm'.")
     sampling_steps: int = _f(10, "Denoising steps at inference (released code: 10).")
     eta: float = _f(0.0, "DDIM eta (0 = deterministic given the initial noise).")
-    clip_sample: bool = _f(False, "Clip samples to [-1, 1] in the scheduler; off: normalised deltas are unbounded.")
+    clip_sample: bool = _f(
+        False, "Clip samples to [-1, 1] in the scheduler; off: normalised deltas are unbounded."
+    )
 
     # --- fitting ----------------------------------------------------------------------------
     fit_steps: int = _f(2000, "Optimizer steps of fit() (denoiser and scale model).")
@@ -93,26 +122,50 @@ class OCDConfig:
     scale_lr: float = _f(1e-3, "Adam learning rate of the scale model.")
     ema_decay: float = _f(0.995, "EMA decay of the denoiser weights; sampling uses the EMA.")
     grad_clip: float = _f(1.0, "Gradient-norm clip of fit().")
-    checkpoint_every: int = _f(500, "fit() writes a resumable checkpoint every this many steps (0: never).")
+    checkpoint_every: int = _f(
+        500, "fit() writes a resumable checkpoint every this many steps (0: never)."
+    )
 
     # --- inference --------------------------------------------------------------------------
-    num_draws: int = _f(1, "Draws per input when the model is called; >1 returns the ensemble mean (the paper's OCD(5)).")
-    task: str = _f("auto", "How draws are averaged: 'classification' (probabilities), 'regression' (values), 'auto'.")
+    num_draws: int = _f(
+        1,
+        "Draws per input when the model is called; >1 returns the ensemble mean (the paper's OCD(5)).",
+    )
+    task: str = _f(
+        "auto",
+        "How draws are averaged: 'classification' (probabilities), 'regression' (values), 'auto'.",
+    )
     seed: int | None = _f(None, "Seed of the sampling noise; None draws fresh noise on every call.")
 
     # --- layer selection ----------------------------------------------------------------------
-    perturbation: str = _f("gaussian", "Layer selection perturbation: 'gaussian' noise (paper) or 'reinit' (released selector).")
+    perturbation: str = _f(
+        "gaussian",
+        "Layer selection perturbation: 'gaussian' noise (paper) or 'reinit' (released selector).",
+    )
     selection_draws: int = _f(32, "Perturbation draws per candidate layer in layer selection.")
-    noise_scale: float = _f(1.0, "Gaussian perturbation std as a multiple of the layer weight's std.")
+    noise_scale: float = _f(
+        1.0, "Gaussian perturbation std as a multiple of the layer weight's std."
+    )
 
-    ocdwrap_version: int = _f(FORMAT_VERSION, "Format version of this config (for forward compatibility).")
+    ocdwrap_version: int = _f(
+        FORMAT_VERSION, "Format version of this config (for forward compatibility)."
+    )
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
-                raise ConfigError(f"OCDConfig.{name}={value!r} is not valid; choose one of {list(choices)}.")
-        for name in ("overfit_steps", "shard_size", "sampling_steps", "fit_batch_size", "num_draws", "selection_draws"):
+                raise ConfigError(
+                    f"OCDConfig.{name}={value!r} is not valid; choose one of {list(choices)}."
+                )
+        for name in (
+            "overfit_steps",
+            "shard_size",
+            "sampling_steps",
+            "fit_batch_size",
+            "num_draws",
+            "selection_draws",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"OCDConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
         if self.overfit_lr <= 0:
@@ -129,7 +182,9 @@ class OCDConfig:
     @classmethod
     def paper(cls, **overrides: Any) -> OCDConfig:
         """The paper's network size: a 128-channel UNet with five downsamplings and attention."""
-        base = dict(unet_channels=(128,) * 6, unet_attention=True, unet_layers_per_block=2, fit_steps=20000)
+        base = dict(
+            unet_channels=(128,) * 6, unet_attention=True, unet_layers_per_block=2, fit_steps=20000
+        )
         base.update(overrides)
         return cls(**base)
 

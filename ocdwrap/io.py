@@ -57,7 +57,9 @@ def read_json(path: str) -> Any:
         ) from e
 
 
-def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(
+    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors as safetensors to ``path`` atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic_write_bytes(path, save(tensors, metadata=metadata))

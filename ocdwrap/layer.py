@@ -129,12 +129,16 @@ class DynamicLayer(nn.Module):
 
     def _conv_term(self, x: torch.Tensor, spec: DeltaSpec) -> torch.Tensor:
         if isinstance(spec, Rank1Delta):
-            raise UnsupportedLayerError("A rank-one delta applies to Linear layers only, not Conv2d.")
+            raise UnsupportedLayerError(
+                "A rank-one delta applies to Linear layers only, not Conv2d."
+            )
         conv = self.base_layer
         B, C = x.shape[0], x.shape[1]
         d = spec.delta.to(x.dtype)  # (B, out, C, kh, kw)
         if d.shape[0] != B:
-            raise LayerReachError(f"Conv2d input batch {B} does not match the delta batch {d.shape[0]}.")
+            raise LayerReachError(
+                f"Conv2d input batch {B} does not match the delta batch {d.shape[0]}."
+            )
         padding = conv.padding
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import batch_size, map_tensors, read_output, replace_output
+from .batches import map_tensors, read_output, replace_output
 from .capture import Conditioning, LayerCapture, build_conditioning
 from .config import CONFIG_NAME, OCDConfig
 from .errors import (
@@ -86,7 +86,9 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
         )
     module = modules[name]
     if isinstance(module, DynamicLayer):
-        raise UnsupportedLayerError(f"Layer {name!r} is already wrapped by ocdwrap; call unload() first.")
+        raise UnsupportedLayerError(
+            f"Layer {name!r} is already wrapped by ocdwrap; call unload() first."
+        )
     try:
         layer_kind(module)
     except UnsupportedLayerError as e:
@@ -198,8 +200,12 @@ class OCDModel(nn.Module):
         allowed = {"num_draws", "seed", "sampler", "sampling_steps", "eta", "task"}
         bad = set(overrides) - allowed
         if bad:
-            raise TypeError(f"sampling() got unknown settings {sorted(bad)}; allowed: {sorted(allowed)}.")
-        self.config.replace(**{k: v for k, v in overrides.items() if k != "seed" or v is not None})  # validate
+            raise TypeError(
+                f"sampling() got unknown settings {sorted(bad)}; allowed: {sorted(allowed)}."
+            )
+        self.config.replace(
+            **{k: v for k, v in overrides.items() if k != "seed" or v is not None}
+        )  # validate
         previous = self._state.overrides
         self._state.overrides = {**previous, **overrides}
         try:
@@ -218,7 +224,9 @@ class OCDModel(nn.Module):
         """One base pass: the per-sample conditioning I(x) and the base model's output."""
         tensor = _first_tensor((args, kwargs))
         if tensor is None:
-            raise TypeError("OCDModel got no tensor inputs; call it the way the base model is called.")
+            raise TypeError(
+                "OCDModel got no tensor inputs; call it the way the base model is called."
+            )
         B = tensor.shape[0]
         previous = self._state.delta
         self._state.delta = None
@@ -227,7 +235,9 @@ class OCDModel(nn.Module):
                 out = self._call_base(args, kwargs)
         finally:
             self._state.delta = previous
-        cond = build_conditioning(records, read_output(out), self.layer_kind, B, _attention_mask(args, kwargs))
+        cond = build_conditioning(
+            records, read_output(out), self.layer_kind, B, _attention_mask(args, kwargs)
+        )
         return cond, out
 
     def _require_hypernet(self) -> nn.Module:
@@ -270,7 +280,10 @@ class OCDModel(nn.Module):
         spec = self.generate(cond, num_draws=num_draws, generator=generator)
         B = cond.layer_input.shape[0]
         if num_draws > 1:
-            args, kwargs = map_tensors((args, kwargs), lambda t: t.repeat_interleave(num_draws, 0) if t.dim() and t.shape[0] == B else t)
+            args, kwargs = map_tensors(
+                (args, kwargs),
+                lambda t: t.repeat_interleave(num_draws, 0) if t.dim() and t.shape[0] == B else t,
+            )
         with self.use_deltas(spec):
             out = self._call_base(args, kwargs)
         return out, B
@@ -279,7 +292,11 @@ class OCDModel(nn.Module):
         task = self._setting("task")
         if task != "auto":
             return task
-        return "classification" if pred.dim() == 2 and pred.shape[1] > 1 and pred.is_floating_point() else "regression"
+        return (
+            "classification"
+            if pred.dim() == 2 and pred.shape[1] > 1 and pred.is_floating_point()
+            else "regression"
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._state.disabled or self._state.delta is not None:
@@ -318,7 +335,9 @@ class OCDModel(nn.Module):
             combined = mean.to(pred.dtype)
         uncertainty = std.reshape(B, -1).mean(1)
         # the rest of the output (hidden states etc.) is that of the first draw
-        first = map_tensors(out, lambda t: t[::num_draws] if t.dim() and t.shape[0] == B * num_draws else t)
+        first = map_tensors(
+            out, lambda t: t[::num_draws] if t.dim() and t.shape[0] == B * num_draws else t
+        )
         return EnsembleOutput(replace_output(first, combined), mean, std, draws, uncertainty)
 
     # --- undo ------------------------------------------------------------------------------------
@@ -341,7 +360,9 @@ class OCDModel(nn.Module):
         hypernet = self._require_hypernet()
         directory = os.fspath(directory)
         weights = os.path.join(directory, WEIGHTS_NAME)
-        if not overwrite and (os.path.exists(weights) or os.path.exists(os.path.join(directory, CONFIG_NAME))):
+        if not overwrite and (
+            os.path.exists(weights) or os.path.exists(os.path.join(directory, CONFIG_NAME))
+        ):
             raise AdapterExistsError(
                 f"{directory} already holds an OCD adapter; pass overwrite=True to replace it, or choose "
                 "another directory."
@@ -435,7 +456,11 @@ def wrap(
             )
         from .select import select_layer
 
-        kw = dict(perturbation=config.perturbation, draws=config.selection_draws, noise_scale=config.noise_scale)
+        kw = dict(
+            perturbation=config.perturbation,
+            draws=config.selection_draws,
+            noise_scale=config.noise_scale,
+        )
         kw.update(select_kwargs)
         scores = select_layer(base, calibration, loss_fn, **kw)
         layer = scores.best

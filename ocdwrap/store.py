@@ -51,7 +51,9 @@ class DeltaStore:
             )
         self.manifest: dict[str, Any] = read_json(path)
         if self.manifest.get("format") != STORE_FORMAT:
-            raise CorruptFileError(f"{path} is not an ocdwrap delta manifest (format={self.manifest.get('format')!r}).")
+            raise CorruptFileError(
+                f"{path} is not an ocdwrap delta manifest (format={self.manifest.get('format')!r})."
+            )
 
     def __len__(self) -> int:
         return int(sum(s["count"] for s in self.manifest["shards"]))
@@ -80,7 +82,9 @@ class DeltaStore:
     def shard_paths(self) -> list[str]:
         return [os.path.join(self.directory, s["file"]) for s in self.manifest["shards"]]
 
-    def load(self, keys: list[str] | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def load(
+        self, keys: list[str] | None = None, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Concatenate ``keys`` (default: all) over every shard."""
         keys = keys or self.keys
         missing = [k for k in keys if k not in self.keys]
@@ -102,14 +106,20 @@ class DeltaStore:
         return {k: torch.cat(v) for k, v in parts.items()}
 
     @staticmethod
-    def _load_some(path: str, keys: list[str], device: str | torch.device) -> dict[str, torch.Tensor]:
+    def _load_some(
+        path: str, keys: list[str], device: str | torch.device
+    ) -> dict[str, torch.Tensor]:
         if not os.path.exists(path):
-            raise CorruptFileError(f"Shard {path} listed in the manifest is missing; collect again to rebuild it.")
+            raise CorruptFileError(
+                f"Shard {path} listed in the manifest is missing; collect again to rebuild it."
+            )
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 return {k: f.get_tensor(k) for k in keys}
         except Exception as e:  # safetensors raises several types for damaged files
-            raise CorruptFileError(f"{path} could not be read as safetensors ({e}); delete it and collect again.") from e
+            raise CorruptFileError(
+                f"{path} could not be read as safetensors ({e}); delete it and collect again."
+            ) from e
 
     def __repr__(self) -> str:
         return f"DeltaStore({self.directory!r}, samples={len(self)}, layer={self.layer!r}, complete={self.complete})"

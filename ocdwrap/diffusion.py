@@ -1,0 +1,174 @@
+"""The diffusion parts: noise schedulers (from diffusers) and the two denoiser networks.
+
+* ``make_scheduler``: diffusers' ``DDIMScheduler`` / ``DDPMScheduler`` with the released code's
+  schedule (1000 steps, beta linear 1e-6 -> 1e-2), epsilon prediction, ``clip_sample=False``.
+  A new scheduler is built for every sampling call, so concurrent calls never share state.
+* ``UNetDenoiser`` (the paper's "full" path): diffusers' ``UNet2DModel`` over the normalised
+  delta as a one-channel image, zero-padded to a multiple of 2^(levels-1) and cropped back;
+  the conditioning vector is added to the timestep embedding (``class_embed_type="identity"``).
+* ``MLPDenoiser`` (the rank-one path): a residual MLP over the out-sized factor, with the
+  same timestep + conditioning embedding added in every block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from torch import nn
+
+from .config import OCDConfig
+
+
+def make_scheduler(config: OCDConfig, sampler: str | None = None):
+    """A fresh diffusers scheduler for ``sampler`` ('ddim' or 'ddpm') with the config's schedule."""
+    kw = dict(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule="linear",
+        clip_sample=config.clip_sample,
+        prediction_type="epsilon",
+    )
+    sampler = sampler or config.sampler
+    if sampler == "ddim":
+        return DDIMScheduler(**kw, set_alpha_to_one=True, timestep_spacing="leading")
+    if sampler == "ddpm":
+        return DDPMScheduler(**kw, variance_type="fixed_small", timestep_spacing="leading")
+    raise ValueError(f"Unknown sampler {sampler!r}; choose 'ddim' or 'ddpm'.")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding PE(t), (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
+    args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class CondEncoder(nn.Module):
+    """e = E_i(i_L) + E_a(a_L) + E_o(f(x)): one Linear + SiLU per (standardised) signal, summed."""
+
+    def __init__(self, dims: tuple[int, int, int], emb_dim: int) -> None:
+        super().__init__()
+        self.enc = nn.ModuleList(nn.Sequential(nn.Linear(d, emb_dim), nn.SiLU()) for d in dims)
+
+    def forward(self, feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return sum(e(f) for e, f in zip(self.enc, feats))
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual MLP block with an additive embedding."""
+
+    def __init__(self, hidden: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.emb = nn.Linear(emb_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+        z = self.fc1(F.silu(self.norm(h)))
+        if e is not None:
+            z = z + self.emb(e)
+        return h + self.fc2(self.drop(F.silu(z)))
+
+
+class MLPDenoiser(nn.Module):
+    """epsilon(x_t, t, c) for vectors x (B, dim); also the regressor when ``timesteps=False``."""
+
+    def __init__(
+        self,
+        dim: int,
+        emb_dim: int,
+        hidden: int,
+        n_blocks: int,
+        dropout: float,
+        timesteps: bool = True,
+    ) -> None:
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.timesteps = timesteps
+        if timesteps:
+            self.t_mlp = nn.Sequential(
+                nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            )
+            self.inp = nn.Linear(dim, hidden)
+        else:
+            self.inp = nn.Linear(emb_dim, hidden)
+        self.blocks = nn.ModuleList(ResBlock(hidden, emb_dim, dropout) for _ in range(n_blocks))
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+        self, x: torch.Tensor | None, t: torch.Tensor | None, c: torch.Tensor
+    ) -> torch.Tensor:
+        if self.timesteps:
+            e = self.t_mlp(timestep_embedding(t, self.emb_dim)) + c
+            h = self.inp(x.flatten(1))
+        else:  # regression: the prediction from the conditioning alone
+            e = c
+            h = self.inp(c)
+        for block in self.blocks:
+            h = block(h, e)
+        return self.out(F.silu(self.norm(h)))
+
+
+class UNetDenoiser(nn.Module):
+    """epsilon(x_t, t, c) for matrices x (B, H, W) with diffusers' UNet2DModel."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        channels: tuple[int, ...],
+        layers_per_block: int,
+        attention: bool,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        levels = len(channels)
+        self.mult = 2 ** (levels - 1)
+        self.padded = tuple(int(math.ceil(s / self.mult) * self.mult) for s in self.shape)
+        n_attn = min(2, levels - 1) if attention else 0
+        down = ["DownBlock2D"] * (levels - n_attn) + ["AttnDownBlock2D"] * n_attn
+        up = ["AttnUpBlock2D"] * n_attn + ["UpBlock2D"] * (levels - n_attn)
+        groups = math.gcd(*channels) if levels > 1 else channels[0]
+        self.emb_dim = channels[0] * 4
+        self.unet = UNet2DModel(
+            sample_size=self.padded,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=tuple(channels),
+            layers_per_block=layers_per_block,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            class_embed_type="identity",
+            norm_num_groups=min(32, groups),
+            dropout=dropout,
+            add_attention=attention,
+            attention_head_dim=8,
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        img = pad_to_multiple(x.reshape(-1, 1, *self.shape), self.mult)  # (B, 1, Hp, Wp)
+        return crop(self.unet(img, t, class_labels=c).sample[:, 0], self.shape)  # (B, H, W)
+
+
+def pad_to_multiple(x: torch.Tensor, mult: int) -> torch.Tensor:
+    """Zero-pad the last two dims of ``x`` up to multiples of ``mult``."""
+    H, W = x.shape[-2:]
+    return F.pad(x, (0, (-W) % mult, 0, (-H) % mult))
+
+
+def crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Crop the last two dims of ``x`` back to ``shape``."""
+    return x[..., : shape[0], : shape[1]]

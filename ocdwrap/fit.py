@@ -1,0 +1,256 @@
+"""``fit()``: train the hypernetwork (denoiser or regressor, and the scale model) on a collection.
+
+Each step draws a minibatch of stored samples, a timestep t ~ U{0..T-1} and Gaussian noise, and
+minimises the epsilon-prediction MSE (or, for the regressor, the MSE of the normalised delta),
+plus the scale model's relative dB loss. Gradients are clipped, an EMA of the generator is kept
+and used for sampling. A checkpoint (safetensors + JSON) is written every
+``config.checkpoint_every`` steps; ``fit`` resumes from it and continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .capture import Conditioning
+from .diffusion import make_scheduler
+from .errors import BaseModelMismatchError, CorruptFileError, NonFiniteError
+from .hypernet import OCDHyperNetwork
+from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .model import OCDModel
+from .store import DeltaStore
+
+CHECKPOINT_TENSORS = "fit_checkpoint.safetensors"
+CHECKPOINT_JSON = "fit_checkpoint.json"
+
+
+@dataclass
+class FitReport:
+    """What :func:`fit` did. ``losses`` / ``scale_losses`` hold one value per step."""
+
+    steps: int
+    samples: int
+    losses: list[float] = field(default_factory=list)
+    scale_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    skipped_steps: int = 0
+    resumed_from: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 20) :]
+        return float(sum(tail) / len(tail)) if tail else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["final_loss"] = self.final_loss
+        return d
+
+
+def _check_store(model: OCDModel, store: DeltaStore) -> None:
+    ident = store.manifest["identity"]
+    if ident["layer"] != model.layer_name or ident["fingerprint"] != model.layer_fingerprint():
+        raise BaseModelMismatchError(
+            f"The collection in {store.directory} was made on layer {ident['layer']!r} "
+            f"(fingerprint {ident['fingerprint']}), but this model targets {model.layer_name!r} "
+            f"(fingerprint {model.layer_fingerprint()}). Collect again for this base model."
+        )
+    if ident["overfit_optimizer"] != model.config.overfit_optimizer:
+        raise BaseModelMismatchError(
+            f"The collection was overfitted with {ident['overfit_optimizer']!r} but the model's config says "
+            f"{model.config.overfit_optimizer!r}; the rank-one factor depends on it. Use the same config."
+        )
+    if not store.complete:
+        raise BaseModelMismatchError(
+            f"The collection in {store.directory} is incomplete; run ocdwrap.collect again to finish it."
+        )
+    if len(store) == 0:
+        raise BaseModelMismatchError(f"The collection in {store.directory} holds no samples.")
+
+
+def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    sd = opt.state_dict()
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{idx}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    meta[prefix] = sd["param_groups"]
+
+
+def _restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, idx, k = key.split(".", 2)
+            state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta[prefix]})
+
+
+def fit(
+    model: OCDModel,
+    store: DeltaStore | str | os.PathLike,
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    device: str | torch.device | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> FitReport:
+    """Train the OCD hypernetwork of ``model`` on a collection; ``model`` is ready to predict after.
+
+    Args:
+        model: the :class:`OCDModel` the collection was made with.
+        store: a :class:`DeltaStore` or its directory.
+        steps, batch_size, lr: override ``config.fit_steps``, ``fit_batch_size``, ``fit_lr``.
+        device: where to train (default: the base model's device).
+        checkpoint_dir: write resumable checkpoints there every ``config.checkpoint_every`` steps;
+            with ``resume=True`` an existing checkpoint from the same setup is continued.
+        seed: seeds minibatch order, timesteps and noise.
+
+    Returns:
+        a :class:`FitReport` with the loss curves.
+
+    Example:
+        >>> report = ocdwrap.fit(model, store, steps=2000)
+        >>> report.final_loss
+    """
+    if not isinstance(store, DeltaStore):
+        store = DeltaStore(store)
+    _check_store(model, store)
+    cfg = model.config
+    steps = int(steps or cfg.fit_steps)
+    bs = int(batch_size or cfg.fit_batch_size)
+    device = torch.device(device) if device is not None else model.device
+    key = "u" if cfg.delta == "rank1" else "delta"
+    data = store.load([key, "rho", "cond_in", "cond_act", "cond_out"], device=device)
+    target, rho = data[key].float(), data["rho"].float()
+    cond = Conditioning.from_dict(data)
+    N = target.shape[0]
+
+    dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
+    hyper = OCDHyperNetwork(
+        cfg, kind=model.layer_kind, weight_shape=model.weight_shape, dims=dims
+    ).to(device)
+    hyper.set_statistics(cond, rho, target)
+    hyper.ema.load_state_dict(hyper.net.state_dict())
+    opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)
+    opt_scale = torch.optim.Adam(hyper.scale.parameters(), lr=cfg.scale_lr)
+    alphas_cumprod = make_scheduler(cfg).alphas_cumprod.to(device=device, dtype=torch.float32)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    report = FitReport(steps=steps, samples=N)
+    start = 0
+
+    run_id = {
+        "store": store.manifest["identity"],
+        "samples": N,
+        "config": {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k not in ("num_draws", "seed", "task", "checkpoint_every")
+        },
+        "steps": steps,
+        "batch_size": bs,
+        "lr": lr or cfg.fit_lr,
+        "seed": seed,
+    }
+    ckpt_t = ckpt_j = None
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        ckpt_t = os.path.join(checkpoint_dir, CHECKPOINT_TENSORS)
+        ckpt_j = os.path.join(checkpoint_dir, CHECKPOINT_JSON)
+        if resume and os.path.exists(ckpt_j):
+            meta = read_json(ckpt_j)
+            if json.loads(json.dumps(run_id)) != meta.get("run_id"):
+                raise BaseModelMismatchError(
+                    f"The checkpoint in {checkpoint_dir} belongs to another fit (different collection, config, "
+                    "steps or seed); it was left untouched. Use another checkpoint_dir or resume=False."
+                )
+            tensors = load_tensors(ckpt_t, device)
+            hyper.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            _restore_optimizer(
+                "opt", opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta
+            )
+            _restore_optimizer(
+                "opts", opt_scale, {k: v for k, v in tensors.items() if k.startswith("opts.")}, meta
+            )
+            if "rng" not in tensors:
+                raise CorruptFileError(
+                    f"{ckpt_t} has no generator state; delete the checkpoint and fit again."
+                )
+            gen.set_state(tensors["rng"].cpu())
+            start = int(meta["step"])
+            report.losses, report.scale_losses = meta["losses"], meta["scale_losses"]
+            report.skipped_steps = int(meta["skipped_steps"])
+            report.resumed_from = start
+
+    def save_checkpoint(step: int) -> None:
+        tensors = {f"model.{k}": v for k, v in hyper.state_dict().items()}
+        meta: dict[str, Any] = {}
+        _flatten_optimizer("opt", opt, tensors, meta)
+        _flatten_optimizer("opts", opt_scale, tensors, meta)
+        tensors["rng"] = gen.get_state()
+        atomic_save_tensors(ckpt_t, tensors)
+        meta.update(
+            run_id=run_id,
+            step=step,
+            losses=report.losses,
+            scale_losses=report.scale_losses,
+            skipped_steps=report.skipped_steps,
+        )
+        atomic_write_json(ckpt_j, meta)
+
+    hyper.train()
+    t0 = time.perf_counter()
+    bar = tqdm(
+        range(start, steps), desc="ocdwrap fit", disable=not progress, initial=start, total=steps
+    )
+    for step in bar:
+        idx = torch.randint(0, N, (min(bs, N),), generator=gen, device=device)
+        t = torch.randint(0, cfg.num_train_timesteps, (idx.shape[0],), generator=gen, device=device)
+        noise = torch.randn((idx.shape[0], *target.shape[1:]), generator=gen, device=device)
+        c = cond.index(idx)
+        loss = hyper.generator_loss(target[idx], c, t, noise, alphas_cumprod)
+        sloss = (
+            hyper.scale_loss(rho[idx], c)
+            if cfg.scale == "learned"
+            else torch.zeros((), device=device)
+        )
+        if not (torch.isfinite(loss) and torch.isfinite(sloss)):
+            if cfg.on_nonfinite == "raise":
+                raise NonFiniteError(
+                    f"fit step {step}: non-finite loss ({float(loss)}, scale {float(sloss)}); lower the learning "
+                    "rate, or pass OCDConfig(on_nonfinite='skip') to skip such steps."
+                )
+            report.skipped_steps += 1
+            continue
+        opt.zero_grad(set_to_none=True)
+        opt_scale.zero_grad(set_to_none=True)
+        (loss + sloss).backward()
+        torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), cfg.grad_clip)
+        opt.step()
+        if cfg.scale == "learned":
+            opt_scale.step()
+        hyper.update_ema(cfg.ema_decay)
+        report.losses.append(loss.item())
+        report.scale_losses.append(sloss.item())
+        if progress and step % 50 == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}", scale_dB=f"{float(sloss):.1f}")
+        if ckpt_t and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(step + 1)
+    bar.close()
+    report.seconds = time.perf_counter() - t0
+    done = steps - start
+    report.samples_per_second = done * min(bs, N) / max(report.seconds, 1e-9)
+    hyper.eval()
+    model.hypernet = hyper
+    return report

@@ -1,0 +1,247 @@
+"""``OCDHyperNetwork``: the conditional generator of per-input deltas and the scale model.
+
+It holds
+* the standardisation statistics of the conditioning signals (from the collection),
+* the generator: a conditional denoiser epsilon_Omega (``generator="diffusion"``) or a
+  regressor of the normalised delta (``generator="regression"``, the no-diffusion control),
+  plus an EMA copy of it that is used for generation,
+* the scale model rho(I(x)) (``scale="learned"``) or the training set's mean rho (``"global"``).
+
+Targets are the normalised deltas delta / rho_s: the full matrix (out, in·kh·kw) for
+``delta="full"``, or the out-sized left factor u of delta ≈ rho u vᵀ for ``delta="rank1"``,
+where v is the layer input (SGD) or its sign (Adam) and so follows from the input itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import Conditioning
+from .collect import rank1_right_factor
+from .config import OCDConfig
+from .diffusion import CondEncoder, MLPDenoiser, UNetDenoiser, make_scheduler
+from .layer import DeltaSpec, FullDelta, Rank1Delta
+
+
+class ConditionalNet(nn.Module):
+    """A conditioning encoder plus a denoiser (or regressor) network."""
+
+    def __init__(
+        self,
+        config: OCDConfig,
+        dims: tuple[int, int, int],
+        target_shape: tuple[int, ...],
+        diffusion: bool,
+    ) -> None:
+        super().__init__()
+        if len(target_shape) == 2 and diffusion:
+            self.net = UNetDenoiser(
+                target_shape,
+                config.unet_channels,
+                config.unet_layers_per_block,
+                config.unet_attention,
+                config.dropout,
+            )
+            emb = self.net.emb_dim
+        else:
+            emb = config.cond_dim
+            self.net = MLPDenoiser(
+                math.prod(target_shape),
+                emb,
+                config.mlp_hidden,
+                config.mlp_layers,
+                config.dropout,
+                timesteps=diffusion,
+            )
+        self.encoder = CondEncoder(dims, emb)
+        self.target_shape = tuple(target_shape)
+
+    def embed(self, feats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.encoder(feats)
+
+    def forward(
+        self, x: torch.Tensor | None, t: torch.Tensor | None, c: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.net(x, t, c)
+        return out.reshape(c.shape[0], *self.target_shape)
+
+
+class ScaleModel(nn.Module):
+    """rho(I(x)) = rho_mean * exp(z(I(x))): positive, with no upper cap; z starts at 0."""
+
+    def __init__(self, dims: tuple[int, int, int], hidden: int, n_blocks: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(sum(dims), hidden)
+        self.blocks = nn.Sequential(
+            *[
+                nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden))
+                for _ in range(max(n_blocks - 1, 0))
+            ]
+        )
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        h = self.blocks(self.inp(torch.cat(feats, dim=1)))
+        return self.out(torch.nn.functional.silu(h)).squeeze(1).clamp(-20, 20)
+
+
+def scale_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The paper's relative loss in dB: mean of 10·log10((rho - rho_s)^2 / rho_s^2 + 1e-8)."""
+    return (10 * torch.log10((pred - target) ** 2 / target**2 + 1e-8)).mean()
+
+
+class OCDHyperNetwork(nn.Module):
+    """Generator of per-input deltas for one target layer. Built by :func:`ocdwrap.fit`."""
+
+    def __init__(
+        self,
+        config: OCDConfig,
+        *,
+        kind: str,
+        weight_shape: tuple[int, ...],
+        dims: tuple[int, int, int],
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.kind = kind
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.dims = tuple(int(d) for d in dims)
+        out = self.weight_shape[0]
+        if config.delta == "rank1":
+            self.target_shape: tuple[int, ...] = (out,)
+        else:
+            self.target_shape = (out, math.prod(self.weight_shape[1:]))
+        diffusion = config.generator == "diffusion"
+        self.net = ConditionalNet(config, self.dims, self.target_shape, diffusion)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.scale = ScaleModel(self.dims, config.mlp_hidden, config.mlp_layers)
+        for i, d in enumerate(self.dims):
+            self.register_buffer(f"cond_mean{i}", torch.zeros(d))
+            self.register_buffer(f"cond_std{i}", torch.ones(d))
+        self.register_buffer("rho_mean", torch.ones(()))
+        self.register_buffer("target_std", torch.ones(()))
+
+    # --- (de)serialisation --------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "weight_shape": list(self.weight_shape), "dims": list(self.dims)}
+
+    @classmethod
+    def from_spec(cls, config: OCDConfig, spec: dict[str, Any]) -> OCDHyperNetwork:
+        return cls(
+            config,
+            kind=spec["kind"],
+            weight_shape=tuple(spec["weight_shape"]),
+            dims=tuple(spec["dims"]),
+        )
+
+    # --- statistics ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_statistics(self, cond: Conditioning, rho: torch.Tensor, target: torch.Tensor) -> None:
+        """Standardisation of the conditioning, the global scale and the target's spread."""
+        for i, t in enumerate((cond.layer_input, cond.layer_output, cond.model_output)):
+            getattr(self, f"cond_mean{i}").copy_(t.mean(0))
+            getattr(self, f"cond_std{i}").copy_(
+                t.std(0, unbiased=False).clamp_min(1e-6)
+                if t.shape[0] > 1
+                else torch.ones_like(t[0])
+            )
+        self.rho_mean.copy_(rho.mean())
+        self.target_std.copy_(target.std(unbiased=False).clamp_min(1e-8))
+
+    def features(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ts = (cond.layer_input, cond.layer_output, cond.model_output)
+        return tuple(
+            (t.float() - getattr(self, f"cond_mean{i}")) / getattr(self, f"cond_std{i}")
+            for i, t in enumerate(ts)
+        )
+
+    # --- training losses ---------------------------------------------------------------------------
+    def generator_loss(
+        self,
+        target: torch.Tensor,
+        cond: Conditioning,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+    ) -> torch.Tensor:
+        """MSE of the epsilon prediction at timesteps ``t`` (diffusion) or of the delta (regression)."""
+        x0 = target / self.target_std
+        c = self.net.embed(self.features(cond))
+        if self.config.generator == "regression":
+            return ((self.net(None, None, c) - x0) ** 2).mean()
+        a = alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return ((self.net(xt, t, c) - noise) ** 2).mean()
+
+    def scale_loss(self, rho: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return scale_loss(self.predict_rho(cond), rho)
+
+    def predict_rho(self, cond: Conditioning) -> torch.Tensor:
+        """rho(I(x)), (B,)."""
+        if self.config.scale == "global":
+            return self.rho_mean.expand(cond.layer_input.shape[0])
+        return self.rho_mean * torch.exp(self.scale(self.features(cond)))
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        for pe, p in zip(self.ema.parameters(), self.net.parameters()):
+            pe.lerp_(p, 1 - decay)
+        for be, b in zip(self.ema.buffers(), self.net.buffers()):
+            be.copy_(b)
+
+    # --- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_normalised(
+        self,
+        cond: Conditioning,
+        *,
+        num_draws: int = 1,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+    ) -> torch.Tensor:
+        """Normalised deltas (B*num_draws, *target_shape), sample-major, from the EMA network."""
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            feats = tuple(f.repeat_interleave(num_draws, 0) for f in self.features(cond))
+            c = self.ema.embed(feats)  # once per sample, not once per step
+            n = c.shape[0]
+            if self.config.generator == "regression":
+                x = self.ema(None, None, c)
+            else:
+                sched = make_scheduler(self.config, sampler)
+                sched.set_timesteps(steps or self.config.sampling_steps, device=c.device)
+                x = torch.randn((n, *self.target_shape), generator=generator, device=c.device)
+                eta = self.config.eta if eta is None else eta
+                for t in sched.timesteps:
+                    eps = self.ema(x, t.expand(n), c)
+                    if (sampler or self.config.sampler) == "ddim":
+                        x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
+                    else:
+                        x = sched.step(eps, t, x, generator=generator).prev_sample
+            return x * self.target_std
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, cond: Conditioning, *, num_draws: int = 1, **kw: Any) -> DeltaSpec:
+        """Per-sample deltas rho(I(x)) * delta_hat, ``num_draws`` per sample (sample-major)."""
+        x = self.sample_normalised(cond, num_draws=num_draws, **kw)
+        was_training = self.training
+        self.eval()
+        rho = self.predict_rho(cond).repeat_interleave(num_draws, 0)
+        self.train(was_training)
+        n = x.shape[0]
+        if self.config.delta == "rank1":
+            v = rank1_right_factor(cond.layer_input.float(), self.config.overfit_optimizer)
+            return Rank1Delta(rho.unsqueeze(1) * x, v.repeat_interleave(num_draws, 0))
+        return FullDelta((rho.view(n, 1, 1) * x).reshape(n, *self.weight_shape))
