@@ -103,6 +103,8 @@ def repeat_batch(obj: Any, k: int) -> Any:
 
 
 def _is_sentence_transformer(model: nn.Module) -> bool:
+    if type(model).__name__ == "OCDModel":  # called like the model it wraps
+        model = model.base_model
     return any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__)
 
 

@@ -101,8 +101,9 @@ def overfit_batch(
     loss_before = None
     raw_input = None
     try:
-        for step in range(cfg.overfit_steps + 1):
-            with torch.enable_grad(), model.use_deltas(FullDelta(delta)):
+        # the delta stays set through backward: gradient checkpointing recomputes the forward there
+        with torch.enable_grad(), model.use_deltas(FullDelta(delta)):
+            for step in range(cfg.overfit_steps + 1):
                 if step == 0:
                     with model._capture.session() as records:
                         out = call_model(model.base_model, inputs)
@@ -110,23 +111,30 @@ def overfit_batch(
                     out = call_model(model.base_model, inputs)
                 pred = read_output(out)
                 losses = per_sample_loss(loss_fn, pred, target, B)
-            if step == 0:
-                cond = build_conditioning(records, pred, layer.kind, B, mask)
-                raw_input = records[0][0].detach()
-                loss_before = losses.detach()
-                if check_loss and losses.dim() == 0:
-                    check_loss_is_sum(loss_fn, pred.detach(), target, losses)
-            if step == cfg.overfit_steps:
-                loss_after = losses.detach()
-                break
-            (grad,) = torch.autograd.grad(losses.sum(), delta)
-            with torch.no_grad():
-                if cfg.overfit_optimizer == "adam":
-                    _adam_update(
-                        delta, grad, m, v, step + 1, cfg.overfit_lr, cfg.adam_betas, cfg.adam_eps
-                    )
-                else:
-                    delta.add_(grad, alpha=-cfg.overfit_lr)
+                if step == 0:
+                    cond = build_conditioning(records, pred, layer.kind, B, mask)
+                    raw_input = records[0][0].detach()
+                    loss_before = losses.detach()
+                    if check_loss and losses.dim() == 0:
+                        check_loss_is_sum(loss_fn, pred.detach(), target, losses)
+                if step == cfg.overfit_steps:
+                    loss_after = losses.detach()
+                    break
+                (grad,) = torch.autograd.grad(losses.sum(), delta)
+                with torch.no_grad():
+                    if cfg.overfit_optimizer == "adam":
+                        _adam_update(
+                            delta,
+                            grad,
+                            m,
+                            v,
+                            step + 1,
+                            cfg.overfit_lr,
+                            cfg.adam_betas,
+                            cfg.adam_eps,
+                        )
+                    else:
+                        delta.add_(grad, alpha=-cfg.overfit_lr)
     finally:
         model.base_model.train(was_training)
     delta = delta.detach()

@@ -244,7 +244,9 @@ def fit(
         report.losses.append(loss.item())
         report.scale_losses.append(sloss.item())
         if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}", scale_dB=f"{float(sloss):.1f}")
+            bar.set_postfix(
+                loss=f"{report.losses[-1]:.4f}", scale_dB=f"{report.scale_losses[-1]:.1f}"
+            )
         if ckpt_t and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(step + 1)
     bar.close()

@@ -1,0 +1,202 @@
+"""The foundation battery: wrap, the dynamic layer, disable/unload, over a matrix of tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import (
+    Case,
+    bert_case,
+    bert_seq_case,
+    lenet_conv_case,
+    lenet_linear_case,
+    make_st,
+    mlp_case,
+    resnet_case,
+    st_inputs,
+)
+
+import ocdwrap
+from ocdwrap.batches import call_model, index_batch, read_output
+from ocdwrap.errors import (
+    CalibrationRequiredError,
+    LayerNotFoundError,
+    NotFittedError,
+    UnsupportedLayerError,
+)
+from ocdwrap.layer import FullDelta, Rank1Delta
+
+CASES = [
+    mlp_case(),
+    lenet_linear_case(),
+    lenet_conv_case(),
+    bert_case(),
+    bert_seq_case(),
+    resnet_case("fc"),
+    resnet_case("layer2.0.conv1"),  # stride 2, padding 1
+    resnet_case("layer2.0.downsample.0"),  # 1x1 stride 2, no padding
+]
+
+
+def _run(model, inputs):
+    return read_output(call_model(model, inputs))
+
+
+def _battery(make, layer: str, inputs) -> None:
+    base = make()
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        expected = _run(base, inputs)
+    grads = {n: p.requires_grad for n, p in base.named_parameters()}
+    model = ocdwrap.wrap(base, layer=layer)
+    assert all(not p.requires_grad for p in model.base_model.parameters())
+    B = expected.shape[0]
+    W = model.target_layer.weight
+
+    with torch.no_grad():
+        # a zero delta reproduces the base output exactly
+        with model.use_deltas(FullDelta(torch.zeros(B, *W.shape))):
+            assert torch.equal(_run(model, inputs), expected)
+        # distinct deltas: each sample gets the base model's output with its own weights
+        g = torch.Generator().manual_seed(1)
+        deltas = 0.5 * W.std() * torch.randn(B, *W.shape, generator=g)
+        with model.use_deltas(FullDelta(deltas)):
+            got = _run(model, inputs)
+        assert (got - expected).abs().max() > 1e-5, "the deltas must change the output"
+        for b in range(B):
+            manual = copy.deepcopy(reference)
+            dict(manual.named_modules())[layer].weight.add_(deltas[b])
+            want = _run(manual, index_batch(inputs, slice(b, b + 1)))
+            torch.testing.assert_close(got[b : b + 1], want, rtol=1e-4, atol=1e-5)
+        # disable_ocd gives the base behaviour even with deltas set
+        with model.use_deltas(FullDelta(deltas)), model.disable_ocd():
+            assert torch.equal(_run(model, inputs), expected)
+    unloaded = model.unload()
+    assert unloaded is base
+    assert type(dict(unloaded.named_modules())[layer]).__name__ in ("Linear", "Conv2d")
+    assert {n: p.requires_grad for n, p in unloaded.named_parameters()} == grads
+    with torch.no_grad():
+        assert torch.equal(_run(unloaded, inputs), expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_battery(case: Case) -> None:
+    _battery(case.make, case.layer, case.inputs(2))
+
+
+def test_battery_sentence_transformer(tiny_st_dir: str) -> None:
+    probe = make_st(tiny_st_dir)
+    inputs = st_inputs(probe, 3)
+    _battery(lambda: make_st(tiny_st_dir), "2.linear", inputs)
+
+
+def test_rank1_delta_equals_its_matrix() -> None:
+    case = mlp_case()
+    model = ocdwrap.wrap(case.make(), layer="fc2")
+    x = case.inputs(4)
+    u, v = torch.randn(4, 16), torch.randn(4, 32)
+    with torch.no_grad():
+        with model.use_deltas(Rank1Delta(u, v)):
+            a = model(x)
+        with model.use_deltas(FullDelta(Rank1Delta(u, v).full())):
+            b = model(x)
+    torch.testing.assert_close(a, b)
+
+
+def test_unknown_layer_lists_candidates() -> None:
+    with pytest.raises(LayerNotFoundError, match="fc2") as e:
+        ocdwrap.wrap(mlp_case().make(), layer="fc22")
+    assert "Did you mean" in str(e.value)
+
+
+def test_unsupported_layer_type() -> None:
+    base = bert_case().make()
+    with pytest.raises(UnsupportedLayerError, match="LayerNorm"):
+        ocdwrap.wrap(base, layer="bert.embeddings.LayerNorm")
+
+
+def test_auto_without_calibration_is_a_clear_error() -> None:
+    with pytest.raises(CalibrationRequiredError, match="calibration"):
+        ocdwrap.wrap(mlp_case().make(), layer="auto")
+
+
+def test_call_before_fit_is_a_clear_error() -> None:
+    model = ocdwrap.wrap(mlp_case().make(), layer="fc2")
+    with pytest.raises(NotFittedError, match="ocdwrap.fit"):
+        model(torch.randn(2, 10))
+    with model.disable_ocd():
+        assert model(torch.randn(2, 10)).shape == (2, 3)
+
+
+def test_capture_pools_per_sample_not_across_batch() -> None:
+    case = bert_seq_case()
+    model = ocdwrap.wrap(case.make(), layer=case.layer)
+    inputs = case.inputs(3)
+    with torch.no_grad():
+        cond, _ = model.conditioning(**inputs)
+        for b in range(3):
+            one, _ = model.conditioning(**index_batch(inputs, slice(b, b + 1)))
+            torch.testing.assert_close(
+                cond.layer_input[b : b + 1], one.layer_input, rtol=1e-5, atol=1e-6
+            )
+            torch.testing.assert_close(
+                cond.model_output[b : b + 1], one.model_output, rtol=1e-5, atol=1e-6
+            )
+    # the padded sample's pooled input ignores its padding
+    mask = inputs["attention_mask"][1].bool()
+    assert not mask.all()
+
+
+def test_shared_layer_reached_twice_is_an_error() -> None:
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x)))
+
+    model = ocdwrap.wrap(Twice(), layer="lin")
+    with pytest.raises(ocdwrap.errors.LayerReachError, match="more than once"):
+        model.conditioning(torch.randn(2, 4))
+
+
+def test_layer_never_reached_is_an_error() -> None:
+    class Unused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = torch.nn.Linear(4, 2)
+            self.unused = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = ocdwrap.wrap(Unused(), layer="unused")
+    with pytest.raises(ocdwrap.errors.LayerReachError, match="never reached"):
+        model.conditioning(torch.randn(2, 4))
+
+
+def test_gradient_checkpointing_does_not_corrupt_capture() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(6, 8)
+            self.b = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = checkpoint(lambda z: torch.relu(self.a(z)), x, use_reentrant=False)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    base = Ckpt()
+    model = ocdwrap.wrap(base, layer="a")
+    x = torch.randn(4, 6)
+    y = torch.tensor([0, 1, 2, 0])
+    res = ocdwrap.overfit_batch(model, x, y, torch.nn.CrossEntropyLoss(reduction="none"))
+    ref = ocdwrap.overfit_one(model, x, y, torch.nn.CrossEntropyLoss(reduction="none"))
+    torch.testing.assert_close(res.delta, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.cond.layer_input, x)
