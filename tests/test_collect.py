@@ -1,0 +1,187 @@
+"""Vectorized per-sample overfitting and the on-disk collection."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import bert_case, lenet_conv_case, lenet_linear_case, mlp_case
+from torch.utils.data import DataLoader, TensorDataset
+
+import ocdwrap
+from ocdwrap.errors import (
+    CollectionExistsError,
+    EmptyDataError,
+    LossShapeError,
+    UnsupportedLayerError,
+)
+
+CE = torch.nn.CrossEntropyLoss(reduction="none")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize(
+    "case", [mlp_case(), lenet_linear_case(), lenet_conv_case(), bert_case()], ids=lambda c: c.name
+)
+def test_batch_equals_one_at_a_time(case, optimizer: str) -> None:
+    cfg = ocdwrap.OCDConfig(
+        overfit_optimizer=optimizer, overfit_lr=1e-2 if optimizer == "sgd" else 5e-4
+    )
+    model = ocdwrap.wrap(case.make(), layer=case.layer, config=cfg)
+    B = 16 if case.name != "bert-classifier" else 6
+    x, y = case.inputs(B), case.targets(B)
+    res = ocdwrap.overfit_batch(model, x, y, case.loss)
+    ref = ocdwrap.overfit_one(
+        model, x, y, case.loss
+    )  # torch.optim on a weight copy, one sample at a time
+    assert res.delta.shape == (B, *model.weight_shape)
+    assert res.delta.abs().max() > 1e-6
+    assert (res.delta - ref).abs().max() < 1e-5
+    assert (
+        res.loss_after < res.loss_before
+    ).float().mean() > 0.8  # overfitting lowers each sample's loss
+
+
+def _loader(n: int = 40, batch: int = 16, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch)
+
+
+def _store_tensors(store: ocdwrap.DeltaStore) -> dict[str, torch.Tensor]:
+    return store.load()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_collect_batch16_equals_batch1(tmp_path, optimizer: str) -> None:
+    cfg = ocdwrap.OCDConfig(overfit_optimizer=optimizer, shard_size=16)
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
+    a = ocdwrap.collect(m, _loader(batch=16), CE, tmp_path / "a", progress=False).load()
+    b = ocdwrap.collect(m, _loader(batch=1), CE, tmp_path / "b", progress=False).load()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape
+        assert (a[k].float() - b[k].float()).abs().max() < 1e-5, k
+
+
+def test_collect_writes_manifest_and_shards(tmp_path) -> None:
+    cfg = ocdwrap.OCDConfig(shard_size=16, overfit_optimizer="sgd", overfit_lr=0.05)
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
+    store = ocdwrap.collect(m, _loader(), CE, tmp_path / "c", progress=False)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["shards"]] == [16, 16, 8]
+    assert manifest["complete"] and len(store) == 40
+    assert manifest["dims"] == {"cond_in": 32, "cond_act": 16, "cond_out": 3}
+    data = store.load()
+    # the normalised delta has unit per-element std, and rho * delta_hat is the raw delta
+    assert torch.allclose(
+        data["delta"].reshape(40, -1).std(1, unbiased=False), torch.ones(40), atol=1e-4
+    )
+    x, y = next(iter(_loader(batch=40)))
+    raw = ocdwrap.overfit_batch(m, x, y, CE).delta
+    torch.testing.assert_close(
+        data["delta"] * data["rho"].view(-1, 1, 1), raw, rtol=1e-4, atol=1e-7
+    )
+    # the structural fact: with SGD a Linear delta on vector inputs is rank one
+    assert manifest["summary"]["top_singular_energy"]["min"] >= 0.9999
+    # and the stored factors rebuild it
+    rebuilt = data["u"].unsqueeze(2) * data["v"].unsqueeze(1)
+    torch.testing.assert_close(rebuilt, data["delta"], rtol=1e-3, atol=1e-5)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupting(loader: DataLoader, after: int):
+    for i, batch in enumerate(loader):
+        if i == after:
+            raise _Interrupted
+        yield batch
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path) -> None:
+    cfg = ocdwrap.OCDConfig(shard_size=16)
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
+    full = ocdwrap.collect(m, _loader(batch=8), CE, tmp_path / "full", progress=False).load()
+    with pytest.raises(_Interrupted):
+        ocdwrap.collect(
+            m, _interrupting(_loader(batch=8), after=3), CE, tmp_path / "part", progress=False
+        )
+    partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    assert (
+        not partial["complete"] and len(partial["shards"]) == 1
+    )  # 24 samples seen, one full shard
+    resumed = ocdwrap.collect(m, _loader(batch=8), CE, tmp_path / "part", progress=False).load()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_refuses_other_collection_unless_overwrite(tmp_path) -> None:
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "d", progress=False)
+    before = (tmp_path / "d" / "manifest.json").read_text()
+    other = ocdwrap.wrap(mlp_case().make(), layer="fc1")
+    with pytest.raises(CollectionExistsError, match="overwrite=True"):
+        ocdwrap.collect(other, _loader(), CE, tmp_path / "d", progress=False)
+    assert (tmp_path / "d" / "manifest.json").read_text() == before
+    store = ocdwrap.collect(other, _loader(), CE, tmp_path / "d", overwrite=True, progress=False)
+    assert store.layer == "fc1"
+
+
+def test_refuses_reordered_data_on_resume(tmp_path) -> None:
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(shard_size=16))
+    with pytest.raises(_Interrupted):
+        ocdwrap.collect(
+            m, _interrupting(_loader(batch=8), after=3), CE, tmp_path / "p", progress=False
+        )
+    with pytest.raises(CollectionExistsError, match="different data"):
+        ocdwrap.collect(m, _loader(batch=8, seed=1), CE, tmp_path / "p", progress=False)
+
+
+def test_complete_collection_is_reused(tmp_path) -> None:
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "r", progress=False)
+    mtime = os.path.getmtime(tmp_path / "r" / "manifest.json")
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "r", progress=False)
+    assert os.path.getmtime(tmp_path / "r" / "manifest.json") == mtime
+
+
+def test_conv_target_stores_full_matrix(tmp_path) -> None:
+    case = lenet_conv_case()
+    m = ocdwrap.wrap(case.make(), layer="conv2")
+    loader = DataLoader(TensorDataset(case.inputs(6), case.targets(6)), batch_size=3)
+    store = ocdwrap.collect(m, loader, CE, tmp_path / "conv", progress=False)
+    assert store.load(["delta"])["delta"].shape == (6, 16, 6 * 5 * 5)
+    assert "u" not in store.keys and "energy" not in store.keys
+
+
+def test_rank1_on_conv_is_a_clear_error(tmp_path) -> None:
+    case = lenet_conv_case()
+    m = ocdwrap.wrap(case.make(), layer="conv2", config=ocdwrap.OCDConfig(delta="rank1"))
+    loader = DataLoader(TensorDataset(case.inputs(2), case.targets(2)), batch_size=2)
+    with pytest.raises(UnsupportedLayerError, match="higher rank"):
+        ocdwrap.collect(m, loader, CE, tmp_path / "x", progress=False)
+
+
+def test_mean_loss_is_refused(tmp_path) -> None:
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
+    with pytest.raises(LossShapeError, match="reduction='none'"):
+        ocdwrap.collect(m, _loader(), torch.nn.CrossEntropyLoss(), tmp_path / "m", progress=False)
+
+
+def test_sum_loss_is_accepted(tmp_path) -> None:
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
+    a = ocdwrap.collect(
+        m, _loader(), torch.nn.CrossEntropyLoss(reduction="sum"), tmp_path / "s", progress=False
+    )
+    b = ocdwrap.collect(m, _loader(), CE, tmp_path / "n", progress=False)
+    assert (a.load()["delta"] - b.load()["delta"]).abs().max() < 1e-5
+
+
+def test_empty_loader_is_a_clear_error(tmp_path) -> None:
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
+    with pytest.raises(EmptyDataError, match="no samples"):
+        ocdwrap.collect(m, [], CE, tmp_path / "e", progress=False)
