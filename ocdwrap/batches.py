@@ -15,7 +15,9 @@ a tuple through its first element.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,7 +44,18 @@ def split_batch(batch: Any) -> tuple[Inputs, Any]:
         return inputs, batch["labels"]
     if isinstance(batch, (tuple, list)):
         if len(batch) == 2:
+            if batch[1] is None:
+                raise BatchFormatError(
+                    "This batch's target is None; ocdwrap overfits every sample on its own loss, so it "
+                    "needs labels. Yield (inputs, target) pairs with a real target."
+                )
             return batch[0], batch[1]
+        if len(batch) == 1:
+            raise BatchFormatError(
+                f"This batch is a {type(batch).__name__} with one element: inputs without labels "
+                "(e.g. TensorDataset(x) instead of TensorDataset(x, y))? ocdwrap needs a target for every "
+                "training sample: yield (inputs, target) pairs."
+            )
         raise BatchFormatError(
             f"A batch must be an (inputs, target) pair or a dict with 'labels'; got a {type(batch).__name__} "
             f"of length {len(batch)}. Yield (inputs, target) from your data loader."
@@ -110,9 +123,47 @@ def _is_sentence_transformer(model: nn.Module) -> bool:
 
 def call_model(model: nn.Module, inputs: Inputs, *args: Any, **kwargs: Any) -> Any:
     """Call ``model`` on ``inputs`` the way the batch convention says."""
-    if isinstance(inputs, Mapping) and not _is_sentence_transformer(model):
-        return model(*args, **inputs, **kwargs)
-    return model(inputs, *args, **kwargs)
+    with explain_device_dtype_errors(model, inputs):
+        if isinstance(inputs, Mapping) and not _is_sentence_transformer(model):
+            return model(*args, **inputs, **kwargs)
+        return model(inputs, *args, **kwargs)
+
+
+# what torch says when an input is on another device or of a dtype a layer cannot take
+_MISMATCH = re.compile(
+    r"same dtype|scalar type|same device|two devices|Input type|should be the same|"
+    r"Expected tensor for argument|expected .* on device|device type",
+    re.IGNORECASE,
+)
+
+
+def _describe(obj: Any) -> str:
+    seen: list[str] = []
+    map_tensors(obj, lambda t: seen.append(f"{str(t.dtype)[6:]} on {t.device}") or t)
+    return ", ".join(dict.fromkeys(seen)) or "no tensors"
+
+
+@contextmanager
+def explain_device_dtype_errors(model: nn.Module, inputs: Any) -> Iterator[None]:
+    """Turn torch's device/dtype ``RuntimeError`` inside ``model`` into :class:`DeviceDtypeError`.
+
+    Only the error type and message change (the original stays chained as ``__cause__``);
+    calls that work are not touched, so models that cast or move inputs themselves keep working.
+    """
+    try:
+        yield
+    except DeviceDtypeError:
+        raise
+    except RuntimeError as e:
+        if not _MISMATCH.search(str(e)):
+            raise
+        params = {f"{str(p.dtype)[6:]} on {p.device}" for p in model.parameters()}
+        raise DeviceDtypeError(
+            f"The base model could not run on these inputs ({_describe(inputs)}); its parameters are "
+            f"{', '.join(sorted(params)) or 'none'}. Torch said: {e}. Move and cast the batch to match: "
+            "x.to(device) for the device, x.float() (or the model's dtype) for float inputs, and keep "
+            "token ids as integers (ocdwrap.batches.to_device moves nested batches)."
+        ) from e
 
 
 def read_output(output: Any) -> torch.Tensor:

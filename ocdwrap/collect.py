@@ -13,6 +13,7 @@ reference the tests and the speed benchmark compare against.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -42,6 +43,8 @@ from .io import atomic_save_tensors, atomic_write_json, tensor_fingerprint
 from .layer import FullDelta
 from .model import OCDModel, _attention_mask
 from .store import MANIFEST_NAME, STORE_FORMAT, STORE_VERSION, DeltaStore, shard_name
+
+logger = logging.getLogger("ocdwrap")
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
@@ -282,6 +285,16 @@ def collect(
             )
         if same:
             manifest = old
+            damaged = DeltaStore(out_dir).first_damaged_shard()
+            if damaged is not None:  # rebuild from the first missing or damaged shard on
+                logger.warning(
+                    "ocdwrap: shard %s in %s is missing or damaged; collecting again from sample %d.",
+                    manifest["shards"][damaged]["file"],
+                    out_dir,
+                    manifest["shards"][damaged]["start"],
+                )
+                manifest["shards"] = manifest["shards"][:damaged]
+                manifest["complete"] = False
             if manifest.get("complete") and (
                 max_samples is None or len(DeltaStore(out_dir)) >= max_samples
             ):
@@ -315,7 +328,10 @@ def collect(
     buffer: dict[str, list[torch.Tensor]] = {}
     buffered = 0
     position = 0
-    skipped = manifest.get("skipped", 0) if manifest else 0
+    # skipped samples are counted per shard (those before its stop), so a resumed run that
+    # revisits samples after the last shard does not count them twice
+    skipped = sum(sh.get("skipped", 0) for sh in manifest["shards"]) if manifest else 0
+    skipped_at: list[int] = []  # positions skipped in this run and not yet in a shard's count
     checked_loss = False
     bar = tqdm(
         total=total, initial=done, desc="ocdwrap collect", unit="sample", disable=not progress
@@ -323,17 +339,24 @@ def collect(
     device = model.device
 
     def flush(final: bool) -> None:
-        nonlocal buffered, buffer, manifest
+        nonlocal buffered, buffer, manifest, skipped, skipped_at
         while buffered >= cfg.shard_size or (final and buffered > 0):
             n = min(buffered, cfg.shard_size)
             tensors = {k: torch.cat(v)[:n] for k, v in buffer.items()}
             rest = {k: [torch.cat(v)[n:]] for k, v in buffer.items()}
             shards = manifest["shards"]
+            if not shards:  # a manifest first, so a crash never leaves shards without one
+                atomic_write_json(manifest_path, manifest)
             start = shards[-1]["stop"] if shards else 0
             stop = int(tensors["index"][-1]) + 1
             name = shard_name(len(shards))
             atomic_save_tensors(os.path.join(out_dir, name), tensors)
-            shards.append({"file": name, "count": n, "start": start, "stop": stop})
+            n_skipped = sum(p < stop for p in skipped_at)
+            skipped_at = [p for p in skipped_at if p >= stop]
+            skipped += n_skipped
+            shards.append(
+                {"file": name, "count": n, "start": start, "stop": stop, "skipped": n_skipped}
+            )
             manifest["skipped"] = skipped
             atomic_write_json(manifest_path, manifest)
             buffer, buffered = rest, buffered - n
@@ -389,7 +412,7 @@ def collect(
                     f"NaN/Inf in inputs, losses or deltas for samples {bad[:10]}; fix the data or pass "
                     "OCDConfig(on_nonfinite='skip') to skip and count them."
                 )
-            skipped += int((~ok).sum())
+            skipped_at += (~ok).nonzero().flatten().add(lo).tolist()
         idx = ok.nonzero().flatten()
         if manifest["identity"] is None:
             vector_input = is_linear and res.layer_input.dim() == 2
@@ -442,7 +465,7 @@ def collect(
             "collect() got no samples from the data loader; check that it is not empty."
         )
     flush(final=True)
-    manifest["skipped"] = skipped
+    manifest["skipped"] = skipped + len(skipped_at)
     manifest["summary"] = _summary(out_dir, manifest)
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest)

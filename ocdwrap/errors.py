@@ -41,8 +41,12 @@ class LossShapeError(OCDError, ValueError):
     """The loss function does not return per-sample losses (or their sum)."""
 
 
-class DeviceDtypeError(OCDError, ValueError):
-    """Inputs are on another device, or of a dtype the model cannot take."""
+class DeviceDtypeError(OCDError, ValueError, RuntimeError):
+    """Inputs are on another device, or of a dtype the model cannot take.
+
+    Also a ``RuntimeError``: it replaces the ``RuntimeError`` torch raises for such inputs, so
+    code that caught that keeps working.
+    """
 
 
 class NonFiniteError(OCDError, FloatingPointError):

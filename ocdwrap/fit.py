@@ -10,6 +10,7 @@ and used for sampling. A checkpoint (safetensors + JSON) is written every
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .capture import Conditioning
 from .diffusion import make_scheduler
-from .errors import BaseModelMismatchError, CorruptFileError, NonFiniteError
+from .errors import BaseModelMismatchError, CorruptFileError, EmptyDataError, NonFiniteError
 from .hypernet import OCDHyperNetwork
 from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from .model import OCDModel
@@ -28,6 +29,12 @@ from .store import DeltaStore
 
 CHECKPOINT_TENSORS = "fit_checkpoint.safetensors"
 CHECKPOINT_JSON = "fit_checkpoint.json"
+
+logger = logging.getLogger("ocdwrap")
+
+
+def _checkpoint_tensors_name(step: int) -> str:
+    return f"fit_checkpoint-{step:08d}.safetensors"
 
 
 @dataclass
@@ -72,7 +79,10 @@ def _check_store(model: OCDModel, store: DeltaStore) -> None:
             f"The collection in {store.directory} is incomplete; run ocdwrap.collect again to finish it."
         )
     if len(store) == 0:
-        raise BaseModelMismatchError(f"The collection in {store.directory} holds no samples.")
+        raise EmptyDataError(
+            f"The collection in {store.directory} holds no samples (were they all skipped as "
+            "non-finite? see its manifest's 'skipped'); collect again from a non-empty loader."
+        )
 
 
 def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
@@ -134,6 +144,18 @@ def fit(
     data = store.load([key, "rho", "cond_in", "cond_act", "cond_out"], device=device)
     target, rho = data[key].float(), data["rho"].float()
     cond = Conditioning.from_dict(data)
+    finite = torch.isfinite(target.reshape(target.shape[0], -1)).all(1) & torch.isfinite(rho)
+    for t in (cond.layer_input, cond.layer_output, cond.model_output):
+        finite &= torch.isfinite(t).all(1)
+    if not bool(finite.all()):  # collect() never stores these; a damaged or edited store
+        bad = (~finite).nonzero().flatten().tolist()
+        if cfg.on_nonfinite == "raise" or not bool(finite.any()):
+            raise NonFiniteError(
+                f"The collection in {store.directory} holds NaN/Inf for stored rows {bad[:10]} "
+                f"({len(bad)} in all); collect again, or pass OCDConfig(on_nonfinite='skip') to leave them out."
+            )
+        logger.warning("ocdwrap fit: leaving out %d stored rows with NaN/Inf.", len(bad))
+        target, rho, cond = target[finite], rho[finite], cond.index(finite)
     N = target.shape[0]
 
     dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
@@ -174,22 +196,35 @@ def fit(
                     f"The checkpoint in {checkpoint_dir} belongs to another fit (different collection, config, "
                     "steps or seed); it was left untouched. Use another checkpoint_dir or resume=False."
                 )
+            # the JSON names the tensors file written with it (older checkpoints: the fixed name)
+            ckpt_t = os.path.join(checkpoint_dir, str(meta.get("tensors", CHECKPOINT_TENSORS)))
             tensors = load_tensors(ckpt_t, device)
-            hyper.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            _restore_optimizer(
-                "opt", opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta
-            )
-            _restore_optimizer(
-                "opts", opt_scale, {k: v for k, v in tensors.items() if k.startswith("opts.")}, meta
-            )
             if "rng" not in tensors:
                 raise CorruptFileError(
                     f"{ckpt_t} has no generator state; delete the checkpoint and fit again."
                 )
-            gen.set_state(tensors["rng"].cpu())
-            start = int(meta["step"])
-            report.losses, report.scale_losses = meta["losses"], meta["scale_losses"]
-            report.skipped_steps = int(meta["skipped_steps"])
+            try:
+                hyper.load_state_dict(
+                    {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+                )
+                _restore_optimizer(
+                    "opt", opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta
+                )
+                _restore_optimizer(
+                    "opts",
+                    opt_scale,
+                    {k: v for k, v in tensors.items() if k.startswith("opts.")},
+                    meta,
+                )
+                gen.set_state(tensors["rng"].cpu())
+                start = int(meta["step"])
+                report.losses, report.scale_losses = meta["losses"], meta["scale_losses"]
+                report.skipped_steps = int(meta["skipped_steps"])
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                raise CorruptFileError(
+                    f"The checkpoint in {checkpoint_dir} does not fit this run ({e}); it is damaged. "
+                    "Delete it (or pass resume=False) and fit again."
+                ) from e
             report.resumed_from = start
 
     def save_checkpoint(step: int) -> None:
@@ -198,15 +233,22 @@ def fit(
         _flatten_optimizer("opt", opt, tensors, meta)
         _flatten_optimizer("opts", opt_scale, tensors, meta)
         tensors["rng"] = gen.get_state()
-        atomic_save_tensors(ckpt_t, tensors)
+        # tensors first, under a new name; the JSON naming them is the commit point, so a crash at
+        # any moment leaves a JSON whose tensors file exists and belongs to the same step
+        name = _checkpoint_tensors_name(step)
+        atomic_save_tensors(os.path.join(checkpoint_dir, name), tensors)
         meta.update(
             run_id=run_id,
             step=step,
+            tensors=name,
             losses=report.losses,
             scale_losses=report.scale_losses,
             skipped_steps=report.skipped_steps,
         )
         atomic_write_json(ckpt_j, meta)
+        for f in os.listdir(checkpoint_dir):  # older tensors files, now unreferenced
+            if f != name and f.startswith("fit_checkpoint") and f.endswith(".safetensors"):
+                os.unlink(os.path.join(checkpoint_dir, f))
 
     hyper.train()
     t0 = time.perf_counter()
@@ -235,8 +277,16 @@ def fit(
         opt.zero_grad(set_to_none=True)
         opt_scale.zero_grad(set_to_none=True)
         (loss + sloss).backward()
-        torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), cfg.grad_clip)
-        torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), cfg.grad_clip)
+        snorm = torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), cfg.grad_clip)
+        if not (torch.isfinite(gnorm) and torch.isfinite(snorm)):  # would poison the weights
+            if cfg.on_nonfinite == "raise":
+                raise NonFiniteError(
+                    f"fit step {step}: non-finite gradient (norm {float(gnorm)}, scale {float(snorm)}); "
+                    "lower the learning rate, or pass OCDConfig(on_nonfinite='skip') to skip such steps."
+                )
+            report.skipped_steps += 1
+            continue
         opt.step()
         if cfg.scale == "learned":
             opt_scale.step()

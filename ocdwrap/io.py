@@ -46,15 +46,25 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> Any:
-    """Read a JSON file, turning a truncated or corrupted file into :class:`CorruptFileError`."""
+    """Read a JSON object, turning a truncated or corrupted file into :class:`CorruptFileError`.
+
+    Every JSON file ocdwrap writes (config, manifest, checkpoint) holds one object; anything
+    else (binary data, a list, a bare value) is reported as corrupted.
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptFileError(
             f"{path} is not valid JSON ({e}); the file is truncated or corrupted. "
             "Restore it from a backup, or delete it and recreate it."
         ) from e
+    if not isinstance(obj, dict):
+        raise CorruptFileError(
+            f"{path} holds a JSON {type(obj).__name__}, not the object ocdwrap wrote; the file is "
+            "corrupted or not an ocdwrap file. Restore it from a backup, or delete it and recreate it."
+        )
+    return obj
 
 
 def atomic_save_tensors(
@@ -74,7 +84,8 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> dict[str, tor
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptFileError(
             f"{path} could not be read as safetensors ({e}); the file is truncated or corrupted. "
-            "Delete it and write it again (collect() resumes from the last complete shard)."
+            "Delete it and write it again: collect() run again rebuilds a missing or damaged shard, "
+            "fit() without the checkpoint starts over, save_pretrained() rewrites an adapter."
         ) from e
 
 

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import map_tensors, read_output, replace_output
+from .batches import explain_device_dtype_errors, map_tensors, read_output, replace_output
 from .capture import Conditioning, LayerCapture, build_conditioning
 from .config import CONFIG_NAME, OCDConfig
 from .errors import (
     AdapterExistsError,
     BaseModelMismatchError,
     CalibrationRequiredError,
+    CorruptFileError,
     LayerNotFoundError,
     NotFittedError,
     UnsupportedLayerError,
@@ -218,7 +219,8 @@ class OCDModel(nn.Module):
 
     # --- passes --------------------------------------------------------------------------------
     def _call_base(self, args: tuple, kwargs: dict) -> Any:
-        return self.base_model(*args, **kwargs)
+        with explain_device_dtype_errors(self.base_model, (args, kwargs)):
+            return self.base_model(*args, **kwargs)
 
     def conditioning(self, *args: Any, **kwargs: Any) -> tuple[Conditioning, Any]:
         """One base pass: the per-sample conditioning I(x) and the base model's output."""
@@ -266,14 +268,15 @@ class OCDModel(nn.Module):
     ) -> DeltaSpec:
         """Per-sample deltas for conditioning ``cond``: ``num_draws`` per sample, sample-major."""
         hypernet = self._require_hypernet()
-        return hypernet.generate(
-            cond.to(self.device),
-            num_draws=num_draws,
-            generator=self._torch_generator(generator),
-            sampler=self._setting("sampler"),
-            steps=self._setting("sampling_steps"),
-            eta=self._setting("eta"),
-        )
+        with _no_autocast(self.device):  # OCD's networks keep their own dtype (float32)
+            return hypernet.generate(
+                cond.to(self.device),
+                num_draws=num_draws,
+                generator=self._torch_generator(generator),
+                sampler=self._setting("sampler"),
+                steps=self._setting("sampling_steps"),
+                eta=self._setting("eta"),
+            )
 
     def _draws(self, args: tuple, kwargs: dict, num_draws: int, generator: torch.Generator | None):
         cond, base_out = self.conditioning(*args, **kwargs)
@@ -340,6 +343,21 @@ class OCDModel(nn.Module):
         )
         return EnsembleOutput(replace_output(first, combined), mean, std, draws, uncertainty)
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> OCDModel:
+        # .to(dtype) / .half() / .bfloat16() cast the base model only: the hypernetwork follows
+        # the device but keeps its dtype (float32 unless cast on purpose via model.hypernet.to()).
+        hyper = self._modules.pop("hypernet", None)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if hyper is not None:
+                self._modules["hypernet"] = hyper
+        if hyper is not None:
+            probe = next(iter(hyper.buffers()), None)
+            if probe is not None:
+                hyper.to(fn(probe.detach()[:0]).device)
+        return self
+
     # --- undo ------------------------------------------------------------------------------------
     def unload(self) -> nn.Module:
         """Remove ocdwrap from the base model and return it untouched (original layer, flags)."""
@@ -405,9 +423,18 @@ class OCDModel(nn.Module):
         state = load_tensors(path)
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        if meta.get("format") != "ocdwrap-adapter" or "hypernet" not in meta:
-            raise BaseModelMismatchError(f"{path} is not an ocdwrap adapter (missing metadata).")
-        model = cls(base, meta["layer"], config)
+        if meta.get("format") != "ocdwrap-adapter" or not {"hypernet", "layer"} <= set(meta):
+            raise CorruptFileError(
+                f"{path} is not an ocdwrap adapter (its metadata lacks the ocdwrap format stamp); "
+                "save the adapter again with OCDModel.save_pretrained."
+            )
+        try:
+            model = cls(base, meta["layer"], config)
+        except (LayerNotFoundError, UnsupportedLayerError) as e:
+            raise BaseModelMismatchError(
+                f"The adapter in {directory} was fitted on layer {meta['layer']!r}, which this base model "
+                f"cannot provide: {e} Load it onto the base model it was fitted on."
+            ) from e
         found = model.layer_fingerprint()
         if found != meta["fingerprint"]:
             model.unload()
@@ -416,10 +443,27 @@ class OCDModel(nn.Module):
                 f"has fingerprint {found}, the adapter expects {meta['fingerprint']}. Load it onto the "
                 "base model it was fitted on."
             )
-        hypernet = OCDHyperNetwork.from_spec(config, json.loads(meta["hypernet"]))
-        hypernet.load_state_dict(state)
+        try:
+            hypernet = OCDHyperNetwork.from_spec(config, json.loads(meta["hypernet"]))
+            hypernet.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            model.unload()
+            raise CorruptFileError(
+                f"The adapter in {directory} is damaged: its weights do not match its own description "
+                f"({e}). Save it again with OCDModel.save_pretrained."
+            ) from e
         model.hypernet = hypernet.to(device or model.device).eval()
         return model
+
+
+@contextmanager
+def _no_autocast(device: torch.device) -> Iterator[None]:
+    available = getattr(torch.amp, "is_autocast_available", lambda _: device.type == "cuda")
+    if not available(device.type):
+        yield
+        return
+    with torch.autocast(device.type, enabled=False):
+        yield
 
 
 def wrap(

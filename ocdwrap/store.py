@@ -54,6 +54,12 @@ class DeltaStore:
             raise CorruptFileError(
                 f"{path} is not an ocdwrap delta manifest (format={self.manifest.get('format')!r})."
             )
+        missing = [k for k in ("identity", "shards") if k not in self.manifest]
+        if missing or not isinstance(self.manifest["shards"], list):
+            raise CorruptFileError(
+                f"{path} lacks {missing or ['a list of shards']}; the manifest is damaged. Delete the "
+                "collection directory's manifest.json and shards, and collect again."
+            )
 
     def __len__(self) -> int:
         return int(sum(s["count"] for s in self.manifest["shards"]))
@@ -82,6 +88,24 @@ class DeltaStore:
     def shard_paths(self) -> list[str]:
         return [os.path.join(self.directory, s["file"]) for s in self.manifest["shards"]]
 
+    def first_damaged_shard(self) -> int | None:
+        """Index of the first listed shard that is missing or whose header is unreadable, else None.
+
+        Reads only the shards' headers (cheap): :func:`ocdwrap.collect` uses it on resume to
+        rebuild from the first damaged shard on.
+        """
+        for i, s in enumerate(self.manifest["shards"]):
+            try:
+                with safe_open(
+                    os.path.join(self.directory, s["file"]), framework="pt", device="cpu"
+                ) as f:
+                    n = f.get_slice("index").get_shape()[0]
+            except Exception:  # missing file or damaged header
+                return i
+            if n != s["count"]:
+                return i
+        return None
+
     def load(
         self, keys: list[str] | None = None, device: str | torch.device = "cpu"
     ) -> dict[str, torch.Tensor]:
@@ -95,6 +119,11 @@ class DeltaStore:
             )
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for path in self.shard_paths():
+            if not os.path.exists(path):
+                raise CorruptFileError(
+                    f"Shard {path} listed in the manifest is missing; run ocdwrap.collect again with the "
+                    "same data to rebuild it."
+                )
             if len(keys) == len(self.keys):
                 tensors = load_tensors(path, device)
             else:
@@ -111,14 +140,16 @@ class DeltaStore:
     ) -> dict[str, torch.Tensor]:
         if not os.path.exists(path):
             raise CorruptFileError(
-                f"Shard {path} listed in the manifest is missing; collect again to rebuild it."
+                f"Shard {path} listed in the manifest is missing; run ocdwrap.collect again with the "
+                "same data to rebuild it."
             )
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 return {k: f.get_tensor(k) for k in keys}
         except Exception as e:  # safetensors raises several types for damaged files
             raise CorruptFileError(
-                f"{path} could not be read as safetensors ({e}); delete it and collect again."
+                f"{path} could not be read as safetensors ({e}); the shard is truncated or corrupted. "
+                "Run ocdwrap.collect again with the same data: it rebuilds it."
             ) from e
 
     def __repr__(self) -> str:
