@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import math
 import time
 import warnings
@@ -90,7 +91,12 @@ def kde_entropy(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerScore:
-    """The score of one candidate layer."""
+    """The score of one candidate layer.
+
+    ``released_score`` is the authors' released selector's criterion on the same losses, for
+    comparison only: for each draw, the entropy across calibration samples of the loss (same
+    KDE), then the maximum over draws. Ranking uses ``score`` (the paper's formula).
+    """
 
     name: str
     score: float  # sum over calibration samples of the loss entropy across draws
@@ -98,6 +104,7 @@ class LayerScore:
     num_params: int  # elements of the weight
     loss_std: float  # mean over samples of the loss std across draws
     vectorized: bool  # draws evaluated with torch.func.vmap (False: one draw per call)
+    released_score: float = float("nan")  # the released code's criterion, for comparison
 
 
 @dataclass
@@ -163,6 +170,7 @@ class LayerScores:
                     "num_params": s.num_params,
                     "loss_std": s.loss_std,
                     "vectorized": s.vectorized,
+                    "released_score": s.released_score,
                 }
                 for s in self.layers
             ],
@@ -172,12 +180,12 @@ class LayerScores:
         head = (
             f"Layer selection: {len(self.layers)} candidates, perturbation={self.perturbation!r}, "
             f"{self.draws} draws, {self.samples} samples, seed {self.seed}, {self.seconds:.2f} s\n\n"
-            "| rank | layer | weight shape | params | mean loss std | score |\n"
-            "| ---: | --- | --- | ---: | ---: | ---: |\n"
+            "| rank | layer | weight shape | params | mean loss std | score | released-code score |\n"
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: |\n"
         )
         rows = [
             f"| {i} | {s.name} | {'x'.join(map(str, s.weight_shape))} | {s.num_params:,} | "
-            f"{s.loss_std:.4g} | {s.score:.2f} |"
+            f"{s.loss_std:.4g} | {s.score:.2f} | {s.released_score:.3f} |"
             for i, s in enumerate(self.layers, 1)
         ]
         return head + "\n".join(rows)
@@ -323,6 +331,36 @@ def _draw_preds(call: _Call, pname: str, weights: torch.Tensor, inputs: Inputs, 
     return torch.stack([fcall(call, {pname: w}, (inputs,)) for w in weights])
 
 
+def _layer_losses(
+    call: _Call,
+    pname: str,
+    draw: Callable[[int], torch.Tensor],
+    batches: list[tuple[Any, Any, int]],
+    loss_fn: Callable,
+    draws: int,
+    chunk: int,
+    vectorize: bool,
+) -> tuple[torch.Tensor, str | None]:
+    """Losses (samples, draws) of one layer, and the vmap error if it fell back to the loop."""
+    error = None
+    chunks = []  # (k, samples) each
+    for lo in range(0, draws, chunk):
+        w = draw(min(chunk, draws - lo))  # (k, *weight.shape)
+        per_batch = []
+        for inputs, target, n in batches:
+            preds = None
+            if vectorize and error is None:
+                try:
+                    preds = _draw_preds(call, pname, w, inputs, vmap=True)
+                except Exception as e:  # any vmap failure: one draw per call instead
+                    error = f"{type(e).__name__}: {str(e)[:200]}"
+            if preds is None:
+                preds = _draw_preds(call, pname, w, inputs, vmap=False)
+            per_batch.append(torch.stack([_losses(loss_fn, p, target, n) for p in preds]))
+        chunks.append(torch.cat(per_batch, dim=1))
+    return torch.cat(chunks).T, error
+
+
 def _calibration(
     data: Iterable, max_samples: int, device: torch.device
 ) -> list[tuple[Any, Any, int]]:
@@ -400,10 +438,13 @@ def select_layer(
             of the model is moved there (the base model itself is not moved).
         progress: a tqdm bar over the candidates.
         vectorize: evaluate ``chunk_size`` draws per forward call with ``torch.func.vmap`` over
-            the stacked weights (``functional_call``), the default. Models vmap cannot trace
-            (data-dependent control flow, ``.item()``, in-place updates of buffers, random ops)
-            fall back, with a warning, to one ``functional_call`` per draw; so does
-            ``vectorize=False``. Both paths give the same scores up to float rounding.
+            the stacked weights (``functional_call``), the default. Layers vmap cannot handle
+            fall back, per layer, to one ``functional_call`` per draw, and one warning lists
+            them: data-dependent Python control flow or ``.item()`` (every layer), random ops,
+            or an in-place op that writes a perturbed tensor into an unperturbed one (e.g.
+            ResNet's ``out += identity`` when the ``downsample`` conv is the candidate).
+            ``vectorize=False`` always loops. Both paths give the same scores up to float
+            rounding; vmap is faster, mostly because layers before the candidate run once.
         chunk_size: draws per vmapped call; None: about 1024 sample-forwards per call.
 
     Raises:
@@ -441,39 +482,20 @@ def select_layer(
     call = _Call(model)
     modules = dict(model.named_modules())
     training = {m: m.training for m in model.modules()}
-    results = []
+    results, failures = [], {}
     try:
         model.eval()
         with torch.no_grad():
             for name in tqdm(names, desc="layer selection", disable=not progress):
                 layer = modules[name]
                 gen = torch.Generator().manual_seed(_seed_for(seed, name))
-                pname = f"base.{name}.weight"
-                use_vmap = vectorize
-                losses = []  # per chunk: (k, samples)
-                for lo in range(0, draws, chunk):
-                    w = _draw_weights(layer, min(chunk, draws - lo), perturbation, noise_scale, gen)
-                    per_batch = []
-                    for inputs, target, n in batches:
-                        preds = None
-                        if use_vmap:
-                            try:
-                                preds = _draw_preds(call, pname, w, inputs, vmap=True)
-                            except Exception as e:  # any vmap failure: one draw per call instead
-                                warnings.warn(
-                                    f"select_layer: vmap failed on layer {name!r} "
-                                    f"({type(e).__name__}: {str(e)[:200]}); evaluating one draw "
-                                    "per call instead.",
-                                    stacklevel=2,
-                                )
-                                use_vmap = vectorize = False
-                        if preds is None:
-                            preds = _draw_preds(call, pname, w, inputs, vmap=False)
-                        per_batch.append(
-                            torch.stack([_losses(loss_fn, p, target, n) for p in preds])
-                        )
-                    losses.append(torch.cat(per_batch, dim=1))
-                loss = torch.cat(losses).T  # (samples, draws)
+                draw = functools.partial(_draw_weights, layer, perturbation=perturbation,
+                                         noise_scale=noise_scale, gen=gen)  # fmt: skip
+                loss, error = _layer_losses(
+                    call, f"base.{name}.weight", draw, batches, loss_fn, draws, chunk, vectorize
+                )  # (samples, draws)
+                if error is not None:
+                    failures[name] = error
                 results.append(
                     LayerScore(
                         name=name,
@@ -481,12 +503,21 @@ def select_layer(
                         weight_shape=tuple(layer.weight.shape),
                         num_params=layer.weight.numel(),
                         loss_std=float(loss.double().std(dim=1).mean()),
-                        vectorized=use_vmap,
+                        vectorized=vectorize and error is None,
+                        released_score=float(kde_entropy(loss.T).max()),
                     )
                 )
     finally:
         for m, flag in training.items():
             m.training = flag
+    if failures:
+        first, reason = next(iter(failures.items()))
+        warnings.warn(
+            f"select_layer: torch.func.vmap could not evaluate {len(failures)} of {len(names)} "
+            f"layers ({', '.join(failures)}); they were scored one draw per forward call (same "
+            f"scores, slower). First error, on {first!r}: {reason}",
+            stacklevel=2,
+        )
     return LayerScores(
         layers=results,
         perturbation=perturbation,

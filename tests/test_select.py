@@ -249,10 +249,12 @@ def test_vmap_and_loop_paths_agree() -> None:
 def test_falls_back_to_the_loop_when_vmap_fails() -> None:
     torch.manual_seed(0)
     model, data = DataDependent(), _tab_data()
-    with pytest.warns(UserWarning, match="vmap failed"):
+    with pytest.warns(UserWarning, match=r"vmap could not evaluate 1 of 2 layers \(a\)"):
         v = _run(model, data)
+    # Perturbing ``b`` leaves the data-dependent branch unbatched, so only ``a`` loops.
+    assert {s.name: s.vectorized for s in v.layers} == {"a": False, "b": True}
     loop = _run(model, data, vectorize=False)
-    assert v.ranking == loop.ranking
+    assert v.scores == pytest.approx(loop.scores, rel=1e-5)
 
 
 # --- Hugging Face dict batches ------------------------------------------------------------------
