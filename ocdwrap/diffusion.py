@@ -112,7 +112,7 @@ class MLPDenoiser(nn.Module):
         self, x: torch.Tensor | None, t: torch.Tensor | None, c: torch.Tensor
     ) -> torch.Tensor:
         if self.timesteps:
-            e = self.t_mlp(timestep_embedding(t, self.emb_dim)) + c
+            e = self.t_mlp(timestep_embedding(t, self.emb_dim).to(c.dtype)) + c
             h = self.inp(x.flatten(1))
         else:  # regression: the prediction from the conditioning alone
             e = c

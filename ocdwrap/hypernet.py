@@ -157,8 +157,9 @@ class OCDHyperNetwork(nn.Module):
 
     def features(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ts = (cond.layer_input, cond.layer_output, cond.model_output)
+        dtype = self.cond_mean0.dtype  # float32 unless the hypernetwork was cast on purpose
         return tuple(
-            (t.float() - getattr(self, f"cond_mean{i}")) / getattr(self, f"cond_std{i}")
+            (t.to(dtype) - getattr(self, f"cond_mean{i}")) / getattr(self, f"cond_std{i}")
             for i, t in enumerate(ts)
         )
 
@@ -186,8 +187,8 @@ class OCDHyperNetwork(nn.Module):
     def predict_rho(self, cond: Conditioning) -> torch.Tensor:
         """rho(I(x)), (B,)."""
         if self.config.scale == "global":
-            return self.rho_mean.expand(cond.layer_input.shape[0])
-        return self.rho_mean * torch.exp(self.scale(self.features(cond)))
+            return self.rho_mean.float().expand(cond.layer_input.shape[0])
+        return (self.rho_mean * torch.exp(self.scale(self.features(cond)))).float()
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -220,7 +221,9 @@ class OCDHyperNetwork(nn.Module):
             else:
                 sched = make_scheduler(self.config, sampler)
                 sched.set_timesteps(steps or self.config.sampling_steps, device=c.device)
-                x = torch.randn((n, *self.target_shape), generator=generator, device=c.device)
+                x = torch.randn(
+                    (n, *self.target_shape), generator=generator, device=c.device, dtype=c.dtype
+                )
                 eta = self.config.eta if eta is None else eta
                 for t in sched.timesteps:
                     eps = self.ema(x, t.expand(n), c)
@@ -228,7 +231,7 @@ class OCDHyperNetwork(nn.Module):
                         x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
                     else:
                         x = sched.step(eps, t, x, generator=generator).prev_sample
-            return x * self.target_std
+            return (x * self.target_std).float()
         finally:
             self.train(was_training)
 

@@ -3,6 +3,9 @@
 Layout of a collection directory::
 
     manifest.json              identity (layer, base fingerprint, overfit settings), shards, summary
+                               (a shard's "file" is relative to the directory; shards written by
+                               several processes live in part-R-of-W/ subfolders and carry an
+                               "index_offset" added to their stored index on load)
     shard-00000.safetensors    per sample: rho (n,), cond_in (n, d_in), cond_act (n, d_act),
     shard-00001.safetensors    cond_out (n, d_out), index (n,) position in the data stream,
     ...                        energy (n,) top-singular-value energy fraction (Linear targets),
@@ -118,7 +121,7 @@ class DeltaStore:
                 "that stores them (delta='full' stores 'delta'; Linear targets on vectors also store 'u', 'v')."
             )
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-        for path in self.shard_paths():
+        for shard, path in zip(self.manifest["shards"], self.shard_paths()):
             if not os.path.exists(path):
                 raise CorruptFileError(
                     f"Shard {path} listed in the manifest is missing; run ocdwrap.collect again with the "
@@ -128,6 +131,9 @@ class DeltaStore:
                 tensors = load_tensors(path, device)
             else:
                 tensors = self._load_some(path, keys, device)
+            if "index" in keys and shard.get("index_offset"):
+                # a per-process shard (ocdwrap.distributed) counts from its part's first sample
+                tensors["index"] = tensors["index"] + int(shard["index_offset"])
             for k in keys:
                 parts[k].append(tensors[k])
         if not self.manifest["shards"]:
