@@ -132,7 +132,7 @@ def call_model(model: nn.Module, inputs: Inputs, *args: Any, **kwargs: Any) -> A
 # what torch says when an input is on another device or of a dtype a layer cannot take
 _MISMATCH = re.compile(
     r"same dtype|scalar type|same device|two devices|Input type|should be the same|"
-    r"Expected tensor for argument|expected .* on device|device type",
+    r"Expected tensor for argument|expected device|is on device|device type",
     re.IGNORECASE,
 )
 

@@ -437,6 +437,9 @@ def collect(
         ident = manifest["identity"]
         delta = res.delta[idx]
         n = delta.shape[0]
+        if n == 0:  # every sample of this batch was skipped
+            bar.update(B)
+            continue
         rho = delta.reshape(n, -1).std(1, unbiased=False).clamp_min(1e-20)
         rows = {
             "index": (idx + lo).to(torch.int64),

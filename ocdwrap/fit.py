@@ -124,7 +124,8 @@ def fit(
         device: where to train (default: the base model's device).
         checkpoint_dir: write resumable checkpoints there every ``config.checkpoint_every`` steps;
             with ``resume=True`` an existing checkpoint from the same setup is continued.
-        seed: seeds minibatch order, timesteps and noise.
+        seed: seeds the initial weights, minibatch order, timesteps and noise (dropout, off by
+            default, draws from torch's global generator).
 
     Returns:
         a :class:`FitReport` with the loss curves.
@@ -159,9 +160,11 @@ def fit(
     N = target.shape[0]
 
     dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
-    hyper = OCDHyperNetwork(
-        cfg, kind=model.layer_kind, weight_shape=model.weight_shape, dims=dims
-    ).to(device)
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not global state
+        torch.manual_seed(seed)
+        hyper = OCDHyperNetwork(
+            cfg, kind=model.layer_kind, weight_shape=model.weight_shape, dims=dims
+        ).to(device)
     hyper.set_statistics(cond, rho, target)
     hyper.ema.load_state_dict(hyper.net.state_dict())
     opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)
@@ -269,7 +272,7 @@ def fit(
         if not (torch.isfinite(loss) and torch.isfinite(sloss)):
             if cfg.on_nonfinite == "raise":
                 raise NonFiniteError(
-                    f"fit step {step}: non-finite loss ({float(loss)}, scale {float(sloss)}); lower the learning "
+                    f"fit step {step}: non-finite loss ({loss.item()}, scale {sloss.item()}); lower the learning "
                     "rate, or pass OCDConfig(on_nonfinite='skip') to skip such steps."
                 )
             report.skipped_steps += 1
