@@ -16,7 +16,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from .config import OCDConfig
@@ -24,6 +23,9 @@ from .config import OCDConfig
 
 def make_scheduler(config: OCDConfig, sampler: str | None = None):
     """A fresh diffusers scheduler for ``sampler`` ('ddim' or 'ddpm') with the config's schedule."""
+    # imported here: diffusers takes seconds to import, and `import ocdwrap` (the CLI) need not
+    from diffusers import DDIMScheduler, DDPMScheduler
+
     kw = dict(
         num_train_timesteps=config.num_train_timesteps,
         beta_start=config.beta_start,
@@ -143,6 +145,8 @@ class UNetDenoiser(nn.Module):
         up = ["AttnUpBlock2D"] * n_attn + ["UpBlock2D"] * (levels - n_attn)
         groups = math.gcd(*channels) if levels > 1 else channels[0]
         self.emb_dim = channels[0] * 4
+        from diffusers import UNet2DModel
+
         self.unet = UNet2DModel(
             sample_size=self.padded,
             in_channels=1,
