@@ -479,6 +479,70 @@ def test_collect_survives_sigkill(tmp_path) -> None:
     assert resumed.manifest["summary"] == full.manifest["summary"]
 
 
+class _Crash(BaseException):
+    """A crash at a chosen write (BaseException: nothing in ocdwrap may swallow it)."""
+
+
+def _crash_at(monkeypatch, module, k: int, after: bool) -> None:
+    """Make the k-th file write of ``module`` (tensors or JSON) crash just before or after it."""
+    count = {"n": 0}
+    for name in ("atomic_save_tensors", "atomic_write_json"):
+        original = getattr(module, name)
+
+        def write(*a, _original=original, **kw):
+            count["n"] += 1
+            if count["n"] == k and not after:
+                raise _Crash
+            _original(*a, **kw)
+            if count["n"] == k:
+                raise _Crash
+
+        monkeypatch.setattr(module, name, write)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+def test_collect_resumes_after_a_crash_at_any_write(tmp_path, monkeypatch, after: bool) -> None:
+    collect_module = sys.modules["ocdwrap.collect"]  # ocdwrap.collect is also the function
+    with _one_thread():
+        full = ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, tmp_path / "f", progress=False)
+        reference = full.load()
+        for k in range(1, 9):  # 48 samples in shards of 16: 8 writes (manifests and shards)
+            with monkeypatch.context() as mp:
+                _crash_at(mp, collect_module, k, after)
+                with pytest.raises(_Crash):
+                    ocdwrap.collect(
+                        _wrap(shard_size=16), _loader(), CE, tmp_path / str(k), progress=False
+                    )
+            store = ocdwrap.collect(
+                _wrap(shard_size=16), _loader(), CE, tmp_path / str(k), progress=False
+            )
+            got = store.load()
+            for key, v in reference.items():
+                assert torch.equal(v, got[key]), (k, key)
+            assert store.manifest["summary"] == full.manifest["summary"]
+            assert not [f for f in os.listdir(tmp_path / str(k)) if f.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+def test_fit_resumes_after_a_crash_at_any_write(
+    store_dir: str, tmp_path, monkeypatch, after: bool
+) -> None:
+    fit_module = sys.modules["ocdwrap.fit"]
+    cfg = dict(**SMALL, delta="rank1", checkpoint_every=4)
+    reference = _wrap(**cfg)
+    ocdwrap.fit(reference, store_dir, steps=10, progress=False)
+    for k in range(1, 5):  # two checkpoints (steps 4 and 8) of two files each
+        ckpt = tmp_path / str(k)
+        with monkeypatch.context() as mp:
+            _crash_at(mp, fit_module, k, after)
+            with pytest.raises(_Crash):
+                ocdwrap.fit(_wrap(**cfg), store_dir, steps=10, checkpoint_dir=ckpt, progress=False)
+        m = _wrap(**cfg)
+        ocdwrap.fit(m, store_dir, steps=10, checkpoint_dir=ckpt, progress=False)
+        for key, v in reference.hypernet.state_dict().items():
+            assert torch.equal(v, m.hypernet.state_dict()[key]), (k, key)
+
+
 def _fit_model() -> ocdwrap.OCDModel:
     return _wrap(**SMALL, delta="rank1", checkpoint_every=5)
 
