@@ -1,0 +1,498 @@
+"""The ``ocdwrap`` command line (also ``python -m ocdwrap``).
+
+    ocdwrap info DIR                       what an adapter, a collection or a fit checkpoint holds
+    ocdwrap collect --model M --data D --loss L --layer NAME --out deltas/
+    ocdwrap fit --model M --deltas deltas/ --out adapter/
+    ocdwrap evaluate --model M --adapter adapter/ --data D --loss L
+
+``M`` and ``D`` are import paths, ``package.module:name`` or ``path/to/file.py:name``, naming a
+module / data loader or a function that returns one (called with no arguments). ``L`` is
+``cross_entropy``, ``mse``, ``hf`` (the loss a Hugging Face model trains with) or an import
+path of a per-sample loss function. Under ``accelerate launch -m ocdwrap ...`` (more than one
+process) ``collect`` shards the data over the processes and ``fit`` runs with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .config import CONFIG_NAME
+
+ADAPTER_WEIGHTS = "ocd_model.safetensors"
+MANIFEST = "manifest.json"
+CHECKPOINT_JSON = "fit_checkpoint.json"
+
+
+# --- info ------------------------------------------------------------------------------------------
+
+
+def _dir_bytes(directory: str) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def describe_adapter(directory: str) -> dict[str, Any]:
+    """What a saved adapter holds (read from its files; nothing is built)."""
+    from safetensors import safe_open
+
+    from .io import read_json
+
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    config = read_json(os.path.join(directory, CONFIG_NAME))
+    spec = json.loads(meta.get("hypernet", "{}"))
+
+    def count(prefix: str) -> int:
+        total = 0
+        for k, shape in shapes.items():
+            if k.startswith(prefix):
+                n = 1
+                for s in shape:
+                    n *= s
+                total += n
+        return total
+
+    keys = (
+        "delta",
+        "generator",
+        "scale",
+        "sampler",
+        "sampling_steps",
+        "num_draws",
+        "overfit_optimizer",
+        "overfit_lr",
+        "overfit_steps",
+        "fit_steps",
+    )
+    return {
+        "kind": "adapter",
+        "directory": directory,
+        "layer": meta.get("layer"),
+        "fingerprint": meta.get("fingerprint"),
+        "layer_kind": spec.get("kind"),
+        "weight_shape": spec.get("weight_shape"),
+        "conditioning_dims": spec.get("dims"),
+        "config": {k: config.get(k) for k in keys},
+        "parameters": {
+            "generator": count("net."),
+            "generator_ema": count("ema."),
+            "scale_model": count("scale."),
+        },
+        "dtypes": dtypes,
+        "bytes": _dir_bytes(directory),
+    }
+
+
+def describe_collection(directory: str) -> dict[str, Any]:
+    """What a delta collection holds (from its manifest and file sizes)."""
+    from .store import DeltaStore
+
+    store = DeltaStore(directory)
+    m = store.manifest
+    ident = m["identity"]
+    n = len(store)
+    size = sum(os.path.getsize(p) for p in store.shard_paths() if os.path.exists(p))
+    return {
+        "kind": "collection",
+        "directory": directory,
+        "layer": ident["layer"],
+        "fingerprint": ident["fingerprint"],
+        "layer_kind": ident["layer_kind"],
+        "weight_shape": ident["weight_shape"],
+        "overfit": {k: ident[k] for k in ("overfit_optimizer", "overfit_lr", "overfit_steps")},
+        "samples": n,
+        "complete": store.complete,
+        "skipped_nonfinite": int(m.get("skipped", 0)),
+        "shards": len(m["shards"]),
+        "processes": int(m.get("world_size", 1)),
+        "stored": m.get("keys"),
+        "conditioning_dims": m.get("dims"),
+        "shard_bytes": size,
+        "bytes_per_sample": size / n if n else None,
+        "summary": m.get("summary"),
+    }
+
+
+def describe_checkpoint(directory: str) -> dict[str, Any]:
+    """Where a resumable fit checkpoint stands."""
+    from .io import read_json
+
+    meta = read_json(os.path.join(directory, CHECKPOINT_JSON))
+    run = meta.get("run_id", {})
+    losses = meta.get("losses") or []
+    return {
+        "kind": "fit checkpoint",
+        "directory": directory,
+        "layer": run.get("store", {}).get("layer"),
+        "step": meta.get("step"),
+        "steps": run.get("steps"),
+        "samples": run.get("samples"),
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+def describe(directory: str) -> list[dict[str, Any]]:
+    """Describe ``directory``: an adapter, a collection, a fit checkpoint, or a folder holding some
+    of those one level down (a Trainer's output_dir). Raises FileNotFoundError if none."""
+    found = []
+    if os.path.exists(os.path.join(directory, ADAPTER_WEIGHTS)):
+        found.append(describe_adapter(directory))
+    if os.path.exists(os.path.join(directory, MANIFEST)):
+        found.append(describe_collection(directory))
+    if os.path.exists(os.path.join(directory, CHECKPOINT_JSON)):
+        found.append(describe_checkpoint(directory))
+    if not found and os.path.isdir(directory):
+        for sub in sorted(os.listdir(directory)):
+            path = os.path.join(directory, sub)
+            if os.path.isdir(path) and any(
+                os.path.exists(os.path.join(path, f))
+                for f in (ADAPTER_WEIGHTS, MANIFEST, CHECKPOINT_JSON)
+            ):
+                found.extend(describe(path))
+    if not found:
+        raise FileNotFoundError(
+            f"{directory} holds no ocdwrap adapter ({ADAPTER_WEIGHTS}), collection ({MANIFEST}) "
+            f"or fit checkpoint ({CHECKPOINT_JSON})."
+        )
+    return found
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    print(f"{info['kind']}: {info['directory']}")
+    rows: list[tuple[str, Any]] = [
+        (
+            "layer",
+            f"{info.get('layer')} ({info.get('layer_kind', '?')}, weight {info.get('weight_shape')})",
+        )
+    ]
+    if info["kind"] == "adapter":
+        rows += [
+            ("base fingerprint", info["fingerprint"]),
+            ("conditioning dims", info["conditioning_dims"]),
+            *[(k, v) for k, v in info["config"].items()],
+            ("parameters", ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items())),
+            ("dtypes", ", ".join(info["dtypes"])),
+            ("size on disk", _human(info["bytes"])),
+        ]
+    elif info["kind"] == "collection":
+        rows += [
+            ("base fingerprint", info["fingerprint"]),
+            (
+                "samples",
+                f"{info['samples']:,} ({'complete' if info['complete'] else 'INCOMPLETE'})",
+            ),
+            ("skipped (NaN/Inf)", info["skipped_nonfinite"]),
+            ("shards", f"{info['shards']} written by {info['processes']} process(es)"),
+            ("stored per sample", ", ".join(info["stored"] or [])),
+            ("conditioning dims", info["conditioning_dims"]),
+            ("overfit", info["overfit"]),
+            ("size on disk", _human(info["shard_bytes"])),
+            (
+                "per sample",
+                _human(info["bytes_per_sample"]) if info["bytes_per_sample"] else "-",
+            ),
+        ]
+        summary = info.get("summary") or {}
+        if summary.get("rho_mean") is not None:
+            rows.append(
+                ("rho mean / cv", f"{summary['rho_mean']:.4g} / {summary.get('rho_cv') or 0:.3f}")
+            )
+        energy = summary.get("top_singular_energy")
+        if energy:
+            rows.append(
+                ("top singular energy", f"mean {energy['mean']:.4f}, min {energy['min']:.4f}")
+            )
+    else:
+        rows += [
+            ("step", f"{info['step']} of {info['steps']}"),
+            ("samples", info["samples"]),
+            ("last loss", info["last_loss"]),
+        ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+# --- import paths ---------------------------------------------------------------------------------
+
+
+def load_object(path: str, *, call: bool = True) -> Any:
+    """Resolve ``package.module:name`` or ``file.py:name``; call it if it is a plain function.
+
+    Example:
+        >>> load_object("torch.nn:Identity")     # a class is called: an nn.Identity() instance
+    """
+    if ":" not in path:
+        raise ValueError(
+            f"{path!r} is not an import path; write 'package.module:name' or 'file.py:name'."
+        )
+    module_name, _, attr = path.rpartition(":")
+    if module_name.endswith(".py") or os.sep in module_name:
+        spec = importlib.util.spec_from_file_location(
+            os.path.splitext(os.path.basename(module_name))[0], module_name
+        )
+        if spec is None or spec.loader is None:
+            raise FileNotFoundError(f"Cannot import {module_name}.")
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(module_name)))
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    import torch
+
+    if call and callable(obj) and not isinstance(obj, torch.nn.Module):
+        obj = obj()
+    return obj
+
+
+def _loss(name: str, model: Any) -> Callable:
+    import torch.nn.functional as F
+
+    if name == "cross_entropy":
+        return lambda p, y: F.cross_entropy(p.float(), y, reduction="none")
+    if name == "mse":
+        return lambda p, y: (
+            ((p.float() - y.float().view_as(p)) ** 2).reshape(p.shape[0], -1).mean(1)
+        )
+    if name == "hf":
+        from .integrations.transformers import hf_loss_fn
+
+        return hf_loss_fn(model)
+    return load_object(name, call=False)
+
+
+def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    from .config import OCDConfig
+
+    d: dict[str, Any] = dict(base or {})
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            d.update(json.load(f))
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes key=value, got {item!r}.")
+        try:
+            d[key] = json.loads(value)
+        except json.JSONDecodeError:
+            d[key] = value  # a bare string such as rank1
+    return OCDConfig.from_dict(d)
+
+
+def _model(args: argparse.Namespace):
+    model = load_object(args.model)
+    if args.device:
+        model = model.to(args.device)
+    return model
+
+
+def _accelerator():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        return Accelerator()
+    return None
+
+
+# --- subcommands ----------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    infos = describe(args.directory)
+    if args.json:
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
+    else:
+        for info in infos:
+            _print_info(info)
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    import ocdwrap
+
+    from .distributed import collect_distributed
+
+    accelerator = _accelerator()
+    base = _model(args)
+    data = load_object(args.data)
+    loss = _loss(args.loss, base)
+    config = _config(args)
+    calibration = load_object(args.calibration) if args.calibration else data
+    model = ocdwrap.wrap(
+        base, layer=args.layer, config=config, calibration=calibration, loss_fn=loss
+    )
+    if accelerator is not None:
+        model.to(accelerator.device)
+        store = collect_distributed(
+            model,
+            data,
+            loss,
+            args.out,
+            accelerator=accelerator,
+            max_samples=args.max_samples,
+            overwrite=args.overwrite,
+        )
+    else:
+        store = ocdwrap.collect(
+            model, data, loss, args.out, max_samples=args.max_samples, overwrite=args.overwrite
+        )
+    if accelerator is None or accelerator.is_main_process:
+        _print_info(describe_collection(store.directory))
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import ocdwrap
+
+    from .distributed import fit_distributed
+
+    accelerator = _accelerator()
+    store = ocdwrap.DeltaStore(args.deltas)
+    config = _config(args, base=store.manifest.get("config"))
+    model = ocdwrap.OCDModel(_model(args), store.layer, config)
+    kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    if accelerator is not None:
+        model.to(accelerator.device)
+        report = fit_distributed(model, store, accelerator=accelerator, **kw)
+    else:
+        report = ocdwrap.fit(model, store, checkpoint_dir=args.checkpoint_dir, **kw)
+    if accelerator is None or accelerator.is_main_process:
+        model.save_pretrained(args.out, overwrite=args.overwrite)
+        print(
+            f"fitted {report.steps} steps on {report.samples:,} samples in {report.seconds:.1f} s "
+            f"(final loss {report.final_loss:.4f}); adapter saved to {args.out}"
+        )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import ocdwrap
+
+    base = _model(args)
+    data = load_object(args.data)
+    loss = _loss(args.loss, base)
+    model = ocdwrap.OCDModel.from_pretrained(base, args.adapter)
+    results: dict[str, Any] = {}
+    for mode in args.modes.split(","):
+        draws = args.num_draws if mode == "ocd" else 1
+        res = ocdwrap.evaluate_ocd(
+            model, data, loss, mode=mode, num_draws=draws, seed=args.seed, task=args.task
+        )
+        results[mode if draws == 1 else f"ocd({draws})"] = res
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"{'':<10} {'loss':>10} {'accuracy':>10} {'n':>8}")
+        for name, res in results.items():
+            acc = f"{100 * res['accuracy']:.2f}%" if "accuracy" in res else "-"
+            print(f"{name:<10} {res['loss']:>10.4f} {acc:>10} {res['n']:>8}")
+    return 0
+
+
+# --- the parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ocdwrap",
+        description="OCD (Lutati & Wolf, ICLR 2023) on any PyTorch model: inspect, collect, fit, evaluate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="what an adapter / collection / fit checkpoint holds")
+    info.add_argument("directory")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    def common(q: argparse.ArgumentParser, data: bool) -> None:
+        q.add_argument("--model", required=True, help="import path of the trained base model")
+        q.add_argument("--device", help="move the model there first (default: where it is)")
+        if data:
+            q.add_argument("--data", required=True, help="import path of the data loader")
+            q.add_argument(
+                "--loss",
+                default="cross_entropy",
+                help="cross_entropy (default), mse, hf, or an import path of loss_fn(pred, target)",
+            )
+
+    def configurable(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--config", help="a JSON file of OCDConfig fields")
+        q.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="OCDConfig fields to override")
+
+    col = sub.add_parser(
+        "collect", help="overfit the layer on every training sample, store the deltas"
+    )
+    common(col, data=True)
+    configurable(col)
+    col.add_argument("--layer", default="auto", help="target module name, or auto (default)")
+    col.add_argument("--calibration", help="import path of calibration data for --layer auto")
+    col.add_argument("--out", required=True, help="collection directory")
+    col.add_argument("--max-samples", type=int)
+    col.add_argument("--overwrite", action="store_true")
+    col.set_defaults(func=cmd_collect)
+
+    fit = sub.add_parser("fit", help="fit the hypernetwork on a collection, save the adapter")
+    common(fit, data=False)
+    configurable(fit)
+    fit.add_argument("--deltas", required=True, help="collection directory")
+    fit.add_argument("--out", required=True, help="adapter directory")
+    fit.add_argument("--steps", type=int)
+    fit.add_argument("--batch-size", type=int)
+    fit.add_argument("--lr", type=float)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--checkpoint-dir", help="resumable checkpoints (single process)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an adapter in --out")
+    fit.set_defaults(func=cmd_fit)
+
+    ev = sub.add_parser("evaluate", help="score base / OCD / overfit-on-test on a data loader")
+    common(ev, data=True)
+    ev.add_argument("--adapter", required=True)
+    ev.add_argument("--modes", default="base,ocd", help="comma-separated: base, ocd, overfit")
+    ev.add_argument("--num-draws", type=int, default=1, help="OCD(K): draws averaged per input")
+    ev.add_argument("--task", default="classification", choices=["classification", "regression"])
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ocdwrap`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"ocdwrap {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
