@@ -620,7 +620,7 @@ def _plant(directory: Path, payload: bytes, marker: Path, names: list[str]) -> N
 
 
 def test_no_pickle_or_unsafe_torch_load_in_the_package() -> None:
-    for path in (ROOT / "ocdwrap").glob("*.py"):
+    for path in (ROOT / "ocdwrap").rglob("*.py"):
         src = path.read_text()
         for call in re.findall(r"torch\.load\([^)]*\)", src):
             assert "weights_only=True" in call, (path.name, call)
