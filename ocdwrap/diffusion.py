@@ -138,7 +138,8 @@ class UNetDenoiser(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         levels = len(channels)
-        self.mult = 2 ** (levels - 1)
+        # a multiple of 2^(levels-1), and at least 2 so GroupNorm never sees a single element
+        self.mult = max(2 ** (levels - 1), 2)
         self.padded = tuple(int(math.ceil(s / self.mult) * self.mult) for s in self.shape)
         n_attn = min(2, levels - 1) if attention else 0
         down = ["DownBlock2D"] * (levels - n_attn) + ["AttnDownBlock2D"] * n_attn
