@@ -9,7 +9,11 @@ Steps: train LeNet5 to convergence (early stopping on a validation split), wrap 
 fit the conditional diffusion model and the scale model (fit), and evaluate on the 10k test set
 next to the controls: the base model, OCD with a global scale, a regressor instead of diffusion,
 and each test sample overfitted with its true label (the upper bound). Prints a table with the
-paper's Table 1 beside ours; ``--json PATH`` writes the numbers.
+paper's Table 1 beside ours; ``--json PATH`` writes the numbers; ``--plots DIR`` writes the
+figures (fit loss curves, generated vs overfit deltas, results chart; see docs/figures.md).
+
+The steps are functions (``train_lenet``, ``make_config``, ``run``, ``write_plots``) so that other
+examples (examples/uncertainty.py) reuse them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,58 +78,106 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument(
+        "--plots", default=None, metavar="DIR", help="write the figures (PNG) into this folder"
+    )
+    p.add_argument(
         "--paper", action="store_true", help="paper sizes: all 50k samples, paper UNet, 20k steps"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 
+CE = nn.CrossEntropyLoss(reduction="none")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    t_start = time.perf_counter()
-    data = load_mnist(seed=args.seed)
-    (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
-    n_train = len(xtr) if args.paper else min(args.train_samples, len(xtr))
-    ce = nn.CrossEntropyLoss(reduction="none")
+@dataclass
+class Pipeline:
+    """What :func:`run` leaves behind, for the table, the figures and follow-up studies."""
 
-    log("1/4 training the base LeNet5 to convergence (early stopping on validation loss)")
+    base: nn.Module
+    train_result: Any
+    data: dict
+    n_train: int
+    rows: dict[str, dict] = field(default_factory=dict)
+    # fit reports by run: "rank1", "regression", and "full", "regression_full" with --delta both
+    reports: dict[str, ocdwrap.FitReport] = field(default_factory=dict)
+    fitted: dict[str, tuple[ocdwrap.OCDConfig, nn.Module]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    total: float = 0.0
+    cfg: ocdwrap.OCDConfig | None = None  # the config of the last delta run
+
+    def ocd_model(self, delta: str = "rank1") -> ocdwrap.OCDModel:
+        """The base wrapped again on fc2 with the hypernetwork fitted for ``delta``."""
+        cfg, hypernet = self.fitted[delta]
+        model = ocdwrap.OCDModel(self.base, "fc2", cfg)
+        model.hypernet = hypernet
+        return model
+
+
+def train_lenet(data: dict, *, seed: int, max_epochs: int, device: str) -> tuple[nn.Module, Any]:
+    """Train LeNet5 on MNIST to convergence (early stopping on the validation split, patience 2)."""
+    (xtr, ytr), (xva, yva) = data["train"], data["val"]
     base = LeNet5()
     tr = train_base(
         base,
-        tensor_loader(xtr, ytr, 128, shuffle=True, seed=args.seed),
+        tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed),
         tensor_loader(xva, yva, 1000),
-        ce,
-        max_epochs=args.max_epochs,
+        CE,
+        max_epochs=max_epochs,
         patience=2,
-        device=args.device,
-        seed=args.seed,
+        device=device,
+        seed=seed,
         progress=True,
     )
+    return base, tr
+
+
+def make_config(
+    delta: str, *, optimizer: str, fit_steps: int, seed: int, paper: bool
+) -> ocdwrap.OCDConfig:
+    """The quickstart's OCDConfig for ``delta`` ("rank1" or "full")."""
+    cfg_kw = dict(delta=delta, overfit_optimizer=optimizer, fit_steps=fit_steps, seed=seed)
+    if paper:
+        return ocdwrap.OCDConfig.paper(**cfg_kw)
+    if delta == "full":  # a small UNet: two CPU cores cannot train the paper's in minutes
+        return ocdwrap.OCDConfig(**cfg_kw, unet_channels=(16, 32, 32), fit_batch_size=32)
+    return ocdwrap.OCDConfig(**cfg_kw, fit_batch_size=256)
+
+
+def run(args: argparse.Namespace) -> Pipeline:
+    """Train the base, collect, fit and evaluate every row of the table."""
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    data = load_mnist(seed=args.seed)
+    (xtr, ytr), (xte, yte) = data["train"], data["test"]
+    n_train = len(xtr) if args.paper else min(args.train_samples, len(xtr))
+    ce = CE
+
+    log("1/4 training the base LeNet5 to convergence (early stopping on validation loss)")
+    base, tr = train_lenet(data, seed=args.seed, max_epochs=args.max_epochs, device=args.device)
     log(
         f"   {tr.epochs_run} epochs, best val loss {tr.best_val_loss:.4f}, stopped early: {tr.stopped_early}"
     )
 
     test = tensor_loader(xte, yte, 1000)
-    rows: dict[str, dict] = {}
+    pipe = Pipeline(base=base, train_result=tr, data=data, n_train=n_train)
+    rows, timings = pipe.rows, pipe.timings
     deltas = ["rank1", "full"] if args.delta == "both" else [args.delta]
     workdir = args.workdir or tempfile.mkdtemp(prefix="ocdwrap-quickstart-")
-    timings: dict[str, float] = {}
     for i, delta in enumerate(deltas):
         suffix = "" if i == 0 else f"_{delta}"
-        cfg_kw = dict(
-            delta=delta, overfit_optimizer=args.optimizer, fit_steps=args.fit_steps, seed=args.seed
+        cfg = make_config(
+            delta,
+            optimizer=args.optimizer,
+            fit_steps=args.fit_steps,
+            seed=args.seed,
+            paper=args.paper,
         )
-        if args.paper:
-            cfg = ocdwrap.OCDConfig.paper(**cfg_kw)
-        elif delta == "full":  # a small UNet: two CPU cores cannot train the paper's in minutes
-            cfg = ocdwrap.OCDConfig(**cfg_kw, unet_channels=(16, 32, 32), fit_batch_size=32)
-        else:
-            cfg = ocdwrap.OCDConfig(**cfg_kw, fit_batch_size=256)
+        pipe.cfg = cfg
         model = ocdwrap.wrap(base, layer="fc2", config=cfg)
         log(
             f"2/4 [{delta}] overfitting fc2 on {n_train} training samples, one at a time (vectorized)"
@@ -143,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         report = ocdwrap.fit(model, store)
         timings[f"fit{suffix}"] = time.perf_counter() - t0
+        pipe.reports[delta] = report
+        pipe.fitted[delta] = (cfg, model.hypernet)
         log(f"   final loss {report.final_loss:.4f} in {report.seconds:.0f} s")
 
         log(f"4/4 [{delta}] evaluating on the {len(xte)} test images")
@@ -163,25 +219,80 @@ def main(argv: list[str] | None = None) -> dict:
 
         reg = ocdwrap.wrap(base, layer="fc2", config=cfg.replace(generator="regression"))
         t0 = time.perf_counter()
-        ocdwrap.fit(reg, store)
+        pipe.reports["regression" + suffix] = ocdwrap.fit(reg, store)
         timings[f"fit_regression{suffix}"] = time.perf_counter() - t0
         rows["regression" + suffix] = ocdwrap.evaluate_ocd(
             reg, test, ce, num_draws=1, seed=args.seed
         )
         reg.unload()
 
-    total = time.perf_counter() - t_start
-    print_table(rows, args, n_train, tr, total)
+    pipe.total = time.perf_counter() - t_start
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    pipe = run(args)
+    rows, tr, n_train, cfg = pipe.rows, pipe.train_result, pipe.n_train, pipe.cfg
+    print_table(rows, args, n_train, tr, pipe.total)
+    settings = {k: v for k, v in vars(args).items() if k != "plots"}
     result = {
         "rows": {k: {"loss": v["loss"], "accuracy": v["accuracy"]} for k, v in rows.items()},
-        "settings": {**vars(args), "train_samples_used": n_train, "base_epochs": tr.epochs_run},
-        "seconds": {**timings, "total": total},
+        "settings": {**settings, "train_samples_used": n_train, "base_epochs": tr.epochs_run},
+        "seconds": {**pipe.timings, "total": pipe.total},
         "overfit": {"optimizer": args.optimizer, "lr": cfg.overfit_lr, "steps": cfg.overfit_steps},
     }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if args.plots:
+        for path in write_plots(args.plots, pipe, seed=args.seed):
+            log(f"   wrote {path}")
     return result
+
+
+def write_plots(directory: str, pipe: Pipeline, *, seed: int = 0, samples: int = 4) -> list[str]:
+    """fit_losses.png, deltas.png and results.png into ``directory``; returns their paths."""
+    from ocdwrap import plots
+
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    curves = {
+        ("rank-1 diffusion" if k == "rank1" else "full-matrix UNet" if k == "full" else k): r
+        for k, r in pipe.reports.items()
+    }
+    paths.append(os.path.join(directory, "fit_losses.png"))
+    plots.plot_fit_losses(curves, path=paths[-1])
+
+    delta = next(iter(pipe.fitted))
+    model = pipe.ocd_model(delta)
+    try:
+        xte, yte = pipe.data["test"]
+        cmp = plots.delta_comparison(
+            model,
+            xte[:samples],
+            yte[:samples],
+            CE,
+            generator=torch.Generator(device=model.device).manual_seed(seed),
+        )
+    finally:
+        model.unload()
+    paths.append(os.path.join(directory, "deltas.png"))
+    plots.plot_deltas(cmp, images=xte[:samples], layer="fc2", path=paths[-1])
+
+    labels = {
+        k: LABELS.get(k.split("_full")[0], k) + (" [full]" if k.endswith("_full") else "")
+        for k in pipe.rows
+    }
+    paths.append(os.path.join(directory, "results.png"))
+    plots.plot_results(
+        {k: {"loss": v["loss"], "accuracy": v["accuracy"]} for k, v in pipe.rows.items()},
+        paper=PAPER,
+        labels=labels,
+        path=paths[-1],
+        title=f"LeNet5 on MNIST, fc2, {pipe.n_train} training samples overfitted, seed {seed}",
+    )
+    return paths
 
 
 def print_table(rows: dict, args: argparse.Namespace, n_train: int, tr, total: float) -> None:
