@@ -1,6 +1,6 @@
 """Layer selection: which layer should OCD overfit?
 
-Lutati & Wolf, "OCD: Learning to Overfit with Conditional Diffusion Models" (ICLR 2023), sec. 3.5:
+Lutati & Wolf, "OCD: Learning to Overfit with Conditional Diffusion Models" (ICLR 2023):
 perturb one candidate layer at a time and measure how much each calibration sample's loss moves.
 The score of layer L is
 
