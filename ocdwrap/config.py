@@ -164,10 +164,14 @@ class OCDConfig:
             "sampling_steps",
             "fit_batch_size",
             "num_draws",
-            "selection_draws",
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"OCDConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
+        if int(self.selection_draws) < 2:
+            raise ConfigError(
+                f"OCDConfig.selection_draws must be >= 2 (an entropy needs several draws), "
+                f"got {self.selection_draws!r}."
+            )
         if self.overfit_lr <= 0:
             raise ConfigError(f"OCDConfig.overfit_lr must be > 0, got {self.overfit_lr!r}.")
         if self.sampling_steps > self.num_train_timesteps:
