@@ -61,14 +61,23 @@ class OverfitResult:
     layer_input: torch.Tensor  # the raw (unpooled) layer input of the base pass
 
 
-def _adam_update(delta, grad, m, v, step, lr, betas, eps) -> None:
-    # mirrors torch.optim.Adam (no weight decay, no amsgrad), element-wise
+def _adam_update(delta, grad, m, v, step, lr, betas, eps, denom=None) -> None:
+    # mirrors torch.optim.Adam (no weight decay, no amsgrad), element-wise; ``denom`` is a
+    # reusable buffer (fresh large tensors cost page faults on every step)
     b1, b2 = betas
     m.mul_(b1).add_(grad, alpha=1 - b1)
     v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
     bc1 = 1 - b1**step
     bc2 = 1 - b2**step
-    denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+    denom = denom if denom is not None else torch.empty_like(v)
+    if eps > 0:
+        # sqrt(0) takes a slow path on some CPUs (x86 here: 5-8x), and a ReLU input makes whole
+        # columns of v zero. Where v < tiny, m is 0 too (or the step is far below eps), so the
+        # update is the same with v raised to the smallest normal float.
+        torch.clamp(v, min=torch.finfo(v.dtype).tiny, out=denom).sqrt_()
+    else:
+        torch.sqrt(v, out=denom)
+    denom.div_(math.sqrt(bc2)).add_(eps)
     delta.addcdiv_(m, denom, value=-lr / bc1)
 
 
@@ -97,6 +106,7 @@ def overfit_batch(
     delta = torch.zeros((B, *W.shape), dtype=torch.float32, device=W.device, requires_grad=True)
     m = torch.zeros_like(delta) if cfg.overfit_optimizer == "adam" else None
     v = torch.zeros_like(delta) if cfg.overfit_optimizer == "adam" else None
+    denom = torch.empty_like(delta) if cfg.overfit_optimizer == "adam" else None
     mask = _attention_mask((inputs,), inputs if isinstance(inputs, dict) else {})
     was_training = model.base_model.training
     model.base_model.eval()
@@ -135,13 +145,15 @@ def overfit_batch(
                             cfg.overfit_lr,
                             cfg.adam_betas,
                             cfg.adam_eps,
+                            denom,
                         )
                     else:
                         delta.add_(grad, alpha=-cfg.overfit_lr)
     finally:
         model.base_model.train(was_training)
     delta = delta.detach()
-    finite = torch.isfinite(delta.reshape(B, -1)).all(1)
+    flat = delta.reshape(B, -1)  # amax/amin propagate NaN and need no (B, out, in) temporary
+    finite = torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
     for t in (loss_before, loss_after):
         finite &= torch.isfinite(t) if t.dim() else torch.isfinite(t).expand(B)
     for t in (cond.layer_input, cond.layer_output, cond.model_output):
@@ -193,12 +205,33 @@ def overfit_one(
     return torch.stack(out)
 
 
-def top_singular_energy(delta: torch.Tensor) -> torch.Tensor:
-    """Fraction of each delta's energy in its top singular value, (B,). A zero delta gives 1."""
-    mats = delta.reshape(delta.shape[0], delta.shape[1], -1).float()
-    s = torch.linalg.svdvals(mats)
-    total = (s**2).sum(1)
-    frac = s[:, 0] ** 2 / total.clamp_min(1e-30)
+def top_singular_energy(delta: torch.Tensor, *, iters: int = 2, tol: float = 1e-6) -> torch.Tensor:
+    """Fraction of each delta's energy in its top singular value, s1² / ‖Δ‖²_F, (B,).
+
+    A zero delta gives 1. Power iteration on ΔᵀΔ (started from Δ's largest row) gives a lower
+    bound a = ‖Δv‖² of s1²; with c = ‖ΔᵀΔv − a v‖ and b = ‖Δ‖²_F − a, s1² is at most the top
+    eigenvalue of [[a, c], [c, b]]. Samples where that bracket is wider than ``tol``·‖Δ‖²_F
+    (deltas far from rank one) get ``torch.linalg.svdvals``; the near-rank-one deltas of a Linear
+    layer (DESIGN §4) need two matrix-vector products each instead of an SVD.
+    """
+    B = delta.shape[0]
+    mats = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, in)
+    total = mats.square().sum((1, 2))  # (vector_norm's float32 sum is less exact here)
+    rows = torch.linalg.vector_norm(mats, dim=2).argmax(1)  # (B,)
+    v = mats[torch.arange(B, device=mats.device), rows].unsqueeze(1)  # (B, 1, in), row vectors
+    for _ in range(iters):
+        v = torch.bmm(torch.bmm(mats, v.transpose(1, 2)).transpose(1, 2), mats)  # vᵀΔᵀΔ
+        v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
+    w = torch.bmm(mats, v.transpose(1, 2))  # (B, out, 1)
+    a = w.square().sum((1, 2))
+    c = (torch.bmm(w.transpose(1, 2), mats) - a.view(B, 1, 1) * v).norm(dim=(1, 2))
+    b = (total - a).clamp_min(0)
+    upper = (a + b) / 2 + torch.sqrt(((a - b) / 2) ** 2 + c**2)
+    frac = a / total.clamp_min(1e-30)
+    loose = (upper - a > tol * total) & (total > 0)
+    if bool(loose.any()):
+        s = torch.linalg.svdvals(mats[loose])
+        frac[loose] = s[:, 0] ** 2 / (s**2).sum(1).clamp_min(1e-30)
     return torch.where(total > 0, frac, torch.ones_like(frac))
 
 
@@ -342,8 +375,10 @@ def collect(
         nonlocal buffered, buffer, manifest, skipped, skipped_at
         while buffered >= cfg.shard_size or (final and buffered > 0):
             n = min(buffered, cfg.shard_size)
-            tensors = {k: torch.cat(v)[:n] for k, v in buffer.items()}
-            rest = {k: [torch.cat(v)[n:]] for k, v in buffer.items()}
+            joined = {k: torch.cat(v) for k, v in buffer.items()}  # copies: no shared storage
+            tensors = {k: t[:n] for k, t in joined.items()}  # one copy per key, not two
+            # the per-batch pieces are released before the shard is written (lower peak memory)
+            buffer, buffered = {k: [t[n:]] for k, t in joined.items()}, buffered - n
             shards = manifest["shards"]
             if not shards:  # a manifest first, so a crash never leaves shards without one
                 atomic_write_json(manifest_path, manifest)
@@ -359,7 +394,6 @@ def collect(
             )
             manifest["skipped"] = skipped
             atomic_write_json(manifest_path, manifest)
-            buffer, buffered = rest, buffered - n
 
     first = True
     for batch in data:
@@ -435,7 +469,8 @@ def collect(
             keys += ["u", "v"] if vector_input else []
             manifest["keys"] = keys
         ident = manifest["identity"]
-        delta = res.delta[idx]
+        keep = slice(None) if bool(ok.all()) else idx  # a view, not a copy, when all are kept
+        delta = res.delta[keep]
         n = delta.shape[0]
         if n == 0:  # every sample of this batch was skipped
             bar.update(B)
@@ -444,7 +479,7 @@ def collect(
         rows = {
             "index": (idx + lo).to(torch.int64),
             "rho": rho,
-            **{k: v[idx] for k, v in res.cond.as_dict().items()},
+            **{k: v[keep] for k, v in res.cond.as_dict().items()},
         }
         if is_linear:
             rows["energy"] = top_singular_energy(delta)
@@ -453,7 +488,7 @@ def collect(
                 n, delta.shape[1], -1
             )
         if ident["store_rank1"]:
-            u, v = rank1_factors(delta, res.layer_input[idx], cfg.overfit_optimizer)
+            u, v = rank1_factors(delta, res.layer_input[keep], cfg.overfit_optimizer)
             rows["u"], rows["v"] = u / rho.unsqueeze(1), v
         for k, t in rows.items():
             buffer.setdefault(k, []).append(t.detach().cpu())

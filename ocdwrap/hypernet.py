@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,6 +28,40 @@ from .collect import rank1_right_factor
 from .config import OCDConfig
 from .diffusion import CondEncoder, MLPDenoiser, UNetDenoiser, make_scheduler
 from .layer import DeltaSpec, FullDelta, Rank1Delta
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside (no dropout), each submodule's own mode restored after.
+
+    Costs nothing when everything is already in eval mode (``Module.train()`` walks and sets
+    every submodule, which at batch 1 took longer than the whole denoising loop).
+    """
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
+def _ddim_table(config: OCDConfig, steps: int, device: torch.device) -> list[tuple]:
+    """Deterministic DDIM (eta = 0): per step, the timestep and the four scalars of diffusers'
+    ``DDIMScheduler.step``, computed the way it computes them (so the samples are identical),
+    once per schedule instead of once per step and call."""
+    sched = make_scheduler(config, "ddim")
+    sched.set_timesteps(steps)
+    table = []
+    for t in sched.timesteps.tolist():
+        prev = t - config.num_train_timesteps // sched.num_inference_steps
+        a_t = sched.alphas_cumprod[t]
+        a_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+        # x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t);  x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
+        coeffs = ((1 - a_t) ** 0.5, a_t**0.5, a_prev**0.5, (1 - a_prev) ** 0.5)
+        table.append((torch.tensor(t, device=device), coeffs))
+    return table
 
 
 class ConditionalNet(nn.Module):
@@ -127,6 +163,7 @@ class OCDHyperNetwork(nn.Module):
             self.register_buffer(f"cond_std{i}", torch.ones(d))
         self.register_buffer("rho_mean", torch.ones(()))
         self.register_buffer("target_std", torch.ones(()))
+        self._ddim_cache: dict[tuple, list[tuple]] = {}  # read-only tables, safe across threads
 
     # --- (de)serialisation --------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -210,39 +247,43 @@ class OCDHyperNetwork(nn.Module):
         eta: float | None = None,
     ) -> torch.Tensor:
         """Normalised deltas (B*num_draws, *target_shape), sample-major, from the EMA network."""
-        was_training = self.training
-        self.eval()  # no dropout while sampling
-        try:
+        with _eval_mode(self):  # no dropout while sampling
             feats = tuple(f.repeat_interleave(num_draws, 0) for f in self.features(cond))
             c = self.ema.embed(feats)  # once per sample, not once per step
             n = c.shape[0]
             if self.config.generator == "regression":
-                x = self.ema(None, None, c)
+                return (self.ema(None, None, c) * self.target_std).float()
+            sampler = sampler or self.config.sampler
+            steps = steps or self.config.sampling_steps
+            eta = self.config.eta if eta is None else eta
+            x = torch.randn(
+                (n, *self.target_shape), generator=generator, device=c.device, dtype=c.dtype
+            )
+            if sampler == "ddim" and eta == 0 and not self.config.clip_sample:
+                cfg = self.config
+                key = (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, steps, str(c.device))
+                if key not in self._ddim_cache:
+                    self._ddim_cache[key] = _ddim_table(cfg, steps, c.device)
+                for t, (s_noise, s_signal, s_prev, s_dir) in self._ddim_cache[key]:
+                    eps = self.ema(x, t.expand(n), c)
+                    x = s_prev * ((x - s_noise * eps) / s_signal) + s_dir * eps
             else:
                 sched = make_scheduler(self.config, sampler)
-                sched.set_timesteps(steps or self.config.sampling_steps, device=c.device)
-                x = torch.randn(
-                    (n, *self.target_shape), generator=generator, device=c.device, dtype=c.dtype
-                )
-                eta = self.config.eta if eta is None else eta
+                sched.set_timesteps(steps, device=c.device)
                 for t in sched.timesteps:
                     eps = self.ema(x, t.expand(n), c)
-                    if (sampler or self.config.sampler) == "ddim":
+                    if sampler == "ddim":
                         x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
                     else:
                         x = sched.step(eps, t, x, generator=generator).prev_sample
             return (x * self.target_std).float()
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def generate(self, cond: Conditioning, *, num_draws: int = 1, **kw: Any) -> DeltaSpec:
         """Per-sample deltas rho(I(x)) * delta_hat, ``num_draws`` per sample (sample-major)."""
         x = self.sample_normalised(cond, num_draws=num_draws, **kw)
-        was_training = self.training
-        self.eval()
-        rho = self.predict_rho(cond).repeat_interleave(num_draws, 0)
-        self.train(was_training)
+        with _eval_mode(self):
+            rho = self.predict_rho(cond).repeat_interleave(num_draws, 0)
         n = x.shape[0]
         if self.config.delta == "rank1":
             v = rank1_right_factor(cond.layer_input.float(), self.config.overfit_optimizer)
