@@ -87,7 +87,8 @@ class SentenceClassifier(nn.Module):
     # --- sentences in, tensors out ---------------------------------------------------------------
     def tokenize(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
         """The body's feature dict for ``sentences``, on the model's device."""
-        return to_device(dict(self.body.tokenize(list(sentences))), self.device)
+        prep = getattr(self.body, "preprocess", None) or self.body.tokenize  # tokenize: ST < 6
+        return to_device(dict(prep(list(sentences))), self.device)
 
     def batches(
         self,
