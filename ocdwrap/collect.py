@@ -40,7 +40,7 @@ from .capture import Conditioning, build_conditioning
 from .config import OCDConfig
 from .errors import CollectionExistsError, EmptyDataError, NonFiniteError
 from .io import atomic_save_tensors, atomic_write_json, tensor_fingerprint
-from .layer import FullDelta
+from .layer import FullDelta, OutputProbe
 from .model import OCDModel, _attention_mask
 from .store import MANIFEST_NAME, STORE_FORMAT, STORE_VERSION, DeltaStore, shard_name
 
@@ -81,6 +81,27 @@ def _adam_update(delta, grad, m, v, step, lr, betas, eps, denom=None) -> None:
     delta.addcdiv_(m, denom, value=-lr / bc1)
 
 
+def _adam_outer_update(delta, outer, m, v, step, lr, betas, eps, buf) -> None:
+    """Adam on per-sample deltas whose gradient is the outer product g xᵀ, without forming it.
+
+    While only the layer trains its input x is fixed, so Adam's moments are m = M xᵀ and
+    v = V (x²)ᵀ for the (B, out) vectors M and V, and the step is
+    -lr/bc1 · M_o x_i / (sqrt(V_o / bc2) |x_i| + eps): the same as :func:`_adam_update` up to
+    rounding, with one (B, out, in) buffer instead of the gradient and three moment matrices.
+    ``outer`` = (g (B, out), x (B, in)); ``m`` and ``v`` hold M and V.
+    """
+    g, x = outer
+    b1, b2 = betas
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    bc1 = 1 - b1**step
+    bc2 = 1 - b2**step
+    scale = v.sqrt().div_(math.sqrt(bc2))  # (B, out)
+    torch.mul(scale.unsqueeze(2), x.abs().unsqueeze(1), out=buf).add_(eps)  # Adam's denominator
+    torch.div(x.unsqueeze(1), buf, out=buf)  # x_i / denominator_oi
+    delta.addcmul_(buf, m.unsqueeze(2), value=-lr / bc1)
+
+
 def overfit_batch(
     model: OCDModel,
     inputs: Any,
@@ -103,10 +124,14 @@ def overfit_batch(
     layer = model.target_layer
     W = layer.weight
     B = batch_size(inputs)
-    delta = torch.zeros((B, *W.shape), dtype=torch.float32, device=W.device, requires_grad=True)
-    m = torch.zeros_like(delta) if cfg.overfit_optimizer == "adam" else None
-    v = torch.zeros_like(delta) if cfg.overfit_optimizer == "adam" else None
-    denom = torch.empty_like(delta) if cfg.overfit_optimizer == "adam" else None
+    adam = cfg.overfit_optimizer == "adam"
+    # Linear: d loss / d output comes from a zero probe added to the layer's output, and the
+    # weight gradient g xᵀ is built here (for one input vector per sample, never formed: see
+    # _adam_outer_update). Conv2d: autograd differentiates the stacked deltas directly.
+    probed = layer.kind == "linear"
+    delta = torch.zeros((B, *W.shape), dtype=torch.float32, device=W.device)
+    delta.requires_grad_(not probed)
+    m = v = buf = None  # optimizer state, made once the gradient's structure is known
     mask = _attention_mask((inputs,), inputs if isinstance(inputs, dict) else {})
     was_training = model.base_model.training
     model.base_model.eval()
@@ -114,41 +139,64 @@ def overfit_batch(
     loss_before = None
     raw_input = None
     try:
-        # the delta stays set through backward: gradient checkpointing recomputes the forward there
-        with torch.enable_grad(), model.use_deltas(FullDelta(delta)):
+        with torch.enable_grad():
             for step in range(cfg.overfit_steps + 1):
-                if step == 0:
-                    with model._capture.session() as records:
-                        out = call_model(model.base_model, inputs)
-                else:
-                    out = call_model(model.base_model, inputs)
-                pred = read_output(out)
-                losses = per_sample_loss(loss_fn, pred, target, B)
-                if step == 0:
-                    cond = build_conditioning(records, pred, layer.kind, B, mask)
-                    raw_input = records[0][0].detach()
-                    loss_before = losses.detach()
-                    if check_loss and losses.dim() == 0:
-                        check_loss_is_sum(loss_fn, pred.detach(), target, losses)
-                if step == cfg.overfit_steps:
-                    loss_after = losses.detach()
-                    break
-                (grad,) = torch.autograd.grad(losses.sum(), delta)
-                with torch.no_grad():
-                    if cfg.overfit_optimizer == "adam":
-                        _adam_update(
-                            delta,
-                            grad,
-                            m,
-                            v,
-                            step + 1,
-                            cfg.overfit_lr,
-                            cfg.adam_betas,
-                            cfg.adam_eps,
-                            denom,
-                        )
+                spec = (
+                    OutputProbe(FullDelta(delta) if step else None) if probed else FullDelta(delta)
+                )
+                # the spec stays set through backward: gradient checkpointing recomputes the forward
+                with model.use_deltas(spec):
+                    if step == 0:
+                        with model._capture.session() as records:
+                            out = call_model(model.base_model, inputs)
                     else:
-                        delta.add_(grad, alpha=-cfg.overfit_lr)
+                        out = call_model(model.base_model, inputs)
+                    pred = read_output(out)
+                    losses = per_sample_loss(loss_fn, pred, target, B)
+                    if step == 0:
+                        cond = build_conditioning(records, pred, layer.kind, B, mask)
+                        raw_input = records[0][0].detach()
+                        loss_before = losses.detach()
+                        if check_loss and losses.dim() == 0:
+                            check_loss_is_sum(loss_fn, pred.detach(), target, losses)
+                    if step == cfg.overfit_steps:
+                        loss_after = losses.detach()
+                        break
+                    (grad,) = torch.autograd.grad(losses.sum(), spec.probe if probed else delta)
+                with torch.no_grad():
+                    outer = None  # (g, x) when the weight gradient is the outer product g xᵀ
+                    if probed:
+                        xs = raw_input.reshape(B, -1, raw_input.shape[-1]).float()  # (B, T, in)
+                        g = grad.reshape(B, -1, grad.shape[-1]).float()  # (B, T, out)
+                        if xs.shape[1] == 1:
+                            outer = (g[:, 0], xs[:, 0])
+                        else:  # token sequences: the sum over positions of g_t x_tᵀ
+                            grad = torch.bmm(g.transpose(1, 2), xs)  # (B, out, in)
+                    if not adam:
+                        if outer is not None:
+                            delta.baddbmm_(
+                                outer[0].unsqueeze(2), outer[1].unsqueeze(1), alpha=-cfg.overfit_lr
+                            )
+                        else:
+                            delta.add_(grad, alpha=-cfg.overfit_lr)
+                        continue
+                    if buf is None:
+                        buf = torch.empty_like(delta)
+                        shape = outer[0].shape if outer is not None else delta.shape
+                        m = torch.zeros(shape, dtype=torch.float32, device=delta.device)
+                        v = torch.zeros_like(m)
+                    update = _adam_outer_update if outer is not None else _adam_update
+                    update(
+                        delta,
+                        outer if outer is not None else grad,
+                        m,
+                        v,
+                        step + 1,
+                        cfg.overfit_lr,
+                        cfg.adam_betas,
+                        cfg.adam_eps,
+                        buf,
+                    )
     finally:
         model.base_model.train(was_training)
     delta = delta.detach()

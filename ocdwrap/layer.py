@@ -50,6 +50,20 @@ class Rank1Delta:
         return self.u.unsqueeze(2) * self.v.unsqueeze(1)
 
 
+@dataclass
+class OutputProbe:
+    """Collection's spec: an optional full delta, plus a zero tensor added to the layer output.
+
+    The layer creates ``probe`` (zeros shaped like its output, requiring grad) on the first
+    forward and reuses it after (a forward recomputed under gradient checkpointing adds the same
+    tensor), so ``autograd.grad(loss, probe)`` is d loss / d layer output, from which collection
+    builds the weight gradient of a Linear layer without autograd forming it.
+    """
+
+    delta: FullDelta | None = None
+    probe: torch.Tensor | None = None
+
+
 DeltaSpec = FullDelta | Rank1Delta
 
 
@@ -102,6 +116,12 @@ class DynamicLayer(nn.Module):
         spec = self._ocd_state.delta
         if spec is None or self._ocd_state.disabled:
             return out
+        if isinstance(spec, OutputProbe):
+            if spec.delta is not None:
+                out = out + self.delta_term(x, spec.delta).to(out.dtype)
+            if spec.probe is None:
+                spec.probe = torch.zeros_like(out, requires_grad=True)
+            return out + spec.probe
         return out + self.delta_term(x, spec).to(out.dtype)
 
     # ------------------------------------------------------------------------------------
