@@ -1,7 +1,7 @@
 """OCD on a torchvision ResNet-18, Fashion-MNIST, two CPU cores.
 
     python examples/torchvision_resnet.py                        # fc, rank-one deltas, a few minutes
-    python examples/torchvision_resnet.py --layer layer4.1.conv2 --delta full   # a Conv2d in a block (GPU-sized)
+    python examples/torchvision_resnet.py --layer layer4.1.conv2 --delta full --train-samples 200
     python examples/torchvision_resnet.py --train-samples 55000 --epochs 10 --device cuda
 
 torchvision models need no adapter: ocdwrap wraps any nn.Linear or nn.Conv2d by its module name

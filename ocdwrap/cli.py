@@ -313,9 +313,10 @@ def _model(args: argparse.Namespace):
 
 def _accelerator():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import Accelerator
 
-        return Accelerator()
+        return Accelerator(cpu=not torch.cuda.is_available())
     return None
 
 

@@ -20,6 +20,7 @@ and fall back to the single-process functions when there is only one process.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -461,10 +462,15 @@ def fit_distributed(
     alphas = make_scheduler(cfg).alphas_cumprod.to(device=device, dtype=torch.float32)
     objective: nn.Module = _Objective(hyper, alphas, learned)
     if procs.world > 1:
-        objective = nn.parallel.DistributedDataParallel(
-            objective,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # statistics are computed identically on every process
+        ddp = nn.parallel.DistributedDataParallel
+        # the statistics buffers are computed identically on every process: no per-step sync
+        no_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else {"broadcast_buffers": False}
+        )
+        objective = ddp(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
         )
     gen = torch.Generator(device=device).manual_seed(seed)
     report = FitReport(steps=steps, samples=N)
