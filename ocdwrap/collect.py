@@ -29,6 +29,7 @@ from .batches import (
     call_model,
     check_inputs,
     check_loss_is_sum,
+    explain_device_dtype_errors,
     index_batch,
     map_tensors,
     per_sample_loss,
@@ -42,6 +43,7 @@ from .errors import CollectionExistsError, EmptyDataError, NonFiniteError
 from .io import atomic_save_tensors, atomic_write_json, tensor_fingerprint
 from .layer import FullDelta, OutputProbe
 from .model import OCDModel, _attention_mask
+from .split import split_for
 from .store import MANIFEST_NAME, STORE_FORMAT, STORE_VERSION, DeltaStore, shard_name
 
 logger = logging.getLogger("ocdwrap")
@@ -139,6 +141,21 @@ def overfit_batch(
     loss_before = None
     raw_input = None
     try:
+        # only the target layer changes between the K+1 passes: where the model traces, the part
+        # upstream of it runs once (ocdwrap.split) and each pass runs the layer and what follows
+        split = boundary = None
+        if isinstance(inputs, torch.Tensor):
+            split = split_for(model, (inputs,), {}, lambda: call_model(model.base_model, inputs))
+        if split is not None:
+            with torch.no_grad(), explain_device_dtype_errors(model.base_model, inputs):
+                boundary = split.prefix((inputs,), {})
+
+        def run() -> Any:
+            if split is None:
+                return call_model(model.base_model, inputs)
+            with explain_device_dtype_errors(model.base_model, inputs):
+                return split.suffix(boundary)
+
         with torch.enable_grad():
             for step in range(cfg.overfit_steps + 1):
                 spec = (
@@ -148,9 +165,9 @@ def overfit_batch(
                 with model.use_deltas(spec):
                     if step == 0:
                         with model._capture.session() as records:
-                            out = call_model(model.base_model, inputs)
+                            out = run()
                     else:
-                        out = call_model(model.base_model, inputs)
+                        out = run()
                     pred = read_output(out)
                     losses = per_sample_loss(loss_fn, pred, target, B)
                     if step == 0:

@@ -36,6 +36,7 @@ from .errors import (
 )
 from .io import atomic_save_tensors, load_tensors, tensor_fingerprint
 from .layer import DeltaSpec, DynamicLayer, LayerState, layer_kind
+from .split import split_for
 
 logger = logging.getLogger("ocdwrap")
 
@@ -224,6 +225,11 @@ class OCDModel(nn.Module):
 
     def conditioning(self, *args: Any, **kwargs: Any) -> tuple[Conditioning, Any]:
         """One base pass: the per-sample conditioning I(x) and the base model's output."""
+        return self._conditioning(args, kwargs, lambda: self._call_base(args, kwargs))
+
+    def _conditioning(
+        self, args: tuple, kwargs: dict, run: Callable[[], Any]
+    ) -> tuple[Conditioning, Any]:
         tensor = _first_tensor((args, kwargs))
         if tensor is None:
             raise TypeError(
@@ -234,7 +240,7 @@ class OCDModel(nn.Module):
         self._state.delta = None
         try:
             with self._capture.session() as records:
-                out = self._call_base(args, kwargs)
+                out = run()
         finally:
             self._state.delta = previous
         cond = build_conditioning(
@@ -279,6 +285,23 @@ class OCDModel(nn.Module):
             )
 
     def _draws(self, args: tuple, kwargs: dict, num_draws: int, generator: torch.Generator | None):
+        split = (
+            split_for(self, args, kwargs, lambda: self._call_base(args, kwargs))
+            if num_draws == 1
+            else None
+        )
+        if split is not None:  # the part upstream of the layer once, not once per pass
+            with explain_device_dtype_errors(self.base_model, (args, kwargs)):
+                boundary = split.prefix(args, kwargs)
+
+            def suffix() -> Any:
+                with explain_device_dtype_errors(self.base_model, (args, kwargs)):
+                    return split.suffix(boundary)
+
+            cond, _ = self._conditioning(args, kwargs, suffix)
+            spec = self.generate(cond, num_draws=1, generator=generator)
+            with self.use_deltas(spec):
+                return suffix(), cond.layer_input.shape[0]
         cond, base_out = self.conditioning(*args, **kwargs)
         spec = self.generate(cond, num_draws=num_draws, generator=generator)
         B = cond.layer_input.shape[0]
