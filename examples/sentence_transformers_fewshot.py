@@ -34,8 +34,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float((pred.cpu() == y).float().mean())
+def scores(probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, cross-entropy) of predicted probabilities ``probs`` (N, C) for labels ``y``."""
+    probs = probs.cpu()
+    ce = -probs.gather(1, y.view(-1, 1)).clamp_min(1e-12).log().mean()
+    return float((probs.argmax(1) == y).float().mean()), float(ce)
 
 
 def run_split(body, texts, labels, *, seed: int, args, workdir: str) -> dict[str, float]:
@@ -43,7 +46,7 @@ def run_split(body, texts, labels, *, seed: int, args, workdir: str) -> dict[str
         texts, labels, args.per_class, seed=seed, max_test=args.max_test
     )
     clf = SentenceClassifier(body, num_labels=2).fit_head(tr_x, tr_y)
-    base = accuracy(clf.predict(te_x), te_y)
+    base = scores(clf.predict_proba(te_x), te_y)
 
     config = ocdwrap.OCDConfig(
         delta="rank1", fit_steps=args.fit_steps, fit_batch_size=len(tr_x), seed=seed
@@ -53,10 +56,10 @@ def run_split(body, texts, labels, *, seed: int, args, workdir: str) -> dict[str
         ocd, clf.batches(tr_x, tr_y), CE, os.path.join(workdir, f"deltas-{seed}"), progress=False
     )
     ocdwrap.fit(ocd, store, progress=False)
-    with route(ocd):  # clf.predict now runs with per-sentence heads
-        one = accuracy(clf.predict(te_x), te_y)
+    with route(ocd):  # clf.predict / predict_proba now run with per-sentence heads
+        one = scores(clf.predict_proba(te_x), te_y)
         with ocd.sampling(num_draws=args.draws, seed=seed):
-            ens = accuracy(clf.predict(te_x), te_y)
+            ens = scores(clf.predict_proba(te_x), te_y)
     ocd.unload()  # the classifier is as before (fit_head is redone for the next split anyway)
     return {"base": base, "ocd": one, "ocd_ensemble": ens, "train": len(tr_x), "test": len(te_x)}
 
@@ -83,22 +86,25 @@ def main(argv: list[str] | None = None) -> dict:
         r = run_split(body, texts, labels, seed=seed, args=args, workdir=workdir)
         results.append(r)
         log(
-            f"split {seed}: base {100 * r['base']:.1f}%, OCD {100 * r['ocd']:.1f}%, "
-            f"OCD({args.draws}) {100 * r['ocd_ensemble']:.1f}% ({time.perf_counter() - t0:.0f} s)"
+            f"split {seed}: base {100 * r['base'][0]:.1f}%, OCD {100 * r['ocd'][0]:.1f}%, "
+            f"OCD({args.draws}) {100 * r['ocd_ensemble'][0]:.1f}% ({time.perf_counter() - t0:.0f} s)"
         )
 
-    def mean(key: str) -> float:
-        return 100 * sum(r[key] for r in results) / len(results)
+    def mean(key: str, i: int) -> float:
+        return sum(r[key][i] for r in results) / len(results)
 
     print(
         f"\nRotten Tomatoes ({'/'.join(classes)}), {args.per_class} per class, "
         f"{results[0]['test']} test sentences, {len(results)} split(s), all-MiniLM-L6-v2\n"
     )
-    print(f"| {'row':<40} | {'accuracy %':>10} |")
-    print(f"| {'-' * 40} | {'-' * 10} |")
-    print(f"| {'embeddings + logistic head (base)':<40} | {mean('base'):>10.2f} |")
-    print(f"| {'+ OCD on the head (1 draw)':<40} | {mean('ocd'):>10.2f} |")
-    print(f"| {f'+ OCD({args.draws}) ensemble':<40} | {mean('ocd_ensemble'):>10.2f} |")
+    print(f"| {'row':<40} | {'test CE':>8} | {'accuracy %':>10} |")
+    print(f"| {'-' * 40} | {'-' * 8} | {'-' * 10} |")
+    for name, key in (
+        ("embeddings + logistic head (base)", "base"),
+        ("+ OCD on the head (1 draw)", "ocd"),
+        (f"+ OCD({args.draws}) ensemble", "ocd_ensemble"),
+    ):
+        print(f"| {name:<40} | {mean(key, 1):>8.4f} | {100 * mean(key, 0):>10.2f} |")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     return {"splits": results}
 
