@@ -495,23 +495,23 @@ def collect(
             continue
         keep_from = max(done - lo, 0)
         keep_to = B if max_samples is None else min(B, max_samples - lo)
-        if keep_from > 0 or keep_to < B:
-            sel = slice(keep_from, keep_to)
-            inputs = index_batch(inputs, sel)
-            target = index_batch(target, sel)
-            lo, B = lo + keep_from, keep_to - keep_from
         check_inputs(inputs, device)
+        # always the whole batch, even when only part of it is kept (a resume point or max_samples
+        # inside it): kernels may round differently for another batch size, and a resumed
+        # collection must store exactly what an uninterrupted one stores
         res = overfit_batch(model, inputs, target, loss_fn, config=cfg, check_loss=not checked_loss)
         checked_loss = True
-        ok = res.finite
-        if not bool(ok.all()):
+        in_range = torch.zeros(B, dtype=torch.bool, device=res.finite.device)
+        in_range[keep_from:keep_to] = True
+        ok = res.finite & in_range
+        bad = ~res.finite & in_range
+        if bool(bad.any()):
             if cfg.on_nonfinite == "raise":
-                bad = (~ok).nonzero().flatten().add(lo).tolist()
                 raise NonFiniteError(
-                    f"NaN/Inf in inputs, losses or deltas for samples {bad[:10]}; fix the data or pass "
-                    "OCDConfig(on_nonfinite='skip') to skip and count them."
+                    f"NaN/Inf in inputs, losses or deltas for samples {bad.nonzero().flatten().add(lo).tolist()[:10]}; "
+                    "fix the data or pass OCDConfig(on_nonfinite='skip') to skip and count them."
                 )
-            skipped_at += (~ok).nonzero().flatten().add(lo).tolist()
+            skipped_at += bad.nonzero().flatten().add(lo).tolist()
         idx = ok.nonzero().flatten()
         if manifest["identity"] is None:
             vector_input = is_linear and res.layer_input.dim() == 2
@@ -534,31 +534,35 @@ def collect(
             keys += ["u", "v"] if vector_input else []
             manifest["keys"] = keys
         ident = manifest["identity"]
-        keep = slice(None) if bool(ok.all()) else idx  # a view, not a copy, when all are kept
-        delta = res.delta[keep]
-        n = delta.shape[0]
-        if n == 0:  # every sample of this batch was skipped
-            bar.update(B)
+        n = int(idx.numel())
+        if n == 0:  # nothing of this batch is kept
+            bar.update(keep_to - keep_from)
             continue
-        rho = delta.reshape(n, -1).std(1, unbiased=False).clamp_min(1e-20)
+        # per-sample rows over the whole batch (same arithmetic whatever is kept), then the kept ones
+        delta = res.delta
+        if not bool(res.finite.all()):  # rows dropped below; zeros keep the SVD path finite
+            delta = delta.masked_fill(~res.finite.view(B, *([1] * (delta.dim() - 1))), 0.0)
+        rho_all = delta.reshape(B, -1).std(1, unbiased=False).clamp_min(1e-20)
         rows = {
-            "index": (idx + lo).to(torch.int64),
-            "rho": rho,
-            **{k: v[keep] for k, v in res.cond.as_dict().items()},
+            "index": torch.arange(lo, lo + B, dtype=torch.int64),
+            "rho": rho_all,
+            **res.cond.as_dict(),
         }
         if is_linear:
             rows["energy"] = top_singular_energy(delta)
         if store_full:
-            rows["delta"] = (delta / rho.view(n, *([1] * (delta.dim() - 1)))).reshape(
-                n, delta.shape[1], -1
+            rows["delta"] = (delta / rho_all.view(B, *([1] * (delta.dim() - 1)))).reshape(
+                B, delta.shape[1], -1
             )
         if ident["store_rank1"]:
-            u, v = rank1_factors(delta, res.layer_input[keep], cfg.overfit_optimizer)
-            rows["u"], rows["v"] = u / rho.unsqueeze(1), v
+            u, v = rank1_factors(delta, res.layer_input, cfg.overfit_optimizer)
+            rows["u"], rows["v"] = u / rho_all.unsqueeze(1), v
+        if n < B:
+            rows = {k: t[idx.to(t.device)] for k, t in rows.items()}
         for k, t in rows.items():
             buffer.setdefault(k, []).append(t.detach().cpu())
         buffered += n
-        bar.update(B)
+        bar.update(keep_to - keep_from)
         flush(final=False)
         if max_samples is not None and position >= max_samples:
             break
