@@ -223,6 +223,37 @@ def test_route_keeps_sentence_transformer_encode(tiny_st_dir, tmp_path):
     torch.testing.assert_close(st.encode(SENTENCES, convert_to_tensor=True), base_emb)
 
 
+def test_route_on_a_traceable_model(tmp_path):
+    """A model torch.fx can trace (ocdwrap.split's fast path), loaded and routed before its first
+    call: direct calls of the OCDModel and routed calls of the base agree, with no recursion."""
+    from ocdwrap.integrations.sentence_transformers import route
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+
+    x, y = torch.randn(8, 6), torch.arange(8) % 3
+    fitted = ocdwrap.wrap(make(), layer="2", config=tiny(generator="regression"))
+    ocdwrap.fit(fitted, ocdwrap.collect(fitted, [(x, y)], CE, tmp_path / "d"), progress=False)
+    fitted.save_pretrained(tmp_path / "adapter")
+    want = fitted(x)
+
+    base = make()
+    with torch.no_grad():
+        plain = base(x)
+    ocd = ocdwrap.OCDModel.from_pretrained(base, tmp_path / "adapter")
+    with route(ocd):  # routed before the model's first call
+        direct = ocd(x)
+        routed = base(x)
+        with ocd.disable_ocd():
+            torch.testing.assert_close(base(x), plain)
+    torch.testing.assert_close(direct, want)
+    torch.testing.assert_close(routed, want)
+    assert not torch.equal(want, plain)
+    torch.testing.assert_close(base(x), plain)
+    assert not base._forward_pre_hooks
+
+
 def test_route_needs_a_fitted_model():
     from ocdwrap.errors import NotFittedError
     from ocdwrap.integrations.sentence_transformers import route
