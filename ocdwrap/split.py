@@ -14,7 +14,8 @@ only where it is safe:
 * the model traces with ``torch.fx`` (no data-dependent Python control flow; most Hugging Face
   models do not, and keep whole passes) and reaches the target layer exactly once;
 * every module is in eval mode (tracing fixes ``self.training`` branches), and the base model has
-  no forward hooks of its own (the split does not call it as a whole);
+  no forward hooks of its own and no ``forward`` patched on the instance (the split does not call
+  it as a whole, and traces its class's ``forward``);
 * on its first use, the split's output (computed twice from one prefix) equals the model's own
   output; otherwise it is switched off for that model with a log message.
 
@@ -112,8 +113,8 @@ class SplitModel:
     def __init__(self, base: nn.Module, layer_name: str) -> None:
         self.base = base
         leaf = base.get_submodule(layer_name)
-        if base._forward_hooks or base._forward_pre_hooks:
-            raise SplitError("the base model has forward hooks of its own")
+        if base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
+            raise SplitError("the base model has forward hooks of its own or a patched forward")
         before = set(vars(base))
         try:
             graph = _LeafTracer(leaf).trace(base)
@@ -241,8 +242,8 @@ def split_for(model: Any, args: tuple, kwargs: dict, call: Callable[[], Any]) ->
             _SPLITS[model] = split
     if split is None or split.verified is False:
         return None
-    if base._forward_hooks or base._forward_pre_hooks:
-        return None
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
+        return None  # hooks of its own, or a forward patched on the instance (not what was traced)
     try:
         if split.verified is None and not split.verify(args, kwargs, call):
             return None

@@ -105,7 +105,7 @@ def test_untraceable_model_runs_whole_passes() -> None:
     assert (res.delta - ref).abs().max() < 1e-5
 
 
-def test_no_split_in_training_mode_or_with_root_hooks() -> None:
+def test_no_split_in_training_mode_with_root_hooks_or_a_patched_forward() -> None:
     case = mlp_case()
     model = ocdwrap.wrap(case.make(), layer="fc2")
     x = case.inputs(3)
@@ -117,6 +117,10 @@ def test_no_split_in_training_mode_or_with_root_hooks() -> None:
     handle = model.base_model.register_forward_hook(lambda *a: None)
     assert split_mod.split_for(model, (x,), {}, call) is None
     handle.remove()
+    assert split_mod.split_for(model, (x,), {}, call) is not None
+    model.base_model.forward = lambda inp: type(model.base_model).forward(model.base_model, inp)
+    assert split_mod.split_for(model, (x,), {}, call) is None  # a forward patched on the instance
+    del model.base_model.forward
     assert split_mod.split_for(model, (x,), {}, call) is not None
 
 
