@@ -265,7 +265,8 @@ class OCDHyperNetwork(nn.Module):
                 if key not in self._ddim_cache:
                     self._ddim_cache[key] = _ddim_table(cfg, steps, c.device)
                 for t, (s_noise, s_signal, s_prev, s_dir) in self._ddim_cache[key]:
-                    eps = self.ema(x, t.expand(n), c)
+                    # one timestep for the whole batch: broadcast, not repeated per row
+                    eps = self.ema(x, t.view(1), c)
                     x = s_prev * ((x - s_noise * eps) / s_signal) + s_dir * eps
             else:
                 sched = make_scheduler(self.config, sampler)
