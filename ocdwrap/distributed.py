@@ -40,7 +40,7 @@ from .capture import Conditioning
 from .collect import _summary, collect
 from .diffusion import make_scheduler
 from .errors import CollectionExistsError, EmptyDataError, NonFiniteError, OCDError
-from .fit import FitReport, _check_store
+from .fit import FitReport, _check_store, load_training_data, new_hypernetwork
 from .hypernet import OCDHyperNetwork
 from .io import atomic_write_json
 from .model import OCDModel
@@ -420,20 +420,7 @@ def fit_distributed(
     cfg = model.config
     steps = int(steps or cfg.fit_steps)
     device = model.device
-    key = "u" if cfg.delta == "rank1" else "delta"
-    data = store.load([key, "rho", "cond_in", "cond_act", "cond_out"], device=device)
-    target, rho = data[key].float(), data["rho"].float()
-    cond = Conditioning.from_dict(data)
-    finite = torch.isfinite(target.reshape(target.shape[0], -1)).all(1) & torch.isfinite(rho)
-    for t in (cond.layer_input, cond.layer_output, cond.model_output):
-        finite &= torch.isfinite(t).all(1)
-    if not bool(finite.all()):
-        if cfg.on_nonfinite == "raise" or not bool(finite.any()):
-            raise NonFiniteError(
-                f"The collection in {store.directory} holds NaN/Inf in {int((~finite).sum())} rows; "
-                "collect again, or pass OCDConfig(on_nonfinite='skip') to leave them out."
-            )
-        target, rho, cond = target[finite], rho[finite], cond.index(finite)
+    target, rho, cond = load_training_data(model, store, device)
     N = target.shape[0]
     b = min(int(batch_size or cfg.fit_batch_size), N)
     if b % procs.world:
@@ -447,14 +434,7 @@ def fit_distributed(
     per = b // procs.world
     sl = slice(procs.rank * per, (procs.rank + 1) * per)
 
-    dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
-    with torch.random.fork_rng(devices=[]):  # the same initial weights on every process
-        torch.manual_seed(seed)
-        hyper = OCDHyperNetwork(
-            cfg, kind=model.layer_kind, weight_shape=model.weight_shape, dims=dims
-        ).to(device)
-    hyper.set_statistics(cond, rho, target)
-    hyper.ema.load_state_dict(hyper.net.state_dict())
+    hyper = new_hypernetwork(model, target, rho, cond, seed)  # the same on every process
     learned = cfg.scale == "learned"
     hyper.scale.requires_grad_(learned)
     opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)

@@ -102,6 +102,45 @@ def _restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, m
     opt.load_state_dict({"state": state, "param_groups": meta[prefix]})
 
 
+def load_training_data(
+    model: OCDModel, store: DeltaStore, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    """The fit targets (normalised deltas or rank-one factors), rho and conditioning, finite rows only."""
+    cfg = model.config
+    key = "u" if cfg.delta == "rank1" else "delta"
+    data = store.load([key, "rho", "cond_in", "cond_act", "cond_out"], device=device)
+    target, rho = data[key].float(), data["rho"].float()
+    cond = Conditioning.from_dict(data)
+    finite = torch.isfinite(target.reshape(target.shape[0], -1)).all(1) & torch.isfinite(rho)
+    for t in (cond.layer_input, cond.layer_output, cond.model_output):
+        finite &= torch.isfinite(t).all(1)
+    if not bool(finite.all()):  # collect() never stores these; a damaged or edited store
+        bad = (~finite).nonzero().flatten().tolist()
+        if cfg.on_nonfinite == "raise" or not bool(finite.any()):
+            raise NonFiniteError(
+                f"The collection in {store.directory} holds NaN/Inf for stored rows {bad[:10]} "
+                f"({len(bad)} in all); collect again, or pass OCDConfig(on_nonfinite='skip') to leave them out."
+            )
+        logger.warning("ocdwrap fit: leaving out %d stored rows with NaN/Inf.", len(bad))
+        target, rho, cond = target[finite], rho[finite], cond.index(finite)
+    return target, rho, cond
+
+
+def new_hypernetwork(
+    model: OCDModel, target: torch.Tensor, rho: torch.Tensor, cond: Conditioning, seed: int
+) -> OCDHyperNetwork:
+    """A fresh hypernetwork for ``model``: initial weights from ``seed``, statistics from the data."""
+    dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not global state
+        torch.manual_seed(seed)
+        hyper = OCDHyperNetwork(
+            model.config, kind=model.layer_kind, weight_shape=model.weight_shape, dims=dims
+        ).to(target.device)
+    hyper.set_statistics(cond, rho, target)
+    hyper.ema.load_state_dict(hyper.net.state_dict())
+    return hyper
+
+
 def fit(
     model: OCDModel,
     store: DeltaStore | str | os.PathLike,
@@ -141,32 +180,9 @@ def fit(
     steps = int(steps or cfg.fit_steps)
     bs = int(batch_size or cfg.fit_batch_size)
     device = torch.device(device) if device is not None else model.device
-    key = "u" if cfg.delta == "rank1" else "delta"
-    data = store.load([key, "rho", "cond_in", "cond_act", "cond_out"], device=device)
-    target, rho = data[key].float(), data["rho"].float()
-    cond = Conditioning.from_dict(data)
-    finite = torch.isfinite(target.reshape(target.shape[0], -1)).all(1) & torch.isfinite(rho)
-    for t in (cond.layer_input, cond.layer_output, cond.model_output):
-        finite &= torch.isfinite(t).all(1)
-    if not bool(finite.all()):  # collect() never stores these; a damaged or edited store
-        bad = (~finite).nonzero().flatten().tolist()
-        if cfg.on_nonfinite == "raise" or not bool(finite.any()):
-            raise NonFiniteError(
-                f"The collection in {store.directory} holds NaN/Inf for stored rows {bad[:10]} "
-                f"({len(bad)} in all); collect again, or pass OCDConfig(on_nonfinite='skip') to leave them out."
-            )
-        logger.warning("ocdwrap fit: leaving out %d stored rows with NaN/Inf.", len(bad))
-        target, rho, cond = target[finite], rho[finite], cond.index(finite)
+    target, rho, cond = load_training_data(model, store, device)
     N = target.shape[0]
-
-    dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
-    with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not global state
-        torch.manual_seed(seed)
-        hyper = OCDHyperNetwork(
-            cfg, kind=model.layer_kind, weight_shape=model.weight_shape, dims=dims
-        ).to(device)
-    hyper.set_statistics(cond, rho, target)
-    hyper.ema.load_state_dict(hyper.net.state_dict())
+    hyper = new_hypernetwork(model, target, rho, cond, seed)
     opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)
     opt_scale = torch.optim.Adam(hyper.scale.parameters(), lr=cfg.scale_lr)
     alphas_cumprod = make_scheduler(cfg).alphas_cumprod.to(device=device, dtype=torch.float32)
