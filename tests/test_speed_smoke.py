@@ -1,0 +1,73 @@
+"""benchmarks/speed.py runs end to end on a tiny setting (``--smoke``) and reports every figure.
+
+No timing is asserted: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "ocdwrap_bench_speed", os.path.join(BENCH, "speed.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_smoke(tmp_path, capsys) -> None:
+    from ocdwrap.datasets import available
+
+    if not (available()["mnist"] or available()["mnist_subset"]):
+        pytest.skip("no MNIST data installed")
+    speed = _load()
+    out = tmp_path / "speed.json"
+    speed.main(["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work")])
+    r = json.loads(out.read_text())
+    assert r["command"].startswith("python benchmarks/speed.py --smoke")
+    assert r["threads"] == 1 and r["device"] == "cpu"
+
+    c = r["collection"]
+    for key in (
+        "vectorized_samples_per_s",
+        "loop_samples_per_s",
+        "speedup_vs_loop",
+        "speedup_vs_loop_whole_passes",
+        "vectorized_whole_passes_samples_per_s",
+        "epoch_seconds",
+        "collect_full_epochs",
+        "collect_rank1_epochs",
+    ):
+        assert c[key] > 0, key
+    assert c["max_abs_diff_vs_loop"] < 1e-5  # the vectorized deltas are the loop's
+
+    inf = r["inference"]
+    for key in ("rank1", "full", "full_small_unet"):
+        rows = {b: v for b, v in inf[key].items() if b != "generator"}
+        assert "1" in rows and len(rows) == 2, key
+        for v in rows.values():
+            assert v["overhead"] > 0 and v["ocd_ms_per_sample"] > 0
+            assert set(v["breakdown_ms"]) == {"base_passes", "generation"}
+    assert inf["rank1"]["1"]["overhead_whole_passes"] > 0  # the same with the split forward off
+    assert {"default", "small"} <= set(inf["unet_pass"])
+
+    assert set(r["fitting"]) == {"full", "rank1"}
+    assert all(v["samples_per_s"] > 0 for v in r["fitting"].values())
+
+    mem = r["memory"]
+    for key in ("collect_full", "collect_rank1", "fit_full", "fit_rank1"):
+        assert mem[key]["host_peak_mb"] >= 0, key
+    st = mem["stored"]
+    # the full matrix is 84 x 120 float32; rank one stores u (84) and v (120)
+    assert st["delta_bytes_per_sample_full"] == 84 * 120 * 4
+    assert st["delta_bytes_per_sample_rank1"] == (84 + 120) * 4
+    assert set(r["goals"]) and set(r["paper_cost_model"])
+    assert "## Collection" in capsys.readouterr().out
