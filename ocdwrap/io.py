@@ -10,29 +10,39 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 from .errors import CorruptFileError
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` for a temporary path beside ``path``, fsync it, then rename it over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(path, write)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -70,9 +80,9 @@ def read_json(path: str) -> Any:
 def atomic_save_tensors(
     path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """Save tensors as safetensors to ``path`` atomically."""
+    """Save tensors as safetensors to ``path`` atomically (streamed to disk, not built in memory)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write_bytes(path, save(tensors, metadata=metadata))
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_tensors(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
