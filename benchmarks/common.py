@@ -424,6 +424,7 @@ class Agreement:
         c = torch.cat(cos)
         out = {
             "cos": float(c.mean()),
+            "abs_cos": float(c.abs().mean()),
             "norm_ratio_median": float(torch.cat(ratio).median()),
             "n": len(c),
         }
@@ -593,6 +594,8 @@ def agreement_note(infos: list[dict[str, Any]], key: str = "ocd") -> str | None:
         if not vals:
             continue
         text = f"{label} {fmt_mean_sd([v['cos'] for v in vals], '.2f')}"
+        if "abs_cos" in vals[0]:
+            text += f" (|cos| {fmt_mean_sd([v['abs_cos'] for v in vals], '.2f')})"
         if "cos_base_wrong" in vals[0]:
             text += (
                 f" (base right {fmt_mean_sd([v['cos_base_right'] for v in vals], '.2f')}, "

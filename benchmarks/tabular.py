@@ -199,6 +199,9 @@ def notes(res: Results, args: Any) -> list[str]:
             f"{[round(x['collect_summary']['rho_cv'], 3) for x in t]}; learned-scale loss at the end of fit "
             f"(dB, lower is better): {[round(x['fit_final_scale_dB'], 1) for x in t]}"
         )
+    line = common.agreement_note(infos)
+    if line:
+        out.append(line)
     sel = [i["selection"] for i in infos if "selection" in i]
     if sel:
         out.append(
