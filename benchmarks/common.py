@@ -5,9 +5,12 @@ Lutati & Wolf, "OCD: Learning to Overfit with Conditional Diffusion Models", ICL
 What lives here:
 
 * the command line every script accepts (``--seeds``, ``--json``, ``--paper``, ``--device``,
-  ``--smoke``, ``--threads``, ``--fit-steps``, ``--draws``, ``--workdir``, ``--progress``);
+  ``--smoke``, ``--threads``, ``--fit-steps``, ``--draws``, ``--workdir``, ``--progress``,
+  ``--plots``) and :func:`run_seeds`, the loop every single-table script runs;
 * :class:`Results`: rows x metrics x seeds, mean ± sd over seeds, a markdown table with the
   paper's numbers in the column next to ours, and the JSON written by ``--json``;
+* :func:`plot_json`: each table of a benchmark JSON as a figure (``--plots``, or
+  ``python benchmarks/common.py --plots DIR runs/*.json`` for results already on disk);
 * the experiment pieces that are the same in every domain: :func:`run_ocd` (wrap, collect,
   fit, then OCD, OCD(K), global scale, regression generator, nearest neighbour and overfit on
   test), :func:`compute_matched` (the base trained further for OCD's wall time),
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -43,6 +47,7 @@ from torch import nn
 import ocdwrap
 from ocdwrap.batches import read_output, split_batch, to_device
 from ocdwrap.layer import FullDelta, Rank1Delta
+from ocdwrap.uncertainty import misclassification_report
 from ocdwrap.zoo import continue_training
 from ocdwrap.zoo import evaluate as zoo_evaluate
 
@@ -73,6 +78,9 @@ def base_parser(description: str, *, seeds: Sequence[int] = (0, 1, 2)) -> argpar
     p.add_argument("--draws", type=int, default=5, help="ensemble size K of OCD(K)")
     p.add_argument("--workdir", default=None, help="where deltas go (default: a temporary folder)")
     p.add_argument("--progress", action="store_true", help="tqdm bars for collect/fit")
+    p.add_argument(
+        "--plots", default=None, metavar="DIR", help="write the results figure(s) (PNG) here"
+    )
     return p
 
 
@@ -83,6 +91,38 @@ def setup(args: argparse.Namespace) -> str:
     workdir = args.workdir or tempfile.mkdtemp(prefix="ocdwrap-bench-")
     os.makedirs(workdir, exist_ok=True)
     return workdir
+
+
+def run_seeds(
+    args: argparse.Namespace,
+    res: Results,
+    run_seed: Callable[[int], None],
+    notes: Callable[[], list[str]],
+    *,
+    script: str,
+    argv: Sequence[str] | None,
+    title: str,
+    t0: float,
+) -> dict[str, Any]:
+    """Run ``run_seed(seed)`` for every seed, rewriting ``--json`` after each (a stopped run
+    keeps what it measured); then print the table and draw ``--plots``. Returns the JSON dict."""
+    cmd = command(script, argv)
+
+    def save() -> None:
+        res.notes = notes()
+        res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
+
+    for seed in args.seeds:
+        run_seed(seed)
+        save()
+    minutes = (time.perf_counter() - t0) / 60
+    print(res.report(f"{title}; {machine()}; {minutes:.1f} min\n`{cmd}`"))
+    save()
+    out = res.to_json(command=cmd)
+    if args.plots:
+        for path in plot_json(out, args.plots):
+            log(f"wrote {path}")
+    return out
 
 
 def log(msg: str) -> None:
@@ -317,6 +357,7 @@ class OCDRun:
 
     rows: dict[str, dict[str, float]]
     info: dict[str, Any]
+    uncertainty: Any = None  # an ocdwrap.uncertainty.UncertaintyReport when asked for
 
 
 def _spec_to(spec: Any, device: torch.device) -> Any:
@@ -454,6 +495,7 @@ def run_ocd(
     progress: bool = False,
     tag: str = "",
     agreement_samples: int = 2000,
+    uncertainty: bool = False,
 ) -> OCDRun:
     """Wrap ``base`` at ``layer``, collect, fit, and score the OCD rows asked for.
 
@@ -468,11 +510,16 @@ def run_ocd(
 
     ``info["agreement"]`` compares each generator's deltas with the overfit-on-test deltas on
     the first ``agreement_samples`` test samples (cosine, norm ratio; see :class:`Agreement`).
+    ``uncertainty=True`` (classification) also runs
+    :func:`ocdwrap.uncertainty.misclassification_report` with K=``draws``: the spread between
+    draws as a wrong-prediction detector next to the base model's confidence, and the ECEs
+    (``info["uncertainty"]``; the report itself in ``OCDRun.uncertainty``).
     ``base`` is unwrapped again before returning.
     """
     tag = f"[{tag or layer}] "
     info: dict[str, Any] = {"layer": layer, "config": cfg.to_dict(), "agreement": {}}
     out: dict[str, dict[str, float]] = {}
+    report_u = None
     rows = [r for r in rows if r != "pseudo" or task.kind == "classification"]
     model = ocdwrap.wrap(base, layer=layer, config=cfg)
     gen = torch.Generator(device=model.device)
@@ -518,6 +565,12 @@ def run_ocd(
         if "ocd_k" in rows:
             out["ocd_k"] = ocd_eval(draws)
             log(f"{tag}OCD({draws}): {out['ocd_k']}")
+        if uncertainty and task.kind == "classification":
+            report_u = misclassification_report(
+                model, test_loader, num_draws=draws, seed=seed, loss_fn=task.loss_fn
+            )
+            info["uncertainty"] = report_u.to_dict()
+            log(f"{tag}uncertainty:\n{report_u.table()}")
         if "global" in rows:
             learned = model.hypernet.config
             model.hypernet.config = learned.replace(scale="global")
@@ -575,7 +628,7 @@ def run_ocd(
             reg.unload()
     for k, v in info["agreement"].items():
         log(f"{tag}agreement {k}: {v}")
-    return OCDRun(out, info)
+    return OCDRun(out, info, report_u)
 
 
 def agreement_note(infos: list[dict[str, Any]], key: str = "ocd") -> str | None:
@@ -743,6 +796,57 @@ def alternative_layer(
     }
 
 
+def uncertainty_table(reports: Sequence[dict[str, Any]]) -> str:
+    """Mean ± sd over seeds of ``UncertaintyReport.to_dict()`` results, as two markdown tables:
+    each score's AUROC for spotting wrong predictions, then accuracy and calibration."""
+    from ocdwrap.uncertainty import SCORE_NAMES
+
+    if not reports:
+        return ""
+    k = reports[0]["num_draws"]
+
+    def cell(*keys: str, fmt: str = ".4f", scale: float = 1.0) -> str:
+        values = []
+        for r in reports:
+            for k in keys:
+                r = r[k]
+            values.append(scale * float(r))
+        return fmt_mean_sd(values, fmt)
+
+    lines = [
+        f"| score for 'this prediction is wrong' | AUROC, OCD({k}) wrong | AUROC, base wrong |",
+        "| --- | --- | --- |",
+    ]
+    for key, label in SCORE_NAMES.items():
+        lines.append(
+            f"| {label} | {cell('auroc', 'ocd_wrong', key)} | {cell('auroc', 'base_wrong', key)} |"
+        )
+    added = []
+    for target in ("ocd_wrong", "base_wrong"):
+        above = sum(r["added_value"][target]["difference_low"] > 0 for r in reports)
+        added.append(
+            f"{cell('added_value', target, 'difference', fmt='+.4f')} "
+            f"({above} of {len(reports)} with the 95 % interval above 0)"
+        )
+    lines.append(
+        "| AUROC added by the spread to 1 - MSP (logistic, cross-validated) | "
+        + " | ".join(added)
+        + " |"
+    )
+    lines += [
+        "",
+        f"| calibration ({reports[0]['n_bins']} bins) | base | OCD({k}) |",
+        "| --- | --- | --- |",
+        f"| accuracy (%) | {cell('accuracy', 'base', fmt='.2f', scale=100)} "
+        f"| {cell('accuracy', 'ocd', fmt='.2f', scale=100)} |",
+        f"| wrong predictions | {cell('errors', 'base', fmt='.0f')} "
+        f"| {cell('errors', 'ocd', fmt='.0f')} |",
+        f"| expected calibration error | {cell('ece', 'base')} | {cell('ece', 'ocd')} |",
+        f"| Spearman(spread, 1 - MSP) | | {cell('spearman_spread_vs_base_msp', fmt='.3f')} |",
+    ]
+    return "\n".join(lines)
+
+
 def gap_notes(
     res: Results, metric: str, paper: dict[str, float | None], upper: str = "overfit"
 ) -> list[str]:
@@ -765,19 +869,31 @@ def gap_notes(
 # --------------------------------------------------------------------------- rendering
 
 
-def render(path: str) -> str:
-    """The markdown of a benchmark JSON: command, date, machine, table and notes, verbatim.
+def render(path: str, section: str | None = None) -> str:
+    """The markdown of a benchmark JSON: command, date, machine, table and notes, verbatim;
+    with ``section``, that markdown field of each table (e.g. ``uncertainty_table``) instead
+    of the results table and notes.
 
     docs/results.md is assembled from this output, so that no number there is typed by hand.
     """
     with open(path) as f:
         d = json.load(f)
-    parts = d["datasets"].values() if "datasets" in d else [d]
     out = []
-    for part in parts:
+    for _, part in _parts(d):
         title = part.get("title")
         head = f"**{title}**\n\n" if title else ""
         seeds = sorted(int(s) for s in part["per_seed"])
+        if section is not None:
+            if section not in part:
+                raise KeyError(
+                    f"{path}: no {section!r} in {part.get('benchmark')}; rerun its script"
+                )
+            out.append(
+                f"{head}Command: `{d['command']}`  \n"
+                f"Seeds {seeds}; {d.get('machine', part.get('machine'))}; {part['date']}\n\n"
+                f"{part[section]}\n"
+            )
+            continue
         out.append(
             f"{head}Command: `{d['command']}`  \n"
             f"Seeds {seeds}; {d.get('machine', part.get('machine'))}; torch {part['torch']}, "
@@ -787,12 +903,60 @@ def render(path: str) -> str:
     return "\n".join(out)
 
 
+METRIC_LABELS = {"loss": "cross-entropy", "acc": "accuracy (%)", "mse": "MSE", "rmse": "RMSE"}
+
+
+def _parts(d: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """(key, table) for each table of a benchmark JSON (one, or one per data set)."""
+    return list(d["datasets"].items()) if "datasets" in d else [(None, d)]
+
+
+def plot_json(d: dict[str, Any], out_dir: str) -> list[str]:
+    """Draw each table of a benchmark JSON: every row's mean ± sd over seeds, one panel per
+    metric, the paper's value beside ours where it has one. Writes
+    ``results-<benchmark>[-<data set>].png`` under ``out_dir``; returns the paths."""
+    from ocdwrap import plots
+
+    paths = []
+    for key, part in _parts(d):
+        rows = {
+            k: r for k, r in part["rows"].items() if any(m["values"] for m in r["metrics"].values())
+        }
+        if not rows:
+            continue
+        names = {m: METRIC_LABELS.get(m, m) for m in next(iter(rows.values()))["metrics"]}
+        values = {
+            k: {names[m]: v["values"] for m, v in r["metrics"].items() if m in names}
+            for k, r in rows.items()
+        }
+        paper = {
+            k: {names[m]: v for m, v in r["paper"].items() if m in names}
+            for k, r in rows.items()
+            if r.get("paper")
+        }
+        labels = {k: re.sub(r"[*`†]", "", r["label"]).strip() for k, r in rows.items()}
+        name = d.get("benchmark", part["benchmark"]) + (f"-{key}" if key else "")
+        seeds = sorted(int(s) for s in part["per_seed"])
+        path = os.path.join(out_dir, f"results-{name}.png")
+        plots.plot_results(
+            values,
+            metrics=list(names.values()),
+            paper=paper,
+            labels=labels,
+            path=path,
+            title=f"{part.get('title') or name}: seeds {seeds}",
+        )
+        paths.append(path)
+    return paths
+
+
 RENDER_START = "<!-- render: "
 RENDER_END = "<!-- /render -->"
 
 
 def update_markdown(doc: str) -> int:
-    """Re-render every ``<!-- render: PATH.json -->`` ... ``<!-- /render -->`` block of ``doc``.
+    """Re-render every ``<!-- render: PATH.json [SECTION] -->`` ... ``<!-- /render -->`` block
+    of ``doc`` (see :func:`render`).
 
     PATH is relative to the repository root. Returns the number of blocks rendered.
     """
@@ -808,8 +972,8 @@ def update_markdown(doc: str) -> int:
             continue
         out.append(line)
         if line.startswith(RENDER_START):
-            path = line[len(RENDER_START) :].split("-->")[0].strip()
-            out += ["", render(os.path.join(root, path)).rstrip(), ""]
+            path, *section = line[len(RENDER_START) :].split("-->")[0].split()
+            out += ["", render(os.path.join(root, path), *section[:1]).rstrip(), ""]
             count += 1
             skipping = True
     if skipping:
@@ -822,9 +986,15 @@ def update_markdown(doc: str) -> int:
 if __name__ == "__main__":
     # python benchmarks/common.py runs/mnist.json ...      print the markdown of each JSON
     # python benchmarks/common.py --update docs/results.md  re-render its marked blocks
+    # python benchmarks/common.py --plots DIR runs/*.json   draw each JSON's tables
     if sys.argv[1:2] == ["--update"]:
         for doc in sys.argv[2:]:
             print(f"{doc}: {update_markdown(doc)} blocks rendered")
+    elif sys.argv[1:2] == ["--plots"] and len(sys.argv) > 3:
+        for p in sys.argv[3:]:
+            with open(p) as f:
+                for path in plot_json(json.load(f), sys.argv[2]):
+                    print(f"wrote {path}")
     else:
         for p in sys.argv[1:]:
             print(render(p))

@@ -273,18 +273,16 @@ def main(argv: list[str] | None = None) -> dict:
     data = {k: tuple(t[: limits[k] or None].to(args.device) for t in v) for k, v in data.items()}
     rows = ROWS + ([ALT_ROW] if args.delta == "full" else [])
     res = Results("fashion_mnist", rows, METRICS)
-    cmd = common.command("benchmarks/fashion_mnist.py", argv)
-    for seed in args.seeds:
-        run_seed(args, seed, data, res, workdir)
-        res.notes = notes(res, args, dataset)
-        res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
-    title = (
-        f"{dataset} / {args.arch}, OCD on fc; {common.machine()}; "
-        f"{(time.perf_counter() - t0) / 60:.1f} min\n`{cmd}`"
+    return common.run_seeds(
+        args,
+        res,
+        lambda seed: run_seed(args, seed, data, res, workdir),
+        lambda: notes(res, args, dataset),
+        script="benchmarks/fashion_mnist.py",
+        argv=argv,
+        title=f"{dataset} / {args.arch}, OCD on fc",
+        t0=t0,
     )
-    print(res.report(title))
-    res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
-    return res.to_json(command=cmd)
 
 
 if __name__ == "__main__":

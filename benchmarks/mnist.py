@@ -339,18 +339,16 @@ def main(argv: list[str] | None = None) -> dict:
         data["test"] = tuple(t[: args.test_samples] for t in data["test"])
     data = {k: tuple(t.to(args.device) for t in v) for k, v in data.items()}
     res = Results("mnist", ROWS, METRICS)
-    cmd = common.command("benchmarks/mnist.py", argv)
-    for seed in args.seeds:
-        run_seed(args, seed, data, res, workdir)
-        res.notes = notes(res, args)
-        res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
-    title = (
-        f"MNIST / LeNet5, OCD on fc2 (120→84); {common.machine()}; "
-        f"{(time.perf_counter() - t0) / 60:.1f} min\n`{cmd}`"
+    return common.run_seeds(
+        args,
+        res,
+        lambda seed: run_seed(args, seed, data, res, workdir),
+        lambda: notes(res, args),
+        script="benchmarks/mnist.py",
+        argv=argv,
+        title="MNIST / LeNet5, OCD on fc2 (120→84)",
+        t0=t0,
     )
-    print(res.report(title))
-    res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
-    return res.to_json(command=cmd)
 
 
 if __name__ == "__main__":

@@ -227,18 +227,16 @@ def main(argv: list[str] | None = None) -> dict:
         data["train"] = tuple(t[:2000] for t in data["train"])
         data["test"] = tuple(t[:500] for t in data["test"])
     res = Results("tabular", ROWS, METRICS)
-    cmd = common.command("benchmarks/tabular.py", argv)
-    for seed in args.seeds:
-        run_seed(args, seed, data, res, workdir)
-        res.notes = notes(res, args)
-        res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
-    title = (
-        f"California Housing / MLP, OCD on blocks.0.linear (8→256); {common.machine()}; "
-        f"{(time.perf_counter() - t0) / 60:.1f} min\n`{cmd}`"
+    return common.run_seeds(
+        args,
+        res,
+        lambda seed: run_seed(args, seed, data, res, workdir),
+        lambda: notes(res, args),
+        script="benchmarks/tabular.py",
+        argv=argv,
+        title="California Housing / MLP, OCD on blocks.0.linear (8→256)",
+        t0=t0,
     )
-    print(res.report(title))
-    res.write(args.json, command=cmd, settings=vars(args), seconds=time.perf_counter() - t0)
-    return res.to_json(command=cmd)
 
 
 if __name__ == "__main__":

@@ -186,11 +186,13 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
     run = common.run_ocd(
         base, LAYER, cfg, train, test, task, os.path.join(workdir, f"{ds['key']}-s{seed}"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr.to(dev), nn_test=xte.to(dev),
-        progress=args.progress, tag=f"{ds['key']} head",
+        progress=args.progress, tag=f"{ds['key']} head", uncertainty=True,
     )  # fmt: skip
     for k, v in run.rows.items():
         res.add(seed, k, v)
     info["ocd"] = run.info
+    if args.plots and seed == args.seeds[0]:
+        _uncertainty_plots(run.uncertainty, args, ds)
 
     seconds = run.info["collect_s"] + run.info["fit_s"]
     row, info["compute_matched"] = common.compute_matched(
@@ -204,6 +206,20 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
             pristine, test, task, lr=cfg.overfit_lr, steps=cfg.overfit_steps, device=dev
         ),
     )
+
+
+def _uncertainty_plots(rep: Any, args: Any, ds: dict) -> None:
+    """The reliability diagram and the spread-vs-confidence figure of one draw."""
+    from ocdwrap import plots
+
+    what = f"{ds['name']}, draw {args.seeds[0]}, {rep.n} test texts"
+    for kind, draw in (
+        ("reliability", plots.plot_reliability),
+        ("uncertainty", plots.plot_uncertainty),
+    ):
+        path = os.path.join(args.plots, f"text_fewshot-{ds['key']}-{kind}.png")
+        draw(rep, path=path, title=f"{what}: base vs OCD({rep.num_draws})")
+        common.log(f"wrote {path}")
 
 
 def notes(res: Results, args: Any) -> list[str]:
@@ -266,14 +282,23 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in args.seeds:
             run_draw(args, seed, ds, res, workdir)
             res.notes = notes(res, args)
-            out["datasets"][key] = res.to_json(title=title, classes=classes)
+            reps = [i["ocd"]["uncertainty"] for i in res.info.values() if "uncertainty" in i["ocd"]]
+            out["datasets"][key] = res.to_json(
+                title=title, classes=classes, uncertainty_table=common.uncertainty_table(reps)
+            )
             _write(args.json, out, t0)
         reports.append(
             res.report(f"{title}; MiniLM + head, OCD on `head`; {common.machine()}\n`{cmd}`")
         )
     for r in reports:
         print(r)
+    for part in out["datasets"].values():
+        print(f"{part['title']}: the spread between draws as an error detector\n")
+        print(part["uncertainty_table"] + "\n")
     _write(args.json, out, t0)
+    if args.plots:
+        for path in common.plot_json(out, args.plots):
+            common.log(f"wrote {path}")
     return out
 
 

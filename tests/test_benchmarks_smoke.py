@@ -41,12 +41,16 @@ def test_smoke_rows(name: str, tmp_path) -> None:
         pytest.skip(f"{need} data not installed")
     module = _load(name)
     out = tmp_path / "out.json"
-    module.main(["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work")])
+    figs = tmp_path / "figs"
+    module.main(
+        ["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work"), "--plots", str(figs)]
+    )
     part = json.loads(out.read_text())
     _check(part, module.ROWS)
     assert part["command"].startswith(f"python benchmarks/{name}.py --smoke")
     common = sys.modules["common"]
     assert "| row |" in common.render(str(out))
+    assert (figs / f"results-{name}.png").stat().st_size > 10_000
 
 
 def test_smoke_text(tmp_path) -> None:
@@ -66,9 +70,56 @@ def test_smoke_text(tmp_path) -> None:
             str(tmp_path / "w"),
             "--cache-dir",
             str(tmp_path / "c"),
+            "--plots",
+            str(tmp_path / "figs"),
         ]
     )
     d = json.loads(out.read_text())
     assert set(d["datasets"]) == {"rotten_tomatoes", "womens_department"}
-    for part in d["datasets"].values():
+    for key, part in d["datasets"].items():
         _check(part, module.ROWS)
+        rep = part["info"]["0"]["ocd"]["uncertainty"]
+        for target in ("ocd_wrong", "base_wrong"):
+            assert set(rep["auroc"][target]) == {"spread", "base_msp", "ocd_mean_prob"}
+            assert all(0.0 <= v <= 1.0 for v in rep["auroc"][target].values())
+        assert rep["errors"]["base"] == round((1 - rep["accuracy"]["base"]) * rep["n"])
+        for fig in (
+            "results-text_fewshot-{}",
+            "text_fewshot-{}-reliability",
+            "text_fewshot-{}-uncertainty",
+        ):
+            assert (tmp_path / "figs" / (fig.format(key) + ".png")).stat().st_size > 10_000
+    common = sys.modules["common"]
+    section = common.render(str(out), "uncertainty_table")
+    assert section.count("| OCD ensemble spread (std between draws) |") == 2
+    with pytest.raises(KeyError, match="rerun its script"):
+        common.render(str(out), "no_such_section")
+
+
+def _report(spread_auroc: float, low: float) -> dict:
+    scores = {"spread": spread_auroc, "base_msp": 0.8, "ocd_mean_prob": 0.81}
+    added = {"difference": low + 0.01, "difference_low": low, "difference_high": low + 0.02}
+    return {
+        "num_draws": 5,
+        "n_bins": 15,
+        "n": 100,
+        "auroc": {"ocd_wrong": scores, "base_wrong": scores},
+        "added_value": {"ocd_wrong": added, "base_wrong": added},
+        "accuracy": {"base": 0.9, "ocd": 0.91},
+        "errors": {"base": 10, "ocd": 9},
+        "ece": {"base": 0.05, "ocd": 0.04},
+        "spearman_spread_vs_base_msp": 0.9,
+    }
+
+
+def test_uncertainty_table_mean_sd_over_seeds() -> None:
+    sys.path.append(BENCH)
+    import common
+
+    text = common.uncertainty_table([_report(0.6, -0.01), _report(0.7, 0.02)])
+    spread = next(line for line in text.splitlines() if line.startswith("| OCD ensemble spread"))
+    assert "0.6500 ± 0.0707" in spread  # mean ± sample sd of 0.6 and 0.7
+    added = next(line for line in text.splitlines() if "added by the spread" in line)
+    assert "1 of 2 with the 95 % interval above 0" in added
+    assert "| accuracy (%) | 90.00 ± 0.00 | 91.00 ± 0.00 |" in text
+    assert common.uncertainty_table([]) == ""
