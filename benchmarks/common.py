@@ -46,9 +46,10 @@ from torch import nn
 
 import ocdwrap
 from ocdwrap.batches import read_output, split_batch, to_device
+from ocdwrap.datasets import tensor_loader
 from ocdwrap.layer import FullDelta, Rank1Delta
 from ocdwrap.uncertainty import misclassification_report
-from ocdwrap.zoo import continue_training
+from ocdwrap.zoo import continue_training, train_base
 from ocdwrap.zoo import evaluate as zoo_evaluate
 
 PAPER_REF = "Lutati & Wolf, OCD: Learning to Overfit with Conditional Diffusion Models, ICLR 2023"
@@ -57,8 +58,11 @@ PAPER_REF = "Lutati & Wolf, OCD: Learning to Overfit with Conditional Diffusion 
 # --------------------------------------------------------------------------- command line
 
 
-def base_parser(description: str, *, seeds: Sequence[int] = (0, 1, 2)) -> argparse.ArgumentParser:
-    """The options every benchmark script has; scripts add their own."""
+def base_parser(
+    description: str, *, seeds: Sequence[int] = (0, 1, 2), delta: bool = True
+) -> argparse.ArgumentParser:
+    """The options every benchmark script has (``--delta`` unless ``delta=False``); scripts add
+    their own."""
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -81,6 +85,13 @@ def base_parser(description: str, *, seeds: Sequence[int] = (0, 1, 2)) -> argpar
     p.add_argument(
         "--plots", default=None, metavar="DIR", help="write the results figure(s) (PNG) here"
     )
+    if delta:
+        p.add_argument(
+            "--delta",
+            choices=["rank1", "full"],
+            default=None,
+            help="default: rank1 (CPU), full (--paper)",
+        )
     return p
 
 
@@ -180,7 +191,7 @@ def fmt_mean_sd(values: Sequence[float], fmt: str) -> str:
     m, s = mean_sd(values)
     if math.isnan(m):
         return "—"
-    return f"{m:{fmt}}" + (f" ± {s:{fmt}}" if len(values) > 1 else "")
+    return f"{m:{fmt}}" + (f" ± {s:{fmt.lstrip('+')}}" if len(values) > 1 else "")
 
 
 def gap_fraction(base: float, ocd: float, upper: float) -> float | None:
@@ -346,6 +357,83 @@ def evaluate_predictions(
 
 
 # --------------------------------------------------------------------------- OCD and its ablations
+
+
+def base_row(
+    res: Results,
+    seed: int,
+    base: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test_loader: Iterable,
+    task: Task,
+    *,
+    batch_size: int,
+    val_batch_size: int,
+    max_epochs: int,
+    patience: int,
+    device: str,
+    progress: bool = False,
+) -> nn.Module:
+    """Train ``base`` to convergence (Adam, early stopping on ``val``), record how in
+    ``res.info[seed]["base_training"]``, add its "base" row; return an untouched copy of it
+    (for the compute-matched and all-layers controls, which must not see the OCD wrapper)."""
+    tr = train_base(
+        base,
+        tensor_loader(*train, batch_size, shuffle=True, seed=seed),
+        tensor_loader(*val, val_batch_size),
+        task.loss_fn,
+        max_epochs=max_epochs,
+        patience=patience,
+        device=device,
+        seed=seed,
+        progress=progress,
+    )
+    info = res.info.setdefault(seed, {})
+    info["base_training"] = {
+        "epochs_run": tr.epochs_run,
+        "best_epoch": tr.best_epoch,
+        "stopped_early": tr.stopped_early,
+        "best_val_loss": tr.best_val_loss,
+        "seconds": tr.seconds,
+    }
+    log(f"  {info['base_training']}")
+    base.eval()
+    pristine = copy.deepcopy(base)
+    res.add(seed, "base", evaluate_module(base, test_loader, task, device))
+    log(f"  base: {res.per_seed[seed]['base']}")
+    return pristine
+
+
+def add_run(res: Results, seed: int, run: OCDRun, key: str = "ocd") -> None:
+    """Every row of ``run`` into ``res``; its info under ``res.info[seed][key]``."""
+    for k, v in run.rows.items():
+        res.add(seed, k, v)
+    res.info.setdefault(seed, {})[key] = run.info
+
+
+def compute_matched_row(
+    res: Results,
+    seed: int,
+    pristine: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test_loader: Iterable,
+    task: Task,
+    *,
+    batch_size: int,
+    device: str,
+) -> None:
+    """The "compute-matched" row: ``pristine`` trained further for the wall time OCD's
+    collection and fitting took (``res.info[seed]["ocd"]``)."""
+    info = res.info[seed]
+    seconds = info["ocd"]["collect_s"] + info["ocd"]["fit_s"]
+    log(f"compute-matched control: {seconds:.1f} s more training of the base")
+    loader = tensor_loader(*train, batch_size, shuffle=True, seed=seed + 1000)
+    row, info["compute_matched"] = compute_matched(
+        pristine, loader, test_loader, task, seconds, device=device, seed=seed
+    )
+    res.add(seed, "compute_matched", row)
+    log(f"  {row} after {info['compute_matched']['steps']} steps")
 
 
 OCD_ROWS = ("ocd", "ocd_k", "global", "regression", "nn", "overfit", "pseudo")
@@ -794,6 +882,29 @@ def alternative_layer(
         "chosen_alternative": alt,
         "seconds": scores.seconds,
     }
+
+
+def training_notes(res: Results, base: str, stopping: str) -> list[str]:
+    """The two control lines every table carries: how the base was trained (``base``, e.g.
+    "LeNet5, Adam 1e-3, batch 128"; ``stopping``, e.g. "patience 3") and how long the
+    compute-matched base was trained further."""
+    infos = list(res.info.values())
+    out = []
+    bt = [i["base_training"] for i in infos if "base_training" in i]
+    if bt:
+        out.append(
+            f"base: {base}, early stopping on the validation split ({stopping}): epochs run "
+            f"{[b['epochs_run'] for b in bt]}, best epoch {[b['best_epoch'] for b in bt]}, "
+            f"stopped early {[b['stopped_early'] for b in bt]}"
+        )
+    cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
+    if cm:
+        out.append(
+            "compute-matched: the base trained further with Adam 1e-4 for "
+            f"{[round(c['seconds']) for c in cm]} s (= OCD collection + fit wall time), "
+            f"{[c['steps'] for c in cm]} steps"
+        )
+    return out
 
 
 def uncertainty_table(reports: Sequence[dict[str, Any]]) -> str:

@@ -28,7 +28,6 @@ stand-in, not a reproduction of the paper's CIFAR-10 numbers.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ from torch import nn  # noqa: E402
 
 import ocdwrap  # noqa: E402
 from ocdwrap.datasets import load_fashion_mnist, tensor_loader  # noqa: E402
-from ocdwrap.zoo import googlenet_small, resnet18_small, train_base  # noqa: E402
+from ocdwrap.zoo import googlenet_small, resnet18_small  # noqa: E402
 
 LAYER = "fc"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -92,12 +91,6 @@ def parse_args(argv: list[str] | None) -> Any:
     )
     p.add_argument("--max-epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
-    p.add_argument(
-        "--delta",
-        choices=["rank1", "full"],
-        default=None,
-        help="default: rank1 (CPU), full (--paper)",
-    )
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds = args.seeds[:1]
@@ -153,29 +146,10 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     torch.manual_seed(seed)
     make = resnet18_small if args.arch == "resnet18" else googlenet_small
     base = make(num_classes=10, in_channels=xtr.shape[1])
-    tr = train_base(
-        base,
-        tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed),
-        tensor_loader(xva, yva, 250),
-        task.loss_fn,
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        device=dev,
-        seed=seed,
-        progress=True,
-    )
-    info["base_training"] = {
-        "epochs_run": tr.epochs_run,
-        "best_epoch": tr.best_epoch,
-        "stopped_early": tr.stopped_early,
-        "best_val_loss": tr.best_val_loss,
-        "seconds": tr.seconds,
-    }
-    common.log(f"  {info['base_training']}")
-    base.eval()
-    pristine = copy.deepcopy(base)
-    res.add(seed, "base", common.evaluate_module(base, test, task, dev))
-    common.log(f"  base: {res.per_seed[seed]['base']}")
+    pristine = common.base_row(
+        res, seed, base, (xtr, ytr), (xva, yva), test, task, batch_size=128, val_batch_size=250,
+        max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=True,
+    )  # fmt: skip
 
     cfg = make_config(args, seed)
     run = common.run_ocd(
@@ -183,18 +157,11 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         draws=args.draws, seed=seed, device=dev, nn_train=xtr, nn_test=xte, progress=args.progress,
         tag="fc",
     )  # fmt: skip
-    for k, v in run.rows.items():
-        res.add(seed, k, v)
-    info["ocd"] = run.info
+    common.add_run(res, seed, run)
 
-    seconds = run.info["collect_s"] + run.info["fit_s"]
-    common.log(f"compute-matched control: {seconds:.0f} s more training of the base")
-    row, info["compute_matched"] = common.compute_matched(
-        pristine, tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed + 1000), test, task,
-        seconds, device=dev, seed=seed,
-    )  # fmt: skip
-    res.add(seed, "compute_matched", row)
-    common.log(f"  {row} after {info['compute_matched']['steps']} steps")
+    common.compute_matched_row(
+        res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev
+    )
 
     n_all = args.all_layers_samples or None
     common.log(f"overfitting every layer on each of {n_all or len(xte)} test images")
@@ -223,19 +190,11 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 def notes(res: Results, args: Any, dataset: str) -> list[str]:
     out = common.gap_notes(res, "loss", PAPER_GAP) + common.gap_notes(res, "acc", PAPER_GAP_ACC)
     infos = list(res.info.values())
-    bt = [i["base_training"] for i in infos if "base_training" in i]
-    if bt:
-        out.append(
-            f"base: {args.arch}, Adam 1e-3, batch 128, early stopping on the validation split "
-            f"(patience {args.patience}, at most {args.max_epochs} epochs): epochs run {[b['epochs_run'] for b in bt]}, "
-            f"best epoch {[b['best_epoch'] for b in bt]}, stopped early {[b['stopped_early'] for b in bt]}"
-        )
-    cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
-    if cm:
-        out.append(
-            "compute-matched: the base trained further with Adam 1e-4 for "
-            f"{[round(c['seconds']) for c in cm]} s (= OCD collection + fit), {[c['steps'] for c in cm]} steps"
-        )
+    out += common.training_notes(
+        res,
+        f"{args.arch}, Adam 1e-3, batch 128",
+        f"patience {args.patience}, at most {args.max_epochs} epochs",
+    )
     t = [i["ocd"] for i in infos if "ocd" in i]
     if t:
         out.append(

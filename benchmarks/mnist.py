@@ -25,7 +25,6 @@ steps, 3 seeds. ``--paper``: all 50k images, the paper's full-matrix UNet, 20k f
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -42,7 +41,7 @@ from torch import nn  # noqa: E402
 
 import ocdwrap  # noqa: E402
 from ocdwrap.datasets import load_mnist, tensor_loader  # noqa: E402
-from ocdwrap.zoo import LeNet5, train_base  # noqa: E402
+from ocdwrap.zoo import LeNet5  # noqa: E402
 
 LAYER = "fc2"
 STRONG_LR = 2e-3
@@ -81,12 +80,6 @@ def parse_args(argv: list[str] | None) -> Any:
     p = common.base_parser(__doc__)
     p.add_argument("--train-samples", type=int, default=20000, help="training images overfitted")
     p.add_argument("--max-epochs", type=int, default=30, help="base training epochs at most")
-    p.add_argument(
-        "--delta",
-        choices=["rank1", "full"],
-        default=None,
-        help="default: rank1 (CPU), full (--paper)",
-    )
     p.add_argument(
         "--test-samples", type=int, default=None, help="first N test images (default all)"
     )
@@ -168,28 +161,10 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     common.log(f"seed {seed}: training LeNet5 on {len(xtr)} images to convergence")
     torch.manual_seed(seed)
     base = LeNet5()
-    tr = train_base(
-        base,
-        tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed),
-        tensor_loader(xva, yva, 1000),
-        task.loss_fn,
-        max_epochs=args.max_epochs,
-        patience=3,
-        device=dev,
-        seed=seed,
-        progress=False,
-    )
-    info["base_training"] = {
-        "epochs_run": tr.epochs_run,
-        "best_epoch": tr.best_epoch,
-        "stopped_early": tr.stopped_early,
-        "best_val_loss": tr.best_val_loss,
-        "seconds": tr.seconds,
-    }
-    common.log(f"  {info['base_training']}")
-    pristine = copy.deepcopy(base)
-    res.add(seed, "base", common.evaluate_module(base, test, task, dev))
-    common.log(f"  base: {res.per_seed[seed]['base']}")
+    pristine = common.base_row(
+        res, seed, base, (xtr, ytr), (xva, yva), test, task, batch_size=128, val_batch_size=1000,
+        max_epochs=args.max_epochs, patience=3, device=dev, progress=False,
+    )  # fmt: skip
 
     n = min(args.train_samples, len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 256)
@@ -199,20 +174,13 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
         progress=args.progress, tag="fc2 adam",
     )  # fmt: skip
-    for k, v in run.rows.items():
-        res.add(seed, k, v)
-    info["ocd"] = run.info
+    common.add_run(res, seed, run)
     if args.ocd_only:
         return
 
-    ocd_seconds = run.info["collect_s"] + run.info["fit_s"]
-    common.log(f"compute-matched control: {ocd_seconds:.1f} s more training of the base")
-    row, info["compute_matched"] = common.compute_matched(
-        pristine, tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed + 1000), test, task,
-        ocd_seconds, device=dev, seed=seed,
-    )  # fmt: skip
-    res.add(seed, "compute_matched", row)
-    common.log(f"  {row} after {info['compute_matched']['steps']} steps")
+    common.compute_matched_row(
+        res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev
+    )
 
     res.add(
         seed, "overfit_strong", overfit_on_test(base, cfg.replace(overfit_lr=STRONG_LR), test, task)
@@ -262,19 +230,7 @@ def notes(res: Results, args: Any) -> list[str]:
     out = common.gap_notes(res, "loss", PAPER_GAP) + common.gap_notes(res, "acc", PAPER_GAP_ACC)
     infos = list(res.info.values())
     if infos:
-        bt = [i["base_training"] for i in infos if "base_training" in i]
-        out.append(
-            "base: LeNet5, Adam 1e-3, batch 128, early stopping on the validation split "
-            f"(patience 3): epochs run {[b['epochs_run'] for b in bt]}, best epoch "
-            f"{[b['best_epoch'] for b in bt]}, stopped early {[b['stopped_early'] for b in bt]}"
-        )
-        cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
-        if cm:
-            out.append(
-                "compute-matched: the base trained further with Adam 1e-4 for "
-                f"{[round(c['seconds']) for c in cm]} s (= OCD collection + fit wall time), "
-                f"{[c['steps'] for c in cm]} steps"
-            )
+        out += common.training_notes(res, "LeNet5, Adam 1e-3, batch 128", "patience 3")
         sg = [i["sgd"] for i in infos if "sgd" in i]
         if sg:
             out.append(

@@ -23,7 +23,6 @@ overfitted on each test row.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from common import Metric, Results, Row  # noqa: E402
 
 import ocdwrap  # noqa: E402
 from ocdwrap.datasets import load_california_housing, tensor_loader  # noqa: E402
-from ocdwrap.zoo import TabularMLP, train_base  # noqa: E402
+from ocdwrap.zoo import TabularMLP  # noqa: E402
 
 LAYER = "blocks.0.linear"
 
@@ -72,12 +71,6 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--patience", type=int, default=16, help="early-stopping patience (epochs)")
     p.add_argument("--train-samples", type=int, default=None, help="rows overfitted (default all)")
     p.add_argument("--normalization", choices=["standard", "quantile"], default="standard")
-    p.add_argument(
-        "--delta",
-        choices=["rank1", "full"],
-        default=None,
-        help="default: rank1 (CPU), full (--paper)",
-    )
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds = args.seeds[:1]
@@ -113,28 +106,10 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     common.log(f"seed {seed}: training the MLP on {len(xtr)} rows to convergence")
     torch.manual_seed(seed)
     base = TabularMLP(xtr.shape[1])
-    tr = train_base(
-        base,
-        tensor_loader(xtr, ytr, 256, shuffle=True, seed=seed),
-        tensor_loader(xva, yva, 1024),
-        mse,
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        device=dev,
-        seed=seed,
-        progress=False,
-    )
-    info["base_training"] = {
-        "epochs_run": tr.epochs_run,
-        "best_epoch": tr.best_epoch,
-        "stopped_early": tr.stopped_early,
-        "best_val_loss": tr.best_val_loss,
-        "seconds": tr.seconds,
-    }
-    common.log(f"  {info['base_training']}")
-    pristine = copy.deepcopy(base)
-    res.add(seed, "base", common.evaluate_module(base, test, task, dev))
-    common.log(f"  base: {res.per_seed[seed]['base']}")
+    pristine = common.base_row(
+        res, seed, base, (xtr, ytr), (xva, yva), test, task, batch_size=256, val_batch_size=1024,
+        max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=False,
+    )  # fmt: skip
 
     n = min(args.train_samples or len(xtr), len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 1024)
@@ -144,18 +119,11 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
         progress=args.progress, tag=LAYER,
     )  # fmt: skip
-    for k, v in run.rows.items():
-        res.add(seed, k, v)
-    info["ocd"] = run.info
+    common.add_run(res, seed, run)
 
-    seconds = run.info["collect_s"] + run.info["fit_s"]
-    common.log(f"compute-matched control: {seconds:.1f} s more training of the base")
-    row, info["compute_matched"] = common.compute_matched(
-        pristine, tensor_loader(xtr, ytr, 256, shuffle=True, seed=seed + 1000), test, task,
-        seconds, device=dev, seed=seed,
-    )  # fmt: skip
-    res.add(seed, "compute_matched", row)
-    common.log(f"  {row} after {info['compute_matched']['steps']} steps")
+    common.compute_matched_row(
+        res, seed, pristine, (xtr, ytr), test, task, batch_size=256, device=dev
+    )
 
     row = common.overfit_all_layers(
         pristine, test, task, lr=cfg.overfit_lr, steps=cfg.overfit_steps, device=dev
@@ -179,19 +147,9 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 def notes(res: Results, args: Any) -> list[str]:
     out = common.gap_notes(res, "rmse", PAPER_GAP)
     infos = list(res.info.values())
-    bt = [i["base_training"] for i in infos if "base_training" in i]
-    if bt:
-        out.append(
-            f"base: MLP 3 × 256 (dropout 0.1), Adam 1e-3, batch 256, early stopping on the validation split "
-            f"(patience {args.patience}): epochs run {[b['epochs_run'] for b in bt]}, best epoch "
-            f"{[b['best_epoch'] for b in bt]}, stopped early {[b['stopped_early'] for b in bt]}"
-        )
-    cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
-    if cm:
-        out.append(
-            "compute-matched: the base trained further with Adam 1e-4 for "
-            f"{[round(c['seconds']) for c in cm]} s (= OCD collection + fit), {[c['steps'] for c in cm]} steps"
-        )
+    out += common.training_notes(
+        res, "MLP 3 × 256 (dropout 0.1), Adam 1e-3, batch 256", f"patience {args.patience}"
+    )
     t = [i["ocd"] for i in infos if "ocd" in i]
     if t:
         out.append(

@@ -95,7 +95,7 @@ class EmbeddingClassifier(nn.Module):
 
 
 def parse_args(argv: list[str] | None) -> Any:
-    p = common.base_parser(__doc__, seeds=(0, 1, 2, 3, 4))
+    p = common.base_parser(__doc__, seeds=(0, 1, 2, 3, 4), delta=False)
     p.add_argument("--shots", type=int, default=8, help="labelled examples per class")
     p.add_argument(
         "--pool", type=int, default=2000, help="texts embedded per data set (train + test pool)"
@@ -212,7 +212,7 @@ def _uncertainty_plots(rep: Any, args: Any, ds: dict) -> None:
     """The reliability diagram and the spread-vs-confidence figure of one draw."""
     from ocdwrap import plots
 
-    what = f"{ds['name']}, draw {args.seeds[0]}, {rep.n} test texts"
+    what = f"{ds['name'].split(' (')[0]}, draw {args.seeds[0]}, {rep.n} texts"
     for kind, draw in (
         ("reliability", plots.plot_reliability),
         ("uncertainty", plots.plot_uncertainty),
