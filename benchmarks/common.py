@@ -1061,6 +1061,93 @@ def plot_json(d: dict[str, Any], out_dir: str) -> list[str]:
     return paths
 
 
+LABEL_FREE = (
+    "compute_matched",
+    "global",
+    "regression",
+    "nn",
+    "pseudo",
+    "alt",
+    "sgd_ocd",
+    "sgd_global",
+)
+LOWER_IS_BETTER = {"loss", "mse", "rmse"}
+SHORT_LABELS = {
+    "compute_matched": "compute-matched base",
+    "global": "OCD, global ρ",
+    "regression": "regression generator",
+    "nn": "nearest neighbour",
+    "pseudo": "own-label overfit",
+    "alt": "OCD, alternative layer",
+    "sgd_ocd": "OCD, SGD deltas",
+    "sgd_global": "OCD, SGD deltas, global ρ",
+}
+SHORT_NAMES = {
+    "mnist": "MNIST / LeNet5",
+    "tabular": "California Housing / MLP",
+    "fashion_mnist": "Fashion-MNIST / ResNet-18",
+}
+
+
+def _paper_number(text: str | None) -> float | None:
+    found = re.findall(r"\d*\.\d+|\d+", text or "")
+    return float(found[0]) if found else None
+
+
+def summary_table(paths: Sequence[str]) -> str:
+    """One markdown table over several benchmark JSONs: per data set and metric, base, OCD,
+    OCD(5), the best row that uses no test label, overfit on test, and the share of the
+    base -> overfit-on-test gap OCD captured (mean ± sd over seeds) next to the paper's."""
+    head = (
+        "| data set | metric | base | OCD, 1 draw | OCD(5) | best other label-free row | "
+        "overfit on test | OCD's share of the gap | paper's share |"
+    )
+    lines = [head, "|" + " --- |" * 9]
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        for _, part in _parts(d):
+            rows, per_seed = part["rows"], part["per_seed"].values()
+            name = (part.get("title") or SHORT_NAMES.get(d["benchmark"], d["benchmark"])).split(
+                " ("
+            )[0]
+            for metric in next(iter(rows.values()))["metrics"]:
+                if metric == "mse":
+                    continue  # RMSE is the paper's figure; MSE orders the rows the same way
+
+                def cell(k: str, m: str = metric, rows: dict = rows) -> str:
+                    vals = rows[k]["metrics"][m]["values"] if k in rows else []
+                    return fmt_mean_sd(vals, ".2f" if m == "acc" else ".4f") if vals else "—"
+
+                sign = 1 if metric in LOWER_IS_BETTER else -1
+                others = [
+                    k for k in LABEL_FREE if k in rows and rows[k]["metrics"][metric]["values"]
+                ]
+                best = min(
+                    others, key=lambda k: sign * rows[k]["metrics"][metric]["mean"], default=None
+                )
+                best_txt = f"{cell(best)} ({SHORT_LABELS[best]})" if best else "—"
+                shares = [
+                    100 * g
+                    for r in per_seed
+                    if all(k in r for k in ("base", "ocd", "overfit"))
+                    for g in [
+                        gap_fraction(r["base"][metric], r["ocd"][metric], r["overfit"][metric])
+                    ]
+                    if g is not None
+                ]
+                pb, po, pu = (
+                    _paper_number(rows[k]["paper"].get(metric)) for k in ("base", "ocd", "overfit")
+                )
+                paper = gap_fraction(pb, po, pu) if None not in (pb, po, pu) else None
+                lines.append(
+                    f"| {name} | {METRIC_LABELS.get(metric, metric)} | {cell('base')} | {cell('ocd')} | "
+                    f"{cell('ocd_k')} | {best_txt} | {cell('overfit')} | "
+                    f"{fmt_mean_sd(shares, '.1f')} % | {'—' if paper is None else f'{100 * paper:.0f} %'} |"
+                )
+    return "\n".join(lines)
+
+
 RENDER_START = "<!-- render: "
 RENDER_END = "<!-- /render -->"
 
@@ -1084,7 +1171,11 @@ def update_markdown(doc: str) -> int:
         out.append(line)
         if line.startswith(RENDER_START):
             path, *section = line[len(RENDER_START) :].split("-->")[0].split()
-            out += ["", render(os.path.join(root, path), *section[:1]).rstrip(), ""]
+            if path == "summary":  # <!-- render: summary a.json b.json ... -->
+                text = summary_table([os.path.join(root, p) for p in section])
+            else:
+                text = render(os.path.join(root, path), *section[:1])
+            out += ["", text.rstrip(), ""]
             count += 1
             skipping = True
     if skipping:

@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None) -> Any:
         "--test-samples", type=int, default=None, help="first N test images (default all)"
     )
     p.add_argument(
+        "--overfit-lr",
+        type=float,
+        default=5e-4,
+        help="Adam lr of the per-sample overfit, collection and bound alike (released code: 5e-4)",
+    )
+    p.add_argument(
         "--ocd-only",
         action="store_true",
         help="only the base and the fc2 / Adam OCD rows (for sweeps, e.g. of --fit-steps)",
@@ -110,7 +116,13 @@ def parse_args(argv: list[str] | None) -> Any:
 
 
 def make_config(args: Any, seed: int, **kw: Any) -> ocdwrap.OCDConfig:
-    base = dict(delta=args.delta, fit_steps=args.fit_steps, seed=seed, checkpoint_every=0)
+    base = dict(
+        delta=args.delta,
+        fit_steps=args.fit_steps,
+        seed=seed,
+        checkpoint_every=0,
+        overfit_lr=args.overfit_lr,
+    )
     base.update(kw)
     if args.paper:
         return ocdwrap.OCDConfig.paper(**base)
@@ -234,7 +246,7 @@ def notes(res: Results, args: Any) -> list[str]:
         sg = [i["sgd"] for i in infos if "sgd" in i]
         if sg:
             out.append(
-                "SGD overfit lr (mean rho matched to Adam 5e-4 × 3 on 1,024 training images): "
+                f"SGD overfit lr (mean rho matched to Adam {args.overfit_lr:g} × 3 on 1,024 training images): "
                 + ", ".join(
                     f"{s['lr']:.3g} (rho {s['sgd_rho_mean']:.2e} vs Adam {s['adam_rho_mean']:.2e})"
                     for s in sg
@@ -274,7 +286,8 @@ def notes(res: Results, args: Any) -> list[str]:
                 f"{[round(x['fit_s']) for x in t]} s ({args.fit_steps} steps)"
             )
     out.append(
-        f"settings: delta={args.delta}, {args.train_samples} training images overfitted, "
+        f"settings: delta={args.delta}, overfit Adam {args.overfit_lr:g} × 3, "
+        f"{args.train_samples} training images overfitted, "
         f"{args.fit_steps} fit steps, K={args.draws}; test images: {args.test_samples or 10000}"
     )
     return out
@@ -294,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.test_samples:
         data["test"] = tuple(t[: args.test_samples] for t in data["test"])
     data = {k: tuple(t.to(args.device) for t in v) for k, v in data.items()}
-    res = Results("mnist", ROWS, METRICS)
+    rows = [Row(r.key, r.label.replace("5e-4", f"{args.overfit_lr:g}"), r.paper) for r in ROWS]
+    res = Results("mnist", rows, METRICS)
     return common.run_seeds(
         args,
         res,
