@@ -123,3 +123,32 @@ def test_uncertainty_table_mean_sd_over_seeds() -> None:
     assert "1 of 2 with the 95 % interval above 0" in added
     assert "| accuracy (%) | 90.00 ± 0.00 | 91.00 ± 0.00 |" in text
     assert common.uncertainty_table([]) == ""
+
+
+def test_summary_table_gap_share(tmp_path) -> None:
+    sys.path.append(BENCH)
+    import common
+    from common import Metric, Results, Row
+
+    rows = [
+        Row("base", "base", {"loss": "0.080"}),
+        Row("ocd", "OCD", {"loss": "0.010"}),
+        Row("ocd_k", "OCD(5)"),
+        Row("regression", "regression"),
+        Row("nn", "nearest neighbour"),
+        Row("overfit", "overfit on test", {"loss": "0.002"}),
+    ]
+    res = Results("mnist", rows, [Metric("loss", "CE", ".4f")])
+    for seed, (b, o, u) in enumerate([(0.04, 0.03, 0.02), (0.05, 0.04, 0.01)]):
+        for key, v in {"base": b, "ocd": o, "ocd_k": o, "overfit": u}.items():
+            res.add(seed, key, {"loss": v})
+        res.add(seed, "regression", {"loss": b - 0.001})
+        res.add(seed, "nn", {"loss": b - 0.002})
+    path = tmp_path / "mnist.json"
+    res.write(str(path), command="python benchmarks/mnist.py")
+    line = common.summary_table([str(path)]).splitlines()[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[0] == "MNIST / LeNet5" and cells[1] == "cross-entropy"
+    assert cells[5].endswith("(nearest neighbour)")  # the best label-free row, lower loss
+    assert cells[7] == "37.5 ± 17.7 %"  # per seed 50 % and 25 %
+    assert cells[8] == "90 %"  # (0.080 - 0.010) / (0.080 - 0.002)
