@@ -1094,6 +1094,17 @@ def _paper_number(text: str | None) -> float | None:
     return float(found[0]) if found else None
 
 
+def _variant(settings: dict[str, Any]) -> str:
+    """What sets a run apart from its script's defaults, for the summary's first column."""
+    out = []
+    if settings.get("shots"):
+        out.append(f"{settings['shots']}-shot")
+    lr = settings.get("overfit_lr")
+    if lr is not None and abs(lr - 5e-4) > 1e-12:
+        out.append(f"overfit lr {lr:g}")
+    return f" ({', '.join(out)})" if out else ""
+
+
 def summary_table(paths: Sequence[str]) -> str:
     """One markdown table over several benchmark JSONs: per data set and metric, base, OCD,
     OCD(5), the best row that uses no test label, overfit on test, and the share of the
@@ -1110,7 +1121,7 @@ def summary_table(paths: Sequence[str]) -> str:
             rows, per_seed = part["rows"], part["per_seed"].values()
             name = (part.get("title") or SHORT_NAMES.get(d["benchmark"], d["benchmark"])).split(
                 " ("
-            )[0]
+            )[0] + _variant(d.get("settings", {}))
             for metric in next(iter(rows.values()))["metrics"]:
                 if metric == "mse":
                     continue  # RMSE is the paper's figure; MSE orders the rows the same way
