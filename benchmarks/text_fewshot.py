@@ -29,6 +29,13 @@ Overfit setting: the released code's Adam 5e-4 x 3 steps on ``head.weight`` (``-
 collection and the overfit-on-test bound alike. The logistic-regression head is fitted with a
 strong L2 penalty on 8 x C unit-length embeddings, so its logits are small and their margins
 thin: a small per-sample step already flips many test predictions (see docs/results.md).
+
+Every draw also measures the spread between OCD's K draws as a detector of wrong predictions
+(``ocdwrap.uncertainty.misclassification_report``: AUROC next to the base's max softmax
+probability, ECE of base and OCD(K)); the JSON keeps each draw's numbers and, per data set, a
+mean ± sd table (``uncertainty_table``, rendered into docs/figures.md). ``--plots DIR`` adds
+the results chart of each data set and, for the first draw, its reliability diagram and
+spread-vs-confidence figure.
 """
 
 from __future__ import annotations
