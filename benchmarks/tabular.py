@@ -19,6 +19,12 @@ base, compute-matched base, OCD, OCD(K), global rho, regression generator, neare
 (closest training row in standardised feature space), alternative layer (top-ranked other layer
 by ``select_layer``), overfit on test (true targets; the collection's setting) and every layer
 overfitted on each test row.
+
+``--hidden-layers 0`` makes the base a linear regression (the MLP's ``head`` alone) and puts OCD
+on ``head``: a base that underfits, whose errors depend on the input in a way a hypernetwork
+can learn. There is no alternative layer then, and the paper's numbers do not apply. The
+per-sample step of a 9-parameter layer is tiny at the default ``--overfit-lr``; use a larger one
+(docs/results.md uses 0.02).
 """
 
 from __future__ import annotations
@@ -71,6 +77,12 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--patience", type=int, default=16, help="early-stopping patience (epochs)")
     p.add_argument("--train-samples", type=int, default=None, help="rows overfitted (default all)")
     p.add_argument("--normalization", choices=["standard", "quantile"], default="standard")
+    p.add_argument(
+        "--hidden-layers", type=int, default=3, help="MLP depth; 0: a linear model, OCD on head"
+    )
+    p.add_argument(
+        "--overfit-lr", type=float, default=5e-4, help="Adam lr of the per-sample overfit"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds = args.seeds[:1]
@@ -81,12 +93,34 @@ def parse_args(argv: list[str] | None) -> Any:
         args.fit_steps = args.fit_steps or 20000
     args.fit_steps = args.fit_steps or 3000
     args.delta = args.delta or ("full" if args.paper else "rank1")
+    if args.hidden_layers < 0:
+        p.error(f"--hidden-layers must be >= 0, got {args.hidden_layers}")
+    args.layer = LAYER if args.hidden_layers else "head"
     return args
+
+
+def rows_for(args: Any) -> list[Row]:
+    """ROWS with the overfit lr in the labels; for a linear base, no alternative layer and no
+    paper numbers (the paper's are for the MLP)."""
+    out = []
+    for r in ROWS:
+        label = r.label.replace("5e-4", f"{args.overfit_lr:g}")
+        if args.hidden_layers == 0:
+            if r.key == "alt":
+                continue
+            label = label.replace("base MLP", "base linear model").replace("first layer", "head")
+        out.append(Row(r.key, label, r.paper if args.hidden_layers else {}))
+    return out
 
 
 def make_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
     base = dict(
-        delta=args.delta, fit_steps=args.fit_steps, seed=seed, checkpoint_every=0, task="regression"
+        delta=args.delta,
+        fit_steps=args.fit_steps,
+        seed=seed,
+        checkpoint_every=0,
+        task="regression",
+        overfit_lr=args.overfit_lr,
     )
     if args.paper:
         return ocdwrap.OCDConfig.paper(**base)
@@ -103,9 +137,9 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     info: dict[str, Any] = {}
     res.info[seed] = info
 
-    common.log(f"seed {seed}: training the MLP on {len(xtr)} rows to convergence")
+    common.log(f"seed {seed}: training the base on {len(xtr)} rows to convergence")
     torch.manual_seed(seed)
-    base = TabularMLP(xtr.shape[1])
+    base = TabularMLP(xtr.shape[1], n_layers=args.hidden_layers)
     pristine = common.base_row(
         res, seed, base, (xtr, ytr), (xva, yva), test, task, batch_size=256, val_batch_size=1024,
         max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=False,
@@ -115,9 +149,9 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 1024)
     cfg = make_config(args, seed)
     run = common.run_ocd(
-        base, LAYER, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
+        base, args.layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
-        progress=args.progress, tag=LAYER,
+        progress=args.progress, tag=args.layer,
     )  # fmt: skip
     common.add_run(res, seed, run)
 
@@ -130,6 +164,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     )
     res.add(seed, "overfit_all", row)
     common.log(f"  overfit all layers: {row}")
+    if args.hidden_layers == 0:
+        return  # a linear model has no other layer
 
     calib = tensor_loader(xva[:256], yva[:256], 256)
     alt, info["selection"] = common.alternative_layer(
@@ -145,10 +181,14 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 
 
 def notes(res: Results, args: Any) -> list[str]:
-    out = common.gap_notes(res, "rmse", PAPER_GAP)
+    out = common.gap_notes(res, "rmse", PAPER_GAP if args.hidden_layers else {})
     infos = list(res.info.values())
     out += common.training_notes(
-        res, "MLP 3 × 256 (dropout 0.1), Adam 1e-3, batch 256", f"patience {args.patience}"
+        res,
+        f"MLP {args.hidden_layers} × 256 (dropout 0.1), Adam 1e-3, batch 256"
+        if args.hidden_layers
+        else "linear regression (TabularMLP with no hidden layer), Adam 1e-3, batch 256",
+        f"patience {args.patience}",
     )
     t = [i["ocd"] for i in infos if "ocd" in i]
     if t:
@@ -168,7 +208,7 @@ def notes(res: Results, args: Any) -> list[str]:
             f"select_layer's own pick {[s['best'] for s in sel]}, blocks.0.linear ranked {[s['main_layer_rank'] for s in sel]}"
         )
     out.append(
-        f"settings: delta={args.delta}, normalization={args.normalization}, {args.train_samples or 'all'} training rows "
+        f"settings: delta={args.delta}, OCD on {args.layer}, overfit Adam {args.overfit_lr:g} × 3, normalization={args.normalization}, {args.train_samples or 'all'} training rows "
         f"overfitted, {args.fit_steps} fit steps, K={args.draws}; RMSE = sqrt(MSE of the standardised target) × y_std"
     )
     return out
@@ -184,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         data["train"] = tuple(t[:2000] for t in data["train"])
         data["test"] = tuple(t[:500] for t in data["test"])
-    res = Results("tabular", ROWS, METRICS)
+    res = Results("tabular", rows_for(args), METRICS)
     return common.run_seeds(
         args,
         res,
@@ -192,7 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: notes(res, args),
         script="benchmarks/tabular.py",
         argv=argv,
-        title="California Housing / MLP, OCD on blocks.0.linear (8→256)",
+        title="California Housing / MLP, OCD on blocks.0.linear (8→256)"
+        if args.hidden_layers
+        else "California Housing / linear model, OCD on head (8→1)",
         t0=t0,
     )
 

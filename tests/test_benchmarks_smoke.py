@@ -152,3 +152,21 @@ def test_summary_table_gap_share(tmp_path) -> None:
     assert cells[5].endswith("(nearest neighbour)")  # the best label-free row, lower loss
     assert cells[7] == "37.5 ± 17.7 %"  # per seed 50 % and 25 %
     assert cells[8] == "90 %"  # (0.080 - 0.010) / (0.080 - 0.002)
+
+
+def test_smoke_tabular_linear_base(tmp_path) -> None:
+    from ocdwrap.datasets import available
+
+    if not available()["california_housing"]:
+        pytest.skip("california_housing data not installed")
+    module = _load("tabular")
+    out = tmp_path / "out.json"
+    argv = ["--smoke", "--hidden-layers", "0", "--overfit-lr", "0.02", "--json", str(out)]
+    module.main(argv + ["--workdir", str(tmp_path / "work")])
+    part = json.loads(out.read_text())
+    rows = module.rows_for(module.parse_args(argv))
+    _check(part, rows)
+    assert "alt" not in part["rows"]
+    assert all(not r["paper"] for r in part["rows"].values())  # the paper's rows are for the MLP
+    assert part["rows"]["overfit"]["label"] == "overfit head on test (Adam 0.02 × 3; upper bound)"
+    assert part["info"]["0"]["ocd"]["layer"] == "head"
