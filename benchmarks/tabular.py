@@ -24,7 +24,9 @@ overfitted on each test row.
 on ``head``: a base that underfits, whose errors depend on the input in a way a hypernetwork
 can learn. There is no alternative layer then, and the paper's numbers do not apply. The
 per-sample step of a 9-parameter layer is tiny at the default ``--overfit-lr``; use a larger one
-(docs/results.md uses 0.02).
+(docs/results.md uses 0.02), and ``--delta-normalization rms``: a one-output layer's Adam delta
+is lr * sign(residual) * sign(x), constant across its elements whenever every feature has the
+same sign, and its per-element std is then ~0.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument(
         "--overfit-lr", type=float, default=5e-4, help="Adam lr of the per-sample overfit"
     )
+    p.add_argument(
+        "--delta-normalization",
+        choices=["std", "rms"],
+        default="std",
+        help="OCDConfig.delta_normalization ('rms' for a one-output layer: --hidden-layers 0)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds = args.seeds[:1]
@@ -121,6 +129,7 @@ def make_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
         checkpoint_every=0,
         task="regression",
         overfit_lr=args.overfit_lr,
+        delta_normalization=args.delta_normalization,
     )
     if args.paper:
         return ocdwrap.OCDConfig.paper(**base)
@@ -208,7 +217,7 @@ def notes(res: Results, args: Any) -> list[str]:
             f"select_layer's own pick {[s['best'] for s in sel]}, blocks.0.linear ranked {[s['main_layer_rank'] for s in sel]}"
         )
     out.append(
-        f"settings: delta={args.delta}, OCD on {args.layer}, overfit Adam {args.overfit_lr:g} × 3, normalization={args.normalization}, {args.train_samples or 'all'} training rows "
+        f"settings: delta={args.delta} ({args.delta_normalization}-normalised), OCD on {args.layer}, overfit Adam {args.overfit_lr:g} × 3, normalization={args.normalization}, {args.train_samples or 'all'} training rows "
         f"overfitted, {args.fit_steps} fit steps, K={args.draws}; RMSE = sqrt(MSE of the standardised target) × y_std"
     )
     return out

@@ -36,6 +36,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "sampler": ("ddim", "ddpm"),
     "task": ("auto", "classification", "regression"),
     "on_nonfinite": ("skip", "raise"),
+    "delta_normalization": ("std", "rms"),
     "perturbation": ("gaussian", "reinit"),
 }
 
@@ -69,6 +70,12 @@ class OCDConfig:
     overfit_lr: float = _f(5e-4, "Learning rate of the per-sample overfit.")
     adam_betas: tuple = _f((0.9, 0.999), "Adam betas of the per-sample overfit.")
     adam_eps: float = _f(1e-8, "Adam epsilon of the per-sample overfit.")
+    delta_normalization: str = _f(
+        "std",
+        "rho_s, the size each delta is divided by: 'std' (per-element standard deviation, the "
+        "released code) or 'rms' (root mean square: the paper's L2 norm / sqrt(numel)). 'std' is "
+        "~0 for a delta whose elements are nearly equal (small layers, e.g. one output); use 'rms' there.",
+    )
     shard_size: int = _f(
         4096,
         "Samples per safetensors shard written by collect(); a shard is the unit of resumption.",

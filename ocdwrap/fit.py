@@ -102,14 +102,23 @@ def _restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, m
     opt.load_state_dict({"state": state, "param_groups": meta[prefix]})
 
 
+MAX_NORMALISED_RMS = 100.0  # a normalised delta larger than this is degenerate (see below)
+
+
 def load_training_data(
     model: OCDModel, store: DeltaStore, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     """The fit targets (normalised deltas or rank-one factors), rho and conditioning, finite rows only."""
     cfg = model.config
     key = "u" if cfg.delta == "rank1" else "delta"
-    data = store.load([key, "rho", "cond_in", "cond_act", "cond_out"], device=device)
+    extra = ["v"] if cfg.delta == "rank1" else []
+    data = store.load([key, "rho", "cond_in", "cond_act", "cond_out", *extra], device=device)
     target, rho = data[key].float(), data["rho"].float()
+    # the RMS of each normalised delta: 1 with "rms"; sqrt(1 + mean^2 / std^2) with "std"
+    size = target.reshape(target.shape[0], -1).square().mean(1).sqrt()
+    if cfg.delta == "rank1":  # delta / rho = (u / rho) v^T
+        v = data["v"].float()
+        size = size * v.square().mean(1).sqrt()
     cond = Conditioning.from_dict(data)
     finite = torch.isfinite(target.reshape(target.shape[0], -1)).all(1) & torch.isfinite(rho)
     for t in (cond.layer_input, cond.layer_output, cond.model_output):
@@ -122,7 +131,24 @@ def load_training_data(
                 f"({len(bad)} in all); collect again, or pass OCDConfig(on_nonfinite='skip') to leave them out."
             )
         logger.warning("ocdwrap fit: leaving out %d stored rows with NaN/Inf.", len(bad))
-        target, rho, cond = target[finite], rho[finite], cond.index(finite)
+        target, rho, cond, size = target[finite], rho[finite], cond.index(finite), size[finite]
+    # A delta whose elements are (nearly) all equal has a per-element std of ~0: its normalised
+    # size is in the millions, which would swamp the generator's target scale (target_std) and
+    # blow up every generated delta.
+    degenerate = size > MAX_NORMALISED_RMS
+    if bool(degenerate.any()):
+        bad = degenerate.nonzero().flatten().tolist()
+        msg = (
+            f"{len(bad)} of {len(size)} deltas in {store.directory} are (nearly) constant across "
+            f"their elements, so their per-element std is ~0 and the normalised delta is huge "
+            f"(RMS up to {float(size.max()):.3g}); this happens in small layers. Collect with "
+            "OCDConfig(delta_normalization='rms')"
+        )
+        if cfg.on_nonfinite == "raise" or bool(degenerate.all()):
+            raise NonFiniteError(msg + ", or pass on_nonfinite='skip' to leave them out.")
+        logger.warning("ocdwrap fit: leaving out rows %s. %s.", bad[:10], msg)
+        keep = ~degenerate
+        target, rho, cond = target[keep], rho[keep], cond.index(keep)
     return target, rho, cond
 
 

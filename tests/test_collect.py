@@ -185,3 +185,62 @@ def test_empty_loader_is_a_clear_error(tmp_path) -> None:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
     with pytest.raises(EmptyDataError, match="no samples"):
         ocdwrap.collect(m, [], CE, tmp_path / "e", progress=False)
+
+
+class _Regressor(torch.nn.Module):
+    """y = head(x): a layer with one output, whose Adam delta is lr * sign(residual) * sign(x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x).squeeze(-1)
+
+
+def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(pred, y, reduction="none")
+
+
+def _one_output_loader(positive: int, mixed: int) -> DataLoader:
+    """``positive`` rows whose inputs are all > 0 (a constant-sign delta), ``mixed`` rows not."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(positive, 4, generator=g) + 0.1, torch.randn(mixed, 4, generator=g)])
+    x[positive:, 0], x[positive:, 1] = 1.0, -1.0  # at least one sign change in every mixed row
+    return DataLoader(TensorDataset(x, torch.randn(len(x), generator=g) * 3), batch_size=16)
+
+
+@pytest.mark.parametrize("delta", ["rank1", "full"])
+def test_rms_normalisation_has_unit_size(tmp_path, delta: str) -> None:
+    cfg = ocdwrap.OCDConfig(delta=delta, delta_normalization="rms", task="regression")
+    model = ocdwrap.wrap(_Regressor(), layer="head", config=cfg)
+    store = ocdwrap.collect(model, _one_output_loader(8, 8), _mse, tmp_path, progress=False)
+    assert store.manifest["identity"]["delta_normalization"] == "rms"
+    t = store.load()
+    if delta == "rank1":
+        normalised = t["u"].unsqueeze(2) * t["v"].unsqueeze(1)
+    else:
+        normalised = t["delta"]
+    rms = normalised.reshape(len(normalised), -1).square().mean(1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+
+
+def test_constant_deltas_under_std_normalisation_are_named_and_left_out(tmp_path, caplog) -> None:
+    cfg = ocdwrap.OCDConfig(delta="rank1", task="regression", fit_steps=5, checkpoint_every=0)
+    model = ocdwrap.wrap(_Regressor(), layer="head", config=cfg)
+    store = ocdwrap.collect(model, _one_output_loader(8, 24), _mse, tmp_path / "a", progress=False)
+    with caplog.at_level("WARNING", logger="ocdwrap"):
+        ocdwrap.fit(model, store, progress=False)
+    assert "8 of 32 deltas" in caplog.text and "delta_normalization='rms'" in caplog.text
+    assert model.hypernet.target_std < 10  # the constant rows did not set the target scale
+    cond_delta = model.generate(
+        ocdwrap.capture.Conditioning(
+            store.load()["cond_in"], store.load()["cond_act"], store.load()["cond_out"]
+        )
+    )
+    assert torch.isfinite(cond_delta.u).all() and cond_delta.u.abs().max() < 1.0
+
+    strict = ocdwrap.wrap(_Regressor(), layer="head", config=cfg.replace(on_nonfinite="raise"))
+    store = ocdwrap.collect(strict, _one_output_loader(8, 24), _mse, tmp_path / "b", progress=False)
+    with pytest.raises(ocdwrap.errors.NonFiniteError, match="delta_normalization='rms'"):
+        ocdwrap.fit(strict, store, progress=False)
