@@ -1111,9 +1111,9 @@ def summary_table(paths: Sequence[str]) -> str:
     base -> overfit-on-test gap OCD captured (mean ± sd over seeds) next to the paper's."""
     head = (
         "| data set | metric | base | OCD, 1 draw | OCD(5) | best other label-free row | "
-        "overfit on test | OCD's share of the gap | paper's share |"
+        "overfit on test | share of the gap: OCD, 1 draw | OCD(5) | paper (OCD) |"
     )
-    lines = [head, "|" + " --- |" * 9]
+    lines = [head, "|" + " --- |" * 10]
     for path in paths:
         with open(path) as f:
             d = json.load(f)
@@ -1122,6 +1122,8 @@ def summary_table(paths: Sequence[str]) -> str:
             name = (part.get("title") or SHORT_NAMES.get(d["benchmark"], d["benchmark"])).split(
                 " ("
             )[0] + _variant(d.get("settings", {}))
+            if d.get("settings", {}).get("hidden_layers") == 0:
+                name = name.replace("/ MLP", "/ linear model")
             for metric in next(iter(rows.values()))["metrics"]:
                 if metric == "mse":
                     continue  # RMSE is the paper's figure; MSE orders the rows the same way
@@ -1138,15 +1140,17 @@ def summary_table(paths: Sequence[str]) -> str:
                     others, key=lambda k: sign * rows[k]["metrics"][metric]["mean"], default=None
                 )
                 best_txt = f"{cell(best)} ({SHORT_LABELS[best]})" if best else "—"
-                shares = [
-                    100 * g
-                    for r in per_seed
-                    if all(k in r for k in ("base", "ocd", "overfit"))
-                    for g in [
-                        gap_fraction(r["base"][metric], r["ocd"][metric], r["overfit"][metric])
+
+                def share(key: str, m: str = metric, per_seed: Any = per_seed) -> str:
+                    vals = [
+                        100 * g
+                        for r in per_seed
+                        if all(k in r for k in ("base", key, "overfit"))
+                        for g in [gap_fraction(r["base"][m], r[key][m], r["overfit"][m])]
+                        if g is not None
                     ]
-                    if g is not None
-                ]
+                    return f"{fmt_mean_sd(vals, '.1f')} %" if vals else "—"
+
                 pb, po, pu = (
                     _paper_number(rows[k]["paper"].get(metric)) for k in ("base", "ocd", "overfit")
                 )
@@ -1154,7 +1158,7 @@ def summary_table(paths: Sequence[str]) -> str:
                 lines.append(
                     f"| {name} | {METRIC_LABELS.get(metric, metric)} | {cell('base')} | {cell('ocd')} | "
                     f"{cell('ocd_k')} | {best_txt} | {cell('overfit')} | "
-                    f"{fmt_mean_sd(shares, '.1f')} % | {'—' if paper is None else f'{100 * paper:.0f} %'} |"
+                    f"{share('ocd')} | {share('ocd_k')} | {'—' if paper is None else f'{100 * paper:.0f} %'} |"
                 )
     return "\n".join(lines)
 

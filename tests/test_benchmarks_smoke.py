@@ -140,7 +140,7 @@ def test_summary_table_gap_share(tmp_path) -> None:
     ]
     res = Results("mnist", rows, [Metric("loss", "CE", ".4f")])
     for seed, (b, o, u) in enumerate([(0.04, 0.03, 0.02), (0.05, 0.04, 0.01)]):
-        for key, v in {"base": b, "ocd": o, "ocd_k": o, "overfit": u}.items():
+        for key, v in {"base": b, "ocd": o, "ocd_k": b, "overfit": u}.items():
             res.add(seed, key, {"loss": v})
         res.add(seed, "regression", {"loss": b - 0.001})
         res.add(seed, "nn", {"loss": b - 0.002})
@@ -151,7 +151,8 @@ def test_summary_table_gap_share(tmp_path) -> None:
     assert cells[0] == "MNIST / LeNet5" and cells[1] == "cross-entropy"
     assert cells[5].endswith("(nearest neighbour)")  # the best label-free row, lower loss
     assert cells[7] == "37.5 ± 17.7 %"  # per seed 50 % and 25 %
-    assert cells[8] == "90 %"  # (0.080 - 0.010) / (0.080 - 0.002)
+    assert cells[8] == "0.0 ± 0.0 %"  # OCD(5) equal to the base in both seeds
+    assert cells[9] == "90 %"  # (0.080 - 0.010) / (0.080 - 0.002)
 
 
 def test_smoke_tabular_linear_base(tmp_path) -> None:
