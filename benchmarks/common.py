@@ -58,11 +58,8 @@ PAPER_REF = "Lutati & Wolf, OCD: Learning to Overfit with Conditional Diffusion 
 # --------------------------------------------------------------------------- command line
 
 
-def base_parser(
-    description: str, *, seeds: Sequence[int] = (0, 1, 2), delta: bool = True
-) -> argparse.ArgumentParser:
-    """The options every benchmark script has (``--delta`` unless ``delta=False``); scripts add
-    their own."""
+def base_parser(description: str, *, seeds: Sequence[int] = (0, 1, 2)) -> argparse.ArgumentParser:
+    """The options every benchmark script has; scripts add their own."""
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -85,14 +82,53 @@ def base_parser(
     p.add_argument(
         "--plots", default=None, metavar="DIR", help="write the results figure(s) (PNG) here"
     )
-    if delta:
-        p.add_argument(
-            "--delta",
-            choices=["rank1", "full"],
-            default=None,
-            help="default: rank1 (CPU), full (--paper)",
-        )
+    p.add_argument(
+        "--delta",
+        choices=["rank1", "full"],
+        default=None,
+        help="default: rank1 (CPU), full (--paper)",
+    )
+    p.add_argument(
+        "--overfit-lr",
+        type=float,
+        default=5e-4,
+        help="lr of the per-sample overfit, collection and bound alike (released code: Adam 5e-4)",
+    )
+    p.add_argument(
+        "--delta-normalization",
+        choices=["std", "rms"],
+        default="std",
+        help="OCDConfig.delta_normalization ('rms' for a layer with one output)",
+    )
     return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The defaults that depend on ``--paper`` (after a script's own ``--smoke`` settings):
+    20k fit steps and full-matrix deltas with it, 3,000 steps and rank-one deltas without."""
+    if not args.fit_steps:
+        args.fit_steps = 20000 if args.paper else 3000
+    args.delta = args.delta or ("full" if args.paper else "rank1")
+    return args
+
+
+def ocd_config(args: argparse.Namespace, seed: int, **kw: Any) -> ocdwrap.OCDConfig:
+    """The OCDConfig of one run: the paper's (``--paper``), a small UNet for ``--delta full``
+    on a CPU (two cores cannot train the paper's), or rank-one deltas; ``kw`` overrides."""
+    base = dict(
+        delta=args.delta,
+        fit_steps=args.fit_steps,
+        seed=seed,
+        checkpoint_every=0,
+        overfit_lr=args.overfit_lr,
+        delta_normalization=args.delta_normalization,
+    )
+    base.update(kw)
+    if args.paper:
+        return ocdwrap.OCDConfig.paper(**base)
+    if args.delta == "full":
+        return ocdwrap.OCDConfig(**base, unet_channels=(16, 32, 32), fit_batch_size=32)
+    return ocdwrap.OCDConfig(**base, fit_batch_size=256)
 
 
 def setup(args: argparse.Namespace) -> str:
@@ -178,6 +214,11 @@ class Row:
     key: str
     label: str
     paper: dict[str, str] = field(default_factory=dict)
+
+
+def with_overfit_lr(rows: Sequence[Row], lr: float) -> list[Row]:
+    """``rows`` with the released code's overfit lr (5e-4) in their labels replaced by ``lr``."""
+    return [Row(r.key, r.label.replace("5e-4", f"{lr:g}"), r.paper) for r in rows]
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -905,6 +946,34 @@ def training_notes(res: Results, base: str, stopping: str) -> list[str]:
             f"{[c['steps'] for c in cm]} steps"
         )
     return out
+
+
+def ocd_note(res: Results, key: str = "ocd") -> list[str]:
+    """One line on the OCD run of every seed (``res.info[seed][key]``): its cost, the spread
+    of the delta size across training samples, and the scale model's final loss."""
+    t = [i[key] for i in res.info.values() if key in i]
+    if not t:
+        return []
+    return [
+        f"OCD per seed: collect {[round(x['collect_s'], 1) for x in t]} s, fit "
+        f"{[round(x['fit_s']) for x in t]} s; delta size spread across training samples, rho_cv = "
+        f"sd/mean: {[round(x['collect_summary']['rho_cv'], 3) for x in t]}; scale-model loss at the "
+        f"end of fit (dB, lower is better): {[round(x['fit_final_scale_dB'], 1) for x in t]}"
+    ]
+
+
+def selection_note(res: Results, layer: str, calib: str, linear_only: bool) -> list[str]:
+    """The "alternative layer" row's line: which layer :func:`alternative_layer` chose per seed."""
+    sel = [i["selection"] for i in res.info.values() if "selection" in i]
+    if not sel:
+        return []
+    only = ", Linear layers only: rank-one deltas" if linear_only else ""
+    return [
+        f"alternative layer: the highest-ranked layer other than {layer} by select_layer "
+        f"(gaussian, 32 draws, {calib}{only}): {[s['chosen_alternative'] for s in sel]}; "
+        f"select_layer's own pick {[s['best'] for s in sel]}, {layer} ranked "
+        f"{[s['main_layer_rank'] for s in sel]}"
+    ]
 
 
 def uncertainty_table(reports: Sequence[dict[str, Any]]) -> str:

@@ -41,7 +41,6 @@ import torch  # noqa: E402
 from common import Metric, Results, Row  # noqa: E402
 from torch import nn  # noqa: E402
 
-import ocdwrap  # noqa: E402
 from ocdwrap.datasets import load_fashion_mnist, tensor_loader  # noqa: E402
 from ocdwrap.zoo import googlenet_small, resnet18_small  # noqa: E402
 
@@ -101,10 +100,7 @@ def parse_args(argv: list[str] | None) -> Any:
     if args.paper:
         args.train_images = args.val_images = args.test_samples = args.all_layers_samples = 0  # all
         args.max_epochs, args.patience = 100, 5
-        args.fit_steps = args.fit_steps or 20000
-    args.fit_steps = args.fit_steps or 3000
-    args.delta = args.delta or ("full" if args.paper else "rank1")
-    return args
+    return common.resolve_defaults(args)
 
 
 def load_cifar10(root: str, seed: int = 0) -> dict:
@@ -125,15 +121,6 @@ def load_cifar10(root: str, seed: int = 0) -> dict:
     return {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": tensors(False)}
 
 
-def make_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
-    base = dict(delta=args.delta, fit_steps=args.fit_steps, seed=seed, checkpoint_every=0)
-    if args.paper:
-        return ocdwrap.OCDConfig.paper(**base)
-    if args.delta == "full":
-        return ocdwrap.OCDConfig(**base, unet_channels=(16, 32, 32), fit_batch_size=32)
-    return ocdwrap.OCDConfig(**base, fit_batch_size=256)
-
-
 def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> None:
     dev = args.device
     task = common.Task("classification", nn.CrossEntropyLoss(reduction="none"))
@@ -151,7 +138,7 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=True,
     )  # fmt: skip
 
-    cfg = make_config(args, seed)
+    cfg = common.ocd_config(args, seed)
     run = common.run_ocd(
         base, LAYER, cfg, tensor_loader(xtr, ytr, 128), test, task, os.path.join(workdir, f"s{seed}-fc"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr, nn_test=xte, progress=args.progress,
@@ -195,12 +182,7 @@ def notes(res: Results, args: Any, dataset: str) -> list[str]:
         f"{args.arch}, Adam 1e-3, batch 128",
         f"patience {args.patience}, at most {args.max_epochs} epochs",
     )
-    t = [i["ocd"] for i in infos if "ocd" in i]
-    if t:
-        out.append(
-            f"OCD cost: collect {[round(x['collect_s']) for x in t]} s, fit {[round(x['fit_s']) for x in t]} s; "
-            f"delta size spread rho_cv {[round(x['collect_summary']['rho_cv'], 3) for x in t]}"
-        )
+    out += common.ocd_note(res)
     line = common.agreement_note(infos)
     if line:
         out.append(line)
@@ -209,6 +191,7 @@ def notes(res: Results, args: Any, dataset: str) -> list[str]:
             "alternative layer: not run. Every other layer of the network is a Conv2d, whose delta is not "
             "rank one; it needs the full-matrix UNet (--delta full / --paper), too slow to train on a CPU"
         )
+    out += common.selection_note(res, LAYER, "64 validation images", linear_only=False)
     sizes = [args.train_images or "all", args.val_images or "all", args.test_samples or "all"]
     out.append(
         f"data: {dataset}; train / val / test images {sizes}; all-layers row on the first "
@@ -231,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     limits = {"train": args.train_images, "val": args.val_images, "test": args.test_samples}
     data = {k: tuple(t[: limits[k] or None].to(args.device) for t in v) for k, v in data.items()}
     rows = ROWS + ([ALT_ROW] if args.delta == "full" else [])
-    res = Results("fashion_mnist", rows, METRICS)
+    res = Results("fashion_mnist", common.with_overfit_lr(rows, args.overfit_lr), METRICS)
     return common.run_seeds(
         args,
         res,

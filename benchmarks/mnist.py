@@ -84,12 +84,6 @@ def parse_args(argv: list[str] | None) -> Any:
         "--test-samples", type=int, default=None, help="first N test images (default all)"
     )
     p.add_argument(
-        "--overfit-lr",
-        type=float,
-        default=5e-4,
-        help="Adam lr of the per-sample overfit, collection and bound alike (released code: 5e-4)",
-    )
-    p.add_argument(
         "--ocd-only",
         action="store_true",
         help="only the base and the fc2 / Adam OCD rows (for sweeps, e.g. of --fit-steps)",
@@ -109,26 +103,7 @@ def parse_args(argv: list[str] | None) -> Any:
         args.draws = 2
     if args.paper:
         args.train_samples = 50000
-        args.fit_steps = args.fit_steps or 20000
-    args.fit_steps = args.fit_steps or 3000
-    args.delta = args.delta or ("full" if args.paper else "rank1")
-    return args
-
-
-def make_config(args: Any, seed: int, **kw: Any) -> ocdwrap.OCDConfig:
-    base = dict(
-        delta=args.delta,
-        fit_steps=args.fit_steps,
-        seed=seed,
-        checkpoint_every=0,
-        overfit_lr=args.overfit_lr,
-    )
-    base.update(kw)
-    if args.paper:
-        return ocdwrap.OCDConfig.paper(**base)
-    if args.delta == "full":  # a small UNet: two CPU cores cannot train the paper's
-        return ocdwrap.OCDConfig(**base, unet_channels=(16, 32, 32), fit_batch_size=32)
-    return ocdwrap.OCDConfig(**base, fit_batch_size=256)
+    return common.resolve_defaults(args)
 
 
 def overfit_on_test(
@@ -180,7 +155,7 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 
     n = min(args.train_samples, len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 256)
-    cfg = make_config(args, seed)
+    cfg = common.ocd_config(args, seed)
     run = common.run_ocd(
         base, LAYER, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-adam"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
@@ -265,26 +240,16 @@ def notes(res: Results, args: Any) -> list[str]:
                 "spread of the delta size across training images, rho_cv = sd/mean: Adam "
                 f"{[round(a, 3) for a, _ in rc]}, SGD {[round(b, 3) for _, b in rc]}"
             )
-        sel = [i["selection"] for i in infos if "selection" in i]
-        if sel:
-            out.append(
-                "alternative layer: the highest-ranked layer other than fc2 by select_layer "
-                f"(gaussian, 32 draws, 256 validation images{', Linear layers only: rank-one deltas' if args.delta == 'rank1' else ''}): "
-                f"{[s['chosen_alternative'] for s in sel]}; select_layer's own pick {[s['best'] for s in sel]}, "
-                f"fc2 ranked {[s['main_layer_rank'] for s in sel]}"
-            )
+        out += common.selection_note(
+            res, "fc2", "256 validation images", linear_only=args.delta == "rank1"
+        )
         line = common.agreement_note(infos)
         if line:
             out.append(line)
         line = common.agreement_note(infos, "sgd_ocd")
         if line:
             out.append("SGD collection: " + line)
-        t = [i["ocd"] for i in infos if "ocd" in i]
-        if t:
-            out.append(
-                f"OCD cost per seed: collect {[round(x['collect_s'], 1) for x in t]} s, fit "
-                f"{[round(x['fit_s']) for x in t]} s ({args.fit_steps} steps)"
-            )
+        out += common.ocd_note(res)
     out.append(
         f"settings: delta={args.delta}, overfit Adam {args.overfit_lr:g} × 3, "
         f"{args.train_samples} training images overfitted, "
@@ -307,8 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.test_samples:
         data["test"] = tuple(t[: args.test_samples] for t in data["test"])
     data = {k: tuple(t.to(args.device) for t in v) for k, v in data.items()}
-    rows = [Row(r.key, r.label.replace("5e-4", f"{args.overfit_lr:g}"), r.paper) for r in ROWS]
-    res = Results("mnist", rows, METRICS)
+    res = Results("mnist", common.with_overfit_lr(ROWS, args.overfit_lr), METRICS)
     return common.run_seeds(
         args,
         res,

@@ -44,7 +44,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import Metric, Results, Row  # noqa: E402
 
-import ocdwrap  # noqa: E402
 from ocdwrap.datasets import load_california_housing, tensor_loader  # noqa: E402
 from ocdwrap.zoo import TabularMLP  # noqa: E402
 
@@ -82,25 +81,13 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument(
         "--hidden-layers", type=int, default=3, help="MLP depth; 0: a linear model, OCD on head"
     )
-    p.add_argument(
-        "--overfit-lr", type=float, default=5e-4, help="Adam lr of the per-sample overfit"
-    )
-    p.add_argument(
-        "--delta-normalization",
-        choices=["std", "rms"],
-        default="std",
-        help="OCDConfig.delta_normalization ('rms' for a one-output layer: --hidden-layers 0)",
-    )
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds = args.seeds[:1]
         args.max_epochs, args.patience, args.train_samples = 2, 1, 300
         args.fit_steps = args.fit_steps or 20
         args.draws = 2
-    if args.paper:
-        args.fit_steps = args.fit_steps or 20000
-    args.fit_steps = args.fit_steps or 3000
-    args.delta = args.delta or ("full" if args.paper else "rank1")
+    common.resolve_defaults(args)
     if args.hidden_layers < 0:
         p.error(f"--hidden-layers must be >= 0, got {args.hidden_layers}")
     args.layer = LAYER if args.hidden_layers else "head"
@@ -111,31 +98,14 @@ def rows_for(args: Any) -> list[Row]:
     """ROWS with the overfit lr in the labels; for a linear base, no alternative layer and no
     paper numbers (the paper's are for the MLP)."""
     out = []
-    for r in ROWS:
-        label = r.label.replace("5e-4", f"{args.overfit_lr:g}")
+    for r in common.with_overfit_lr(ROWS, args.overfit_lr):
+        label = r.label
         if args.hidden_layers == 0:
             if r.key == "alt":
                 continue
             label = label.replace("base MLP", "base linear model").replace("first layer", "head")
         out.append(Row(r.key, label, r.paper if args.hidden_layers else {}))
     return out
-
-
-def make_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
-    base = dict(
-        delta=args.delta,
-        fit_steps=args.fit_steps,
-        seed=seed,
-        checkpoint_every=0,
-        task="regression",
-        overfit_lr=args.overfit_lr,
-        delta_normalization=args.delta_normalization,
-    )
-    if args.paper:
-        return ocdwrap.OCDConfig.paper(**base)
-    if args.delta == "full":
-        return ocdwrap.OCDConfig(**base, unet_channels=(16, 32, 32), fit_batch_size=32)
-    return ocdwrap.OCDConfig(**base, fit_batch_size=256)
 
 
 def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> None:
@@ -156,7 +126,7 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 
     n = min(args.train_samples or len(xtr), len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 1024)
-    cfg = make_config(args, seed)
+    cfg = common.ocd_config(args, seed, task="regression")
     run = common.run_ocd(
         base, args.layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
@@ -199,23 +169,11 @@ def notes(res: Results, args: Any) -> list[str]:
         else "linear regression (TabularMLP with no hidden layer), Adam 1e-3, batch 256",
         f"patience {args.patience}",
     )
-    t = [i["ocd"] for i in infos if "ocd" in i]
-    if t:
-        out.append(
-            "delta size across training rows, rho_cv = sd/mean: "
-            f"{[round(x['collect_summary']['rho_cv'], 3) for x in t]}; learned-scale loss at the end of fit "
-            f"(dB, lower is better): {[round(x['fit_final_scale_dB'], 1) for x in t]}"
-        )
+    out += common.ocd_note(res)
     line = common.agreement_note(infos)
     if line:
         out.append(line)
-    sel = [i["selection"] for i in infos if "selection" in i]
-    if sel:
-        out.append(
-            "alternative layer: the highest-ranked Linear layer other than blocks.0.linear by select_layer "
-            f"(gaussian, 32 draws, 256 validation rows): {[s['chosen_alternative'] for s in sel]}; "
-            f"select_layer's own pick {[s['best'] for s in sel]}, blocks.0.linear ranked {[s['main_layer_rank'] for s in sel]}"
-        )
+    out += common.selection_note(res, LAYER, "256 validation rows", linear_only=True)
     out.append(
         f"settings: delta={args.delta} ({args.delta_normalization}-normalised), OCD on {args.layer}, overfit Adam {args.overfit_lr:g} × 3, normalization={args.normalization}, {args.train_samples or 'all'} training rows "
         f"overfitted, {args.fit_steps} fit steps, K={args.draws}; RMSE = sqrt(MSE of the standardised target) × y_std"

@@ -56,7 +56,6 @@ import torch  # noqa: E402
 from common import Metric, Results, Row  # noqa: E402
 from torch import nn  # noqa: E402
 
-import ocdwrap  # noqa: E402
 from ocdwrap.datasets import (  # noqa: E402
     few_shot_split,
     load_minilm,
@@ -102,13 +101,10 @@ class EmbeddingClassifier(nn.Module):
 
 
 def parse_args(argv: list[str] | None) -> Any:
-    p = common.base_parser(__doc__, seeds=(0, 1, 2, 3, 4), delta=False)
+    p = common.base_parser(__doc__, seeds=(0, 1, 2, 3, 4))
     p.add_argument("--shots", type=int, default=8, help="labelled examples per class")
     p.add_argument(
         "--pool", type=int, default=2000, help="texts embedded per data set (train + test pool)"
-    )
-    p.add_argument(
-        "--overfit-lr", type=float, default=5e-4, help="Adam lr of the per-sample overfit"
     )
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     p.add_argument("--cache-dir", default="runs/cache", help="embedding cache ('' for none)")
@@ -117,10 +113,7 @@ def parse_args(argv: list[str] | None) -> Any:
         args.seeds, args.pool = args.seeds[:1], 120
         args.fit_steps = args.fit_steps or 20
         args.draws = 2
-    if args.paper:
-        args.fit_steps = args.fit_steps or 20000
-    args.fit_steps = args.fit_steps or 3000
-    return args
+    return common.resolve_defaults(args)
 
 
 def pool_indices(labels: torch.Tensor, size: int, shots: int) -> np.ndarray:
@@ -184,11 +177,7 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
     res.add(seed, "base", common.evaluate_module(base, test, task, dev))
     common.log(f"{ds['name']} draw {seed}: base {res.per_seed[seed]['base']}")
 
-    kw = dict(fit_steps=args.fit_steps, seed=seed, checkpoint_every=0, overfit_lr=args.overfit_lr)
-    if args.paper:  # the paper's full-matrix UNet
-        cfg = ocdwrap.OCDConfig.paper(delta="full", **kw)
-    else:
-        cfg = ocdwrap.OCDConfig(delta="rank1", fit_batch_size=256, **kw)
+    cfg = common.ocd_config(args, seed)
     train = tensor_loader(xtr.to(dev), ytr.to(dev), 256)
     run = common.run_ocd(
         base, LAYER, cfg, train, test, task, os.path.join(workdir, f"{ds['key']}-s{seed}"),
@@ -238,11 +227,8 @@ def notes(res: Results, args: Any) -> list[str]:
             f"{args.shots} examples per class for training ({infos[0]['train']} texts), "
             f"test = the rest of a fixed {args.pool}-text pool ({infos[0]['test']} texts); one draw per seed"
         )
-        t = [i["ocd"] for i in infos if "ocd" in i]
-        out.append(
-            f"overfit: Adam {args.overfit_lr:g} × 3 steps on head.weight; delta size spread rho_cv "
-            f"{[round(x['collect_summary']['rho_cv'], 3) for x in t]}"
-        )
+        out.append(f"overfit: Adam {args.overfit_lr:g} × 3 steps on head.weight")
+        out += common.ocd_note(res)
         line = common.agreement_note(infos)
         if line:
             out.append(line)

@@ -201,6 +201,28 @@ def test_ddim_step_matches_its_formula() -> None:
     assert make_scheduler(cfg, "ddpm").config.num_train_timesteps == 1000
 
 
+@pytest.mark.parametrize("delta", ["full", "rank1"])
+def test_cached_ddim_path_equals_the_scheduler_loop(store_dir: str, delta: str) -> None:
+    """sample_normalised's precomputed DDIM table gives what diffusers' DDIMScheduler.step gives."""
+    m = _fitted(store_dir, steps=2, delta=delta)
+    hyper = m.hypernet
+    cond, _ = m.conditioning(torch.randn(5, 10))
+    fast = hyper.sample_normalised(cond, generator=torch.Generator().manual_seed(3), steps=6)
+
+    with torch.no_grad():  # the reference: the scheduler, step by step
+        c = hyper.ema.embed(hyper.features(cond))
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn((5, *hyper.target_shape), generator=g, dtype=c.dtype)
+        sched = make_scheduler(hyper.config, "ddim")
+        sched.set_timesteps(6)
+        for t in sched.timesteps:
+            eps = hyper.ema(x, t.expand(5), c)
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+        ref = (x * hyper.target_std).float()
+    assert len(hyper._ddim_cache) == 1  # the fast path ran
+    torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+
+
 def test_ddpm_sampler_and_step_count_are_selectable(store_dir: str) -> None:
     m = _fitted(store_dir, steps=2)
     x = torch.randn(2, 10)

@@ -167,10 +167,6 @@ class SentenceClassifier(nn.Module):
 # --- routing calls through OCD ------------------------------------------------------------------
 
 
-def _no_op(module: nn.Module, args: tuple) -> None:
-    return None
-
-
 class route:  # used like a function and as a context manager, hence the lower-case name
     """Make calls of ``model.base_model`` run through OCD, so its own methods use OCD's weights.
 
@@ -216,10 +212,7 @@ class route:  # used like a function and as a context manager, hence the lower-c
                 return model(*args, **kwargs)
 
         forward._ocdwrap_route = True  # type: ignore[attr-defined]
-        base.forward = forward
-        # ocdwrap.split runs whole passes for a module with hooks of its own; while routed, so
-        # must this one (the split's first-use check calls the module as a whole)
-        self._hook = base.register_forward_pre_hook(_no_op)
+        base.forward = forward  # ocdwrap.split runs whole passes while forward is patched
         self.active = True
 
     def remove(self) -> None:
@@ -230,7 +223,6 @@ class route:  # used like a function and as a context manager, hence the lower-c
             self.base.forward = self._previous
         else:
             del self.base.forward
-        self._hook.remove()
         self.active = False
 
     def __enter__(self) -> OCDModel:
