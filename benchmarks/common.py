@@ -45,12 +45,12 @@ import torch
 from torch import nn
 
 import ocdwrap
+from benchmarks.datasets import tensor_loader
+from benchmarks.zoo import continue_training, train_base
+from benchmarks.zoo import evaluate as zoo_evaluate
+from ocdwrap.analysis.uncertainty import misclassification_report
 from ocdwrap.batches import read_output, split_batch, to_device
-from ocdwrap.datasets import tensor_loader
 from ocdwrap.layer import FullDelta, Rank1Delta
-from ocdwrap.uncertainty import misclassification_report
-from ocdwrap.zoo import continue_training, train_base
-from ocdwrap.zoo import evaluate as zoo_evaluate
 
 PAPER_REF = "Lutati & Wolf, OCD: Learning to Overfit with Conditional Diffusion Models, ICLR 2023"
 
@@ -486,7 +486,7 @@ class OCDRun:
 
     rows: dict[str, dict[str, float]]
     info: dict[str, Any]
-    uncertainty: Any = None  # an ocdwrap.uncertainty.UncertaintyReport when asked for
+    uncertainty: Any = None  # an ocdwrap.analysis.uncertainty.UncertaintyReport when asked for
 
 
 def _spec_to(spec: Any, device: torch.device) -> Any:
@@ -640,7 +640,7 @@ def run_ocd(
     ``info["agreement"]`` compares each generator's deltas with the overfit-on-test deltas on
     the first ``agreement_samples`` test samples (cosine, norm ratio; see :class:`Agreement`).
     ``uncertainty=True`` (classification) also runs
-    :func:`ocdwrap.uncertainty.misclassification_report` with K=``draws``: the spread between
+    :func:`ocdwrap.analysis.uncertainty.misclassification_report` with K=``draws``: the spread between
     draws as a wrong-prediction detector next to the base model's confidence, and the ECEs
     (``info["uncertainty"]``; the report itself in ``OCDRun.uncertainty``).
     ``base`` is unwrapped again before returning.
@@ -682,7 +682,7 @@ def run_ocd(
             )
 
         def generated(x: Any, y: Any, cond: Any, start: int) -> Any:
-            return model.generate(cond, generator=gen)
+            return model.generate(cond, rng=gen)
 
         if "ocd" in rows:
             out["ocd"], info["eval_ocd_s"] = timed(lambda: ocd_eval(1))
@@ -979,7 +979,7 @@ def selection_note(res: Results, layer: str, calib: str, linear_only: bool) -> l
 def uncertainty_table(reports: Sequence[dict[str, Any]]) -> str:
     """Mean ± sd over seeds of ``UncertaintyReport.to_dict()`` results, as two markdown tables:
     each score's AUROC for spotting wrong predictions, then accuracy and calibration."""
-    from ocdwrap.uncertainty import SCORE_NAMES
+    from ocdwrap.analysis.uncertainty import SCORE_NAMES
 
     if not reports:
         return ""
@@ -1095,7 +1095,7 @@ def plot_json(d: dict[str, Any], out_dir: str) -> list[str]:
     """Draw each table of a benchmark JSON: every row's mean ± sd over seeds, one panel per
     metric, the paper's value beside ours where it has one. Writes
     ``results-<benchmark>[-<data set>].png`` under ``out_dir``; returns the paths."""
-    from ocdwrap import plots
+    from ocdwrap.analysis import plots
 
     paths = []
     for key, part in _parts(d):

@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from common import Metric, Results, Row  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ocdwrap.datasets import load_fashion_mnist, tensor_loader  # noqa: E402
-from ocdwrap.zoo import googlenet_small, resnet18_small  # noqa: E402
+from benchmarks.datasets import load_fashion_mnist, tensor_loader  # noqa: E402
+from benchmarks.zoo import googlenet_small, resnet18_small  # noqa: E402
 
 LAYER = "fc"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ocdwrap import datasets, zoo
+from benchmarks import datasets, zoo
 from ocdwrap.select import select_layer
 
 CE = nn.CrossEntropyLoss(reduction="none")

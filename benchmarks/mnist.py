@@ -40,8 +40,8 @@ from common import Metric, Results, Row  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ocdwrap  # noqa: E402
-from ocdwrap.datasets import load_mnist, tensor_loader  # noqa: E402
-from ocdwrap.zoo import LeNet5  # noqa: E402
+from benchmarks.datasets import load_mnist, tensor_loader  # noqa: E402
+from benchmarks.zoo import LeNet5  # noqa: E402
 
 LAYER = "fc2"
 STRONG_LR = 2e-3

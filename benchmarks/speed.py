@@ -62,7 +62,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ocdwrap  # noqa: E402
-from ocdwrap import datasets, zoo  # noqa: E402
+from benchmarks import datasets, zoo  # noqa: E402
 from ocdwrap import split as split_mod  # noqa: E402
 from ocdwrap.hypernet import OCDHyperNetwork  # noqa: E402
 

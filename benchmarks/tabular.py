@@ -44,8 +44,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import Metric, Results, Row  # noqa: E402
 
-from ocdwrap.datasets import load_california_housing, tensor_loader  # noqa: E402
-from ocdwrap.zoo import TabularMLP  # noqa: E402
+from benchmarks.datasets import load_california_housing, tensor_loader  # noqa: E402
+from benchmarks.zoo import TabularMLP  # noqa: E402
 
 LAYER = "blocks.0.linear"
 

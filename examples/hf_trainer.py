@@ -36,7 +36,7 @@ from transformers import (  # noqa: E402
 )
 
 import ocdwrap  # noqa: E402
-from ocdwrap.datasets import load_rotten_tomatoes  # noqa: E402
+from benchmarks.datasets import load_rotten_tomatoes  # noqa: E402
 from ocdwrap.integrations.transformers import OCDTrainerCallback  # noqa: E402
 
 

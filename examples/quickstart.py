@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 import ocdwrap
-from ocdwrap.datasets import load_mnist, tensor_loader
-from ocdwrap.zoo import LeNet5, train_base
+from benchmarks.datasets import load_mnist, tensor_loader
+from benchmarks.zoo import LeNet5, train_base
 
 # Lutati & Wolf (ICLR 2023), Table 1, MNIST / LeNet5: (test loss, accuracy %)
 PAPER = {
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_plots(directory: str, pipe: Pipeline, *, seed: int = 0, samples: int = 4) -> list[str]:
     """fit_losses.png, deltas.png and results.png into ``directory``; returns their paths."""
-    from ocdwrap import plots
+    from ocdwrap.analysis import plots
 
     os.makedirs(directory, exist_ok=True)
     paths = []

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import ocdwrap
-from ocdwrap.zoo import LeNet5
+from benchmarks.zoo import LeNet5
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -75,7 +75,7 @@ def measure(layer: str, delta: str, n: int = 2048) -> dict:
     out = tempfile.mkdtemp(prefix="ocdwrap-scaling-")
     t0 = time.perf_counter()
     store = ocdwrap.collect(
-        model, ocdwrap.datasets.tensor_loader(x, y, 256), CE, out, progress=False
+        model, benchmarks.datasets.tensor_loader(x, y, 256), CE, out, progress=False
     )
     seconds = time.perf_counter() - t0
     size = sum(os.path.getsize(p) for p in store.shard_paths())
@@ -91,7 +91,7 @@ def measure(layer: str, delta: str, n: int = 2048) -> dict:
 
 
 def main() -> None:
-    import ocdwrap.datasets  # noqa: F401  (tensor_loader)
+    import benchmarks.datasets  # noqa: F401  (tensor_loader)
 
     print(
         "1. bytes per sample: formula vs shards written by ocdwrap.collect (2048 samples, 2 shards)\n"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import ocdwrap
-from ocdwrap.datasets import few_shot_split, load_minilm, load_rotten_tomatoes
+from benchmarks.datasets import few_shot_split, load_minilm, load_rotten_tomatoes
 from ocdwrap.integrations.sentence_transformers import SentenceClassifier, route
 
 CE = nn.CrossEntropyLoss(reduction="none")

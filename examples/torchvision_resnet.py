@@ -24,8 +24,8 @@ from torch import nn
 from torchvision.models import resnet18
 
 import ocdwrap
-from ocdwrap.datasets import load_fashion_mnist, tensor_loader
-from ocdwrap.zoo import train_base
+from benchmarks.datasets import load_fashion_mnist, tensor_loader
+from benchmarks.zoo import train_base
 
 CE = nn.CrossEntropyLoss(reduction="none")
 

@@ -36,9 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quickstart  # noqa: E402  (the sibling example; its steps are reused)
 
 import ocdwrap  # noqa: E402
-from ocdwrap import plots  # noqa: E402
-from ocdwrap.datasets import tensor_loader  # noqa: E402
-from ocdwrap.uncertainty import misclassification_report  # noqa: E402
+from benchmarks.datasets import tensor_loader  # noqa: E402
+from ocdwrap.analysis import plots  # noqa: E402
+from ocdwrap.analysis.uncertainty import misclassification_report  # noqa: E402
 
 log = quickstart.log
 CE = quickstart.CE

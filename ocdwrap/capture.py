@@ -154,3 +154,11 @@ def build_conditioning(
         pool_layer_tensor(y.detach(), kind, batch, mask),
         pool_model_output(model_output, mask),
     )
+
+
+def attention_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``attention_mask`` of a call (a keyword, or a key of a dict first argument), else None."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and args and isinstance(args[0], dict):
+        mask = args[0].get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) else None

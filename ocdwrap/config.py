@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .io import CONFIG_NAME
 
-CONFIG_NAME = "ocd_config.json"
 FORMAT_VERSION = 1
 
 

@@ -75,3 +75,11 @@ class AdapterExistsError(OCDError, FileExistsError):
 
 class ConfigError(OCDError, ValueError):
     """A configuration value is invalid."""
+
+
+class DistributedError(OCDError, RuntimeError):
+    """A multi-process collection or fit failed on some process, or the processes disagree."""
+
+
+class AdapterNotFoundError(OCDError, FileNotFoundError):
+    """A directory holds no saved adapter (or only part of one)."""

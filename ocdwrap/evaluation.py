@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from .batches import call_model, read_output, split_batch, to_device
-from .collect import overfit_batch
-from .layer import FullDelta
+from .deltas import FullDelta
 from .model import OCDModel
+from .overfit import overfit_batch
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def evaluate_ocd(
             args = (inputs,) if not isinstance(inputs, dict) else ()
             kwargs = inputs if isinstance(inputs, dict) else {}
             with model.sampling(task=task):
-                ens = model.ensemble(*args, num_draws=num_draws, generator=gen, **kwargs)
+                ens = model.ensemble(*args, num_draws=num_draws, rng=gen, **kwargs)
             pred = read_output(ens.output).float()
             spread = ens.uncertainty
         losses = loss_fn(pred, target)

@@ -2,13 +2,21 @@
 
 Each step draws a minibatch of stored samples, a timestep t ~ U{0..T-1} and Gaussian noise, and
 minimises the epsilon-prediction MSE (or, for the regressor, the MSE of the normalised delta),
-plus the scale model's relative dB loss. Gradients are clipped, an EMA of the generator is kept
-and used for sampling. A checkpoint (safetensors + JSON) is written every
-``config.checkpoint_every`` steps; ``fit`` resumes from it and continues exactly where it stopped.
+plus the scale model's relative dB loss (both computed by the hypernetwork's ``forward``).
+Gradients are clipped, an EMA of the generator is kept and used for sampling. A checkpoint
+(safetensors + JSON) is written every ``config.checkpoint_every`` steps; ``fit`` resumes from it
+and continues exactly where it stopped.
+
+One loop serves one process and several (``accelerate launch``, ``torchrun``): with W > 1
+processes every process draws the same global minibatch (from ``seed``), trains on its slice
+under DistributedDataParallel, which averages the gradients, so every process holds the same
+weights after every step, and those are the weights one process reaches (up to float rounding).
+Checkpoints are written by the main process.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -17,24 +25,26 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import Conditioning
-from .diffusion import make_scheduler
 from .errors import BaseModelMismatchError, CorruptFileError, EmptyDataError, NonFiniteError
 from .hypernet import OCDHyperNetwork
-from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .io import (
+    CHECKPOINT_JSON,
+    CHECKPOINT_TENSORS,
+    atomic_save_tensors,
+    atomic_write_json,
+    checkpoint_tensors_name,
+    load_tensors,
+    read_json,
+)
 from .model import OCDModel
+from .processes import Processes
 from .store import DeltaStore
 
-CHECKPOINT_TENSORS = "fit_checkpoint.safetensors"
-CHECKPOINT_JSON = "fit_checkpoint.json"
-
 logger = logging.getLogger("ocdwrap")
-
-
-def _checkpoint_tensors_name(step: int) -> str:
-    return f"fit_checkpoint-{step:08d}.safetensors"
 
 
 @dataclass
@@ -167,10 +177,124 @@ def new_hypernetwork(
     return hyper
 
 
+class _Checkpoint:
+    """Resumable fit state in ``directory``: a tensors file per save and the JSON naming it.
+
+    The tensors go first, under a new name; the JSON naming them is the commit point, so a crash
+    at any moment leaves a JSON whose tensors file exists and belongs to the same step.
+    """
+
+    def __init__(self, directory: str | os.PathLike, run_id: dict[str, Any]) -> None:
+        self.directory = os.fspath(directory)
+        self.run_id = run_id
+        self.json_path = os.path.join(self.directory, CHECKPOINT_JSON)
+
+    def restore(self, hyper, opt, opt_scale, gen: torch.Generator, report: FitReport) -> int:
+        """Load the saved state into the arguments; the step to continue from (0 when none)."""
+        if not os.path.exists(self.json_path):
+            return 0
+        meta = read_json(self.json_path)
+        if json.loads(json.dumps(self.run_id)) != meta.get("run_id"):
+            raise BaseModelMismatchError(
+                f"The checkpoint in {self.directory} belongs to another fit (different collection, "
+                "config, steps or seed); it was left untouched. Use another checkpoint_dir or resume=False."
+            )
+        # the JSON names the tensors file written with it (older checkpoints: the fixed name)
+        path = os.path.join(self.directory, str(meta.get("tensors", CHECKPOINT_TENSORS)))
+        tensors = load_tensors(path, gen.device)
+        if "rng" not in tensors:
+            raise CorruptFileError(
+                f"{path} has no generator state; delete the checkpoint and fit again."
+            )
+        try:
+            hyper.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            for prefix, o in (("opt", opt), ("opts", opt_scale)):
+                part = {k: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+                _restore_optimizer(prefix, o, part, meta)
+            gen.set_state(tensors["rng"].cpu())
+            report.losses, report.scale_losses = meta["losses"], meta["scale_losses"]
+            report.skipped_steps = int(meta["skipped_steps"])
+            report.resumed_from = int(meta["step"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CorruptFileError(
+                f"The checkpoint in {self.directory} does not fit this run ({e}); it is damaged. "
+                "Delete it (or pass resume=False) and fit again."
+            ) from e
+        return report.resumed_from
+
+    def save(
+        self, step: int, hyper, opt, opt_scale, gen: torch.Generator, report: FitReport
+    ) -> None:
+        tensors = {f"model.{k}": v for k, v in hyper.state_dict().items()}
+        meta: dict[str, Any] = {}
+        _flatten_optimizer("opt", opt, tensors, meta)
+        _flatten_optimizer("opts", opt_scale, tensors, meta)
+        tensors["rng"] = gen.get_state()
+        name = checkpoint_tensors_name(step)
+        atomic_save_tensors(os.path.join(self.directory, name), tensors)
+        meta.update(
+            run_id=self.run_id,
+            step=step,
+            tensors=name,
+            losses=report.losses,
+            scale_losses=report.scale_losses,
+            skipped_steps=report.skipped_steps,
+        )
+        atomic_write_json(self.json_path, meta)
+        for f in os.listdir(self.directory):  # older tensors files, now unreferenced
+            if f != name and f.startswith("fit_checkpoint") and f.endswith(".safetensors"):
+                os.unlink(os.path.join(self.directory, f))
+
+
+def _run_id(
+    model: OCDModel, store: DeltaStore, samples: int, steps: int, bs: int, lr: float, seed: int
+) -> dict[str, Any]:
+    """What a checkpoint belongs to: it is resumed only by a fit with the same."""
+    skip = ("num_draws", "seed", "task", "checkpoint_every")
+    return {
+        "store": store.manifest["identity"],
+        "samples": samples,
+        "config": {k: v for k, v in model.config.to_dict().items() if k not in skip},
+        "steps": steps,
+        "batch_size": bs,
+        "lr": lr,
+        "seed": seed,
+    }
+
+
+def _global_batch(requested: int, samples: int, procs: Processes) -> int:
+    """The minibatch over all processes: at most the data, and a multiple of the process count."""
+    b = min(requested, samples)
+    if b % procs.world:
+        b = max(b - b % procs.world, procs.world)
+        if procs.is_main:
+            logger.warning(
+                "ocdwrap fit: global batch rounded to %d (a multiple of %d processes)",
+                b,
+                procs.world,
+            )
+    return b
+
+
+def _data_parallel(hyper: OCDHyperNetwork, procs: Processes, device: torch.device) -> nn.Module:
+    """``hyper`` itself on one process, else wrapped in DistributedDataParallel."""
+    if procs.world == 1:
+        return hyper
+    ddp = nn.parallel.DistributedDataParallel
+    # the statistics buffers are computed identically on every process: no per-step sync
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters
+        else {"broadcast_buffers": False}
+    )
+    return ddp(hyper, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
 def fit(
     model: OCDModel,
     store: DeltaStore | str | os.PathLike,
     *,
+    accelerator: Any = None,
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -185,10 +309,15 @@ def fit(
     Args:
         model: the :class:`OCDModel` the collection was made with.
         store: a :class:`DeltaStore` or its directory.
+        accelerator: an ``accelerate.Accelerator`` when several processes take part (None: the
+            torch.distributed group when one is initialised, else this process alone). Call
+            ``fit`` on every process with the same arguments; ``batch_size`` is then the global
+            minibatch (rounded down to a multiple of the process count).
         steps, batch_size, lr: override ``config.fit_steps``, ``fit_batch_size``, ``fit_lr``.
         device: where to train (default: the base model's device).
-        checkpoint_dir: write resumable checkpoints there every ``config.checkpoint_every`` steps;
-            with ``resume=True`` an existing checkpoint from the same setup is continued.
+        checkpoint_dir: write resumable checkpoints there every ``config.checkpoint_every`` steps
+            (from the main process); with ``resume=True`` an existing checkpoint from the same
+            setup is continued.
         seed: seeds the initial weights, minibatch order, timesteps and noise (dropout, off by
             default, draws from torch's global generator).
 
@@ -199,155 +328,100 @@ def fit(
         >>> report = ocdwrap.fit(model, store, steps=2000)
         >>> report.final_loss
     """
-    if not isinstance(store, DeltaStore):
-        store = DeltaStore(store)
+    procs = Processes.current(accelerator)
+    store = store if isinstance(store, DeltaStore) else DeltaStore(store)
     _check_store(model, store)
     cfg = model.config
     steps = int(steps or cfg.fit_steps)
-    bs = int(batch_size or cfg.fit_batch_size)
+    requested = int(batch_size or cfg.fit_batch_size)
     device = torch.device(device) if device is not None else model.device
     target, rho, cond = load_training_data(model, store, device)
     N = target.shape[0]
-    hyper = new_hypernetwork(model, target, rho, cond, seed)
+    b = _global_batch(requested, N, procs)
+    per = b // procs.world
+    mine = slice(procs.rank * per, (procs.rank + 1) * per)  # this process's part of a minibatch
+
+    hyper = new_hypernetwork(model, target, rho, cond, seed)  # the same on every process
+    learned = cfg.scale == "learned"
+    hyper.scale.requires_grad_(learned)
     opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)
     opt_scale = torch.optim.Adam(hyper.scale.parameters(), lr=cfg.scale_lr)
-    alphas_cumprod = make_scheduler(cfg).alphas_cumprod.to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(seed)
     report = FitReport(steps=steps, samples=N)
-    start = 0
-
-    run_id = {
-        "store": store.manifest["identity"],
-        "samples": N,
-        "config": {
-            k: v
-            for k, v in cfg.to_dict().items()
-            if k not in ("num_draws", "seed", "task", "checkpoint_every")
-        },
-        "steps": steps,
-        "batch_size": bs,
-        "lr": lr or cfg.fit_lr,
-        "seed": seed,
-    }
-    ckpt_t = ckpt_j = None
+    checkpoint = None
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        ckpt_t = os.path.join(checkpoint_dir, CHECKPOINT_TENSORS)
-        ckpt_j = os.path.join(checkpoint_dir, CHECKPOINT_JSON)
-        if resume and os.path.exists(ckpt_j):
-            meta = read_json(ckpt_j)
-            if json.loads(json.dumps(run_id)) != meta.get("run_id"):
-                raise BaseModelMismatchError(
-                    f"The checkpoint in {checkpoint_dir} belongs to another fit (different collection, config, "
-                    "steps or seed); it was left untouched. Use another checkpoint_dir or resume=False."
-                )
-            # the JSON names the tensors file written with it (older checkpoints: the fixed name)
-            ckpt_t = os.path.join(checkpoint_dir, str(meta.get("tensors", CHECKPOINT_TENSORS)))
-            tensors = load_tensors(ckpt_t, device)
-            if "rng" not in tensors:
-                raise CorruptFileError(
-                    f"{ckpt_t} has no generator state; delete the checkpoint and fit again."
-                )
-            try:
-                hyper.load_state_dict(
-                    {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-                )
-                _restore_optimizer(
-                    "opt", opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta
-                )
-                _restore_optimizer(
-                    "opts",
-                    opt_scale,
-                    {k: v for k, v in tensors.items() if k.startswith("opts.")},
-                    meta,
-                )
-                gen.set_state(tensors["rng"].cpu())
-                start = int(meta["step"])
-                report.losses, report.scale_losses = meta["losses"], meta["scale_losses"]
-                report.skipped_steps = int(meta["skipped_steps"])
-            except (RuntimeError, KeyError, ValueError, TypeError) as e:
-                raise CorruptFileError(
-                    f"The checkpoint in {checkpoint_dir} does not fit this run ({e}); it is damaged. "
-                    "Delete it (or pass resume=False) and fit again."
-                ) from e
-            report.resumed_from = start
-
-    def save_checkpoint(step: int) -> None:
-        tensors = {f"model.{k}": v for k, v in hyper.state_dict().items()}
-        meta: dict[str, Any] = {}
-        _flatten_optimizer("opt", opt, tensors, meta)
-        _flatten_optimizer("opts", opt_scale, tensors, meta)
-        tensors["rng"] = gen.get_state()
-        # tensors first, under a new name; the JSON naming them is the commit point, so a crash at
-        # any moment leaves a JSON whose tensors file exists and belongs to the same step
-        name = _checkpoint_tensors_name(step)
-        atomic_save_tensors(os.path.join(checkpoint_dir, name), tensors)
-        meta.update(
-            run_id=run_id,
-            step=step,
-            tensors=name,
-            losses=report.losses,
-            scale_losses=report.scale_losses,
-            skipped_steps=report.skipped_steps,
-        )
-        atomic_write_json(ckpt_j, meta)
-        for f in os.listdir(checkpoint_dir):  # older tensors files, now unreferenced
-            if f != name and f.startswith("fit_checkpoint") and f.endswith(".safetensors"):
-                os.unlink(os.path.join(checkpoint_dir, f))
+        run_id = _run_id(model, store, N, steps, requested, lr or cfg.fit_lr, seed)
+        checkpoint = _Checkpoint(checkpoint_dir, run_id)
+    start = checkpoint.restore(hyper, opt, opt_scale, gen, report) if checkpoint and resume else 0
+    objective = _data_parallel(hyper, procs, device)
 
     hyper.train()
     t0 = time.perf_counter()
+    show = progress and procs.is_main
     bar = tqdm(
-        range(start, steps), desc="ocdwrap fit", disable=not progress, initial=start, total=steps
+        range(start, steps), desc="ocdwrap fit", disable=not show, initial=start, total=steps
     )
     for step in bar:
-        idx = torch.randint(0, N, (min(bs, N),), generator=gen, device=device)
-        t = torch.randint(0, cfg.num_train_timesteps, (idx.shape[0],), generator=gen, device=device)
-        noise = torch.randn((idx.shape[0], *target.shape[1:]), generator=gen, device=device)
-        c = cond.index(idx)
-        loss = hyper.generator_loss(target[idx], c, t, noise, alphas_cumprod)
-        sloss = (
-            hyper.scale_loss(rho[idx], c)
-            if cfg.scale == "learned"
-            else torch.zeros((), device=device)
+        # the global minibatch, drawn identically everywhere; this process takes its slice
+        idx = torch.randint(0, N, (b,), generator=gen, device=device)
+        t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=gen, device=device)
+        noise = torch.randn((b, *target.shape[1:]), generator=gen, device=device)
+        i = idx[mine]
+        c = cond.index(i)
+        loss, sloss = objective(
+            target[i], c.layer_input, c.layer_output, c.model_output, rho[i], t[mine], noise[mine]
         )
-        if not (torch.isfinite(loss) and torch.isfinite(sloss)):
-            if cfg.on_nonfinite == "raise":
-                raise NonFiniteError(
-                    f"fit step {step}: non-finite loss ({loss.item()}, scale {sloss.item()}); lower the learning "
-                    "rate, or pass OCDConfig(on_nonfinite='skip') to skip such steps."
-                )
-            report.skipped_steps += 1
+        means = procs.all_mean(torch.stack([loss.detach(), sloss.detach()]))
+        if not bool(torch.isfinite(means).all()):  # the same decision on every process
+            _nonfinite(
+                cfg, report, f"non-finite loss ({float(means[0])}, scale {float(means[1])})", step
+            )
             continue
         opt.zero_grad(set_to_none=True)
         opt_scale.zero_grad(set_to_none=True)
-        (loss + sloss).backward()
+        (loss + sloss).backward()  # with several processes, DDP averages the gradients here
         gnorm = torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), cfg.grad_clip)
         snorm = torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), cfg.grad_clip)
         if not (torch.isfinite(gnorm) and torch.isfinite(snorm)):  # would poison the weights
-            if cfg.on_nonfinite == "raise":
-                raise NonFiniteError(
-                    f"fit step {step}: non-finite gradient (norm {float(gnorm)}, scale {float(snorm)}); "
-                    "lower the learning rate, or pass OCDConfig(on_nonfinite='skip') to skip such steps."
-                )
-            report.skipped_steps += 1
+            _nonfinite(
+                cfg,
+                report,
+                f"non-finite gradient (norm {float(gnorm)}, scale {float(snorm)})",
+                step,
+            )
             continue
         opt.step()
-        if cfg.scale == "learned":
+        if learned:
             opt_scale.step()
         hyper.update_ema(cfg.ema_decay)
-        report.losses.append(loss.item())
-        report.scale_losses.append(sloss.item())
-        if progress and step % 50 == 0:
+        report.losses.append(float(means[0]))
+        report.scale_losses.append(float(means[1]))
+        if show and step % 50 == 0:
             bar.set_postfix(
                 loss=f"{report.losses[-1]:.4f}", scale_dB=f"{report.scale_losses[-1]:.1f}"
             )
-        if ckpt_t and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(step + 1)
+        if (
+            checkpoint
+            and procs.is_main
+            and cfg.checkpoint_every
+            and (step + 1) % cfg.checkpoint_every == 0
+        ):
+            checkpoint.save(step + 1, hyper, opt, opt_scale, gen, report)
     bar.close()
     report.seconds = time.perf_counter() - t0
-    done = steps - start
-    report.samples_per_second = done * min(bs, N) / max(report.seconds, 1e-9)
+    report.samples_per_second = (steps - start) * b / max(report.seconds, 1e-9)
+    hyper.scale.requires_grad_(True)
     hyper.eval()
     model.hypernet = hyper
     return report
+
+
+def _nonfinite(cfg, report: FitReport, what: str, step: int) -> None:
+    """Raise, or count the skipped step, as ``config.on_nonfinite`` says."""
+    if cfg.on_nonfinite == "raise":
+        raise NonFiniteError(
+            f"fit step {step}: {what}; lower the learning rate, or pass "
+            "OCDConfig(on_nonfinite='skip') to skip such steps."
+        )
+    report.skipped_steps += 1

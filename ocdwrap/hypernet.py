@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from .capture import Conditioning
-from .collect import rank1_right_factor
 from .config import OCDConfig
-from .diffusion import CondEncoder, MLPDenoiser, UNetDenoiser, make_scheduler
-from .layer import DeltaSpec, FullDelta, Rank1Delta
+from .deltas import DeltaSpec, FullDelta, Rank1Delta, rank1_right_factor
+from .networks import ConditionalNet, ScaleModel
 
 
 @contextmanager
@@ -47,6 +46,27 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = True
 
 
+def make_scheduler(config: OCDConfig, sampler: str | None = None):
+    """A fresh diffusers scheduler for ``sampler`` ('ddim' or 'ddpm') with the config's schedule."""
+    # imported here: diffusers takes seconds to import, and `import ocdwrap` (the CLI) need not
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kw = dict(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule="linear",
+        clip_sample=config.clip_sample,
+        prediction_type="epsilon",
+    )
+    sampler = sampler or config.sampler
+    if sampler == "ddim":
+        return DDIMScheduler(**kw, set_alpha_to_one=True, timestep_spacing="leading")
+    if sampler == "ddpm":
+        return DDPMScheduler(**kw, variance_type="fixed_small", timestep_spacing="leading")
+    raise ValueError(f"Unknown sampler {sampler!r}; choose 'ddim' or 'ddpm'.")
+
+
 def _ddim_table(config: OCDConfig, steps: int, device: torch.device) -> list[tuple]:
     """Deterministic DDIM (eta = 0): per step, the timestep and the four scalars of diffusers'
     ``DDIMScheduler.step``, computed the way it computes them (so the samples are identical),
@@ -62,70 +82,6 @@ def _ddim_table(config: OCDConfig, steps: int, device: torch.device) -> list[tup
         coeffs = ((1 - a_t) ** 0.5, a_t**0.5, a_prev**0.5, (1 - a_prev) ** 0.5)
         table.append((torch.tensor(t, device=device), coeffs))
     return table
-
-
-class ConditionalNet(nn.Module):
-    """A conditioning encoder plus a denoiser (or regressor) network."""
-
-    def __init__(
-        self,
-        config: OCDConfig,
-        dims: tuple[int, int, int],
-        target_shape: tuple[int, ...],
-        diffusion: bool,
-    ) -> None:
-        super().__init__()
-        if len(target_shape) == 2 and diffusion:
-            self.net = UNetDenoiser(
-                target_shape,
-                config.unet_channels,
-                config.unet_layers_per_block,
-                config.unet_attention,
-                config.dropout,
-            )
-            emb = self.net.emb_dim
-        else:
-            emb = config.cond_dim
-            self.net = MLPDenoiser(
-                math.prod(target_shape),
-                emb,
-                config.mlp_hidden,
-                config.mlp_layers,
-                config.dropout,
-                timesteps=diffusion,
-            )
-        self.encoder = CondEncoder(dims, emb)
-        self.target_shape = tuple(target_shape)
-
-    def embed(self, feats: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self.encoder(feats)
-
-    def forward(
-        self, x: torch.Tensor | None, t: torch.Tensor | None, c: torch.Tensor
-    ) -> torch.Tensor:
-        out = self.net(x, t, c)
-        return out.reshape(c.shape[0], *self.target_shape)
-
-
-class ScaleModel(nn.Module):
-    """rho(I(x)) = rho_mean * exp(z(I(x))): positive, with no upper cap; z starts at 0."""
-
-    def __init__(self, dims: tuple[int, int, int], hidden: int, n_blocks: int) -> None:
-        super().__init__()
-        self.inp = nn.Linear(sum(dims), hidden)
-        self.blocks = nn.Sequential(
-            *[
-                nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden))
-                for _ in range(max(n_blocks - 1, 0))
-            ]
-        )
-        self.out = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, feats: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        h = self.blocks(self.inp(torch.cat(feats, dim=1)))
-        return self.out(torch.nn.functional.silu(h)).squeeze(1).clamp(-20, 20)
 
 
 def scale_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -163,6 +119,9 @@ class OCDHyperNetwork(nn.Module):
             self.register_buffer(f"cond_std{i}", torch.ones(d))
         self.register_buffer("rho_mean", torch.ones(()))
         self.register_buffer("target_std", torch.ones(()))
+        # the training schedule's cumulative alphas (recomputed from the config, never saved)
+        alphas = make_scheduler(config).alphas_cumprod.to(torch.float32)
+        self.register_buffer("alphas_cumprod", alphas, persistent=False)
         self._ddim_cache: dict[tuple, list[tuple]] = {}  # read-only tables, safe across threads
 
     # --- (de)serialisation --------------------------------------------------------------------
@@ -201,29 +160,49 @@ class OCDHyperNetwork(nn.Module):
         )
 
     # --- training losses ---------------------------------------------------------------------------
+    def forward(
+        self,
+        target: torch.Tensor,
+        cond_in: torch.Tensor,
+        cond_act: torch.Tensor,
+        cond_out: torch.Tensor,
+        rho: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fit losses of one minibatch: (generator loss, scale loss; 0 for a global scale).
+
+        Takes plain tensors (not a :class:`Conditioning`) so that DistributedDataParallel can
+        wrap the hypernetwork as it is.
+        """
+        cond = Conditioning(cond_in, cond_act, cond_out)
+        loss = self.generator_loss(target, cond, t, noise)
+        if self.config.scale != "learned":
+            return loss, loss.new_zeros(())
+        return loss, self.scale_loss(rho, cond)
+
     def generator_loss(
         self,
         target: torch.Tensor,
         cond: Conditioning,
         t: torch.Tensor,
         noise: torch.Tensor,
-        alphas_cumprod: torch.Tensor,
     ) -> torch.Tensor:
         """MSE of the epsilon prediction at timesteps ``t`` (diffusion) or of the delta (regression)."""
         x0 = target / self.target_std
         c = self.net.embed(self.features(cond))
         if self.config.generator == "regression":
             return ((self.net(None, None, c) - x0) ** 2).mean()
-        a = alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+        a = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         return ((self.net(xt, t, c) - noise) ** 2).mean()
 
     def scale_loss(self, rho: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return scale_loss(self.predict_rho(cond), rho)
 
-    def predict_rho(self, cond: Conditioning) -> torch.Tensor:
-        """rho(I(x)), (B,)."""
-        if self.config.scale == "global":
+    def predict_rho(self, cond: Conditioning, scale: str | None = None) -> torch.Tensor:
+        """rho(I(x)), (B,); ``scale="global"`` gives the training set's mean rho instead."""
+        if (scale or self.config.scale) == "global":
             return self.rho_mean.float().expand(cond.layer_input.shape[0])
         return (self.rho_mean * torch.exp(self.scale(self.features(cond)))).float()
 
@@ -241,7 +220,7 @@ class OCDHyperNetwork(nn.Module):
         cond: Conditioning,
         *,
         num_draws: int = 1,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         sampler: str | None = None,
         steps: int | None = None,
         eta: float | None = None,
@@ -256,9 +235,7 @@ class OCDHyperNetwork(nn.Module):
             sampler = sampler or self.config.sampler
             steps = steps or self.config.sampling_steps
             eta = self.config.eta if eta is None else eta
-            x = torch.randn(
-                (n, *self.target_shape), generator=generator, device=c.device, dtype=c.dtype
-            )
+            x = torch.randn((n, *self.target_shape), generator=rng, device=c.device, dtype=c.dtype)
             if sampler == "ddim" and eta == 0 and not self.config.clip_sample:
                 cfg = self.config
                 key = (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, steps, str(c.device))
@@ -274,17 +251,23 @@ class OCDHyperNetwork(nn.Module):
                 for t in sched.timesteps:
                     eps = self.ema(x, t.expand(n), c)
                     if sampler == "ddim":
-                        x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
+                        x = sched.step(eps, t, x, eta=eta, generator=rng).prev_sample
                     else:
-                        x = sched.step(eps, t, x, generator=generator).prev_sample
+                        x = sched.step(eps, t, x, generator=rng).prev_sample
             return (x * self.target_std).float()
 
     @torch.no_grad()
-    def generate(self, cond: Conditioning, *, num_draws: int = 1, **kw: Any) -> DeltaSpec:
-        """Per-sample deltas rho(I(x)) * delta_hat, ``num_draws`` per sample (sample-major)."""
+    def generate(
+        self, cond: Conditioning, *, num_draws: int = 1, scale: str | None = None, **kw: Any
+    ) -> DeltaSpec:
+        """Per-sample deltas rho(I(x)) * delta_hat, ``num_draws`` per sample (sample-major).
+
+        ``scale`` overrides ``config.scale`` ("learned" or "global"); ``kw`` goes to
+        :meth:`sample_normalised`.
+        """
         x = self.sample_normalised(cond, num_draws=num_draws, **kw)
         with _eval_mode(self):
-            rho = self.predict_rho(cond).repeat_interleave(num_draws, 0)
+            rho = self.predict_rho(cond, scale).repeat_interleave(num_draws, 0)
         n = x.shape[0]
         if self.config.delta == "rank1":
             v = rank1_right_factor(cond.layer_input.float(), self.config.overfit_optimizer)

@@ -19,6 +19,28 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CorruptFileError
 
+# Every file name ocdwrap writes, in one place.
+CONFIG_NAME = "ocd_config.json"  # an adapter's OCDConfig
+WEIGHTS_NAME = "ocd_model.safetensors"  # an adapter's hypernetwork
+MANIFEST_NAME = "manifest.json"  # a delta collection's manifest (its commit point)
+CHECKPOINT_JSON = "fit_checkpoint.json"  # a fit checkpoint's commit point
+CHECKPOINT_TENSORS = "fit_checkpoint.safetensors"  # its tensors (older checkpoints' fixed name)
+
+
+def shard_name(i: int) -> str:
+    """The file of a collection's ``i``-th shard."""
+    return f"shard-{i:05d}.safetensors"
+
+
+def part_name(rank: int, world: int) -> str:
+    """The sub-directory of process ``rank``'s shards: ``part-00001-of-00004``."""
+    return f"part-{rank:05d}-of-{world:05d}"
+
+
+def checkpoint_tensors_name(step: int) -> str:
+    """The tensors file of a fit checkpoint taken after ``step`` steps."""
+    return f"fit_checkpoint-{step:08d}.safetensors"
+
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` for a temporary path beside ``path``, fsync it, then rename it over ``path``."""

@@ -14,57 +14,23 @@ The delta is set per thread through :class:`LayerState`, so concurrent calls do 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .deltas import DeltaSpec, FullDelta, OutputProbe, Rank1Delta
 from .errors import LayerReachError, UnsupportedLayerError
 
-
-@dataclass
-class FullDelta:
-    """A full per-sample delta: (B, out, in) for Linear, (B, out, in, kh, kw) for Conv2d."""
-
-    delta: torch.Tensor
-
-    @property
-    def batch(self) -> int:
-        return self.delta.shape[0]
-
-
-@dataclass
-class Rank1Delta:
-    """A rank-one per-sample delta u vᵀ for a Linear layer: u (B, out), v (B, in)."""
-
-    u: torch.Tensor
-    v: torch.Tensor
-
-    @property
-    def batch(self) -> int:
-        return self.u.shape[0]
-
-    def full(self) -> torch.Tensor:
-        """The matrices, (B, out, in)."""
-        return self.u.unsqueeze(2) * self.v.unsqueeze(1)
-
-
-@dataclass
-class OutputProbe:
-    """Collection's spec: an optional full delta, plus a zero tensor added to the layer output.
-
-    The layer creates ``probe`` (zeros shaped like its output, requiring grad) on the first
-    forward and reuses it after (a forward recomputed under gradient checkpointing adds the same
-    tensor), so ``autograd.grad(loss, probe)`` is d loss / d layer output, from which collection
-    builds the weight gradient of a Linear layer without autograd forming it.
-    """
-
-    delta: FullDelta | None = None
-    probe: torch.Tensor | None = None
-
-
-DeltaSpec = FullDelta | Rank1Delta
+__all__ = [
+    "DeltaSpec",
+    "DynamicLayer",
+    "FullDelta",
+    "LayerState",
+    "OutputProbe",
+    "Rank1Delta",
+    "layer_kind",
+]
 
 
 def layer_kind(module: nn.Module) -> str:

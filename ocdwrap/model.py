@@ -12,21 +12,25 @@ type. Under the hood one call is two passes over the base model:
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .batches import explain_device_dtype_errors, map_tensors, read_output, replace_output
-from .capture import Conditioning, LayerCapture, build_conditioning
-from .config import CONFIG_NAME, OCDConfig
+from .capture import Conditioning, LayerCapture, attention_mask, build_conditioning
+from .config import OCDConfig
 from .errors import (
     AdapterExistsError,
+    AdapterNotFoundError,
     BaseModelMismatchError,
     CalibrationRequiredError,
     CorruptFileError,
@@ -34,13 +38,12 @@ from .errors import (
     NotFittedError,
     UnsupportedLayerError,
 )
-from .io import atomic_save_tensors, load_tensors, tensor_fingerprint
+from .hypernet import OCDHyperNetwork
+from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_tensors, load_tensors, tensor_fingerprint
 from .layer import DeltaSpec, DynamicLayer, LayerState, layer_kind
 from .split import split_for
 
 logger = logging.getLogger("ocdwrap")
-
-WEIGHTS_NAME = "ocd_model.safetensors"
 
 
 @dataclass
@@ -104,13 +107,6 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     found: list[torch.Tensor] = []
     map_tensors(obj, lambda t: found.append(t) or t)
     return found[0] if found else None
-
-
-def _attention_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    mask = kwargs.get("attention_mask")
-    if mask is None and args and isinstance(args[0], dict):
-        mask = args[0].get("attention_mask")
-    return mask if isinstance(mask, torch.Tensor) else None
 
 
 class OCDModel(nn.Module):
@@ -193,13 +189,17 @@ class OCDModel(nn.Module):
     def sampling(self, **overrides: Any) -> Iterator[OCDModel]:
         """Temporarily change sampling settings for calls in this thread.
 
-        Accepts ``num_draws``, ``seed``, ``sampler``, ``sampling_steps``, ``eta``, ``task``.
+        Accepts ``num_draws``, ``seed``, ``sampler``, ``sampling_steps``, ``eta``, ``task`` and
+        ``scale`` (``"global"``: the training set's mean rho instead of the scale model's
+        rho(I(x)), the paper's "no scaling" ablation; ``"learned"``: the scale model).
 
         Example:
             >>> with model.sampling(num_draws=5, seed=0):
             ...     logits = model(x)        # OCD(5): the mean of five generated networks
+            >>> with model.sampling(scale="global"):
+            ...     logits = model(x)        # the same generator with one global scale
         """
-        allowed = {"num_draws", "seed", "sampler", "sampling_steps", "eta", "task"}
+        allowed = {"num_draws", "seed", "sampler", "sampling_steps", "eta", "task", "scale"}
         bad = set(overrides) - allowed
         if bad:
             raise TypeError(
@@ -244,7 +244,7 @@ class OCDModel(nn.Module):
         finally:
             self._state.delta = previous
         cond = build_conditioning(
-            records, read_output(out), self.layer_kind, B, _attention_mask(args, kwargs)
+            records, read_output(out), self.layer_kind, B, attention_mask(args, kwargs)
         )
         return cond, out
 
@@ -257,9 +257,9 @@ class OCDModel(nn.Module):
             )
         return self.hypernet
 
-    def _torch_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
-        if generator is not None:
-            return generator
+    def _rng(self, rng: torch.Generator | None) -> torch.Generator | None:
+        if rng is not None:
+            return rng
         seed = self._setting("seed")
         if seed is None:
             return None
@@ -270,21 +270,28 @@ class OCDModel(nn.Module):
         cond: Conditioning,
         *,
         num_draws: int = 1,
+        rng: torch.Generator | None = None,
         generator: torch.Generator | None = None,
     ) -> DeltaSpec:
-        """Per-sample deltas for conditioning ``cond``: ``num_draws`` per sample, sample-major."""
+        """Per-sample deltas for conditioning ``cond``: ``num_draws`` per sample, sample-major.
+
+        ``rng`` (a ``torch.Generator``) fixes the initial noise; ``generator=`` is its former,
+        deprecated name.
+        """
+        rng = _renamed_rng(rng, generator)
         hypernet = self._require_hypernet()
         with _no_autocast(self.device):  # OCD's networks keep their own dtype (float32)
             return hypernet.generate(
                 cond.to(self.device),
                 num_draws=num_draws,
-                generator=self._torch_generator(generator),
+                rng=self._rng(rng),
                 sampler=self._setting("sampler"),
                 steps=self._setting("sampling_steps"),
                 eta=self._setting("eta"),
+                scale=self._setting("scale"),
             )
 
-    def _draws(self, args: tuple, kwargs: dict, num_draws: int, generator: torch.Generator | None):
+    def _draws(self, args: tuple, kwargs: dict, num_draws: int, rng: torch.Generator | None):
         split = (
             split_for(self, args, kwargs, lambda: self._call_base(args, kwargs))
             if num_draws == 1
@@ -299,11 +306,11 @@ class OCDModel(nn.Module):
                     return split.suffix(boundary)
 
             cond, _ = self._conditioning(args, kwargs, suffix)
-            spec = self.generate(cond, num_draws=1, generator=generator)
+            spec = self.generate(cond, num_draws=1, rng=rng)
             with self.use_deltas(spec):
                 return suffix(), cond.layer_input.shape[0]
-        cond, base_out = self.conditioning(*args, **kwargs)
-        spec = self.generate(cond, num_draws=num_draws, generator=generator)
+        cond, _ = self.conditioning(*args, **kwargs)
+        spec = self.generate(cond, num_draws=num_draws, rng=rng)
         B = cond.layer_input.shape[0]
         if num_draws > 1:
             args, kwargs = map_tensors(
@@ -337,19 +344,21 @@ class OCDModel(nn.Module):
         self,
         *args: Any,
         num_draws: int = 5,
+        rng: torch.Generator | None = None,
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> EnsembleOutput:
         """Run ``num_draws`` generated networks per input and combine them (the paper's OCD(K)).
 
         Classification averages probabilities; regression averages values. ``std`` and
-        ``uncertainty`` give the spread between draws.
+        ``uncertainty`` give the spread between draws. ``rng`` (a ``torch.Generator``) fixes the
+        initial noise; ``generator=`` is its former, deprecated name.
 
         Example:
-            >>> ens = model.ensemble(images, num_draws=5, generator=torch.Generator().manual_seed(0))
+            >>> ens = model.ensemble(images, num_draws=5, rng=torch.Generator().manual_seed(0))
             >>> ens.mean.argmax(1), ens.uncertainty
         """
-        out, B = self._draws(args, kwargs, num_draws, generator)
+        out, B = self._draws(args, kwargs, num_draws, _renamed_rng(rng, generator))
         pred = read_output(out)
         draws = pred.reshape(B, num_draws, *pred.shape[1:]).transpose(0, 1)  # (K, B, ...)
         if self._task(pred) == "classification":
@@ -409,8 +418,6 @@ class OCDModel(nn.Module):
                 "another directory."
             )
         os.makedirs(directory, exist_ok=True)
-        import json
-
         meta = {
             "format": "ocdwrap-adapter",
             "layer": self.layer_name,
@@ -434,13 +441,8 @@ class OCDModel(nn.Module):
         Raises :class:`BaseModelMismatchError` when ``base``'s target layer is not the one the
         adapter was fitted on.
         """
-        import json
-
-        from safetensors import safe_open
-
-        from .hypernet import OCDHyperNetwork
-
         directory = os.fspath(directory)
+        _require_adapter_files(directory)
         config = OCDConfig.load(directory)
         path = os.path.join(directory, WEIGHTS_NAME)
         state = load_tensors(path)
@@ -477,6 +479,38 @@ class OCDModel(nn.Module):
             ) from e
         model.hypernet = hypernet.to(device or model.device).eval()
         return model
+
+
+def _renamed_rng(rng: torch.Generator | None, generator: torch.Generator | None):
+    if generator is None:
+        return rng
+    warnings.warn(
+        "generator= is deprecated (it read like config.generator); pass the torch.Generator as rng=.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if rng is not None:
+        raise TypeError(
+            "Pass the torch.Generator once, as rng= (generator= is its deprecated name)."
+        )
+    return generator
+
+
+def _require_adapter_files(directory: str) -> None:
+    """An :class:`AdapterNotFoundError` naming what is missing, before anything is read."""
+    missing = [
+        f for f in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.exists(os.path.join(directory, f))
+    ]
+    if not missing:
+        return
+    if not os.path.isdir(directory):
+        where = f"{directory} does not exist"
+    else:
+        where = f"{directory} lacks {' and '.join(missing)}"
+    raise AdapterNotFoundError(
+        f"No OCD adapter to load: {where}. Pass the directory that OCDModel.save_pretrained wrote "
+        f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME}), or save the adapter again."
+    )
 
 
 @contextmanager

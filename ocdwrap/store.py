@@ -1,4 +1,8 @@
-"""``DeltaStore``: the on-disk collection of overfitted deltas, sharded safetensors + a JSON manifest.
+"""The on-disk collection of overfitted deltas: sharded safetensors + a JSON manifest.
+
+This module owns the format: :class:`DeltaStore` reads it, :class:`StoreWriter` writes it,
+:func:`merge_parts` joins the parts written by several processes, :func:`remove` deletes a
+collection (and nothing else in its directory).
 
 Layout of a collection directory::
 
@@ -12,28 +16,60 @@ Layout of a collection directory::
                                and the normalised delta: delta (n, out, in·kh·kw) for the full
                                parameterisation and/or u (n, out), v (n, in) for rank one.
 
-Shards are written atomically and listed in the manifest only once complete, so an
-interrupted collection resumes after the last listed shard.
+Shards are written atomically and listed in the manifest only once complete (the manifest is
+the commit point), so an interrupted collection resumes after the last listed shard.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from .errors import CorruptFileError
-from .io import load_tensors, read_json
+from .errors import CollectionExistsError, CorruptFileError, DistributedError, EmptyDataError
+from .io import (
+    MANIFEST_NAME,
+    atomic_save_tensors,
+    atomic_write_json,
+    load_tensors,
+    part_name,
+    read_json,
+    shard_name,
+)
 
-MANIFEST_NAME = "manifest.json"
+logger = logging.getLogger("ocdwrap")
+
 STORE_FORMAT = "ocdwrap-deltas"
 STORE_VERSION = 1
+# identity keys added after the first stores were written, with the value those stores used
+_IDENTITY_DEFAULTS = {"delta_normalization": "std"}
+# identity keys known only once the first batch is overfitted (not compared when resuming)
+_LAYOUT_KEYS = ("store_rank1",)
+_PART_DIR = re.compile(r"part-\d{5}-of-\d{5}")
+
+__all__ = [
+    "MANIFEST_NAME",
+    "STORE_FORMAT",
+    "STORE_VERSION",
+    "DeltaStore",
+    "StoreWriter",
+    "merge_parts",
+    "remove",
+    "shard_name",
+]
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.safetensors"
+def _missing_shard(path: str) -> CorruptFileError:
+    return CorruptFileError(
+        f"Shard {path} listed in the manifest is missing; run ocdwrap.collect again with the "
+        "same data to rebuild it."
+    )
 
 
 class DeltaStore:
@@ -63,6 +99,13 @@ class DeltaStore:
                 f"{path} lacks {missing or ['a list of shards']}; the manifest is damaged. Delete the "
                 "collection directory's manifest.json and shards, and collect again."
             )
+
+    @classmethod
+    def _in_memory(cls, directory: str, manifest: dict[str, Any]) -> DeltaStore:
+        """A store over ``directory`` whose manifest is not written yet (the writer's view)."""
+        store = cls.__new__(cls)
+        store.directory, store.manifest = directory, manifest
+        return store
 
     def __len__(self) -> int:
         return int(sum(s["count"] for s in self.manifest["shards"]))
@@ -94,18 +137,16 @@ class DeltaStore:
     def first_damaged_shard(self) -> int | None:
         """Index of the first listed shard that is missing or whose header is unreadable, else None.
 
-        Reads only the shards' headers (cheap): :func:`ocdwrap.collect` uses it on resume to
-        rebuild from the first damaged shard on.
+        Reads only the shards' headers (cheap): a resumed collection rebuilds from the first
+        damaged shard on.
         """
-        for i, s in enumerate(self.manifest["shards"]):
+        for i, path in enumerate(self.shard_paths()):
             try:
-                with safe_open(
-                    os.path.join(self.directory, s["file"]), framework="pt", device="cpu"
-                ) as f:
+                with safe_open(path, framework="pt", device="cpu") as f:
                     n = f.get_slice("index").get_shape()[0]
             except Exception:  # missing file or damaged header
                 return i
-            if n != s["count"]:
+            if n != self.manifest["shards"][i]["count"]:
                 return i
         return None
 
@@ -123,10 +164,7 @@ class DeltaStore:
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for shard, path in zip(self.manifest["shards"], self.shard_paths()):
             if not os.path.exists(path):
-                raise CorruptFileError(
-                    f"Shard {path} listed in the manifest is missing; run ocdwrap.collect again with the "
-                    "same data to rebuild it."
-                )
+                raise _missing_shard(path)
             if len(keys) == len(self.keys):
                 tensors = load_tensors(path, device)
             else:
@@ -145,10 +183,7 @@ class DeltaStore:
         path: str, keys: list[str], device: str | torch.device
     ) -> dict[str, torch.Tensor]:
         if not os.path.exists(path):
-            raise CorruptFileError(
-                f"Shard {path} listed in the manifest is missing; run ocdwrap.collect again with the "
-                "same data to rebuild it."
-            )
+            raise _missing_shard(path)
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 return {k: f.get_tensor(k) for k in keys}
@@ -158,5 +193,313 @@ class DeltaStore:
                 "Run ocdwrap.collect again with the same data: it rebuilds it."
             ) from e
 
+    def summary(self) -> dict[str, Any]:
+        """Count, skipped samples, rho's mean and spread, and the top-singular energy, from the shards."""
+        keys = ["rho"] + (["energy"] if "energy" in self.manifest["keys"] else [])
+        data = self.load(keys)
+        rho = data["rho"].double()
+        summary: dict[str, Any] = {
+            "count": int(rho.numel()),
+            "skipped_nonfinite": int(self.manifest.get("skipped", 0)),
+            "rho_mean": float(rho.mean()) if rho.numel() else None,
+            "rho_cv": float(rho.std() / rho.mean()) if rho.numel() > 1 else None,
+        }
+        if "energy" in data and data["energy"].numel():
+            e = data["energy"].double()
+            summary["top_singular_energy"] = {
+                "mean": float(e.mean()),
+                "min": float(e.min()),
+                "median": float(e.median()),
+                "p05": float(e.quantile(0.05)) if e.numel() > 1 else float(e.min()),
+            }
+        return summary
+
     def __repr__(self) -> str:
         return f"DeltaStore({self.directory!r}, samples={len(self)}, layer={self.layer!r}, complete={self.complete})"
+
+
+def _new_manifest(data_fingerprint: str, config: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "identity": None,
+        "data_fingerprint": data_fingerprint,
+        "config": config,
+        "shards": [],
+        "skipped": 0,
+        "complete": False,
+        **fields,
+    }
+
+
+def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
+    full = {**_IDENTITY_DEFAULTS, **identity}
+    return {k: v for k, v in full.items() if k not in _LAYOUT_KEYS}
+
+
+def remove(directory: str | os.PathLike) -> None:
+    """Delete the collection in ``directory``: its shards, per-process parts and manifest.
+
+    Other files in the directory are left alone; the directory itself goes when nothing else
+    is in it.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return
+    manifest_path = os.path.join(directory, MANIFEST_NAME)
+    if os.path.exists(manifest_path):
+        try:
+            for path in DeltaStore(directory).shard_paths():
+                if os.path.exists(path):
+                    os.unlink(path)
+        except CorruptFileError:  # a damaged manifest: the stray files below still go
+            pass
+    for f in os.listdir(directory):
+        path = os.path.join(directory, f)
+        if f.startswith("shard-") and f.endswith(".safetensors"):
+            os.unlink(path)
+        elif _PART_DIR.fullmatch(f) and os.path.isdir(path):
+            shutil.rmtree(path)
+    if os.path.exists(manifest_path):
+        os.unlink(manifest_path)
+    if not os.listdir(directory):
+        os.rmdir(directory)
+
+
+class StoreWriter:
+    """Writes a collection: open (resume or refuse), append rows, close.
+
+    Rows are buffered and written as shards of ``shard_size`` samples; each shard is written
+    atomically before the manifest lists it, so the directory is always a valid (partial)
+    collection. Opening a directory that holds a partial collection with the same identity
+    resumes it after its last intact shard; one with another identity is refused unless
+    ``overwrite=True``.
+
+    Example:
+        >>> writer = StoreWriter.open("deltas/", identity, shard_size=4096)
+        >>> writer.begin(fingerprint_of_first_batch, config.to_dict())
+        >>> writer.describe(store_rank1=True, dims=dims, keys=list(rows))  # once
+        >>> writer.append(rows, skipped=[17])   # rows: {key: (n, ...) tensors}, in data order
+        >>> store = writer.close()
+    """
+
+    def __init__(
+        self, directory: str, identity: dict[str, Any], manifest: dict | None, shard_size: int
+    ) -> None:
+        self.directory = directory
+        self.identity = identity
+        self.manifest = manifest
+        self.shard_size = int(shard_size)
+        self._buffer: dict[str, list[torch.Tensor]] = {}
+        self._buffered = 0
+        # skipped samples are counted per shard (those before its stop), so a resumed run that
+        # revisits samples after the last shard does not count them twice
+        shards = manifest["shards"] if manifest else []
+        self._skipped = sum(s.get("skipped", 0) for s in shards)
+        self._skipped_at: list[int] = []  # skipped positions not yet in a shard's count
+
+    @property
+    def _manifest_path(self) -> str:
+        return os.path.join(self.directory, MANIFEST_NAME)
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike,
+        identity: dict[str, Any],
+        *,
+        shard_size: int,
+        overwrite: bool = False,
+    ) -> StoreWriter:
+        """Prepare ``directory`` for a collection with ``identity`` (resume, refuse or replace)."""
+        directory = os.fspath(directory)
+        manifest = None
+        if os.path.exists(os.path.join(directory, MANIFEST_NAME)):
+            store = DeltaStore(directory)
+            old = store.manifest
+            if _comparable(old["identity"] or {}) == _comparable(identity):
+                manifest = old
+                damaged = store.first_damaged_shard()
+                if damaged is not None:  # rebuild from the first missing or damaged shard on
+                    logger.warning(
+                        "ocdwrap: shard %s in %s is missing or damaged; collecting again from sample %d.",
+                        old["shards"][damaged]["file"],
+                        directory,
+                        old["shards"][damaged]["start"],
+                    )
+                    manifest["shards"] = manifest["shards"][:damaged]
+                    manifest["complete"] = False
+            elif not overwrite:
+                ident = old["identity"] or {}
+                raise CollectionExistsError(
+                    f"{directory} already holds a collection from another base model or config "
+                    f"(layer {ident.get('layer')!r}, fingerprint {ident.get('fingerprint')}); "
+                    "it was left untouched. Use another out_dir, or pass overwrite=True to replace it."
+                )
+            else:
+                remove(directory)
+        elif os.path.isdir(directory) and any(
+            f.startswith("shard-") for f in os.listdir(directory)
+        ):
+            if not overwrite:
+                raise CollectionExistsError(
+                    f"{directory} holds shard files but no manifest; refusing to overwrite them. "
+                    "Use another out_dir, or pass overwrite=True."
+                )
+            remove(directory)
+        os.makedirs(directory, exist_ok=True)
+        return cls(directory, identity, manifest, shard_size)
+
+    # --- state -----------------------------------------------------------------------------------
+    @property
+    def stored(self) -> int:
+        """Samples stored so far (intact shards)."""
+        return int(sum(s["count"] for s in self.manifest["shards"])) if self.manifest else 0
+
+    @property
+    def done(self) -> int:
+        """Data positions already covered by shards: where a resumed collection continues."""
+        if not self.manifest or not self.manifest["shards"]:
+            return 0
+        return int(self.manifest["shards"][-1]["stop"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest and self.manifest.get("complete"))
+
+    @property
+    def described(self) -> bool:
+        return bool(self.manifest and self.manifest.get("identity"))
+
+    def store(self) -> DeltaStore:
+        return DeltaStore(self.directory)
+
+    # --- writing ---------------------------------------------------------------------------------
+    def begin(self, data_fingerprint: str, config: dict[str, Any]) -> None:
+        """Start a new manifest, or check that a resumed collection sees the same data."""
+        if self.manifest is None:
+            self.manifest = _new_manifest(data_fingerprint, config)
+        elif self.manifest["data_fingerprint"] != data_fingerprint:
+            raise CollectionExistsError(
+                f"{self.directory} holds a partial collection made from different data (its first "
+                "batch differs: a shuffled loader?). Resume with the same data in the same order, or "
+                "pass overwrite=True to start again."
+            )
+
+    def describe(self, *, dims: dict[str, int], keys: list[str], **layout: Any) -> None:
+        """Record what only the first rows tell: the layout keys, conditioning widths, row keys."""
+        self.manifest["identity"] = {**self.identity, **layout}
+        self.manifest["dims"] = dict(dims)
+        self.manifest["keys"] = list(keys)
+
+    def append(self, rows: dict[str, torch.Tensor] | None, skipped: Sequence[int] = ()) -> None:
+        """Buffer ``rows`` (the kept samples, in data order) and note ``skipped`` positions."""
+        self._skipped_at += list(skipped)
+        if rows:
+            for k, t in rows.items():
+                self._buffer.setdefault(k, []).append(t.detach().cpu())
+            self._buffered += int(rows["index"].shape[0])
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        while self._buffered >= self.shard_size or (final and self._buffered > 0):
+            n = min(self._buffered, self.shard_size)
+            joined = {k: torch.cat(v) for k, v in self._buffer.items()}  # copies: no shared storage
+            tensors = {k: t[:n] for k, t in joined.items()}  # one copy per key, not two
+            # the per-batch pieces are released before the shard is written (lower peak memory)
+            self._buffer = {k: [t[n:]] for k, t in joined.items()}
+            self._buffered -= n
+            self._write_shard(tensors)
+
+    def _write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        shards = self.manifest["shards"]
+        if not shards:  # a manifest first, so a crash never leaves shards without one
+            atomic_write_json(self._manifest_path, self.manifest)
+        start = shards[-1]["stop"] if shards else 0
+        stop = int(tensors["index"][-1]) + 1
+        name = shard_name(len(shards))
+        atomic_save_tensors(os.path.join(self.directory, name), tensors)
+        n_skipped = sum(p < stop for p in self._skipped_at)
+        self._skipped_at = [p for p in self._skipped_at if p >= stop]
+        self._skipped += n_skipped
+        count = int(tensors["index"].shape[0])
+        shards.append(
+            {"file": name, "count": count, "start": start, "stop": stop, "skipped": n_skipped}
+        )
+        self.manifest["skipped"] = self._skipped
+        atomic_write_json(self._manifest_path, self.manifest)
+
+    def close(self) -> DeltaStore:
+        """Write what is buffered, the summary, and mark the collection complete."""
+        if self.manifest is None or (not self.described and not self.manifest["shards"]):
+            raise EmptyDataError(
+                "collect() got no samples from the data loader; check that it is not empty."
+            )
+        self._flush(final=True)
+        self.manifest["skipped"] = self._skipped + len(self._skipped_at)
+        self._skipped, self._skipped_at = self.manifest["skipped"], []
+        return _commit(self.directory, self.manifest)
+
+
+def _commit(directory: str, manifest: dict[str, Any]) -> DeltaStore:
+    """Add the summary, mark complete, and write the manifest: the collection's commit point."""
+    manifest["summary"] = DeltaStore._in_memory(directory, manifest).summary()
+    manifest["complete"] = True
+    atomic_write_json(os.path.join(directory, MANIFEST_NAME), manifest)
+    return DeltaStore(directory)
+
+
+def merge_parts(
+    out_dir: str | os.PathLike, parts: list[tuple[int, int]], world: int
+) -> dict[str, Any]:
+    """Write ``out_dir/manifest.json`` listing the shards of every part, in data order.
+
+    ``parts[r]`` is the ``[start, stop)`` sample range process ``r`` collected into
+    ``out_dir/part-r-of-world/``. Returns the merged manifest.
+    """
+    out_dir = os.fspath(out_dir)
+    merged: dict[str, Any] | None = None
+    for rank, (lo, hi) in enumerate(parts):
+        if lo >= hi:
+            continue
+        name = part_name(rank, world)
+        part = DeltaStore(os.path.join(out_dir, name)).manifest
+        if not part.get("complete"):
+            raise DistributedError(
+                f"Part {name} of {out_dir} is incomplete; run the collection again."
+            )
+        held = sum(s["count"] for s in part["shards"]) + int(part.get("skipped", 0))
+        if held != hi - lo:
+            raise DistributedError(
+                f"Part {name} of {out_dir} holds {held} samples but covers samples [{lo}, {hi}) "
+                "of the data now; the data changed since it was collected. Collect again with "
+                "overwrite=True."
+            )
+        if merged is None:
+            merged = _new_manifest(
+                part["data_fingerprint"], part["config"], world_size=world, parts=[]
+            )
+            merged.update(identity=part["identity"], dims=part["dims"], keys=part["keys"])
+        elif part["identity"] != merged["identity"]:
+            first = merged["identity"]
+            raise DistributedError(
+                f"The processes hold different base models or configs: part {name} has layer "
+                f"{part['identity']['layer']!r}, fingerprint {part['identity']['fingerprint']}; part 0 has "
+                f"{first['layer']!r}, {first['fingerprint']}. Load the same weights on "
+                "every process (e.g. from one checkpoint) before wrapping."
+            )
+        for s in part["shards"]:
+            merged["shards"].append(
+                {
+                    "file": f"{name}/{s['file']}",
+                    "count": s["count"],
+                    "start": s["start"] + lo,
+                    "stop": s["stop"] + lo,
+                    "index_offset": lo,
+                }
+            )
+        merged["skipped"] += int(part.get("skipped", 0))
+        merged["parts"].append({"dir": name, "start": lo, "stop": hi})
+    if merged is None:
+        raise EmptyDataError(f"No part of {out_dir} holds any sample.")
+    return _commit(out_dir, merged).manifest

@@ -53,7 +53,7 @@ def make_mlp() -> nn.Module:
 
 
 def make_lenet() -> nn.Module:
-    from ocdwrap.zoo import LeNet5
+    from benchmarks.zoo import LeNet5
 
     torch.manual_seed(0)
     return LeNet5().eval()

@@ -32,7 +32,7 @@ def _check(part: dict, rows: list) -> None:
 
 @pytest.mark.parametrize("name", ["mnist", "tabular", "fashion_mnist"])
 def test_smoke_rows(name: str, tmp_path) -> None:
-    from ocdwrap.datasets import available
+    from benchmarks.datasets import available
 
     need = {"mnist": "mnist", "tabular": "california_housing", "fashion_mnist": "fashion_mnist"}[
         name
@@ -54,7 +54,7 @@ def test_smoke_rows(name: str, tmp_path) -> None:
 
 
 def test_smoke_text(tmp_path) -> None:
-    from ocdwrap.datasets import available
+    from benchmarks.datasets import available
 
     have = available()
     if not (have["minilm"] and have["rotten_tomatoes"] and have["womens_reviews"]):
@@ -156,7 +156,7 @@ def test_summary_table_gap_share(tmp_path) -> None:
 
 
 def test_smoke_tabular_linear_base(tmp_path) -> None:
-    from ocdwrap.datasets import available
+    from benchmarks.datasets import available
 
     if not available()["california_housing"]:
         pytest.skip("california_housing data not installed")

@@ -1,4 +1,4 @@
-"""Tests of ocdwrap.datasets: shapes, dtypes, split sizes and determinism of the offline data sets.
+"""Tests of benchmarks.datasets: shapes, dtypes, split sizes and determinism of the offline data sets.
 
 A test skips (saying what to install) only when the package holding its data set is absent.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ocdwrap import datasets as D
+from benchmarks import datasets as D
 from ocdwrap.errors import OCDError
 
 INSTALL = {

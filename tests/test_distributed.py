@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ocdwrap
-from ocdwrap.datasets import tensor_loader
+from benchmarks.datasets import tensor_loader
 from ocdwrap.distributed import (
     CollectionExistsError,
     collect_distributed,
@@ -23,6 +23,7 @@ from ocdwrap.distributed import (
     merge_parts,
     partition,
 )
+from ocdwrap.io import CHECKPOINT_JSON
 from ocdwrap.hypernet import OCDHyperNetwork
 
 N, BATCH, WORLD = 44, 8, 2
@@ -80,8 +81,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         model, loader(), ce, os.path.join(out, "deltas"), accelerator=accelerator, progress=False
     )
     assert len(store) == N
-    # fit through the plain torch.distributed group that accelerate initialised
-    report = fit_distributed(model, store, progress=False, **FIT)
+    # the one fit(), through the plain torch.distributed group that accelerate initialised;
+    # checkpoints come from the main process only
+    model.config = model.config.replace(checkpoint_every=3)
+    ckpt = os.path.join(out, f"ckpt-{rank}")
+    report = ocdwrap.fit(model, store, progress=False, checkpoint_dir=ckpt, **FIT)
+    assert os.path.exists(os.path.join(ckpt, CHECKPOINT_JSON)) == (rank == 0)
     save_file(
         {k: v.contiguous() for k, v in model.hypernet.state_dict().items()},
         os.path.join(out, f"hyper-{rank}.safetensors"),
@@ -164,7 +169,8 @@ def test_ddp_fit_equals_single_process_fit(two_process_run):
 def test_single_process_fallbacks_equal_the_core_functions(tmp_path):
     model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
     store = collect_distributed(model, loader(), ce, tmp_path / "d", progress=False)
-    fit_distributed(model, store, progress=False, **FIT)
+    with pytest.warns(DeprecationWarning, match="accelerator=accelerator"):
+        fit_distributed(model, store, progress=False, **FIT)
     got = {k: v.clone() for k, v in model.hypernet.state_dict().items()}
     ocdwrap.fit(model, store, progress=False, **FIT)
     for k, v in model.hypernet.state_dict().items():

@@ -8,8 +8,8 @@ from conftest import lenet_conv_case, mlp_case
 from torch.utils.data import DataLoader, TensorDataset
 
 import ocdwrap
-from ocdwrap.diffusion import make_scheduler
 from ocdwrap.errors import AdapterExistsError, BaseModelMismatchError, NotFittedError
+from ocdwrap.hypernet import make_scheduler
 from ocdwrap.layer import FullDelta, Rank1Delta
 
 CE = torch.nn.CrossEntropyLoss(reduction="none")
@@ -67,9 +67,9 @@ def test_generation_shapes_and_determinism(store_dir: str) -> None:
     for delta, kind in (("full", FullDelta), ("rank1", Rank1Delta)):
         m = _fitted(store_dir, steps=5, delta=delta)
         cond, _ = m.conditioning(torch.randn(4, 10))
-        a = m.generate(cond, num_draws=3, generator=torch.Generator().manual_seed(7))
-        b = m.generate(cond, num_draws=3, generator=torch.Generator().manual_seed(7))
-        c = m.generate(cond, num_draws=3, generator=torch.Generator().manual_seed(8))
+        a = m.generate(cond, num_draws=3, rng=torch.Generator().manual_seed(7))
+        b = m.generate(cond, num_draws=3, rng=torch.Generator().manual_seed(7))
+        c = m.generate(cond, num_draws=3, rng=torch.Generator().manual_seed(8))
         assert isinstance(a, kind)
         full = a.delta if delta == "full" else a.full()
         assert full.shape == (12, 16, 32)
@@ -80,7 +80,7 @@ def test_generation_shapes_and_determinism(store_dir: str) -> None:
 def test_ensemble_averages_probabilities(store_dir: str) -> None:
     m = _fitted(store_dir, steps=5)
     x = torch.randn(4, 10)
-    ens = m.ensemble(x, num_draws=3, generator=torch.Generator().manual_seed(0))
+    ens = m.ensemble(x, num_draws=3, rng=torch.Generator().manual_seed(0))
     assert ens.draws.shape == (3, 4, 3)
     probs = ens.draws.softmax(-1)
     torch.testing.assert_close(ens.mean, probs.mean(0))
@@ -89,13 +89,13 @@ def test_ensemble_averages_probabilities(store_dir: str) -> None:
     torch.testing.assert_close(ens.uncertainty, ens.std.mean(1))
     # each draw is the model with that draw's generated weights
     cond, _ = m.conditioning(x)
-    spec = m.generate(cond, num_draws=3, generator=torch.Generator().manual_seed(0))
+    spec = m.generate(cond, num_draws=3, rng=torch.Generator().manual_seed(0))
     with m.use_deltas(FullDelta(spec.delta[1::3])):
         torch.testing.assert_close(m(x), ens.draws[1])
     # the same, reached through the base model's own call signature
     with m.sampling(num_draws=3, seed=0):
         out = m(x)
-    ens2 = m.ensemble(x, num_draws=3, generator=torch.Generator().manual_seed(0))
+    ens2 = m.ensemble(x, num_draws=3, rng=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, ens2.output)
 
 
@@ -103,7 +103,7 @@ def test_regression_task_averages_values(store_dir: str) -> None:
     m = _fitted(store_dir, steps=5)
     x = torch.randn(4, 10)
     with m.sampling(task="regression"):
-        ens = m.ensemble(x, num_draws=3, generator=torch.Generator().manual_seed(0))
+        ens = m.ensemble(x, num_draws=3, rng=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ens.mean, ens.draws.mean(0))
     torch.testing.assert_close(ens.output, ens.draws.mean(0))
 
@@ -170,7 +170,7 @@ def test_conv2d_target_end_to_end_on_full_path(tmp_path) -> None:
     assert len(report.losses) == 3
     x = case.inputs(3)
     cond, _ = m.conditioning(x)
-    spec = m.generate(cond, generator=torch.Generator().manual_seed(0))
+    spec = m.generate(cond, rng=torch.Generator().manual_seed(0))
     assert spec.delta.shape == (3, 16, 6, 5, 5)
     out = m(x)
     with m.disable_ocd():
@@ -207,7 +207,7 @@ def test_cached_ddim_path_equals_the_scheduler_loop(store_dir: str, delta: str) 
     m = _fitted(store_dir, steps=2, delta=delta)
     hyper = m.hypernet
     cond, _ = m.conditioning(torch.randn(5, 10))
-    fast = hyper.sample_normalised(cond, generator=torch.Generator().manual_seed(3), steps=6)
+    fast = hyper.sample_normalised(cond, rng=torch.Generator().manual_seed(3), steps=6)
 
     with torch.no_grad():  # the reference: the scheduler, step by step
         c = hyper.ema.embed(hyper.features(cond))
@@ -248,8 +248,8 @@ def test_sampling_is_in_eval_mode(store_dir: str) -> None:
     m = _fitted(store_dir, steps=2, dropout=0.5)
     m.hypernet.train()
     cond, _ = m.conditioning(torch.randn(3, 10))
-    a = m.generate(cond, generator=torch.Generator().manual_seed(0)).delta
-    b = m.generate(cond, generator=torch.Generator().manual_seed(0)).delta
+    a = m.generate(cond, rng=torch.Generator().manual_seed(0)).delta
+    b = m.generate(cond, rng=torch.Generator().manual_seed(0)).delta
     assert torch.equal(a, b)  # dropout would make these differ
     assert m.hypernet.training  # the caller's mode is restored
 

@@ -299,7 +299,7 @@ PIPELINE = textwrap.dedent(
     """
     import torch
     from torch import nn
-    from ocdwrap.datasets import tensor_loader
+    from benchmarks.datasets import tensor_loader
 
     def model():
         torch.manual_seed(0)

@@ -13,8 +13,8 @@ from conftest import mlp_case
 from torch.utils.data import DataLoader, TensorDataset
 
 import ocdwrap
-from ocdwrap import plots
-from ocdwrap.uncertainty import (
+from ocdwrap.analysis import plots
+from ocdwrap.analysis.uncertainty import (
     auroc,
     bootstrap_auroc_difference,
     expected_calibration_error,
@@ -110,7 +110,7 @@ def _png(path) -> None:
 
 def test_plotting_does_not_import_matplotlib_until_called() -> None:
     code = (
-        "import sys, ocdwrap, ocdwrap.plots, ocdwrap.uncertainty; "
+        "import sys, ocdwrap, ocdwrap.analysis.plots, ocdwrap.analysis.uncertainty; "
         "assert 'matplotlib' not in sys.modules, 'imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -138,7 +138,7 @@ def test_plot_fit_losses(fitted, tmp_path) -> None:
 def test_delta_comparison_and_heat_maps(fitted, tmp_path) -> None:
     model, _ = fitted
     x, y = next(iter(_loader(4, seed=1)))
-    cmp = plots.delta_comparison(model, x, y, CE, generator=torch.Generator().manual_seed(0))
+    cmp = plots.delta_comparison(model, x, y, CE, rng=torch.Generator().manual_seed(0))
     assert cmp.generated.shape == cmp.overfit.shape == (4, 16, 32)
     assert cmp.cosine.shape == (4,) and bool((cmp.cosine.abs() <= 1 + 1e-5).all())
     plots.plot_deltas(cmp, layer="fc2", path=tmp_path / "deltas.png")

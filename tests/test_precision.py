@@ -58,7 +58,7 @@ def test_low_precision_base_end_to_end(make, layer, shape, delta, dtype, tmp_pat
     with model.disable_ocd():
         base_out = model(x)
     assert base_out.dtype == dtype
-    ens = model.ensemble(x, num_draws=3, generator=torch.Generator().manual_seed(0))
+    ens = model.ensemble(x, num_draws=3, rng=torch.Generator().manual_seed(0))
     assert ens.output.dtype == dtype
     # save, and load into a fresh base of the same dtype
     model.save_pretrained(tmp_path / "adapter")

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ocdwrap.diffusion import UNetDenoiser, crop, pad_to_multiple
 from ocdwrap.layer import DynamicLayer, FullDelta, LayerState, Rank1Delta
+from ocdwrap.networks import UNetDenoiser, crop, pad_to_multiple
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # (rtol, atol): bfloat16 keeps 8 bits of mantissa, and W + delta is rounded differently from

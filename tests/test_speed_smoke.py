@@ -24,7 +24,7 @@ def _load():
 
 
 def test_speed_smoke(tmp_path, capsys) -> None:
-    from ocdwrap.datasets import available
+    from benchmarks.datasets import available
 
     if not (available()["mnist"] or available()["mnist_subset"]):
         pytest.skip("no MNIST data installed")

@@ -1,4 +1,4 @@
-"""Tests of ocdwrap.zoo: reference model names and shapes, and the plain trainer (tiny problems)."""
+"""Tests of benchmarks.zoo: reference model names and shapes, and the plain trainer (tiny problems)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ocdwrap.datasets import tensor_loader
-from ocdwrap.errors import EmptyDataError
-from ocdwrap.zoo import (
+from benchmarks.datasets import tensor_loader
+from benchmarks.zoo import (
     LeNet5,
     TabularMLP,
     continue_training,
@@ -18,6 +17,7 @@ from ocdwrap.zoo import (
     resnet18_small,
     train_base,
 )
+from ocdwrap.errors import EmptyDataError
 
 CE = nn.CrossEntropyLoss(reduction="none")
 

@@ -28,8 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import batch_size, call_model, per_sample_loss, read_output, split_batch, to_device
-from .errors import EmptyDataError, NonFiniteError
+from ocdwrap.batches import (
+    batch_size,
+    call_model,
+    per_sample_loss,
+    read_output,
+    split_batch,
+    to_device,
+)
+from ocdwrap.errors import EmptyDataError, NonFiniteError
 
 __all__ = [
     "LeNet5",

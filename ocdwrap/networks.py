@@ -1,13 +1,13 @@
-"""The diffusion parts: noise schedulers (from diffusers) and the two denoiser networks.
+"""The networks of the hypernetwork (the diffusion process itself lives in ``hypernet.py``).
 
-* ``make_scheduler``: diffusers' ``DDIMScheduler`` / ``DDPMScheduler`` with the released code's
-  schedule (1000 steps, beta linear 1e-6 -> 1e-2), epsilon prediction, ``clip_sample=False``.
-  A new scheduler is built for every sampling call, so concurrent calls never share state.
+* ``CondEncoder``: e = E_i(i_L) + E_a(a_L) + E_o(f(x)), one Linear + SiLU per signal.
 * ``UNetDenoiser`` (the paper's "full" path): diffusers' ``UNet2DModel`` over the normalised
   delta as a one-channel image, zero-padded to a multiple of 2^(levels-1) and cropped back;
   the conditioning vector is added to the timestep embedding (``class_embed_type="identity"``).
 * ``MLPDenoiser`` (the rank-one path): a residual MLP over the out-sized factor, with the
-  same timestep + conditioning embedding added in every block.
+  same timestep + conditioning embedding added in every block; without timesteps, the
+  regression control.
+* ``ConditionalNet``: an encoder plus one of the two; ``ScaleModel``: rho(I(x)).
 """
 
 from __future__ import annotations
@@ -19,27 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OCDConfig
-
-
-def make_scheduler(config: OCDConfig, sampler: str | None = None):
-    """A fresh diffusers scheduler for ``sampler`` ('ddim' or 'ddpm') with the config's schedule."""
-    # imported here: diffusers takes seconds to import, and `import ocdwrap` (the CLI) need not
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    kw = dict(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        beta_schedule="linear",
-        clip_sample=config.clip_sample,
-        prediction_type="epsilon",
-    )
-    sampler = sampler or config.sampler
-    if sampler == "ddim":
-        return DDIMScheduler(**kw, set_alpha_to_one=True, timestep_spacing="leading")
-    if sampler == "ddpm":
-        return DDPMScheduler(**kw, variance_type="fixed_small", timestep_spacing="leading")
-    raise ValueError(f"Unknown sampler {sampler!r}; choose 'ddim' or 'ddpm'.")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -177,3 +156,67 @@ def pad_to_multiple(x: torch.Tensor, mult: int) -> torch.Tensor:
 def crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Crop the last two dims of ``x`` back to ``shape``."""
     return x[..., : shape[0], : shape[1]]
+
+
+class ConditionalNet(nn.Module):
+    """A conditioning encoder plus a denoiser (or regressor) network."""
+
+    def __init__(
+        self,
+        config: OCDConfig,
+        dims: tuple[int, int, int],
+        target_shape: tuple[int, ...],
+        diffusion: bool,
+    ) -> None:
+        super().__init__()
+        if len(target_shape) == 2 and diffusion:
+            self.net = UNetDenoiser(
+                target_shape,
+                config.unet_channels,
+                config.unet_layers_per_block,
+                config.unet_attention,
+                config.dropout,
+            )
+            emb = self.net.emb_dim
+        else:
+            emb = config.cond_dim
+            self.net = MLPDenoiser(
+                math.prod(target_shape),
+                emb,
+                config.mlp_hidden,
+                config.mlp_layers,
+                config.dropout,
+                timesteps=diffusion,
+            )
+        self.encoder = CondEncoder(dims, emb)
+        self.target_shape = tuple(target_shape)
+
+    def embed(self, feats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.encoder(feats)
+
+    def forward(
+        self, x: torch.Tensor | None, t: torch.Tensor | None, c: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.net(x, t, c)
+        return out.reshape(c.shape[0], *self.target_shape)
+
+
+class ScaleModel(nn.Module):
+    """rho(I(x)) = rho_mean * exp(z(I(x))): positive, with no upper cap; z starts at 0."""
+
+    def __init__(self, dims: tuple[int, int, int], hidden: int, n_blocks: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(sum(dims), hidden)
+        self.blocks = nn.Sequential(
+            *[
+                nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden))
+                for _ in range(max(n_blocks - 1, 0))
+            ]
+        )
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        h = self.blocks(self.inp(torch.cat(feats, dim=1)))
+        return self.out(torch.nn.functional.silu(h)).squeeze(1).clamp(-20, 20)

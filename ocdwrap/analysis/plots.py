@@ -16,7 +16,7 @@ changes the pyplot backend of the calling program. Every function returns a
 ==============================  =================================================================
 
 Example:
-    >>> from ocdwrap import plots
+    >>> from ocdwrap.analysis import plots
     >>> report = ocdwrap.fit(model, store)                                  # doctest: +SKIP
     >>> plots.plot_fit_losses(report, path="figs/fit.png")                  # doctest: +SKIP
     >>> plots.plot_results(result["rows"], paper=PAPER, path="figs/results.png")  # doctest: +SKIP
@@ -62,7 +62,7 @@ def _new_figure(width: float, height: float) -> Figure:
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            'ocdwrap.plots needs matplotlib: pip install "ocdwrap[plots]" (or pip install matplotlib).'
+            'ocdwrap.analysis.plots needs matplotlib: pip install "ocdwrap[plots]" (or pip install matplotlib).'
         ) from e
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself: savefig works without pyplot or a display
@@ -264,7 +264,7 @@ def delta_comparison(
     target: Any,
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
     *,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
 ) -> DeltaComparison:
     """For each input of one batch: a generated delta and the true-label overfit delta.
 
@@ -276,16 +276,16 @@ def delta_comparison(
         >>> cmp = delta_comparison(model, x_test[:4], y_test[:4], nn.CrossEntropyLoss(reduction="none"))  # doctest: +SKIP
         >>> cmp.cosine                                                                              # doctest: +SKIP
     """
-    from .batches import to_device
-    from .collect import overfit_batch
-    from .layer import Rank1Delta
+    from ..batches import to_device
+    from ..layer import Rank1Delta
+    from ..overfit import overfit_batch
 
     inputs, target = to_device(inputs, model.device), to_device(target, model.device)
     res = overfit_batch(model, inputs, target, loss_fn)
     args = (inputs,) if not isinstance(inputs, Mapping) else ()
     kwargs = dict(inputs) if isinstance(inputs, Mapping) else {}
     cond, _ = model.conditioning(*args, **kwargs)
-    spec = model.generate(cond, num_draws=1, generator=generator)
+    spec = model.generate(cond, num_draws=1, rng=rng)
     gen = spec.full() if isinstance(spec, Rank1Delta) else spec.delta
     gen, over = _as_matrix(gen), _as_matrix(res.delta)
     cos = torch.nn.functional.cosine_similarity(gen.flatten(1), over.flatten(1), dim=1)
@@ -576,7 +576,7 @@ def plot_reliability(
     almost all of them sit in the last bin, and the ECE weighs bins by these counts.
 
     Args:
-        curves: an :class:`~ocdwrap.uncertainty.UncertaintyReport` (base vs OCD(K)) or
+        curves: an :class:`~ocdwrap.analysis.uncertainty.UncertaintyReport` (base vs OCD(K)) or
             ``{label: (probs (N, C), targets (N,))}``.
         n_bins: equal-width confidence bins.
         path: write a PNG here.
@@ -626,7 +626,7 @@ def plot_uncertainty(
     1 - MSP, it does; if the cloud is a thin diagonal band, the spread restates the confidence.
 
     Args:
-        report: an :class:`~ocdwrap.uncertainty.UncertaintyReport`.
+        report: an :class:`~ocdwrap.analysis.uncertainty.UncertaintyReport`.
         target: whose errors are to be detected, ``"ocd"`` (OCD(K)'s) or ``"base"``.
         path: write a PNG here.
 

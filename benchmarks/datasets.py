@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import OCDError
+from ocdwrap.errors import OCDError
 
 __all__ = [
     "DatasetUnavailableError",

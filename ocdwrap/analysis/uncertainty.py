@@ -427,7 +427,7 @@ def misclassification_report(
         >>> rep = misclassification_report(model, test_loader, num_draws=5)  # doctest: +SKIP
         >>> print(rep.table())                                                # doctest: +SKIP
     """
-    from .evaluation import evaluate_ocd
+    from ..evaluation import evaluate_ocd
 
     loss_fn = loss_fn or torch.nn.CrossEntropyLoss(reduction="none")
     base = evaluate_ocd(model, data, loss_fn, mode="base", return_predictions=True)

@@ -1,0 +1,1 @@
+"""Benchmarks reproducing the paper's experiments; run each as ``python -m benchmarks.NAME``."""

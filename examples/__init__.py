@@ -1,0 +1,1 @@
+"""Examples of ocdwrap; run each from the repository root as ``python -m examples.NAME``."""

@@ -1,0 +1,114 @@
+"""Per-sample deltas: their types, and the math of their size and factors.
+
+* :class:`FullDelta`: the whole matrix per sample; :class:`Rank1Delta`: u vᵀ per sample for a
+  Linear layer on vector inputs (DESIGN §4 of the paper notes in docs/how-ocd-works.md);
+  :class:`OutputProbe`: what collection sets to read d loss / d layer output.
+* :func:`delta_scale`: rho_s, the size each delta is divided by ("std" or "rms").
+* :func:`rank1_right_factor`, :func:`rank1_factors`: v follows from the layer input (the input for
+  SGD, its sign for Adam), u by least squares.
+* :func:`top_singular_energy`: how much of each delta its top singular value holds.
+
+This module is the bottom of the package: it imports nothing from ocdwrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FullDelta:
+    """A full per-sample delta: (B, out, in) for Linear, (B, out, in, kh, kw) for Conv2d."""
+
+    delta: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.delta.shape[0]
+
+
+@dataclass
+class Rank1Delta:
+    """A rank-one per-sample delta u vᵀ for a Linear layer: u (B, out), v (B, in)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.u.shape[0]
+
+    def full(self) -> torch.Tensor:
+        """The matrices, (B, out, in)."""
+        return self.u.unsqueeze(2) * self.v.unsqueeze(1)
+
+
+@dataclass
+class OutputProbe:
+    """Collection's spec: an optional full delta, plus a zero tensor added to the layer output.
+
+    The layer creates ``probe`` (zeros shaped like its output, requiring grad) on the first
+    forward and reuses it after (a forward recomputed under gradient checkpointing adds the same
+    tensor), so ``autograd.grad(loss, probe)`` is d loss / d layer output, from which collection
+    builds the weight gradient of a Linear layer without autograd forming it.
+    """
+
+    delta: FullDelta | None = None
+    probe: torch.Tensor | None = None
+
+
+DeltaSpec = FullDelta | Rank1Delta
+
+
+def top_singular_energy(delta: torch.Tensor, *, iters: int = 2, tol: float = 1e-6) -> torch.Tensor:
+    """Fraction of each delta's energy in its top singular value, s1² / ‖Δ‖²_F, (B,).
+
+    A zero delta gives 1. Power iteration on ΔᵀΔ (started from Δ's largest row) gives a lower
+    bound a = ‖Δv‖² of s1²; with c = ‖ΔᵀΔv − a v‖ and b = ‖Δ‖²_F − a, s1² is at most the top
+    eigenvalue of [[a, c], [c, b]]. Samples where that bracket is wider than ``tol``·‖Δ‖²_F
+    (deltas far from rank one) get ``torch.linalg.svdvals``; the near-rank-one deltas of a Linear
+    layer (DESIGN §4) need two matrix-vector products each instead of an SVD.
+    """
+    B = delta.shape[0]
+    mats = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, in)
+    total = mats.square().sum((1, 2))  # (vector_norm's float32 sum is less exact here)
+    rows = torch.linalg.vector_norm(mats, dim=2).argmax(1)  # (B,)
+    v = mats[torch.arange(B, device=mats.device), rows].unsqueeze(1)  # (B, 1, in), row vectors
+    for _ in range(iters):
+        v = torch.bmm(torch.bmm(mats, v.transpose(1, 2)).transpose(1, 2), mats)  # vᵀΔᵀΔ
+        v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
+    w = torch.bmm(mats, v.transpose(1, 2))  # (B, out, 1)
+    a = w.square().sum((1, 2))
+    c = (torch.bmm(w.transpose(1, 2), mats) - a.view(B, 1, 1) * v).norm(dim=(1, 2))
+    b = (total - a).clamp_min(0)
+    upper = (a + b) / 2 + torch.sqrt(((a - b) / 2) ** 2 + c**2)
+    frac = a / total.clamp_min(1e-30)
+    loose = (upper - a > tol * total) & (total > 0)
+    if bool(loose.any()):
+        s = torch.linalg.svdvals(mats[loose])
+        frac[loose] = s[:, 0] ** 2 / (s**2).sum(1).clamp_min(1e-30)
+    return torch.where(total > 0, frac, torch.ones_like(frac))
+
+
+def delta_scale(flat: torch.Tensor, normalization: str) -> torch.Tensor:
+    """rho_s of each row of ``flat`` (B, numel): per-element std ("std") or root mean square ("rms")."""
+    if normalization == "rms":
+        return flat.square().mean(1).sqrt().clamp_min(1e-20)
+    # per-element std in two passes: ~15x faster on CPU here than Tensor.std over dim 1
+    return (flat - flat.mean(1, keepdim=True)).square().mean(1).sqrt().clamp_min(1e-20)
+
+
+def rank1_right_factor(layer_input: torch.Tensor, optimizer: str) -> torch.Tensor:
+    """The right factor v of a rank-one delta: the input for SGD, its sign for Adam (DESIGN §4)."""
+    return layer_input.sign() if optimizer == "adam" else layer_input
+
+
+def rank1_factors(
+    delta: torch.Tensor, layer_input: torch.Tensor, optimizer: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares u for delta ≈ u vᵀ given the right factor v; returns (u (B, out), v (B, in))."""
+    v = rank1_right_factor(layer_input.float(), optimizer)
+    u = torch.einsum("boi,bi->bo", delta.float(), v) / (v * v).sum(1, keepdim=True).clamp_min(1e-30)
+    return u, v

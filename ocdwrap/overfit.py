@@ -1,0 +1,257 @@
+"""Overfitting the target layer on each sample of a batch alone, vectorized over the batch.
+
+For a batch of B samples, each sample b gets its own weight W + delta_b (delta_b starts at 0)
+and its own optimizer state. The model runs once on the whole batch with the dynamic layer,
+and the gradient of the *sum* of per-sample losses with respect to the stacked deltas is, for
+every b, the gradient of sample b's loss alone (samples do not interact in eval mode). Adam and
+SGD act element-wise, so K steps on the batch equal K steps on each sample separately — at
+the cost of K batched forward/backward passes instead of K·B single-sample ones.
+
+:func:`overfit_one` is the plain one-sample-at-a-time loop (the paper's protocol), kept as the
+reference the tests and the speed benchmark compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .batches import (
+    batch_size,
+    call_model,
+    check_loss_is_sum,
+    explain_device_dtype_errors,
+    index_batch,
+    per_sample_loss,
+    read_output,
+)
+from .capture import Conditioning, attention_mask, build_conditioning
+from .config import OCDConfig
+from .deltas import FullDelta, OutputProbe
+from .model import OCDModel
+from .split import split_for
+
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass
+class OverfitResult:
+    """Deltas of one batch. ``delta``: (B, *weight.shape) float32; ``finite``: (B,) bool."""
+
+    delta: torch.Tensor
+    cond: Conditioning
+    loss_before: torch.Tensor  # (B,) or () when the loss is not per sample
+    loss_after: torch.Tensor
+    finite: torch.Tensor
+    layer_input: torch.Tensor  # the raw (unpooled) layer input of the base pass
+
+
+def _adam_update(delta, grad, m, v, step, lr, betas, eps, denom=None) -> None:
+    # mirrors torch.optim.Adam (no weight decay, no amsgrad), element-wise; ``denom`` is a
+    # reusable buffer (fresh large tensors cost page faults on every step)
+    b1, b2 = betas
+    m.mul_(b1).add_(grad, alpha=1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    bc1 = 1 - b1**step
+    bc2 = 1 - b2**step
+    denom = denom if denom is not None else torch.empty_like(v)
+    if eps > 0:
+        # sqrt(0) takes a slow path on some CPUs (x86 here: 5-8x), and a ReLU input makes whole
+        # columns of v zero. Where v < tiny, m is 0 too (or the step is far below eps), so the
+        # update is the same with v raised to the smallest normal float.
+        torch.clamp(v, min=torch.finfo(v.dtype).tiny, out=denom).sqrt_()
+    else:
+        torch.sqrt(v, out=denom)
+    denom.div_(math.sqrt(bc2)).add_(eps)
+    delta.addcdiv_(m, denom, value=-lr / bc1)
+
+
+def _adam_outer_update(delta, outer, m, v, step, lr, betas, eps, buf) -> None:
+    """Adam on per-sample deltas whose gradient is the outer product g xᵀ, without forming it.
+
+    While only the layer trains its input x is fixed, so Adam's moments are m = M xᵀ and
+    v = V (x²)ᵀ for the (B, out) vectors M and V, and the step is
+    -lr/bc1 · M_o x_i / (sqrt(V_o / bc2) |x_i| + eps): the same as :func:`_adam_update` up to
+    rounding, with one (B, out, in) buffer instead of the gradient and three moment matrices.
+    ``outer`` = (g (B, out), x (B, in)); ``m`` and ``v`` hold M and V.
+    """
+    g, x = outer
+    b1, b2 = betas
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    bc1 = 1 - b1**step
+    bc2 = 1 - b2**step
+    scale = v.sqrt().div_(math.sqrt(bc2))  # (B, out)
+    torch.mul(scale.unsqueeze(2), x.abs().unsqueeze(1), out=buf).add_(eps)  # Adam's denominator
+    torch.div(x.unsqueeze(1), buf, out=buf)  # x_i / denominator_oi
+    delta.addcmul_(buf, m.unsqueeze(2), value=-lr / bc1)
+
+
+def overfit_batch(
+    model: OCDModel,
+    inputs: Any,
+    target: Any,
+    loss_fn: LossFn,
+    *,
+    config: OCDConfig | None = None,
+    check_loss: bool = False,
+) -> OverfitResult:
+    """Overfit the target layer on each sample of one batch separately (vectorized).
+
+    Returns the per-sample deltas, the conditioning captured in the first (delta = 0) pass,
+    and the losses before and after. The base model is put in eval mode for the call.
+
+    Example:
+        >>> res = overfit_batch(model, x, y, nn.CrossEntropyLoss(reduction="none"))
+        >>> res.delta.shape      # (B, out, in)
+    """
+    cfg = config or model.config
+    layer = model.target_layer
+    W = layer.weight
+    B = batch_size(inputs)
+    adam = cfg.overfit_optimizer == "adam"
+    # Linear: d loss / d output comes from a zero probe added to the layer's output, and the
+    # weight gradient g xᵀ is built here (for one input vector per sample, never formed: see
+    # _adam_outer_update). Conv2d: autograd differentiates the stacked deltas directly.
+    probed = layer.kind == "linear"
+    delta = torch.zeros((B, *W.shape), dtype=torch.float32, device=W.device)
+    delta.requires_grad_(not probed)
+    m = v = buf = None  # optimizer state, made once the gradient's structure is known
+    mask = attention_mask((inputs,), inputs if isinstance(inputs, dict) else {})
+    was_training = model.base_model.training
+    model.base_model.eval()
+    cond = None
+    loss_before = None
+    raw_input = None
+    try:
+        # only the target layer changes between the K+1 passes: where the model traces, the part
+        # upstream of it runs once (ocdwrap.split) and each pass runs the layer and what follows
+        split = boundary = None
+        if isinstance(inputs, torch.Tensor):
+            split = split_for(model, (inputs,), {}, lambda: call_model(model.base_model, inputs))
+        if split is not None:
+            with torch.no_grad(), explain_device_dtype_errors(model.base_model, inputs):
+                boundary = split.prefix((inputs,), {})
+
+        def run() -> Any:
+            if split is None:
+                return call_model(model.base_model, inputs)
+            with explain_device_dtype_errors(model.base_model, inputs):
+                return split.suffix(boundary)
+
+        with torch.enable_grad():
+            for step in range(cfg.overfit_steps + 1):
+                spec = (
+                    OutputProbe(FullDelta(delta) if step else None) if probed else FullDelta(delta)
+                )
+                # the spec stays set through backward: gradient checkpointing recomputes the forward
+                with model.use_deltas(spec):
+                    if step == 0:
+                        with model._capture.session() as records:
+                            out = run()
+                    else:
+                        out = run()
+                    pred = read_output(out)
+                    losses = per_sample_loss(loss_fn, pred, target, B)
+                    if step == 0:
+                        cond = build_conditioning(records, pred, layer.kind, B, mask)
+                        raw_input = records[0][0].detach()
+                        loss_before = losses.detach()
+                        if check_loss and losses.dim() == 0:
+                            check_loss_is_sum(loss_fn, pred.detach(), target, losses)
+                    if step == cfg.overfit_steps:
+                        loss_after = losses.detach()
+                        break
+                    (grad,) = torch.autograd.grad(losses.sum(), spec.probe if probed else delta)
+                with torch.no_grad():
+                    outer = None  # (g, x) when the weight gradient is the outer product g xᵀ
+                    if probed:
+                        xs = raw_input.reshape(B, -1, raw_input.shape[-1]).float()  # (B, T, in)
+                        g = grad.reshape(B, -1, grad.shape[-1]).float()  # (B, T, out)
+                        if xs.shape[1] == 1:
+                            outer = (g[:, 0], xs[:, 0])
+                        else:  # token sequences: the sum over positions of g_t x_tᵀ
+                            grad = torch.bmm(g.transpose(1, 2), xs)  # (B, out, in)
+                    if not adam:
+                        if outer is not None:
+                            delta.baddbmm_(
+                                outer[0].unsqueeze(2), outer[1].unsqueeze(1), alpha=-cfg.overfit_lr
+                            )
+                        else:
+                            delta.add_(grad, alpha=-cfg.overfit_lr)
+                        continue
+                    if buf is None:
+                        buf = torch.empty_like(delta)
+                        shape = outer[0].shape if outer is not None else delta.shape
+                        m = torch.zeros(shape, dtype=torch.float32, device=delta.device)
+                        v = torch.zeros_like(m)
+                    update = _adam_outer_update if outer is not None else _adam_update
+                    update(
+                        delta,
+                        outer if outer is not None else grad,
+                        m,
+                        v,
+                        step + 1,
+                        cfg.overfit_lr,
+                        cfg.adam_betas,
+                        cfg.adam_eps,
+                        buf,
+                    )
+    finally:
+        model.base_model.train(was_training)
+    delta = delta.detach()
+    flat = delta.reshape(B, -1)  # amax/amin propagate NaN and need no (B, out, in) temporary
+    finite = torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
+    for t in (loss_before, loss_after):
+        finite &= torch.isfinite(t) if t.dim() else torch.isfinite(t).expand(B)
+    for t in (cond.layer_input, cond.layer_output, cond.model_output):
+        finite &= torch.isfinite(t).all(1)
+    return OverfitResult(delta, cond, loss_before, loss_after, finite, raw_input)
+
+
+def overfit_one(
+    model: OCDModel, inputs: Any, target: Any, loss_fn: LossFn, *, config: OCDConfig | None = None
+) -> torch.Tensor:
+    """The reference loop: overfit one sample at a time with ``torch.optim`` on a weight copy.
+
+    Returns (B, *weight.shape) deltas. Slow by design (the paper's protocol); used to check
+    :func:`overfit_batch` and as the speed benchmark's baseline.
+    """
+    cfg = config or model.config
+    layer = model.target_layer.base_layer
+    B = batch_size(inputs)
+    out = []
+    was_training = model.base_model.training
+    model.base_model.eval()
+    try:
+        with model.disable_ocd():
+            for b in range(B):
+                w0 = layer.weight.detach().clone()
+                w = torch.nn.Parameter(w0.clone())
+                if cfg.overfit_optimizer == "adam":
+                    opt = torch.optim.Adam(
+                        [w], lr=cfg.overfit_lr, betas=cfg.adam_betas, eps=cfg.adam_eps
+                    )
+                else:
+                    opt = torch.optim.SGD([w], lr=cfg.overfit_lr)
+                xb = index_batch(inputs, slice(b, b + 1))
+                yb = index_batch(target, slice(b, b + 1))
+                original = layer._parameters["weight"]
+                layer._parameters["weight"] = w  # this sample's own weight copy
+                try:
+                    for _ in range(cfg.overfit_steps):
+                        opt.zero_grad()
+                        with torch.enable_grad():
+                            pred = read_output(call_model(model.base_model, xb))
+                            per_sample_loss(loss_fn, pred, yb, 1).sum().backward()
+                        opt.step()
+                finally:
+                    layer._parameters["weight"] = original
+                out.append((w.detach() - w0).float())
+    finally:
+        model.base_model.train(was_training)
+    return torch.stack(out)
