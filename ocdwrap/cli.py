@@ -349,19 +349,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
     )
     if accelerator is not None:
         model.to(accelerator.device)
-        store = collect_distributed(
-            model,
-            data,
-            loss,
-            args.out,
-            accelerator=accelerator,
-            max_samples=args.max_samples,
-            overwrite=args.overwrite,
-        )
-    else:
-        store = ocdwrap.collect(
-            model, data, loss, args.out, max_samples=args.max_samples, overwrite=args.overwrite
-        )
+    # one process: the same as ocdwrap.collect
+    store = collect_distributed(
+        model,
+        data,
+        loss,
+        args.out,
+        accelerator=accelerator,
+        max_samples=args.max_samples,
+        overwrite=args.overwrite,
+    )
     if accelerator is None or accelerator.is_main_process:
         _print_info(describe_collection(store.directory))
     return 0
@@ -370,8 +367,6 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     import ocdwrap
 
-    from .distributed import fit_distributed
-
     accelerator = _accelerator()
     store = ocdwrap.DeltaStore(args.deltas)
     config = _config(args, base=store.manifest.get("config"))
@@ -379,9 +374,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     if accelerator is not None:
         model.to(accelerator.device)
-        report = fit_distributed(model, store, accelerator=accelerator, **kw)
-    else:
-        report = ocdwrap.fit(model, store, checkpoint_dir=args.checkpoint_dir, **kw)
+    report = ocdwrap.fit(
+        model, store, accelerator=accelerator, checkpoint_dir=args.checkpoint_dir, **kw
+    )
     if accelerator is None or accelerator.is_main_process:
         model.save_pretrained(args.out, overwrite=args.overwrite)
         print(

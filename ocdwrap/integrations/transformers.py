@@ -31,12 +31,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..collect import collect
 from ..config import OCDConfig
-from ..distributed import Processes, collect_distributed, fit_distributed
+from ..distributed import collect_distributed
 from ..evaluation import evaluate_ocd
 from ..fit import FitReport, fit
 from ..model import OCDModel, wrap
+from ..processes import Processes
 
 logger = logging.getLogger("ocdwrap")
 
@@ -208,30 +208,19 @@ class OCDTrainerCallback(TrainerCallback):
         )
         self.layer = ocd.layer_name
         try:
-            if procs.world > 1:
-                store = collect_distributed(
-                    ocd,
-                    loader,
-                    loss_fn,
-                    deltas_dir,
-                    max_samples=self.max_samples,
-                    overwrite=True,
-                    progress=show,
-                )
-                self.report = fit_distributed(ocd, store, progress=show, **self.fit_kwargs)
-            else:
-                store = collect(
-                    ocd,
-                    loader,
-                    loss_fn,
-                    deltas_dir,
-                    max_samples=self.max_samples,
-                    overwrite=True,
-                    progress=show,
-                )
-                self.report = fit(
-                    ocd, store, checkpoint_dir=checkpoint_dir, progress=show, **self.fit_kwargs
-                )
+            # one process: collect_distributed is ocdwrap.collect; fit runs DDP when W > 1
+            store = collect_distributed(
+                ocd,
+                loader,
+                loss_fn,
+                deltas_dir,
+                max_samples=self.max_samples,
+                overwrite=True,
+                progress=show,
+            )
+            self.report = fit(
+                ocd, store, checkpoint_dir=checkpoint_dir, progress=show, **self.fit_kwargs
+            )
             record: dict[str, Any] = {
                 "ocd_layer": ocd.layer_name,
                 "ocd_samples": len(store),
