@@ -1,9 +1,12 @@
 """Saves two small adapters with the code of the checkout on PYTHONPATH (run once, from the old tree)."""
 
-import os, sys
+import os
+import sys
+
 import torch
-from torch import nn
 from safetensors.torch import save_file
+from torch import nn
+
 import ocdwrap
 
 out_root = sys.argv[1]
