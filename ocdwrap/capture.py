@@ -63,6 +63,10 @@ class Conditioning:
             )
         )
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(layer_input, layer_output, model_output)."""
+        return (self.layer_input, self.layer_output, self.model_output)
+
     @property
     def dims(self) -> tuple[int, int, int]:
         return (self.layer_input.shape[1], self.layer_output.shape[1], self.model_output.shape[1])

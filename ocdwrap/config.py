@@ -147,7 +147,7 @@ class OCDConfig:
     # --- layer selection ----------------------------------------------------------------------
     perturbation: str = _f(
         "gaussian",
-        "Layer selection perturbation: 'gaussian' noise (paper) or 'reinit' (released selector).",
+        "Layer selection perturbation: 'gaussian' noise (paper) or 'reinit' (re-initialise the layer; a variant).",
     )
     selection_draws: int = _f(32, "Perturbation draws per candidate layer in layer selection.")
     noise_scale: float = _f(

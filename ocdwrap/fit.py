@@ -290,6 +290,66 @@ def _data_parallel(hyper: OCDHyperNetwork, procs: Processes, device: torch.devic
     return ddp(hyper, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
+@dataclass
+class _Minibatches:
+    """Draws each step's global minibatch (identically on every process) and takes this
+    process's slice: (target, cond_in, cond_act, cond_out, rho, timesteps, noise)."""
+
+    target: torch.Tensor
+    rho: torch.Tensor
+    cond: Conditioning
+    size: int  # the global minibatch
+    mine: slice  # this process's part of it
+    gen: torch.Generator
+    timesteps: int
+
+    def __call__(self) -> tuple[torch.Tensor, ...]:
+        b, gen, device = self.size, self.gen, self.target.device
+        idx = torch.randint(0, self.target.shape[0], (b,), generator=gen, device=device)
+        t = torch.randint(0, self.timesteps, (b,), generator=gen, device=device)
+        noise = torch.randn((b, *self.target.shape[1:]), generator=gen, device=device)
+        i = idx[self.mine]
+        c = self.cond.index(i)
+        return (self.target[i], *c.tensors(), self.rho[i], t[self.mine], noise[self.mine])
+
+
+def _train_step(
+    objective: nn.Module,
+    hyper: OCDHyperNetwork,
+    opts: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    batch: tuple[torch.Tensor, ...],
+    procs: Processes,
+    report: FitReport,
+    step: int,
+) -> bool:
+    """One optimisation step; False when it was skipped (non-finite loss or gradient)."""
+    cfg = hyper.config
+    opt, opt_scale = opts
+    loss, sloss = objective(*batch)
+    means = procs.all_mean(torch.stack([loss.detach(), sloss.detach()]))
+    if not bool(torch.isfinite(means).all()):  # the same decision on every process
+        _nonfinite(
+            cfg, report, f"non-finite loss ({float(means[0])}, scale {float(means[1])})", step
+        )
+        return False
+    opt.zero_grad(set_to_none=True)
+    opt_scale.zero_grad(set_to_none=True)
+    (loss + sloss).backward()  # with several processes, DDP averages the gradients here
+    gnorm = torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), cfg.grad_clip)
+    snorm = torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), cfg.grad_clip)
+    if not (torch.isfinite(gnorm) and torch.isfinite(snorm)):  # would poison the weights
+        what = f"non-finite gradient (norm {float(gnorm)}, scale {float(snorm)})"
+        _nonfinite(cfg, report, what, step)
+        return False
+    opt.step()
+    if cfg.scale == "learned":
+        opt_scale.step()
+    hyper.update_ema(cfg.ema_decay)
+    report.losses.append(float(means[0]))
+    report.scale_losses.append(float(means[1]))
+    return True
+
+
 def fit(
     model: OCDModel,
     store: DeltaStore | str | os.PathLike,
@@ -338,12 +398,10 @@ def fit(
     target, rho, cond = load_training_data(model, store, device)
     N = target.shape[0]
     b = _global_batch(requested, N, procs)
-    per = b // procs.world
-    mine = slice(procs.rank * per, (procs.rank + 1) * per)  # this process's part of a minibatch
+    mine = slice(procs.rank * (b // procs.world), (procs.rank + 1) * (b // procs.world))
 
     hyper = new_hypernetwork(model, target, rho, cond, seed)  # the same on every process
-    learned = cfg.scale == "learned"
-    hyper.scale.requires_grad_(learned)
+    hyper.scale.requires_grad_(cfg.scale == "learned")
     opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)
     opt_scale = torch.optim.Adam(hyper.scale.parameters(), lr=cfg.scale_lr)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -362,51 +420,16 @@ def fit(
     bar = tqdm(
         range(start, steps), desc="ocdwrap fit", disable=not show, initial=start, total=steps
     )
+    draw = _Minibatches(target, rho, cond, b, mine, gen, cfg.num_train_timesteps)
     for step in bar:
-        # the global minibatch, drawn identically everywhere; this process takes its slice
-        idx = torch.randint(0, N, (b,), generator=gen, device=device)
-        t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=gen, device=device)
-        noise = torch.randn((b, *target.shape[1:]), generator=gen, device=device)
-        i = idx[mine]
-        c = cond.index(i)
-        loss, sloss = objective(
-            target[i], c.layer_input, c.layer_output, c.model_output, rho[i], t[mine], noise[mine]
-        )
-        means = procs.all_mean(torch.stack([loss.detach(), sloss.detach()]))
-        if not bool(torch.isfinite(means).all()):  # the same decision on every process
-            _nonfinite(
-                cfg, report, f"non-finite loss ({float(means[0])}, scale {float(means[1])})", step
-            )
+        if not _train_step(objective, hyper, (opt, opt_scale), draw(), procs, report, step):
             continue
-        opt.zero_grad(set_to_none=True)
-        opt_scale.zero_grad(set_to_none=True)
-        (loss + sloss).backward()  # with several processes, DDP averages the gradients here
-        gnorm = torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), cfg.grad_clip)
-        snorm = torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), cfg.grad_clip)
-        if not (torch.isfinite(gnorm) and torch.isfinite(snorm)):  # would poison the weights
-            _nonfinite(
-                cfg,
-                report,
-                f"non-finite gradient (norm {float(gnorm)}, scale {float(snorm)})",
-                step,
-            )
-            continue
-        opt.step()
-        if learned:
-            opt_scale.step()
-        hyper.update_ema(cfg.ema_decay)
-        report.losses.append(float(means[0]))
-        report.scale_losses.append(float(means[1]))
         if show and step % 50 == 0:
             bar.set_postfix(
                 loss=f"{report.losses[-1]:.4f}", scale_dB=f"{report.scale_losses[-1]:.1f}"
             )
-        if (
-            checkpoint
-            and procs.is_main
-            and cfg.checkpoint_every
-            and (step + 1) % cfg.checkpoint_every == 0
-        ):
+        every = cfg.checkpoint_every
+        if checkpoint and procs.is_main and every and (step + 1) % every == 0:
             checkpoint.save(step + 1, hyper, opt, opt_scale, gen, report)
     bar.close()
     report.seconds = time.perf_counter() - t0

@@ -91,6 +91,83 @@ def _adam_outer_update(delta, outer, m, v, step, lr, betas, eps, buf) -> None:
     delta.addcmul_(buf, m.unsqueeze(2), value=-lr / bc1)
 
 
+class _PerSampleOptimizer:
+    """Adam or SGD on the stacked per-sample deltas (B, *weight.shape), element-wise.
+
+    ``step`` takes the weight gradient either as the outer product (g (B, out), x (B, in)) of
+    a Linear layer on one input vector per sample (never formed), or as the full (B, ...) tensor.
+    """
+
+    def __init__(self, delta: torch.Tensor, cfg: OCDConfig) -> None:
+        self.delta, self.cfg = delta, cfg
+        self.m = self.v = self.buf = None  # made once the gradient's structure is known
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor | tuple[torch.Tensor, torch.Tensor], step: int) -> None:
+        cfg, delta = self.cfg, self.delta
+        outer = isinstance(grad, tuple)
+        if cfg.overfit_optimizer != "adam":
+            if outer:
+                delta.baddbmm_(grad[0].unsqueeze(2), grad[1].unsqueeze(1), alpha=-cfg.overfit_lr)
+            else:
+                delta.add_(grad, alpha=-cfg.overfit_lr)
+            return
+        if self.buf is None:
+            self.buf = torch.empty_like(delta)
+            shape = grad[0].shape if outer else delta.shape
+            self.m = torch.zeros(shape, dtype=torch.float32, device=delta.device)
+            self.v = torch.zeros_like(self.m)
+        update = _adam_outer_update if outer else _adam_update
+        args = (cfg.overfit_lr, cfg.adam_betas, cfg.adam_eps, self.buf)
+        update(delta, grad, self.m, self.v, step, *args)
+
+
+def _linear_weight_gradient(
+    grad_out: torch.Tensor, layer_input: torch.Tensor, B: int
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A Linear layer's per-sample weight gradient from d loss / d output and its input."""
+    xs = layer_input.reshape(B, -1, layer_input.shape[-1]).float()  # (B, T, in)
+    g = grad_out.reshape(B, -1, grad_out.shape[-1]).float()  # (B, T, out)
+    if xs.shape[1] == 1:  # one input vector per sample: the outer product g xᵀ
+        return g[:, 0], xs[:, 0]
+    return torch.bmm(g.transpose(1, 2), xs)  # token sequences: sum over t of g_t x_tᵀ
+
+
+def _pass_runner(model: OCDModel, inputs: Any) -> Callable[[], Any]:
+    """One forward pass of the base model on ``inputs`` with the current deltas.
+
+    Only the target layer changes between the K+1 passes: where the model traces, the part
+    upstream of it runs once (ocdwrap.split) and each pass runs the layer and what follows.
+    """
+    split = None
+    if isinstance(inputs, torch.Tensor):
+        split = split_for(model, (inputs,), {}, lambda: call_model(model.base_model, inputs))
+    if split is None:
+        return lambda: call_model(model.base_model, inputs)
+    with torch.no_grad(), explain_device_dtype_errors(model.base_model, inputs):
+        boundary = split.prefix((inputs,), {})
+
+    def run() -> Any:
+        with explain_device_dtype_errors(model.base_model, inputs):
+            return split.suffix(boundary)
+
+    return run
+
+
+def _finite_rows(
+    delta: torch.Tensor, cond: Conditioning, losses: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """(B,) True where the delta, the losses and the conditioning of a sample are finite."""
+    B = delta.shape[0]
+    flat = delta.reshape(B, -1)  # amax/amin propagate NaN and need no (B, out, in) temporary
+    finite = torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
+    for t in losses:
+        finite &= torch.isfinite(t) if t.dim() else torch.isfinite(t).expand(B)
+    for t in (cond.layer_input, cond.layer_output, cond.model_output):
+        finite &= torch.isfinite(t).all(1)
+    return finite
+
+
 def overfit_batch(
     model: OCDModel,
     inputs: Any,
@@ -111,38 +188,19 @@ def overfit_batch(
     """
     cfg = config or model.config
     layer = model.target_layer
-    W = layer.weight
     B = batch_size(inputs)
-    adam = cfg.overfit_optimizer == "adam"
     # Linear: d loss / d output comes from a zero probe added to the layer's output, and the
-    # weight gradient g xᵀ is built here (for one input vector per sample, never formed: see
+    # weight gradient g xᵀ is built from it (for one input vector per sample, never formed: see
     # _adam_outer_update). Conv2d: autograd differentiates the stacked deltas directly.
     probed = layer.kind == "linear"
-    delta = torch.zeros((B, *W.shape), dtype=torch.float32, device=W.device)
+    delta = torch.zeros((B, *layer.weight.shape), dtype=torch.float32, device=layer.weight.device)
     delta.requires_grad_(not probed)
-    m = v = buf = None  # optimizer state, made once the gradient's structure is known
+    optimizer = _PerSampleOptimizer(delta, cfg)
     mask = attention_mask((inputs,), inputs if isinstance(inputs, dict) else {})
     was_training = model.base_model.training
     model.base_model.eval()
-    cond = None
-    loss_before = None
-    raw_input = None
     try:
-        # only the target layer changes between the K+1 passes: where the model traces, the part
-        # upstream of it runs once (ocdwrap.split) and each pass runs the layer and what follows
-        split = boundary = None
-        if isinstance(inputs, torch.Tensor):
-            split = split_for(model, (inputs,), {}, lambda: call_model(model.base_model, inputs))
-        if split is not None:
-            with torch.no_grad(), explain_device_dtype_errors(model.base_model, inputs):
-                boundary = split.prefix((inputs,), {})
-
-        def run() -> Any:
-            if split is None:
-                return call_model(model.base_model, inputs)
-            with explain_device_dtype_errors(model.base_model, inputs):
-                return split.suffix(boundary)
-
+        run = _pass_runner(model, inputs)
         with torch.enable_grad():
             for step in range(cfg.overfit_steps + 1):
                 spec = (
@@ -152,10 +210,9 @@ def overfit_batch(
                 with model.use_deltas(spec):
                     if step == 0:
                         with model._capture.session() as records:
-                            out = run()
+                            pred = read_output(run())
                     else:
-                        out = run()
-                    pred = read_output(out)
+                        pred = read_output(run())
                     losses = per_sample_loss(loss_fn, pred, target, B)
                     if step == 0:
                         cond = build_conditioning(records, pred, layer.kind, B, mask)
@@ -167,49 +224,14 @@ def overfit_batch(
                         loss_after = losses.detach()
                         break
                     (grad,) = torch.autograd.grad(losses.sum(), spec.probe if probed else delta)
-                with torch.no_grad():
-                    outer = None  # (g, x) when the weight gradient is the outer product g xᵀ
-                    if probed:
-                        xs = raw_input.reshape(B, -1, raw_input.shape[-1]).float()  # (B, T, in)
-                        g = grad.reshape(B, -1, grad.shape[-1]).float()  # (B, T, out)
-                        if xs.shape[1] == 1:
-                            outer = (g[:, 0], xs[:, 0])
-                        else:  # token sequences: the sum over positions of g_t x_tᵀ
-                            grad = torch.bmm(g.transpose(1, 2), xs)  # (B, out, in)
-                    if not adam:
-                        if outer is not None:
-                            delta.baddbmm_(
-                                outer[0].unsqueeze(2), outer[1].unsqueeze(1), alpha=-cfg.overfit_lr
-                            )
-                        else:
-                            delta.add_(grad, alpha=-cfg.overfit_lr)
-                        continue
-                    if buf is None:
-                        buf = torch.empty_like(delta)
-                        shape = outer[0].shape if outer is not None else delta.shape
-                        m = torch.zeros(shape, dtype=torch.float32, device=delta.device)
-                        v = torch.zeros_like(m)
-                    update = _adam_outer_update if outer is not None else _adam_update
-                    update(
-                        delta,
-                        outer if outer is not None else grad,
-                        m,
-                        v,
-                        step + 1,
-                        cfg.overfit_lr,
-                        cfg.adam_betas,
-                        cfg.adam_eps,
-                        buf,
-                    )
+                if probed:
+                    with torch.no_grad():
+                        grad = _linear_weight_gradient(grad, raw_input, B)
+                optimizer.step(grad, step + 1)
     finally:
         model.base_model.train(was_training)
     delta = delta.detach()
-    flat = delta.reshape(B, -1)  # amax/amin propagate NaN and need no (B, out, in) temporary
-    finite = torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
-    for t in (loss_before, loss_after):
-        finite &= torch.isfinite(t) if t.dim() else torch.isfinite(t).expand(B)
-    for t in (cond.layer_input, cond.layer_output, cond.model_output):
-        finite &= torch.isfinite(t).all(1)
+    finite = _finite_rows(delta, cond, (loss_before, loss_after))
     return OverfitResult(delta, cond, loss_before, loss_after, finite, raw_input)
 
 

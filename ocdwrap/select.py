@@ -14,7 +14,8 @@ sensitive to, is chosen.
 Two perturbations (``perturbation=``):
 
 * ``"gaussian"`` (the paper's text): W + noise_scale * std(W) * N(0, 1);
-* ``"reinit"`` (the authors' released selector): W replaced by a fresh draw of the layer's
+* ``"reinit"`` (a variant; the authors' public repository holds no layer-selection code, so
+  neither perturbation is theirs): W replaced by a fresh draw of the layer's
   ``reset_parameters()`` initialisation (kaiming-uniform, bound 1/sqrt(fan_in), for the stock
   nn.Linear / nn.Conv2d).
 
@@ -93,9 +94,10 @@ def kde_entropy(values: torch.Tensor) -> torch.Tensor:
 class LayerScore:
     """The score of one candidate layer.
 
-    ``released_score`` is the authors' released selector's criterion on the same losses, for
-    comparison only: for each draw, the entropy across calibration samples of the loss (same
-    KDE), then the maximum over draws. Ranking uses ``score`` (the paper's formula).
+    ``released_score`` is a variant criterion on the same losses (the field keeps its old name;
+    the authors' public repository holds no layer-selection code), for comparison only: for
+    each draw, the entropy across calibration samples of the loss (same KDE), then the maximum
+    over draws. Ranking uses ``score`` (the paper's formula).
     """
 
     name: str
@@ -430,7 +432,7 @@ def select_layer(
         candidates, exclude: fnmatch glob patterns or exact module names (a str or a list).
         min_params, max_params: limits on the number of elements of a candidate's weight.
         perturbation: "gaussian" (W + noise_scale * std(W) * N(0, 1), the paper) or "reinit"
-            (a fresh ``reset_parameters()`` draw, the released selector).
+            (a fresh ``reset_parameters()`` draw, a variant).
         draws: perturbation draws per layer (the same draws for every calibration sample).
         seed: seeds a torch.Generator per layer (from ``seed`` and the layer's name), so a
             layer's score does not depend on which other layers are candidates.
