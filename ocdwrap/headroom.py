@@ -41,7 +41,6 @@ explains how to read the report.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -459,6 +458,15 @@ def _fit_probe(task, held: _Split, train: _Split | None, folds: int, seed: int):
     return out, {"kind": kind, "source": source, "l2": l2, "folds": folds}
 
 
+def _probe_quality(task: str, out: torch.Tensor, held: _Split) -> tuple[float, float | None]:
+    """The probe's own loss (cross-entropy of q, or MSE) and accuracy against the true labels."""
+    if task == "classification":
+        y = held.target.long()
+        return float(_probe_loss(task, out, y).mean()), float((out.argmax(-1) == y).float().mean())
+    y = held.target.reshape(out.shape[0], -1).float()
+    return float(_probe_loss(task, out.reshape(y.shape), y).mean()), None
+
+
 def _user_probe(probe: ProbeFn, held: _Split, task: str) -> torch.Tensor:
     N = held.pred.shape[0]
     out = probe(held.cond, held.pred)
@@ -595,3 +603,129 @@ def _verdict(rows: list[HeadroomRow]) -> tuple[float | None, str]:
         f"attainable gain on this model and layer (loss {base.loss:.4g} -> {bound.loss:.4g} with "
         f"the true label; best label-free row: {best.name}, {best.share_loss:.1f} %)"
     )
+
+
+# --- the entry point -------------------------------------------------------------------------------
+
+
+def _require_wrapped(model: Any) -> OCDModel:
+    if isinstance(model, OCDModel):
+        return model
+    raise NotWrappedError(
+        f"headroom needs a wrapped model (an ocdwrap.OCDModel), got a {type(model).__name__}: the "
+        "report overfits the target layer the wrapper names, with its config. Wrap it first: "
+        "model = ocdwrap.wrap(base, layer='fc2', config=ocdwrap.OCDConfig(...)) "
+        "(or layer='auto' with calibration=loader, loss_fn=loss)."
+    )
+
+
+def headroom(
+    model: OCDModel,
+    loader: Iterable,
+    loss_fn: LossFn,
+    *,
+    max_samples: int | None = None,
+    train_loader: Iterable | None = None,
+    max_train_samples: int | None = None,
+    task: str = "auto",
+    probe: ProbeFn | None = None,
+    folds: int = 5,
+    mixture_classes: int = 10,
+    seed: int = 0,
+) -> HeadroomReport:
+    """Can OCD help this model? Base, upper bound and label-free rows on a labelled held-out split.
+
+    Needs no collection and no fit: every sample of ``loader`` is overfitted (vectorized, as in
+    ``collect``) with the model's configured per-sample overfit towards the true label, the base's
+    own label and a probe's predicted label distribution. See the module docstring for the rows
+    and docs/headroom.md for how to read them.
+
+    Args:
+        model: a wrapped model (:func:`ocdwrap.wrap`); its ``config`` gives the overfit.
+        loader: the labelled held-out split, batches as everywhere in ocdwrap. The samples used are
+            held in memory (the probe needs all of them before the overfits).
+        loss_fn: per-sample loss (B,) or its sum, the loss the base was trained with.
+        max_samples, max_train_samples: use at most this many held-out / training samples.
+        train_loader: fit the probe on the training split's conditioning; without it the probe is
+            cross-fitted (``folds`` folds) on the held-out samples.
+        task: 'classification', 'regression' or 'auto' (classification for (B, C) outputs with
+            integer labels).
+        probe: replaces the fitted probe: ``probe(cond, base_prediction)`` on all held-out samples
+            returns label distributions (N, C) for classification, predicted targets otherwise.
+        mixture_classes: the probe_mixture row mixes the deltas of each sample's this many most
+            likely labels (one overfit each); 0 skips the row.
+
+    Example:
+        >>> report = ocdwrap.headroom(model, val_loader, nn.CrossEntropyLoss(reduction="none"))
+        >>> print(report)            # the table and the verdict
+        >>> report.to_dict()["ceiling"]
+        3.1
+    """
+    model = _require_wrapped(model)
+    if task not in ("auto", "classification", "regression"):
+        raise ValueError(f"task={task!r}; choose 'auto', 'classification' or 'regression'.")
+    start = time.perf_counter()
+    was_training = model.base_model.training
+    model.base_model.eval()
+    try:
+        held, task = _read(model, loader, loss_fn, max_samples, task, "held-out")
+        train = None
+        if train_loader is not None and probe is None:
+            train, _ = _read(model, train_loader, loss_fn, max_train_samples, task, "train_loader")
+        if probe is not None:
+            probe_out, info = _user_probe(probe, held, task), {"kind": "user-supplied probe="}
+            info["source"] = "given by the caller"
+        else:
+            probe_out, info = _fit_probe(task, held, train, folds, seed)
+        info["loss"], info["accuracy"] = _probe_quality(task, probe_out, held)
+        info["mixture_classes"] = mixture_classes if task == "classification" else 0
+        scored = _score_all(model, held, loss_fn, task, probe_out, info["mixture_classes"])
+    finally:
+        model.base_model.train(was_training)
+    if task == "classification":
+        right = held.pred.argmax(-1) == held.target
+        split = "base argmax correct / wrong"
+    else:
+        right = held.loss <= held.loss.median()
+        split = "base per-sample loss at most / above its median"
+    rows = _rows(held, task, scored, right)
+    ceiling, verdict = _verdict(rows)
+    cfg = model.config
+    return HeadroomReport(
+        task=task,
+        n=int(held.loss.shape[0]),
+        layer=model.layer_name,
+        overfit={
+            "optimizer": cfg.overfit_optimizer,
+            "lr": cfg.overfit_lr,
+            "steps": cfg.overfit_steps,
+        },
+        probe=info,
+        split=split,
+        n_base_correct=int(right.sum()),
+        n_base_wrong=int((~right).sum()),
+        rows=rows,
+        ceiling=ceiling,
+        verdict=verdict,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _score_all(model, held: _Split, loss_fn, task, probe_out, mix_k) -> dict[str, dict]:
+    """:func:`_score_batch` over every held-out batch, concatenated per row."""
+    parts: dict[str, dict[str, list]] = {}
+    lo = 0
+    for inputs, target in held.batches:
+        B = batch_size(inputs)
+        sl = slice(lo, lo + B)
+        res = _score_batch(
+            model, inputs, target, loss_fn, task, held.pred[sl], probe_out[sl], mix_k
+        )
+        for name, d in res.items():
+            for k, v in d.items():
+                parts.setdefault(name, {}).setdefault(k, []).append(v)
+        lo += B
+    return {
+        name: {k: (torch.cat(v) if v[0] is not None else None) for k, v in d.items()}
+        for name, d in parts.items()
+    }

@@ -399,6 +399,17 @@ def _seed_for(seed: int, name: str) -> int:
 # --- the selector ------------------------------------------------------------------------------
 
 
+def _check_settings(perturbation: str, draws: int, max_samples: int) -> None:
+    if perturbation not in PERTURBATIONS:
+        raise ConfigError(
+            f"perturbation={perturbation!r} is not valid; choose one of {list(PERTURBATIONS)}."
+        )
+    if draws < 2:
+        raise ConfigError(f"draws must be >= 2 to estimate an entropy, got {draws}.")
+    if max_samples < 1:
+        raise ConfigError(f"max_samples must be >= 1, got {max_samples}.")
+
+
 def select_layer(
     base: nn.Module,
     data: Iterable,
@@ -461,14 +472,7 @@ def select_layer(
         >>> scores.best in ("0", "2"), len(scores.ranking)
         (True, 2)
     """
-    if perturbation not in PERTURBATIONS:
-        raise ConfigError(
-            f"perturbation={perturbation!r} is not valid; choose one of {list(PERTURBATIONS)}."
-        )
-    if draws < 2:
-        raise ConfigError(f"draws must be >= 2 to estimate an entropy, got {draws}.")
-    if max_samples < 1:
-        raise ConfigError(f"max_samples must be >= 1, got {max_samples}.")
+    _check_settings(perturbation, draws, max_samples)
     names = list_candidates(
         base, candidates=candidates, exclude=exclude, min_params=min_params, max_params=max_params
     )

@@ -428,6 +428,39 @@ def _row_values(value: Any, metrics: Sequence[str]) -> dict[str, list[float]]:
     raise TypeError(f"Cannot read a result row from {type(value).__name__}: {value!r}")
 
 
+def _paper_points(
+    paper: Mapping[str, Any],
+    keys: list[str],
+    y: Any,
+    metrics: list[str],
+    j: int,
+    percent: bool,
+) -> tuple[list[float], list[float], list[float]]:
+    """The paper's values of metric ``metrics[j]``: x, error and y positions, in our units."""
+    metric = metrics[j]
+    px, pe, py = [], [], []
+    for k, yi in zip(keys, y):
+        if k not in paper:
+            continue
+        pv = paper[k]
+        if isinstance(pv, Mapping):
+            v, e = _parse_paper(pv.get(metric))
+        elif isinstance(pv, (tuple, list)) and j < len(pv):
+            v, e = _parse_paper(pv[j])
+        else:
+            v, e = _parse_paper(pv) if len(metrics) == 1 else (math.nan, math.nan)
+        if math.isnan(v):
+            continue
+        if metric == "accuracy" and not percent and v > 1.0:
+            v, e = v / 100.0, e / 100.0
+        if metric == "accuracy" and percent and v <= 1.0:
+            v, e = v * 100.0, e * 100.0
+        px.append(v)
+        pe.append(0 if math.isnan(e) else e)
+        py.append(yi - 0.18)
+    return px, pe, py
+
+
 def plot_results(
     rows: Mapping[str, Any],
     *,
@@ -496,26 +529,7 @@ def plot_results(
                 ax.annotate(
                     txt, (m, yi), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7
                 )
-        px, pe, py = [], [], []
-        for k, yi in zip(keys, y):
-            if k not in paper:
-                continue
-            pv = paper[k]
-            if isinstance(pv, Mapping):
-                v, e = _parse_paper(pv.get(metric))
-            elif isinstance(pv, (tuple, list)) and j < len(pv):
-                v, e = _parse_paper(pv[j])
-            else:
-                v, e = _parse_paper(pv) if len(metrics) == 1 else (math.nan, math.nan)
-            if math.isnan(v):
-                continue
-            if metric == "accuracy" and not percent and v > 1.0:
-                v, e = v / 100.0, e / 100.0
-            if metric == "accuracy" and percent and v <= 1.0:
-                v, e = v * 100.0, e * 100.0
-            px.append(v)
-            pe.append(0 if math.isnan(e) else e)
-            py.append(yi - 0.18)
+        px, pe, py = _paper_points(paper, keys, y, metrics, j, percent)
         if px:
             any_paper = True
             ax.errorbar(
