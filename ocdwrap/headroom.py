@@ -188,12 +188,12 @@ class HeadroomReport:
 
 
 class _SoftCE(torch.autograd.Function):
-    """-sum q log softmax(z) with the gradient written as softmax(z) - q (times q's mass).
+    """-sum q log softmax(z), with the gradient written as softmax(z) - q.
 
-    Autograd's log_softmax backward computes the same thing as ``g - softmax * sum(g)``, which
-    leaves rounding noise when q == softmax(z); Adam divides by the gradient's own size, so that
-    noise would become a step. Written this way the gradient is exactly zero when q equals the
-    model's softmax bit for bit.
+    q is taken as a distribution (rows summing to 1). Autograd's log_softmax backward computes
+    ``softmax * sum(q) - q``, which leaves rounding noise when q == softmax(z) (sum(q) is 1 only
+    up to rounding); Adam divides by the gradient's own size, so that noise would become a step.
+    Written this way the gradient is exactly zero when q equals the model's softmax bit for bit.
     """
 
     @staticmethod
@@ -204,10 +204,7 @@ class _SoftCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         z, q = ctx.saved_tensors
-        mass = q.sum(-1, keepdim=True)
-        p = torch.softmax(z, dim=-1)
-        g = torch.where(mass == 1, p - q, p * mass - q)
-        return grad.unsqueeze(-1) * g, None
+        return grad.unsqueeze(-1) * (torch.softmax(z, dim=-1) - q), None
 
 
 def soft_cross_entropy(pred: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -545,7 +542,7 @@ def _share(base: float | None, bound: float | None, row: float | None, sign: int
     gap = sign * (base - bound)
     if not gap > 1e-12 * max(1.0, abs(base)):
         return None
-    return 100.0 * sign * (base - row) / gap
+    return 100.0 * sign * (base - row) / gap + 0.0  # + 0.0: no -0.0
 
 
 def _rows(held: _Split, task: str, scored: dict[str, dict], right: torch.Tensor):

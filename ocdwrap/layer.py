@@ -17,6 +17,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .deltas import DeltaSpec, FullDelta, OutputProbe, Rank1Delta
@@ -119,7 +120,7 @@ class DynamicLayer(nn.Module):
                 "A rank-one delta applies to Linear layers only, not Conv2d."
             )
         conv = self.base_layer
-        B, C = x.shape[0], x.shape[1]
+        B = x.shape[0]
         d = spec.delta.to(x.dtype)  # (B, out, C, kh, kw)
         if d.shape[0] != B:
             raise LayerReachError(
@@ -129,16 +130,17 @@ class DynamicLayer(nn.Module):
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding = 0
+        # every sample's own kernel: the batch folded into the channels, one group per sample
         y = F.conv2d(
-            x.reshape(1, B * C, *x.shape[2:]),
-            d.reshape(B * d.shape[1], *d.shape[2:]),
+            rearrange(x, "b c h w -> 1 (b c) h w"),
+            rearrange(d, "b o c kh kw -> (b o) c kh kw"),
             None,
             conv.stride,
             padding,
             conv.dilation,
             groups=B,
-        )  # (1, B*out, H', W')
-        return y.reshape(B, d.shape[1], *y.shape[2:])
+        )
+        return rearrange(y, "1 (b o) h w -> b o h w", b=B)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}"

@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import OCDConfig
@@ -143,8 +144,9 @@ class UNetDenoiser(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        img = pad_to_multiple(x.reshape(-1, 1, *self.shape), self.mult)  # (B, 1, Hp, Wp)
-        return crop(self.unet(img, t, class_labels=c).sample[:, 0], self.shape)  # (B, H, W)
+        img = pad_to_multiple(rearrange(x, "b h w -> b 1 h w"), self.mult)  # (B, 1, Hp, Wp)
+        out = self.unet(img, t, class_labels=c).sample  # (B, 1, Hp, Wp)
+        return crop(rearrange(out, "b 1 h w -> b h w"), self.shape)  # (B, H, W)
 
 
 def pad_to_multiple(x: torch.Tensor, mult: int) -> torch.Tensor:

