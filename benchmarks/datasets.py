@@ -1,4 +1,4 @@
-"""Offline readers for the data sets that ship inside installed packages (DESIGN.md section 6).
+"""Offline readers for the data sets that ship inside installed packages (the table of offline data sets in benchmarks/README.md).
 
 Every reader returns plain torch tensors (float32 features; int64 class labels or float32
 regression targets) with deterministic splits for a given seed. Package files are located with

@@ -1,7 +1,7 @@
 """Per-sample deltas: their types, and the math of their size and factors.
 
 * :class:`FullDelta`: the whole matrix per sample; :class:`Rank1Delta`: u vᵀ per sample for a
-  Linear layer on vector inputs (DESIGN §4 of the paper notes in docs/how-ocd-works.md);
+  Linear layer on vector inputs (docs/how-ocd-works.md, "A structural fact: rank-one deltas");
   :class:`OutputProbe`: what collection sets to read d loss / d layer output.
 * :func:`delta_scale`: rho_s, the size each delta is divided by ("std" or "rms").
 * :func:`rank1_right_factor`, :func:`rank1_factors`: v follows from the layer input (the input for
@@ -69,7 +69,7 @@ def top_singular_energy(delta: torch.Tensor, *, iters: int = 2, tol: float = 1e-
     bound a = ‖Δv‖² of s1²; with c = ‖ΔᵀΔv − a v‖ and b = ‖Δ‖²_F − a, s1² is at most the top
     eigenvalue of [[a, c], [c, b]]. Samples where that bracket is wider than ``tol``·‖Δ‖²_F
     (deltas far from rank one) get ``torch.linalg.svdvals``; the near-rank-one deltas of a Linear
-    layer (DESIGN §4) need two matrix-vector products each instead of an SVD.
+    layer (docs/how-ocd-works.md) need two matrix-vector products each instead of an SVD.
     """
     B = delta.shape[0]
     mats = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, in)
@@ -101,7 +101,7 @@ def delta_scale(flat: torch.Tensor, normalization: str) -> torch.Tensor:
 
 
 def rank1_right_factor(layer_input: torch.Tensor, optimizer: str) -> torch.Tensor:
-    """The right factor v of a rank-one delta: the input for SGD, its sign for Adam (DESIGN §4)."""
+    """The right factor v of a rank-one delta: the input for SGD, its sign for Adam (docs/how-ocd-works.md)."""
     return layer_input.sign() if optimizer == "adam" else layer_input
 
 
