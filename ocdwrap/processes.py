@@ -50,25 +50,32 @@ class Processes:
             dist.barrier()
 
     def _device(self) -> torch.device:
+        if self.accelerator is not None:
+            return self.accelerator.device
         if dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over processes (accelerate's reduce where an Accelerator is given)."""
+        t = t.to(self._device())
+        if self.accelerator is not None:
+            return self.accelerator.reduce(t, reduction="sum")
+        dist.all_reduce(t)
+        return t
 
     def all_mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean over processes of a small float tensor."""
         if self.world == 1:
             return values
-        t = values.detach().to(self._device(), torch.float64)
-        dist.all_reduce(t)
-        return (t / self.world).to(values.device, values.dtype)
+        total = self._sum(values.detach().to(torch.float64))
+        return (total / self.world).to(values.device, values.dtype)
 
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on at least one."""
         if self.world == 1:
             return flag
-        t = torch.tensor([int(flag)], device=self._device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(self._sum(torch.tensor([int(flag)])).item() > 0)
 
 
 def run_everywhere(procs: Processes, what: str, fn: Callable[[], Any]) -> Any:
