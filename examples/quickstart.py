@@ -1,8 +1,11 @@
 """Quickstart: OCD on LeNet5 / MNIST, end to end, on two CPU cores.
 
-    python examples/quickstart.py                 # default: rank-one deltas, about 5 minutes on 2 cores
-    python examples/quickstart.py --delta both    # also the paper's full-matrix UNet (slow on CPU)
-    python examples/quickstart.py --paper         # the paper's sizes (for a GPU)
+    python -m examples.quickstart                 # default: rank-one deltas, about 5 minutes on 2 cores
+    python -m examples.quickstart --delta both    # also the paper's full-matrix UNet (slow on CPU)
+    python -m examples.quickstart --paper         # the paper's sizes (for a GPU)
+    python -m examples.quickstart --smoke         # tiny sizes, seconds: checks the pipeline runs
+
+Run from the repository root (the data loaders and LeNet5 live in ``benchmarks/``).
 
 Steps: train LeNet5 to convergence (early stopping on a validation split), wrap its fc2 layer
 (120 -> 84, the paper's choice), overfit fc2 on each of N training samples alone (collect),
@@ -13,7 +16,7 @@ paper's Table 1 beside ours; ``--json PATH`` writes the numbers; ``--plots DIR``
 figures (fit loss curves, generated vs overfit deltas, results chart; see docs/figures.md).
 
 The steps are functions (``train_lenet``, ``make_config``, ``run``, ``write_plots``) so that other
-examples (examples/uncertainty.py) reuse them.
+examples (``examples.uncertainty``) reuse them.
 """
 
 from __future__ import annotations
@@ -41,14 +44,21 @@ PAPER = {
     "global_scale": ("0.069", "99.3"),
     "overfit_on_test": ("0.002", "100"),
 }
-LABELS = {
-    "base": "base LeNet5",
-    "ocd": "OCD (1 draw)",
-    "ocd_ensemble": "OCD(5) ensemble",
-    "global_scale": "OCD, global scale (5 draws)",
-    "regression": "regression generator (no diffusion)",
-    "overfit_on_test": "overfit on test (true labels; upper bound)",
-}
+
+
+def row_labels(draws: int = 5) -> dict[str, str]:
+    """The table's row names for an ensemble of ``draws`` generated networks."""
+    return {
+        "base": "base LeNet5",
+        "ocd": "OCD (1 draw)",
+        "ocd_ensemble": f"OCD({draws}) ensemble",
+        "global_scale": f"OCD, global scale ({draws} draws)",
+        "regression": "regression generator (no diffusion)",
+        "overfit_on_test": "overfit on test (true labels; upper bound)",
+    }
+
+
+LABELS = row_labels()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,7 +94,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--paper", action="store_true", help="paper sizes: all 50k samples, paper UNet, 20k steps"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_smoke_argument(p)
     return p.parse_args(argv)
+
+
+# --smoke: the sizes of a run that takes seconds; its numbers say nothing about OCD
+SMOKE_SPLITS = {"train": 2000, "val": 500, "test": 500}
+SMOKE_SIZES = {"train_samples": 256, "fit_steps": 30, "max_epochs": 1, "draws": 2}
+
+
+def add_smoke_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (2,000 training images, 256 overfitted, 30 fit steps, 500 test images): "
+        "checks that the pipeline runs, in seconds; the numbers mean nothing",
+    )
+
+
+def smoke_sizes(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the --smoke sizes in place of the requested ones (as is without --smoke)."""
+    if not getattr(args, "smoke", False):
+        return args
+    if getattr(args, "paper", False):
+        raise SystemExit("--smoke and --paper contradict each other; pass one of them.")
+    return argparse.Namespace(**{**vars(args), **SMOKE_SIZES})
 
 
 CE = nn.CrossEntropyLoss(reduction="none")
@@ -109,6 +143,7 @@ class Pipeline:
     timings: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
     cfg: ocdwrap.OCDConfig | None = None  # the config of the last delta run
+    draws: int = 5  # ensemble size of the OCD(K) rows
 
     def ocd_model(self, delta: str = "rank1") -> ocdwrap.OCDModel:
         """The base wrapped again on fc2 with the hypernetwork fitted for ``delta``."""
@@ -153,6 +188,8 @@ def run(args: argparse.Namespace) -> Pipeline:
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     data = load_mnist(seed=args.seed)
+    if getattr(args, "smoke", False):
+        data = {k: (x[: SMOKE_SPLITS[k]], y[: SMOKE_SPLITS[k]]) for k, (x, y) in data.items()}
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
     n_train = len(xtr) if args.paper else min(args.train_samples, len(xtr))
     ce = CE
@@ -164,7 +201,7 @@ def run(args: argparse.Namespace) -> Pipeline:
     )
 
     test = tensor_loader(xte, yte, 1000)
-    pipe = Pipeline(base=base, train_result=tr, data=data, n_train=n_train)
+    pipe = Pipeline(base=base, train_result=tr, data=data, n_train=n_train, draws=args.draws)
     rows, timings = pipe.rows, pipe.timings
     deltas = ["rank1", "full"] if args.delta == "both" else [args.delta]
     workdir = args.workdir or tempfile.mkdtemp(prefix="ocdwrap-quickstart-")
@@ -208,11 +245,10 @@ def run(args: argparse.Namespace) -> Pipeline:
         rows["ocd_ensemble" + suffix] = ocdwrap.evaluate_ocd(
             model, test, ce, num_draws=args.draws, seed=args.seed
         )
-        model.hypernet.config = model.hypernet.config.replace(scale="global")
-        rows["global_scale" + suffix] = ocdwrap.evaluate_ocd(
-            model, test, ce, num_draws=args.draws, seed=args.seed
-        )
-        model.hypernet.config = model.hypernet.config.replace(scale="learned")
+        with model.sampling(scale="global"):  # the training set's mean rho for every input
+            rows["global_scale" + suffix] = ocdwrap.evaluate_ocd(
+                model, test, ce, num_draws=args.draws, seed=args.seed
+            )
         if i == 0:
             rows["overfit_on_test"] = ocdwrap.evaluate_ocd(model, test, ce, mode="overfit")
         model.unload()
@@ -231,10 +267,10 @@ def run(args: argparse.Namespace) -> Pipeline:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = smoke_sizes(parse_args(argv))
     pipe = run(args)
     rows, tr, n_train, cfg = pipe.rows, pipe.train_result, pipe.n_train, pipe.cfg
-    print_table(rows, args, n_train, tr, pipe.total)
+    print_table(rows, args, n_train, tr, pipe.total, n_val=len(pipe.data["val"][0]))
     settings = {k: v for k, v in vars(args).items() if k != "plots"}
     result = {
         "rows": {k: {"loss": v["loss"], "accuracy": v["accuracy"]} for k, v in rows.items()},
@@ -273,15 +309,16 @@ def write_plots(directory: str, pipe: Pipeline, *, seed: int = 0, samples: int =
             xte[:samples],
             yte[:samples],
             CE,
-            generator=torch.Generator(device=model.device).manual_seed(seed),
+            rng=torch.Generator(device=model.device).manual_seed(seed),
         )
     finally:
         model.unload()
     paths.append(os.path.join(directory, "deltas.png"))
     plots.plot_deltas(cmp, images=xte[:samples], layer="fc2", path=paths[-1])
 
+    names = row_labels(pipe.draws)
     labels = {
-        k: LABELS.get(k.split("_full")[0], k) + (" [full]" if k.endswith("_full") else "")
+        k: names.get(k.split("_full")[0], k) + (" [full]" if k.endswith("_full") else "")
         for k in pipe.rows
     }
     paths.append(os.path.join(directory, "results.png"))
@@ -295,17 +332,32 @@ def write_plots(directory: str, pipe: Pipeline, *, seed: int = 0, samples: int =
     return paths
 
 
-def print_table(rows: dict, args: argparse.Namespace, n_train: int, tr, total: float) -> None:
+def print_table(
+    rows: dict,
+    args: argparse.Namespace,
+    n_train: int,
+    tr,
+    total: float,
+    *,
+    n_val: int = 10_000,
+) -> None:
+    """The results table (markdown) with the paper's Table 1 beside it, on stdout."""
+    if getattr(args, "smoke", False):
+        print("\nsmoke run (--smoke): tiny sizes; the numbers below say nothing about OCD")
     print(
         f"\nLeNet5 on MNIST, layer fc2 (120->84), {n_train} training samples overfitted "
         f"({args.optimizer}, 3 steps), seed {args.seed}, delta={args.delta}; {total / 60:.1f} min"
     )
-    print(f"base: {tr.epochs_run} epochs, early stopping on a 10k validation split (patience 2)\n")
+    val = f"{n_val // 1000}k" if n_val % 1000 == 0 else f"{n_val}-image"
+    print(
+        f"base: {tr.epochs_run} epochs, early stopping on a {val} validation split (patience 2)\n"
+    )
     print("| row | test CE | test acc % | paper CE | paper acc % |")
     print("| --- | --- | --- | --- | --- |")
+    names = row_labels(args.draws)
     for key, r in rows.items():
         stem = key.split("_full")[0].split("_rank1")[0]
-        label = LABELS.get(stem, stem) + (" [full]" if key.endswith("_full") else "")
+        label = names.get(stem, stem) + (" [full]" if key.endswith("_full") else "")
         paper = PAPER.get(key, ("—", "—"))
         print(
             f"| {label} | {r['loss']:.4f} | {100 * r['accuracy']:.2f} | {paper[0]} | {paper[1]} |"

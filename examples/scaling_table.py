@@ -1,6 +1,10 @@
 """Storage and time of a collection vs training-set size, full vs rank-one deltas (docs/scaling.md).
 
-    python examples/scaling_table.py            # about a minute on two CPU cores
+    python -m examples.scaling_table            # seconds on two CPU cores
+    python -m examples.scaling_table --smoke    # 256 samples per collection instead of 2048
+
+Run from the repository root. One process: the collection sizes do not depend on the number of
+processes (a multi-process collection writes the same shards, one part per process).
 
 Prints (1) the bytes stored per training sample, from the formula below, next to the size of
 shards actually written by ``ocdwrap.collect`` for a few layers; (2) a table of collection size
@@ -18,7 +22,9 @@ output)::
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 import ocdwrap
+from benchmarks.datasets import tensor_loader
 from benchmarks.zoo import LeNet5
 
 CE = nn.CrossEntropyLoss(reduction="none")
@@ -65,22 +72,23 @@ LAYERS = [
 
 
 def measure(layer: str, delta: str, n: int = 2048) -> dict:
-    """Collect ``n`` random MNIST-shaped samples on LeNet5 and measure shard bytes and speed."""
+    """Collect ``n`` random MNIST-shaped samples on LeNet5 (two shards); shard bytes and speed."""
     torch.manual_seed(0)
     base = LeNet5().eval()
-    cfg = ocdwrap.OCDConfig(delta=delta, shard_size=1024)
+    cfg = ocdwrap.OCDConfig(delta=delta, shard_size=max(1, (n + 1) // 2))
     model = ocdwrap.wrap(base, layer=layer, config=cfg)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
     out = tempfile.mkdtemp(prefix="ocdwrap-scaling-")
-    t0 = time.perf_counter()
-    store = ocdwrap.collect(
-        model, benchmarks.datasets.tensor_loader(x, y, 256), CE, out, progress=False
-    )
-    seconds = time.perf_counter() - t0
-    size = sum(os.path.getsize(p) for p in store.shard_paths())
-    dims = tuple(store.dims[k] for k in ("cond_in", "cond_act", "cond_out"))
-    vector = "u" in store.keys
+    try:
+        t0 = time.perf_counter()
+        store = ocdwrap.collect(model, tensor_loader(x, y, 256), CE, out, progress=False)
+        seconds = time.perf_counter() - t0
+        size = sum(os.path.getsize(p) for p in store.shard_paths())
+        dims = tuple(store.dims[k] for k in ("cond_in", "cond_act", "cond_out"))
+        vector = "u" in store.keys
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the sizes are read; the shards are not needed
     return {
         "layer": f"LeNet5 {layer} {tuple(store.weight_shape)}",
         "delta": delta,
@@ -90,16 +98,19 @@ def measure(layer: str, delta: str, n: int = 2048) -> dict:
     }
 
 
-def main() -> None:
-    import benchmarks.datasets  # noqa: F401  (tensor_loader)
-
-    print(
-        "1. bytes per sample: formula vs shards written by ocdwrap.collect (2048 samples, 2 shards)\n"
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--samples", type=int, default=2048, help="samples per measured collection")
+    p.add_argument("--smoke", action="store_true", help="a quick check: 256 samples")
+    args = p.parse_args(argv)
+    n = 256 if args.smoke else args.samples
+    print(f"1. bytes per sample: formula vs shards written by ocdwrap.collect ({n} samples, 2 shards)\n")  # fmt: skip
     print(f"| {'layer':<28} | {'delta':<5} | {'formula':>9} | {'measured':>9} | {'collect/s':>9} |")
     print(f"| {'-' * 28} | {'-' * 5} | {'-' * 9} | {'-' * 9} | {'-' * 9} |")
     for layer, delta in (("fc2", "rank1"), ("fc2", "full"), ("conv2", "full")):
-        r = measure(layer, delta)
+        r = measure(layer, delta, n)
         print(
             f"| {r['layer']:<28} | {delta:<5} | {r['formula']:>9,} | {r['measured']:>9,.0f} "
             f"| {r['samples_per_s']:>9,.0f} |"

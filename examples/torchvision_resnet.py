@@ -1,8 +1,11 @@
 """OCD on a torchvision ResNet-18, Fashion-MNIST, two CPU cores.
 
-    python examples/torchvision_resnet.py                        # fc, rank-one deltas, a few minutes
-    python examples/torchvision_resnet.py --layer layer4.1.conv2 --delta full --train-samples 200
-    python examples/torchvision_resnet.py --train-samples 55000 --epochs 10 --device cuda
+    python -m examples.torchvision_resnet                        # fc, rank-one deltas, a few minutes
+    python -m examples.torchvision_resnet --layer layer4.1.conv2 --delta full --train-samples 200
+    python -m examples.torchvision_resnet --train-samples 55000 --epochs 10 --device cuda
+    python -m examples.torchvision_resnet --smoke                # 64 images, one epoch: seconds
+
+Run from the repository root (the data loader and training loop live in ``benchmarks/``).
 
 torchvision models need no adapter: ocdwrap wraps any nn.Linear or nn.Conv2d by its module name
 (``fc``, ``classifier.1``, ``layer4.1.conv2``). Steps: train torchvision's ResNet-18 (random init;
@@ -41,6 +44,17 @@ def resnet18_fashion(num_classes: int = 10) -> nn.Module:
     return model
 
 
+# --smoke: a run of seconds that goes through every step; its numbers mean nothing
+SMOKE = {
+    "train_samples": 64,
+    "val_samples": 64,
+    "test_samples": 32,
+    "epochs": 1,
+    "fit_steps": 20,
+    "draws": 2,
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,20 +62,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layer", default="fc", help="the module to make per-input (default fc)")
     p.add_argument("--delta", choices=["rank1", "full"], default="rank1")
     p.add_argument("--train-samples", type=int, default=3000)
+    p.add_argument("--val-samples", type=int, default=1000, help="for early stopping")
     p.add_argument("--test-samples", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=3, help="base training epochs at most")
     p.add_argument("--fit-steps", type=int, default=1000)
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (64 training and 32 test images, one epoch, 20 fit steps; replaces the "
+        "size options): checks that every step runs, in seconds",
+    )
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
 
     data = load_fashion_mnist(seed=args.seed)
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
     xtr, ytr = xtr[: args.train_samples], ytr[: args.train_samples]
-    xva, yva = xva[:1000], yva[:1000]
+    xva, yva = xva[: args.val_samples], yva[: args.val_samples]
     xte, yte = xte[: args.test_samples], yte[: args.test_samples]
 
     log(f"1/4 training ResNet-18 on {len(xtr)} Fashion-MNIST images ({args.device})")
@@ -108,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     t_eval = time.perf_counter() - t0
 
+    if args.smoke:
+        print("\nsmoke run (--smoke): tiny sizes; the numbers below say nothing about OCD")
     print(f"\nResNet-18 / Fashion-MNIST, layer {args.layer}, delta={args.delta}")
     print(f"train {len(xtr)}, test {len(xte)}, {report.steps} fit steps, seed {args.seed}\n")
     print(f"| {'row':<30} | {'test CE':>8} | {'acc %':>6} |")

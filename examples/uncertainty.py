@@ -1,9 +1,10 @@
 """Can the spread between OCD's generated networks tell when a prediction is wrong?
 
-    python examples/uncertainty.py                              # about 5-10 minutes on 2 cores
-    python examples/uncertainty.py --plots docs/img --json runs/uncertainty.json
+    python -m examples.uncertainty                              # about 5-10 minutes on 2 cores
+    python -m examples.uncertainty --plots docs/img --json runs/uncertainty.json
+    python -m examples.uncertainty --smoke                      # tiny sizes, seconds
 
-Runs the quickstart pipeline (LeNet5 on MNIST, fc2, rank-one deltas; see examples/quickstart.py),
+Runs the quickstart pipeline (LeNet5 on MNIST, fc2, rank-one deltas; see ``examples.quickstart``),
 then, on the 10k test images:
 
 * the AUROC, for detecting misclassified samples, of three scores: the OCD(K) ensemble's
@@ -31,14 +32,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import quickstart  # noqa: E402  (the sibling example; its steps are reused)
-
-import ocdwrap  # noqa: E402
-from benchmarks.datasets import tensor_loader  # noqa: E402
-from ocdwrap.analysis import plots  # noqa: E402
-from ocdwrap.analysis.uncertainty import misclassification_report  # noqa: E402
+import ocdwrap
+from benchmarks.datasets import tensor_loader
+from examples import quickstart  # its steps (train, collect, fit, evaluate) are reused
+from ocdwrap.analysis import plots
+from ocdwrap.analysis.uncertainty import misclassification_report
 
 log = quickstart.log
 CE = quickstart.CE
@@ -61,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=5, help="ensemble size K of OCD(K)")
     p.add_argument("--bins", type=int, default=15, help="confidence bins of the ECE")
     p.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap resamples of the AUROC intervals"
+    )
+    p.add_argument(
+        "--layer-draws", type=int, default=32, help="weight perturbations per layer (layer scores)"
+    )
+    p.add_argument(
         "--delta-samples",
         type=int,
         default=1000,
@@ -73,7 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plots", default=None, metavar="DIR", help="write the figures (PNG) here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    quickstart.add_smoke_argument(p)
+    args = p.parse_args(argv)
+    if args.smoke:  # the quickstart's smoke sizes, and few delta comparisons and bootstraps
+        args = quickstart.smoke_sizes(args)
+        args.delta_samples, args.bins, args.resamples, args.layer_draws = 64, 5, 100, 8
+    return args
 
 
 def delta_cosines(pipe: quickstart.Pipeline, n: int, seed: int) -> dict[str, float]:
@@ -85,7 +94,7 @@ def delta_cosines(pipe: quickstart.Pipeline, n: int, seed: int) -> dict[str, flo
     try:
         parts = [
             plots.delta_comparison(
-                model, xte[i : min(i + 250, n)], yte[i : min(i + 250, n)], CE, generator=gen
+                model, xte[i : min(i + 250, n)], yte[i : min(i + 250, n)], CE, rng=gen
             )
             for i in range(0, n, 250)
         ]
@@ -120,19 +129,36 @@ def main(argv: list[str] | None = None) -> dict:
 
     log("5/5 layer selection scores (for the figure), uncertainty and delta similarity")
     scores = ocdwrap.select_layer(
-        pipe.base, tensor_loader(xva[:256], yva[:256], 256), CE, seed=args.seed, progress=False
+        pipe.base,
+        tensor_loader(xva[:256], yva[:256], 256),
+        CE,
+        draws=args.layer_draws,
+        seed=args.seed,
+        progress=False,
     )
     model = pipe.ocd_model("rank1")
     try:
         rep = misclassification_report(
-            model, test, num_draws=args.draws, seed=args.seed, n_bins=args.bins
+            model,
+            test,
+            num_draws=args.draws,
+            seed=args.seed,
+            n_bins=args.bins,
+            resamples=args.resamples,
         )
     finally:
         model.unload()
     cosines = delta_cosines(pipe, args.delta_samples, args.seed)
     seconds_uncertainty = time.perf_counter() - t0
 
-    quickstart.print_table(pipe.rows, qargs, pipe.n_train, pipe.train_result, pipe.total)
+    quickstart.print_table(
+        pipe.rows,
+        qargs,
+        pipe.n_train,
+        pipe.train_result,
+        pipe.total,
+        n_val=len(pipe.data["val"][0]),
+    )
     print(f"\nMisclassification detection on the {rep.n} MNIST test images, seed {args.seed}:\n")
     print(rep.table())
     verdict = "adds" if rep.spread_adds_information else "does not add"
@@ -154,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     result = {
-        "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+        "command": " ".join(["python -m examples.uncertainty", *sys.argv[1:]]),
         "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
         f"threads: {torch.get_num_threads()}",
         "uncertainty": rep.to_dict(),
