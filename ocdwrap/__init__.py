@@ -22,6 +22,7 @@ from .deltas import FullDelta, Rank1Delta
 from .errors import OCDError
 from .evaluation import evaluate_ocd
 from .fit import FitReport, fit
+from .headroom import HeadroomReport, headroom
 from .model import EnsembleOutput, OCDModel, wrap
 from .overfit import overfit_batch, overfit_one
 from .select import LayerScores, select_layer
@@ -35,6 +36,7 @@ __all__ = [
     "EnsembleOutput",
     "FitReport",
     "FullDelta",
+    "HeadroomReport",
     "LayerScores",
     "OCDConfig",
     "OCDError",
@@ -44,6 +46,7 @@ __all__ = [
     "collect",
     "evaluate_ocd",
     "fit",
+    "headroom",
     "overfit_batch",
     "overfit_one",
     "select_layer",

@@ -410,6 +410,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_headroom(args: argparse.Namespace) -> int:
+    import ocdwrap
+
+    base = _model(args)
+    data = load_object(args.data)
+    loss = _loss(args.loss, base)
+    if args.adapter:  # the overfit settings a saved adapter was collected with
+        model = ocdwrap.OCDModel.from_pretrained(base, args.adapter)
+    else:
+        calibration = load_object(args.calibration) if args.calibration else data
+        model = ocdwrap.wrap(
+            base, layer=args.layer, config=_config(args), calibration=calibration, loss_fn=loss
+        )
+    report = ocdwrap.headroom(
+        model,
+        data,
+        loss,
+        max_samples=args.max_samples,
+        train_loader=load_object(args.train_data) if args.train_data else None,
+        max_train_samples=args.max_train_samples,
+        task=args.task,
+        folds=args.folds,
+        mixture_classes=args.mixture_classes,
+        seed=args.seed,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
 # --- the parser -----------------------------------------------------------------------------------
 
 
@@ -476,6 +505,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+
+    hr = sub.add_parser(
+        "headroom", help="before any collection: how much of the overfit gain can OCD capture?"
+    )
+    common(hr, data=True)
+    configurable(hr)
+    hr.add_argument("--layer", default="auto", help="target module name, or auto (default)")
+    hr.add_argument("--calibration", help="import path of calibration data for --layer auto")
+    hr.add_argument("--adapter", help="take the layer and overfit settings of a saved adapter")
+    hr.add_argument("--train-data", help="fit the probe on this loader (default: cross-fitted)")
+    hr.add_argument("--max-samples", type=int)
+    hr.add_argument("--max-train-samples", type=int)
+    hr.add_argument("--task", default="auto", choices=["auto", "classification", "regression"])
+    hr.add_argument("--folds", type=int, default=5, help="cross-fitting folds of the probe")
+    hr.add_argument("--mixture-classes", type=int, default=10, help="0 skips probe_mixture")
+    hr.add_argument("--seed", type=int, default=0)
+    hr.add_argument("--json", action="store_true")
+    hr.set_defaults(func=cmd_headroom)
     return p
 
 

@@ -14,33 +14,37 @@ hope for:
 * ``probe``: towards the label distribution q of a probe fitted on the conditioning
   I(x) = (layer input, layer output, model output), the very information OCD's generator sees.
   Classification: a multinomial logistic regression whose logits are the base's logits plus a
-  linear function of the standardised I(x) (so a probe that learns nothing *is* the base);
-  the layer is overfitted with the soft cross-entropy towards q. Regression: a ridge regression of
-  the base's residual on I(x); the layer is overfitted with ``loss_fn`` towards its prediction.
-  The probe is fitted on ``train_loader``'s conditioning when given, otherwise cross-fitted
-  (k folds) on the held-out samples themselves; the report says which;
+  linear function of the standardised I(x), the layer overfitted with the soft cross-entropy
+  towards q. Regression: a ridge regression of the base's residual on I(x), the layer overfitted
+  with ``loss_fn`` towards its prediction. The L2 strength is chosen by cross-validated loss among
+  a small grid and "infinite", i.e. the base's own prediction: when no fitted probe predicts the
+  labels better than the base, the probe is the base and its row equals the base row. The probe
+  is fitted on ``train_loader``'s conditioning when given, otherwise cross-fitted (k folds) on the
+  held-out samples themselves; the report says which;
 * ``probe_mixture`` (classification): sum over labels y of q(y) times the delta for label y
   (one overfit per label, over the ``mixture_classes`` most likely labels, renormalised).
-  Adam's steps are not linear in the gradient, so this differs from overfitting towards q.
-  Both are always reported: the table keeps one shape for every model, and which of the two is
-  better is itself worth seeing; the verdict uses the better one.
+  Adam's steps are not linear in the gradient, so this differs from overfitting towards q, and it
+  can move the weights even where q is the base's own softmax. Both rows are always reported:
+  the table keeps one shape for every model, and which of the two is better is itself worth
+  seeing; the verdict uses the best label-free row.
 
 Why the base's own softmax is no oracle: the gradient of the cross-entropy towards a soft target q
 with respect to the logits is p - q, p the model's softmax. Overfitting towards the base's own
 soft prediction (q = p) has zero gradient and changes nothing. So all the room a label-free
 generator has comes from predicting the label *better* than the base does from the same
-information, which is what the probe measures: on a converged, calibrated base it finds little
-(DESIGN.md section 9: 3 % of the gap on a digits MLP trained 40 epochs), on an underfitting or
-miscalibrated base a lot (89 % after one epoch).
+information, which is what the probe measures: on a converged, calibrated base it finds little,
+on an underfitting or miscalibrated base a lot (docs/headroom.md: a digits MLP, 93 % of the gap
+after one epoch of training, 0 % after forty).
 
 Also reported: the cosine between each label-free row's delta and the true-label delta, split by
-samples the base gets right and wrong (regression: per-sample base loss below / above the
+samples the base gets right and wrong (regression: per-sample base loss at most / above the
 median), and the share of the base -> upper-bound gap each row captures. docs/headroom.md
 explains how to read the report.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -298,7 +302,7 @@ def _read(model, loader, loss_fn, max_samples, task, role) -> tuple[_Split, str]
     n = 0
     for batch in loader:
         if max_samples is not None and n >= max_samples:
-            break
+            break  # max_samples <= 0
         try:
             inputs, target = split_batch(batch)
         except BatchFormatError as e:
@@ -320,6 +324,8 @@ def _read(model, loader, loss_fn, max_samples, task, role) -> tuple[_Split, str]
         targets.append(target.detach())
         losses.append(loss)
         n += B
+        if max_samples is not None and n >= max_samples:
+            break
     if not batches:
         raise EmptyDataError(f"headroom got a {role} loader that yielded no samples.")
     cond = Conditioning(
@@ -341,14 +347,25 @@ def _standardizer(phi: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: (x - mean) / std
 
 
-def _fit_logistic(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float):
-    """Logits z + standardised(phi) W + b, W with an L2 penalty, fitted by L-BFGS."""
+def _fit_logistic(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float, init=None):
+    """Logits z + standardised(phi) W + b, W with an L2 penalty, fitted by L-BFGS.
+
+    Returns the predictor (phi, z) -> label distribution and (W, b), a warm start for the next
+    strength (the cross-fit goes from strong to weak penalties, each a few L-BFGS steps on).
+    """
     scale = _standardizer(phi)
     x = scale(phi)
-    W = torch.zeros(x.shape[1], z.shape[1], device=x.device, requires_grad=True)
-    b = torch.zeros(z.shape[1], device=x.device, requires_grad=True)
+    if init is None:
+        init = (x.new_zeros(x.shape[1], z.shape[1]), x.new_zeros(z.shape[1]))
+    W, b = (t.clone().requires_grad_(True) for t in init)
     opt = torch.optim.LBFGS(
-        [W, b], lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe"
+        [W, b],
+        lr=1.0,
+        max_iter=50,
+        history_size=20,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-7,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:
@@ -360,10 +377,10 @@ def _fit_logistic(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float
     with torch.enable_grad():
         opt.step(closure)
     W, b = W.detach(), b.detach()
-    return lambda phi_, z_: torch.softmax(z_ + scale(phi_) @ W + b, dim=-1)
+    return (lambda phi_, z_: torch.softmax(z_ + scale(phi_) @ W + b, dim=-1)), (W, b)
 
 
-def _fit_ridge(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float):
+def _fit_ridge(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float, init=None):
     """The target as z + standardised(phi) w + b: a ridge regression of the base's residual."""
     scale = _standardizer(phi)
     x = scale(phi).double()
@@ -373,7 +390,7 @@ def _fit_ridge(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float):
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     w = torch.linalg.solve(xc.T @ xc + l2 * x.shape[0] * eye, xc.T @ (r - b))
     w, b = w.float(), (b - x.mean(0) @ w).float()
-    return lambda phi_, z_: z_ + scale(phi_) @ w + b
+    return (lambda phi_, z_: z_ + scale(phi_) @ w + b), None
 
 
 def _probe_loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -382,23 +399,33 @@ def _probe_loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((out - y) ** 2).mean(1)
 
 
+def _base_prediction(task: str, z: torch.Tensor) -> torch.Tensor:
+    """The probe that learns nothing: the base's own softmax (or prediction)."""
+    return torch.softmax(z, dim=-1) if task == "classification" else z.clone()
+
+
 def _crossfit(task, phi, z, y, folds, seed, l2s=L2_GRID):
-    """Out-of-fold predictions for each L2 strength; the strength with the lowest loss wins."""
+    """Out-of-fold predictions for each L2 strength; the strength with the lowest loss wins.
+
+    Infinite strength is a candidate too: the base's own prediction. When no fitted probe
+    predicts the held-out labels better than the base does, the probe *is* the base (and its
+    row equals the base row: zero gradient).
+    """
     N = phi.shape[0]
     gen = torch.Generator().manual_seed(seed)
     fold = (torch.randperm(N, generator=gen) % folds).to(phi.device)
     fit = _fit_logistic if task == "classification" else _fit_ridge
-    best = None
-    for l2 in l2s:
-        oof = torch.empty_like(z)
-        for f in range(folds):
-            test = fold == f
-            predict = fit(phi[~test], z[~test], y[~test], l2)
-            oof[test] = predict(phi[test], z[test])
-        loss = float(_probe_loss(task, oof, y).mean())
-        if best is None or loss < best[0]:
-            best = (loss, l2, oof)
-    return best[2], best[1]
+    l2s = sorted(l2s, reverse=True)
+    oof = {l2: torch.empty_like(z) for l2 in l2s}
+    for f in range(folds):
+        test, init = fold == f, None
+        for l2 in l2s:
+            predict, init = fit(phi[~test], z[~test], y[~test], l2, init)
+            oof[l2][test] = predict(phi[test], z[test])
+    oof[math.inf] = _base_prediction(task, z)
+    loss = {l2: float(_probe_loss(task, out, y).mean()) for l2, out in oof.items()}
+    best = min(oof, key=lambda l2: loss[l2])
+    return oof[best], best
 
 
 def _probe_arrays(split: _Split, task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -450,9 +477,16 @@ def _fit_probe(task, held: _Split, train: _Split | None, folds: int, seed: int):
         _check_fittable(task, ty, folds, "train_loader")
         _, l2 = _crossfit(task, tphi, tz, ty, folds, seed)
         fit = _fit_logistic if task == "classification" else _fit_ridge
-        out = fit(tphi, tz, ty, l2)(phi, z)
+        out = _base_prediction(task, z) if l2 == math.inf else fit(tphi, tz, ty, l2)[0](phi, z)
         source = f"fitted on train_loader's conditioning ({ty.shape[0]:,} samples)"
-    return out, {"kind": kind, "source": source, "l2": l2, "folds": folds}
+    if l2 == math.inf:
+        source += "; no fitted probe predicted the labels better than the base, so it is the base"
+    return out, {
+        "kind": kind,
+        "source": source,
+        "l2": None if l2 == math.inf else l2,
+        "folds": folds,
+    }
 
 
 def _probe_quality(task: str, out: torch.Tensor, held: _Split) -> tuple[float, float | None]:
@@ -545,6 +579,11 @@ def _share(base: float | None, bound: float | None, row: float | None, sign: int
     return 100.0 * sign * (base - row) / gap + 0.0  # + 0.0: no -0.0
 
 
+_NOTES = {
+    "probe_mixture": "sum over labels y of q(y) x the delta for label y (q: the probe's distribution)",
+}
+
+
 def _rows(held: _Split, task: str, scored: dict[str, dict], right: torch.Tensor):
     """The report's rows from the per-sample numbers."""
     acc = (lambda c: float(c.float().mean())) if task == "classification" else (lambda c: None)
@@ -572,6 +611,7 @@ def _rows(held: _Split, task: str, scored: dict[str, dict], right: torch.Tensor)
         s = scored[name]
         cos = s["cos"]
         row = bound if name == "overfit_on_test" else HeadroomRow(name, float(s["loss"].mean()))
+        row.note = _NOTES.get(name, "")
         row.accuracy = acc(s["correct"])
         row.share_loss = _share(base.loss, bound.loss, row.loss, 1)
         row.share_accuracy = _share(base.accuracy, bound.accuracy, row.accuracy, -1)
@@ -579,8 +619,6 @@ def _rows(held: _Split, task: str, scored: dict[str, dict], right: torch.Tensor)
         row.cosine_base_correct = float(cos[right].mean()) if bool(right.any()) else None
         row.cosine_base_wrong = float(cos[~right].mean()) if bool((~right).any()) else None
         rows.append(row)
-    if "probe_mixture" in scored:
-        rows[-1].note = "sum over labels y of q(y) x the delta for y (the probe's q)"
     return rows
 
 
@@ -679,6 +717,30 @@ def headroom(
         scored = _score_all(model, held, loss_fn, task, probe_out, info["mixture_classes"])
     finally:
         model.base_model.train(was_training)
+    return _report(model, held, task, info, scored, time.perf_counter() - start)
+
+
+def _score_all(model, held: _Split, loss_fn, task, probe_out, mix_k) -> dict[str, dict]:
+    """:func:`_score_batch` over every held-out batch, concatenated per row."""
+    parts: dict[str, dict[str, list]] = {}
+    lo = 0
+    for inputs, target in held.batches:
+        B = batch_size(inputs)
+        sl = slice(lo, lo + B)
+        res = _score_batch(
+            model, inputs, target, loss_fn, task, held.pred[sl], probe_out[sl], mix_k
+        )
+        for name, d in res.items():
+            for k, v in d.items():
+                parts.setdefault(name, {}).setdefault(k, []).append(v)
+        lo += B
+    return {
+        name: {k: (torch.cat(v) if v[0] is not None else None) for k, v in d.items()}
+        for name, d in parts.items()
+    }
+
+
+def _report(model: OCDModel, held: _Split, task: str, info: dict, scored: dict, seconds: float):
     if task == "classification":
         right = held.pred.argmax(-1) == held.target
         split = "base argmax correct / wrong"
@@ -704,25 +766,5 @@ def headroom(
         rows=rows,
         ceiling=ceiling,
         verdict=verdict,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )
-
-
-def _score_all(model, held: _Split, loss_fn, task, probe_out, mix_k) -> dict[str, dict]:
-    """:func:`_score_batch` over every held-out batch, concatenated per row."""
-    parts: dict[str, dict[str, list]] = {}
-    lo = 0
-    for inputs, target in held.batches:
-        B = batch_size(inputs)
-        sl = slice(lo, lo + B)
-        res = _score_batch(
-            model, inputs, target, loss_fn, task, held.pred[sl], probe_out[sl], mix_k
-        )
-        for name, d in res.items():
-            for k, v in d.items():
-                parts.setdefault(name, {}).setdefault(k, []).append(v)
-        lo += B
-    return {
-        name: {k: (torch.cat(v) if v[0] is not None else None) for k, v in d.items()}
-        for name, d in parts.items()
-    }
