@@ -83,3 +83,15 @@ class DistributedError(OCDError, RuntimeError):
 
 class AdapterNotFoundError(OCDError, FileNotFoundError):
     """A directory holds no saved adapter (or only part of one)."""
+
+
+class NotWrappedError(OCDError, TypeError):
+    """A function that needs a wrapped model (e.g. ``headroom``) was given a plain module instead of a wrapped :class:`OCDModel`."""
+
+
+class LabelMismatchError(OCDError, ValueError):
+    """The loader's labels do not fit the loss function (or the task)."""
+
+
+class ProbeFitError(OCDError, ValueError):
+    """The probe of the label cannot be fitted on the data given (e.g. a single class)."""

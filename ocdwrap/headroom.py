@@ -64,7 +64,15 @@ from .batches import (
 )
 from .capture import Conditioning
 from .deltas import FullDelta
-from .errors import BatchFormatError, EmptyDataError, NonFiniteError, OCDError
+from .errors import (
+    BatchFormatError,
+    EmptyDataError,
+    LabelMismatchError,
+    NonFiniteError,
+    NotWrappedError,
+    OCDError,
+    ProbeFitError,
+)
 from .model import OCDModel
 from .overfit import overfit_batch
 
@@ -84,18 +92,6 @@ __all__ = [
 ROWS = ("base", "overfit_on_test", "own_label", "probe", "probe_mixture")
 LABEL_FREE = ("own_label", "probe", "probe_mixture")
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-class NotWrappedError(OCDError, TypeError):
-    """``headroom`` was given a plain module instead of a wrapped :class:`OCDModel`."""
-
-
-class LabelMismatchError(OCDError, ValueError):
-    """The loader's labels do not fit the loss function (or the task)."""
-
-
-class ProbeFitError(OCDError, ValueError):
-    """The probe of the label cannot be fitted on the data given (e.g. a single class)."""
 
 
 # --- the report ------------------------------------------------------------------------------------

@@ -288,7 +288,7 @@ class OCDModel(nn.Module):
                 sampler=self._setting("sampler"),
                 steps=self._setting("sampling_steps"),
                 eta=self._setting("eta"),
-                scale=self._setting("scale"),
+                scale=self._state.overrides.get("scale"),  # else the hypernetwork's config
             )
 
     def _draws(self, args: tuple, kwargs: dict, num_draws: int, rng: torch.Generator | None):

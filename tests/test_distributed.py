@@ -23,8 +23,8 @@ from ocdwrap.distributed import (
     merge_parts,
     partition,
 )
-from ocdwrap.io import CHECKPOINT_JSON
 from ocdwrap.hypernet import OCDHyperNetwork
+from ocdwrap.io import CHECKPOINT_JSON
 
 N, BATCH, WORLD = 44, 8, 2
 # spawn, not fork: a forked child of a process whose OpenMP pool is running can deadlock in
