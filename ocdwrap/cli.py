@@ -4,6 +4,7 @@
     ocdwrap collect --model M --data D --loss L --layer NAME --out deltas/
     ocdwrap fit --model M --deltas deltas/ --out adapter/
     ocdwrap evaluate --model M --adapter adapter/ --data D --loss L
+    ocdwrap headroom --model M --data D --loss L --layer NAME   can OCD help? (before collecting)
 
 ``M`` and ``D`` are import paths, ``package.module:name`` or ``path/to/file.py:name``, naming a
 module / data loader or a function that returns one (called with no arguments). ``L`` is

@@ -106,7 +106,7 @@ class LayerScore:
     num_params: int  # elements of the weight
     loss_std: float  # mean over samples of the loss std across draws
     vectorized: bool  # draws evaluated with torch.func.vmap (False: one draw per call)
-    released_score: float = float("nan")  # the released code's criterion, for comparison
+    released_score: float = float("nan")  # a variant criterion (see the docstring), for comparison
 
 
 @dataclass
@@ -182,7 +182,7 @@ class LayerScores:
         head = (
             f"Layer selection: {len(self.layers)} candidates, perturbation={self.perturbation!r}, "
             f"{self.draws} draws, {self.samples} samples, seed {self.seed}, {self.seconds:.2f} s\n\n"
-            "| rank | layer | weight shape | params | mean loss std | score | released-code score |\n"
+            "| rank | layer | weight shape | params | mean loss std | score | variant score |\n"
             "| ---: | --- | --- | ---: | ---: | ---: | ---: |\n"
         )
         rows = [
