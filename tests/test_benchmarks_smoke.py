@@ -1,24 +1,36 @@
-"""Every benchmark script runs end to end on a tiny setting (``--smoke``) and reports every row."""
+"""Every benchmark runs end to end on a tiny setting (``--smoke``) and reports every row; the
+shared pieces (benchmarks.results, benchmarks.notes, benchmarks.report, benchmarks.figures,
+benchmarks.timing, benchmarks.scoring, benchmarks.experiment) give the numbers and markdown
+docs/results.md is built from."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
+import torch
+from torch import nn
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from benchmarks import cli, controls, figures, notes, report, timing
+from benchmarks.datasets import available, tensor_loader
+from benchmarks.experiment import run_ocd
+from benchmarks.results import Metric, Results, Row
+from benchmarks.scoring import Task, evaluate_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = {"mnist": "mnist", "tabular": "california_housing", "fashion_mnist": "fashion_mnist"}
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"ocdwrap_bench_{name}", os.path.join(BENCH, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _need(*names: str) -> None:
+    have = available()
+    missing = [n for n in names if not have[n]]
+    if missing:
+        pytest.skip(f"data not installed: {missing} (tests/test_datasets.py names the install)")
 
 
 def _check(part: dict, rows: list) -> None:
@@ -30,54 +42,63 @@ def _check(part: dict, rows: list) -> None:
     assert "| row |" in part["table"]
 
 
-@pytest.mark.parametrize("name", ["mnist", "tabular", "fashion_mnist"])
-def test_smoke_rows(name: str, tmp_path) -> None:
-    from benchmarks.datasets import available
+def _smoke_argv(tmp_path) -> list[str]:
+    return ["--smoke", "--json", str(tmp_path / "out.json"), "--workdir", str(tmp_path / "work")]
 
-    need = {"mnist": "mnist", "tabular": "california_housing", "fashion_mnist": "fashion_mnist"}[
-        name
-    ]
-    if not available()[need]:
-        pytest.skip(f"{need} data not installed")
-    module = _load(name)
-    out = tmp_path / "out.json"
+
+def test_mnist_smoke_as_a_module(tmp_path) -> None:
+    """``python -m benchmarks.mnist`` from the repository root: the script finds the installed
+    ``mnist`` data package (benchmarks/mnist.py does not shadow it) and prints its table."""
+    _need("mnist")
     figs = tmp_path / "figs"
-    module.main(
-        ["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work"), "--plots", str(figs)]
+    argv = _smoke_argv(tmp_path) + ["--plots", str(figs)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mnist", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
     )
-    part = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| base LeNet5 (early stopping on val split) |" in proc.stdout
+    from benchmarks import mnist
+
+    part = json.loads((tmp_path / "out.json").read_text())
+    _check(part, mnist.ROWS)
+    assert part["command"].startswith("python -m benchmarks.mnist --smoke")
+    rows = part["per_seed"]["0"]
+    # the "no scaling" ablation runs the same generator with the training set's mean rho
+    assert rows["global"] != rows["ocd"] and rows["sgd_global"] != rows["sgd_ocd"]
+    assert "| row |" in report.render(str(tmp_path / "out.json"))
+    assert (figs / "results-mnist.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name", ["tabular", "fashion_mnist"])
+def test_smoke_rows(name: str, tmp_path) -> None:
+    _need(DATA[name])
+    module = importlib.import_module(f"benchmarks.{name}")
+    figs = tmp_path / "figs"
+    module.main(_smoke_argv(tmp_path) + ["--plots", str(figs)])
+    part = json.loads((tmp_path / "out.json").read_text())
     _check(part, module.ROWS)
-    assert part["command"].startswith(f"python benchmarks/{name}.py --smoke")
-    common = sys.modules["common"]
-    assert "| row |" in common.render(str(out))
+    assert part["command"].startswith(f"python -m benchmarks.{name} --smoke")
+    assert "| row |" in report.render(str(tmp_path / "out.json"))
     assert (figs / f"results-{name}.png").stat().st_size > 10_000
 
 
 def test_smoke_text(tmp_path) -> None:
-    from benchmarks.datasets import available
+    _need("minilm", "rotten_tomatoes", "womens_reviews")
+    from benchmarks import text_fewshot
 
-    have = available()
-    if not (have["minilm"] and have["rotten_tomatoes"] and have["womens_reviews"]):
-        pytest.skip("MiniLM or the text data sets are not installed")
-    module = _load("text_fewshot")
     out = tmp_path / "out.json"
-    module.main(
-        [
-            "--smoke",
-            "--json",
-            str(out),
-            "--workdir",
-            str(tmp_path / "w"),
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--plots",
-            str(tmp_path / "figs"),
-        ]
-    )
+    argv = _smoke_argv(tmp_path) + ["--cache-dir", str(tmp_path / "c")]
+    text_fewshot.main(argv + ["--plots", str(tmp_path / "figs")])
     d = json.loads(out.read_text())
+    assert d["command"].startswith("python -m benchmarks.text_fewshot --smoke")
     assert set(d["datasets"]) == {"rotten_tomatoes", "womens_department"}
     for key, part in d["datasets"].items():
-        _check(part, module.ROWS)
+        _check(part, text_fewshot.ROWS)
         rep = part["info"]["0"]["ocd"]["uncertainty"]
         for target in ("ocd_wrong", "base_wrong"):
             assert set(rep["auroc"][target]) == {"spread", "base_msp", "ocd_mean_prob"}
@@ -89,11 +110,47 @@ def test_smoke_text(tmp_path) -> None:
             "text_fewshot-{}-uncertainty",
         ):
             assert (tmp_path / "figs" / (fig.format(key) + ".png")).stat().st_size > 10_000
-    common = sys.modules["common"]
-    section = common.render(str(out), "uncertainty_table")
+    section = report.render(str(out), "uncertainty_table")
     assert section.count("| OCD ensemble spread (std between draws) |") == 2
     with pytest.raises(KeyError, match="rerun its script"):
-        common.render(str(out), "no_such_section")
+        report.render(str(out), "no_such_section")
+
+
+def test_smoke_tabular_linear_base(tmp_path) -> None:
+    _need("california_housing")
+    from benchmarks import tabular
+
+    argv = ["--smoke", "--hidden-layers", "0", "--overfit-lr", "0.02", "--json"]
+    argv += [str(tmp_path / "out.json")]
+    tabular.main(argv + ["--workdir", str(tmp_path / "work")])
+    part = json.loads((tmp_path / "out.json").read_text())
+    _check(part, tabular.rows_for(tabular.parse_args(argv)))
+    assert "alt" not in part["rows"]
+    assert all(not r["paper"] for r in part["rows"].values())  # the paper's rows are for the MLP
+    assert part["rows"]["overfit"]["label"] == "overfit head on test (Adam 0.02 × 3; upper bound)"
+    assert part["info"]["0"]["ocd"]["layer"] == "head"
+
+
+def test_smoke_layer_selection(tmp_path, capsys) -> None:
+    _need("mnist", "california_housing")
+    from benchmarks import layer_selection
+
+    out = tmp_path / "selection.json"
+    r = layer_selection.main(["--smoke", "--json", str(out)])
+    assert json.loads(out.read_text())["command"] == (
+        f"python -m benchmarks.layer_selection --smoke --json {out}"
+    )
+    for key, paper in (
+        ("lenet5_mnist", "fc2"),
+        ("mlp_california", "blocks.0.linear"),
+        ("resnet18_fashion", "fc"),
+    ):
+        assert r[key]["paper_pick"] == paper
+        for perturbation in ("gaussian", "reinit"):
+            names = [s["name"] for s in r[key][perturbation]["layers"]]
+            assert r[key][perturbation]["best"] in names, (key, perturbation)
+    assert r["lenet5_mnist"]["epoch_seconds"] > 0
+    assert "## Summary" in capsys.readouterr().out
 
 
 def _report(spread_auroc: float, low: float) -> dict:
@@ -113,23 +170,16 @@ def _report(spread_auroc: float, low: float) -> dict:
 
 
 def test_uncertainty_table_mean_sd_over_seeds() -> None:
-    sys.path.append(BENCH)
-    import common
-
-    text = common.uncertainty_table([_report(0.6, -0.01), _report(0.7, 0.02)])
+    text = notes.uncertainty_table([_report(0.6, -0.01), _report(0.7, 0.02)])
     spread = next(line for line in text.splitlines() if line.startswith("| OCD ensemble spread"))
     assert "0.6500 ± 0.0707" in spread  # mean ± sample sd of 0.6 and 0.7
     added = next(line for line in text.splitlines() if "added by the spread" in line)
     assert "1 of 2 with the 95 % interval above 0" in added
     assert "| accuracy (%) | 90.00 ± 0.00 | 91.00 ± 0.00 |" in text
-    assert common.uncertainty_table([]) == ""
+    assert notes.uncertainty_table([]) == ""
 
 
 def test_summary_table_gap_share(tmp_path) -> None:
-    sys.path.append(BENCH)
-    import common
-    from common import Metric, Results, Row
-
     rows = [
         Row("base", "base", {"loss": "0.080"}),
         Row("ocd", "OCD", {"loss": "0.010"}),
@@ -145,29 +195,76 @@ def test_summary_table_gap_share(tmp_path) -> None:
         res.add(seed, "regression", {"loss": b - 0.001})
         res.add(seed, "nn", {"loss": b - 0.002})
     path = tmp_path / "mnist.json"
-    res.write(str(path), command="python benchmarks/mnist.py")
-    line = common.summary_table([str(path)]).splitlines()[2]
+    res.write(str(path), command="python -m benchmarks.mnist")
+    line = report.summary_table([str(path)]).splitlines()[2]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[0] == "MNIST / LeNet5" and cells[1] == "cross-entropy"
     assert cells[5].endswith("(nearest neighbour)")  # the best label-free row, lower loss
     assert cells[7] == "37.5 ± 17.7 %"  # per seed 50 % and 25 %
     assert cells[8] == "0.0 ± 0.0 %"  # OCD(5) equal to the base in both seeds
     assert cells[9] == "90 %"  # (0.080 - 0.010) / (0.080 - 0.002)
+    with pytest.raises(KeyError, match="add it to the script's rows"):
+        res.add(0, "no_such_row", {"loss": 0.0})
 
 
-def test_smoke_tabular_linear_base(tmp_path) -> None:
-    from benchmarks.datasets import available
+def test_report_update_renders_the_committed_docs(tmp_path, capsys) -> None:
+    """``python -m benchmarks.report --update`` on docs/results.md and docs/figures.md changes
+    nothing: every block there is the verbatim rendering of the committed JSONs."""
+    docs = [
+        shutil.copy(os.path.join(ROOT, "docs", n), tmp_path / n)
+        for n in ("results.md", "figures.md")
+    ]
+    report.main(["--update", *map(str, docs)])
+    for doc in docs:
+        name = os.path.basename(doc)
+        with open(os.path.join(ROOT, "docs", name)) as f:
+            assert open(doc).read() == f.read(), f"docs/{name} is not what its JSONs render"
+    printed = capsys.readouterr().out
+    assert "results.md: 8 blocks rendered" in printed and "figures.md: 1 blocks rendered" in printed
+    unclosed = tmp_path / "unclosed.md"
+    unclosed.write_text("<!-- render: docs/results/mnist.json -->\nold text\n")
+    with pytest.raises(ValueError, match="not closed"):
+        report.update_markdown(str(unclosed))
 
-    if not available()["california_housing"]:
-        pytest.skip("california_housing data not installed")
-    module = _load("tabular")
-    out = tmp_path / "out.json"
-    argv = ["--smoke", "--hidden-layers", "0", "--overfit-lr", "0.02", "--json", str(out)]
-    module.main(argv + ["--workdir", str(tmp_path / "work")])
-    part = json.loads(out.read_text())
-    rows = module.rows_for(module.parse_args(argv))
-    _check(part, rows)
-    assert "alt" not in part["rows"]
-    assert all(not r["paper"] for r in part["rows"].values())  # the paper's rows are for the MLP
-    assert part["rows"]["overfit"]["label"] == "overfit head on test (Adam 0.02 × 3; upper bound)"
-    assert part["info"]["0"]["ocd"]["layer"] == "head"
+
+def test_figures_from_json_on_disk(tmp_path, capsys) -> None:
+    written = figures.main([str(tmp_path), os.path.join(ROOT, "docs", "results", "tabular.json")])
+    assert written == [str(tmp_path / "results-tabular.png")]
+    assert (tmp_path / "results-tabular.png").stat().st_size > 10_000
+    assert f"wrote {written[0]}" in capsys.readouterr().out
+
+
+def test_timing_helpers() -> None:
+    out, seconds = timing.timed(lambda: sum(range(1000)))
+    assert out == 499500 and seconds >= 0
+    assert timing.machine("cpu").endswith(")") and "-core CPU" in timing.machine("cpu")
+
+
+def test_run_ocd_asks_for_nearest_neighbour_features_first() -> None:
+    """The nearest-neighbour row without its features fails before any collection or fitting."""
+    with pytest.raises(ValueError, match="needs nn_train and nn_test"):
+        run_ocd(None, "fc", None, [], [], Task.classification(), "unused", rows=("nn",))
+
+
+def test_command_line_reruns_the_module() -> None:
+    argv = ["--smoke", "--json", "runs/a b.json"]
+    assert cli.command("benchmarks.mnist", argv) == (
+        "python -m benchmarks.mnist --smoke --json 'runs/a b.json'"
+    )
+    args = cli.resolve_defaults(cli.base_parser("benchmarks.mnist", "doc").parse_args(["--smoke"]))
+    assert (args.fit_steps, args.delta, args.smoke) == (3000, "rank1", True)
+
+
+def test_overfit_all_layers_zero_steps_is_the_base() -> None:
+    """The vectorized per-sample overfit of every parameter: no step leaves the base's metrics,
+    three steps on each test sample's own label lower its loss."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    test = tensor_loader(x, y, 8)
+    task = Task.classification()
+    before = evaluate_module(base, test, task, "cpu")
+    same = controls.overfit_all_layers(base, test, task, steps=0, chunk=5)
+    assert same["loss"] == pytest.approx(before["loss"], rel=1e-5) and same["acc"] == before["acc"]
+    after = controls.overfit_all_layers(base, test, task, lr=0.05, steps=3, chunk=5)
+    assert after["loss"] < before["loss"]

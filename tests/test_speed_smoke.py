@@ -1,38 +1,27 @@
-"""benchmarks/speed.py runs end to end on a tiny setting (``--smoke``) and reports every figure.
+"""``python -m benchmarks.speed --smoke``: the speed benchmark runs end to end on a tiny setting
+and reports every figure.
 
 No timing is asserted: the figures depend on the machine and its load.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "ocdwrap_bench_speed", os.path.join(BENCH, "speed.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.datasets import available
 
 
 def test_speed_smoke(tmp_path, capsys) -> None:
-    from benchmarks.datasets import available
-
     if not (available()["mnist"] or available()["mnist_subset"]):
-        pytest.skip("no MNIST data installed")
-    speed = _load()
+        pytest.skip("no MNIST data installed (tests/test_datasets.py names the install)")
+    from benchmarks import speed
+
     out = tmp_path / "speed.json"
     speed.main(["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work")])
     r = json.loads(out.read_text())
-    assert r["command"].startswith("python benchmarks/speed.py --smoke")
+    assert r["command"].startswith("python -m benchmarks.speed --smoke")
     assert r["threads"] == 1 and r["device"] == "cpu"
 
     c = r["collection"]
@@ -62,6 +51,7 @@ def test_speed_smoke(tmp_path, capsys) -> None:
     assert set(r["fitting"]) == {"full", "rank1"}
     assert all(v["samples_per_s"] > 0 for v in r["fitting"].values())
 
+    # the memory figures come from a fresh `python -m benchmarks.speed --_child` process
     mem = r["memory"]
     for key in ("collect_full", "collect_rank1", "fit_full", "fit_rank1"):
         assert mem[key]["host_peak_mb"] >= 0, key

@@ -1,0 +1,217 @@
+"""The markdown of benchmark JSONs: each run's table and notes, the summary over runs, and the
+re-rendering of the marked blocks of docs/results.md and docs/figures.md.
+
+    python -m benchmarks.report runs/mnist.json                     # print a run's markdown
+    python -m benchmarks.report --update docs/results.md docs/figures.md
+
+A marked block is ``<!-- render: PATH.json [SECTION] -->`` ... ``<!-- /render -->`` (or
+``<!-- render: summary A.json B.json ... -->`` for :func:`summary_table`); ``--update`` replaces
+what lies between the markers with the JSON's markdown, so that no number there is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from .results import METRIC_LABELS, fmt_mean_sd, gap_fraction, parts
+
+
+def render(path: str, section: str | None = None) -> str:
+    """The markdown of a benchmark JSON: command, date, machine, table and notes, verbatim;
+    with ``section``, that markdown field of each table (e.g. ``uncertainty_table``) instead
+    of the results table and notes.
+
+    docs/results.md is assembled from this output, so that no number there is typed by hand.
+    """
+    with open(path) as f:
+        d = json.load(f)
+    out = []
+    for _, part in parts(d):
+        title = part.get("title")
+        head = f"**{title}**\n\n" if title else ""
+        seeds = sorted(int(s) for s in part["per_seed"])
+        if section is not None:
+            if section not in part:
+                raise KeyError(
+                    f"{path}: no {section!r} in {part.get('benchmark')}; rerun its script"
+                )
+            out.append(
+                f"{head}Command: `{d['command']}`  \n"
+                f"Seeds {seeds}; {d.get('machine', part.get('machine'))}; {part['date']}\n\n"
+                f"{part[section]}\n"
+            )
+            continue
+        out.append(
+            f"{head}Command: `{d['command']}`  \n"
+            f"Seeds {seeds}; {d.get('machine', part.get('machine'))}; torch {part['torch']}, "
+            f"{part['threads']} thread(s); {part['date']}; whole run {d.get('seconds', 0) / 60:.0f} min\n\n"
+            f"{part['table']}\n\n" + "\n".join(f"- {n}" for n in part["notes"]) + "\n"
+        )
+    return "\n".join(out)
+
+
+LABEL_FREE = (
+    "compute_matched",
+    "global",
+    "regression",
+    "nn",
+    "pseudo",
+    "alt",
+    "sgd_ocd",
+    "sgd_global",
+)
+LOWER_IS_BETTER = {"loss", "mse", "rmse"}
+SHORT_LABELS = {
+    "compute_matched": "compute-matched base",
+    "global": "OCD, global ρ",
+    "regression": "regression generator",
+    "nn": "nearest neighbour",
+    "pseudo": "own-label overfit",
+    "alt": "OCD, alternative layer",
+    "sgd_ocd": "OCD, SGD deltas",
+    "sgd_global": "OCD, SGD deltas, global ρ",
+}
+SHORT_NAMES = {
+    "mnist": "MNIST / LeNet5",
+    "tabular": "California Housing / MLP",
+    "fashion_mnist": "Fashion-MNIST / ResNet-18",
+}
+
+
+def _paper_number(text: str | None) -> float | None:
+    found = re.findall(r"\d*\.\d+|\d+", text or "")
+    return float(found[0]) if found else None
+
+
+def _variant(settings: dict[str, Any]) -> str:
+    """What sets a run apart from its script's defaults, for the summary's first column."""
+    out = []
+    if settings.get("shots"):
+        out.append(f"{settings['shots']}-shot")
+    lr = settings.get("overfit_lr")
+    if lr is not None and abs(lr - 5e-4) > 1e-12:
+        out.append(f"overfit lr {lr:g}")
+    return f" ({', '.join(out)})" if out else ""
+
+
+def summary_table(paths: Sequence[str]) -> str:
+    """One markdown table over several benchmark JSONs: per data set and metric, base, OCD,
+    OCD(5), the best row that uses no test label, overfit on test, and the share of the
+    base -> overfit-on-test gap OCD captured (mean ± sd over seeds) next to the paper's."""
+    head = (
+        "| data set | metric | base | OCD, 1 draw | OCD(5) | best other label-free row | "
+        "overfit on test | share of the gap: OCD, 1 draw | OCD(5) | paper (OCD) |"
+    )
+    lines = [head, "|" + " --- |" * 10]
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        for _, part in parts(d):
+            rows, per_seed = part["rows"], part["per_seed"].values()
+            name = (part.get("title") or SHORT_NAMES.get(d["benchmark"], d["benchmark"])).split(
+                " ("
+            )[0] + _variant(d.get("settings", {}))
+            if d.get("settings", {}).get("hidden_layers") == 0:
+                name = name.replace("/ MLP", "/ linear model")
+            for metric in next(iter(rows.values()))["metrics"]:
+                if metric == "mse":
+                    continue  # RMSE is the paper's figure; MSE orders the rows the same way
+
+                def cell(k: str, m: str = metric, rows: dict = rows) -> str:
+                    vals = rows[k]["metrics"][m]["values"] if k in rows else []
+                    return fmt_mean_sd(vals, ".2f" if m == "acc" else ".4f") if vals else "—"
+
+                sign = 1 if metric in LOWER_IS_BETTER else -1
+                others = [
+                    k for k in LABEL_FREE if k in rows and rows[k]["metrics"][metric]["values"]
+                ]
+                best = min(
+                    others, key=lambda k: sign * rows[k]["metrics"][metric]["mean"], default=None
+                )
+                best_txt = f"{cell(best)} ({SHORT_LABELS[best]})" if best else "—"
+
+                def share(key: str, m: str = metric, per_seed: Any = per_seed) -> str:
+                    vals = [
+                        100 * g
+                        for r in per_seed
+                        if all(k in r for k in ("base", key, "overfit"))
+                        for g in [gap_fraction(r["base"][m], r[key][m], r["overfit"][m])]
+                        if g is not None
+                    ]
+                    return f"{fmt_mean_sd(vals, '.1f')} %" if vals else "—"
+
+                pb, po, pu = (
+                    _paper_number(rows[k]["paper"].get(metric)) for k in ("base", "ocd", "overfit")
+                )
+                paper = gap_fraction(pb, po, pu) if None not in (pb, po, pu) else None
+                lines.append(
+                    f"| {name} | {METRIC_LABELS.get(metric, metric)} | {cell('base')} | {cell('ocd')} | "
+                    f"{cell('ocd_k')} | {best_txt} | {cell('overfit')} | "
+                    f"{share('ocd')} | {share('ocd_k')} | {'—' if paper is None else f'{100 * paper:.0f} %'} |"
+                )
+    return "\n".join(lines)
+
+
+RENDER_START = "<!-- render: "
+RENDER_END = "<!-- /render -->"
+
+
+def update_markdown(doc: str) -> int:
+    """Re-render every ``<!-- render: PATH.json [SECTION] -->`` ... ``<!-- /render -->`` block
+    of ``doc`` (see :func:`render`).
+
+    PATH is relative to the repository root. Returns the number of blocks rendered.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(doc) as f:
+        lines = f.read().split("\n")
+    out, count, skipping = [], 0, False
+    for line in lines:
+        if skipping:
+            if line.strip() == RENDER_END:
+                out.append(line)
+                skipping = False
+            continue
+        out.append(line)
+        if line.startswith(RENDER_START):
+            path, *section = line[len(RENDER_START) :].split("-->")[0].split()
+            if path == "summary":  # <!-- render: summary a.json b.json ... -->
+                text = summary_table([os.path.join(root, p) for p in section])
+            else:
+                text = render(os.path.join(root, path), *section[:1])
+            out += ["", text.rstrip(), ""]
+            count += 1
+            skipping = True
+    if skipping:
+        raise ValueError(f"{doc}: a render block is not closed with {RENDER_END}")
+    with open(doc, "w") as f:
+        f.write("\n".join(out))
+    return count
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description="Print the markdown of benchmark JSONs, or re-render the marked blocks of docs.",
+    )
+    p.add_argument("paths", nargs="+", help="benchmark JSONs (or, with --update, markdown files)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="re-render every <!-- render: ... --> block of the markdown files given",
+    )
+    args = p.parse_args(argv)
+    for path in args.paths:
+        if args.update:
+            print(f"{path}: {update_markdown(path)} blocks rendered")
+        else:
+            print(render(path))
+
+
+if __name__ == "__main__":
+    main()
