@@ -125,6 +125,13 @@ class OCDConfig:
     # --- fitting ----------------------------------------------------------------------------
     fit_steps: int = _f(2000, "Optimizer steps of fit() (denoiser and scale model).")
     fit_batch_size: int = _f(128, "Batch size of fit().")
+    fit_micro_batch_size: int | None = _f(
+        None,
+        "Samples per forward/backward pass inside one fit step (gradients accumulated, so the step "
+        "equals the full batch's up to rounding). None: automatic, the full-matrix UNet in "
+        "micro-batches whose largest activation stays under 16 MiB (larger buffers are mapped "
+        "and page-faulted in anew on every step on a CPU), everything else in one pass.",
+    )
     fit_lr: float = _f(1e-4, "Adam learning rate of the denoiser / regressor.")
     scale_lr: float = _f(1e-3, "Adam learning rate of the scale model.")
     ema_decay: float = _f(0.995, "EMA decay of the denoiser weights; sampling uses the EMA.")
@@ -174,6 +181,11 @@ class OCDConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"OCDConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.fit_micro_batch_size is not None and int(self.fit_micro_batch_size) < 1:
+            raise ConfigError(
+                "OCDConfig.fit_micro_batch_size must be None (automatic) or >= 1, "
+                f"got {self.fit_micro_batch_size!r}."
+            )
         if int(self.selection_draws) < 2:
             raise ConfigError(
                 f"OCDConfig.selection_draws must be >= 2 (an entropy needs several draws), "

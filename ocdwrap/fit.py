@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -250,7 +251,8 @@ def _run_id(
     model: OCDModel, store: DeltaStore, samples: int, steps: int, bs: int, lr: float, seed: int
 ) -> dict[str, Any]:
     """What a checkpoint belongs to: it is resumed only by a fit with the same."""
-    skip = ("num_draws", "seed", "task", "checkpoint_every")
+    # settings that do not change what a step computes (beyond float rounding)
+    skip = ("num_draws", "seed", "task", "checkpoint_every", "fit_micro_batch_size")
     return {
         "store": store.manifest["identity"],
         "samples": samples,
@@ -313,6 +315,51 @@ class _Minibatches:
         return (self.target[i], *c.tensors(), self.rho[i], t[self.mine], noise[self.mine])
 
 
+MICRO_BATCH_BYTES = 16 << 20  # largest activation of one micro-batch (see _micro_batch)
+
+
+def _micro_batch(hyper: OCDHyperNetwork, per_process: int) -> int:
+    """Samples per forward/backward pass within a step.
+
+    glibc serves allocations above 32 MiB with mmap and unmaps them on free, and PyTorch's CPU
+    allocator does not cache, so a UNet activation above that size is mapped and faulted in anew
+    on every step (on LeNet5's 84 x 120 layer at batch 128: 10 M page faults and more kernel
+    than user time per step). Micro-batches whose largest activation stays under 16 MiB avoid it.
+    """
+    if hyper.config.fit_micro_batch_size is not None:
+        return min(int(hyper.config.fit_micro_batch_size), per_process)
+    per_sample = getattr(hyper.net.net, "activation_bytes", lambda: 0)()
+    if per_sample == 0:
+        return per_process
+    return max(1, min(per_process, MICRO_BATCH_BYTES // per_sample))
+
+
+def _accumulate(
+    objective: nn.Module, batch: tuple[torch.Tensor, ...], micro: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over ``batch`` in micro-batches of ``micro`` samples; the mean losses.
+
+    Each micro-batch's losses are weighted by its share of the batch, so the accumulated
+    gradient is the full batch's (every loss is a mean over samples). Under DDP the gradients
+    are averaged over processes once, in the last micro-batch's backward.
+    """
+    n = batch[0].shape[0]
+    starts = range(0, n, micro)
+    loss_sum = sloss_sum = None
+    for k, lo in enumerate(starts):
+        part = tuple(t[lo : lo + micro] for t in batch)
+        last = k == len(starts) - 1
+        sync = nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync()
+        with sync:
+            loss, sloss = objective(*part)
+            w = part[0].shape[0] / n
+            total = loss + sloss
+            (total * w if w != 1 else total).backward()
+        loss_sum = loss.detach() * w if loss_sum is None else loss_sum + loss.detach() * w
+        sloss_sum = sloss.detach() * w if sloss_sum is None else sloss_sum + sloss.detach() * w
+    return loss_sum, sloss_sum
+
+
 def _train_step(
     objective: nn.Module,
     hyper: OCDHyperNetwork,
@@ -321,20 +368,21 @@ def _train_step(
     procs: Processes,
     report: FitReport,
     step: int,
+    micro: int,
 ) -> bool:
     """One optimisation step; False when it was skipped (non-finite loss or gradient)."""
     cfg = hyper.config
     opt, opt_scale = opts
-    loss, sloss = objective(*batch)
-    means = procs.all_mean(torch.stack([loss.detach(), sloss.detach()]))
+    opt.zero_grad(set_to_none=True)
+    opt_scale.zero_grad(set_to_none=True)
+    # with several processes, DDP averages the gradients in the (last) backward
+    loss, sloss = _accumulate(objective, batch, micro)
+    means = procs.all_mean(torch.stack([loss, sloss]))
     if not bool(torch.isfinite(means).all()):  # the same decision on every process
         _nonfinite(
             cfg, report, f"non-finite loss ({float(means[0])}, scale {float(means[1])})", step
         )
         return False
-    opt.zero_grad(set_to_none=True)
-    opt_scale.zero_grad(set_to_none=True)
-    (loss + sloss).backward()  # with several processes, DDP averages the gradients here
     gnorm = torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), cfg.grad_clip)
     snorm = torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), cfg.grad_clip)
     if not (torch.isfinite(gnorm) and torch.isfinite(snorm)):  # would poison the weights
@@ -421,8 +469,9 @@ def fit(
         range(start, steps), desc="ocdwrap fit", disable=not show, initial=start, total=steps
     )
     draw = _Minibatches(target, rho, cond, b, mine, gen, cfg.num_train_timesteps)
+    micro = _micro_batch(hyper, b // procs.world)
     for step in bar:
-        if not _train_step(objective, hyper, (opt, opt_scale), draw(), procs, report, step):
+        if not _train_step(objective, hyper, (opt, opt_scale), draw(), procs, report, step, micro):
             continue
         if show and step % 50 == 0:
             bar.set_postfix(

@@ -143,6 +143,12 @@ class UNetDenoiser(nn.Module):
             attention_head_dim=8,
         )
 
+    def activation_bytes(self) -> int:
+        """Bytes of the largest float32 activation one sample makes (the first level's)."""
+        H, W = self.padded
+        channels = self.unet.config.block_out_channels
+        return max(c * (H >> i) * (W >> i) * 4 for i, c in enumerate(channels))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         img = pad_to_multiple(rearrange(x, "b h w -> b 1 h w"), self.mult)  # (B, 1, Hp, Wp)
         out = self.unet(img, t, class_labels=c).sample  # (B, 1, Hp, Wp)
