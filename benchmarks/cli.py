@@ -3,7 +3,8 @@
 Every script (``python -m benchmarks.mnist``, ``.tabular``, ``.text_fewshot``,
 ``.fashion_mnist``) starts from :func:`base_parser` (``--seeds``, ``--json``, ``--paper``,
 ``--device``, ``--smoke``, ``--threads``, ``--fit-steps``, ``--draws``, ``--workdir``,
-``--progress``, ``--plots``, ``--delta``, ``--overfit-lr``, ``--delta-normalization``), builds each
+``--progress``, ``--plots``, ``--delta``, ``--overfit-lr``, ``--delta-normalization``,
+``--headroom-only``, ``--headroom-samples``), builds each
 seed's :class:`ocdwrap.OCDConfig` with :func:`ocd_config`, and runs its seeds with
 :func:`run_seeds`, which rewrites ``--json`` after every seed and prints the table at the end.
 """
@@ -68,6 +69,17 @@ def base_parser(
         type=float,
         default=5e-4,
         help="lr of the per-sample overfit, collection and bound alike (released code: Adam 5e-4)",
+    )
+    p.add_argument(
+        "--headroom-only",
+        action="store_true",
+        help="train the base and run ocdwrap.headroom on the validation split, nothing else",
+    )
+    p.add_argument(
+        "--headroom-samples",
+        type=int,
+        default=2000,
+        help="validation samples ocdwrap.headroom scores (0: skip the report)",
     )
     p.add_argument(
         "--delta-normalization",

@@ -41,6 +41,7 @@ from .experiment import (
     alternative_layer_row,
     base_row,
     compute_matched_row,
+    headroom_info,
     overfit_all_row,
     run_ocd,
 )
@@ -145,6 +146,10 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     )  # fmt: skip
 
     cfg = cli.ocd_config(args, seed)
+    val = tensor_loader(xva, yva, 250)
+    headroom_info(res, seed, base, LAYER, cfg, val, task, max_samples=args.headroom_samples)
+    if args.headroom_only:
+        return
     run = run_ocd(
         base, LAYER, cfg, tensor_loader(xtr, ytr, 128), test, task, os.path.join(workdir, f"s{seed}-fc"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr, nn_test=xte, progress=args.progress,
@@ -176,6 +181,7 @@ def table_notes(res: Results, args: Any, dataset: str) -> list[str]:
         f"patience {args.patience}, at most {args.max_epochs} epochs",
     )
     out += notes.ocd_note(res)
+    out += notes.headroom_note(res)
     out += notes.agreement_note(res)
     if args.delta == "rank1":
         out.append(

@@ -172,3 +172,26 @@ def agreement_note(res: Results, key: str = "ocd", prefix: str = "") -> list[str
         + f"cosine between a method's delta and the overfit-on-test delta (true label), mean over the first "
         f"{n} test samples; median norm ratio: " + "; ".join(parts)
     ]
+
+
+def headroom_note(res: Results) -> list[str]:
+    """The headroom report's prediction per seed: the ceiling and each label-free row's share."""
+    reports = [i["headroom"] for i in res.info.values() if i.get("headroom")]
+    if not reports:
+        return []
+
+    def share(r: dict[str, Any], row: str) -> str:
+        v = r["rows"].get(row, {}).get("share_loss")
+        return "-" if v is None else f"{v:.0f} %"
+
+    parts = [
+        f"ceiling {'-' if r['ceiling'] is None else format(r['ceiling'], '.0f') + ' %'} "
+        f"(probe {share(r, 'probe')}, mixture {share(r, 'probe_mixture')}, own label "
+        f"{share(r, 'own_label')})"
+        for r in reports
+    ]
+    n = reports[0]["n"]
+    return [
+        f"headroom report (ocdwrap.headroom on {n} validation samples, before collecting; share of "
+        f"the base → overfit-on-validation gap in loss), per seed: " + "; ".join(parts)
+    ]

@@ -157,6 +157,69 @@ def summary_table(paths: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _shares(part: dict[str, Any], key: str, metric: str) -> list[float]:
+    """Per seed, the share (%) of the base -> overfit-on-test gap in ``metric`` row ``key`` took."""
+    out = []
+    for r in part["per_seed"].values():
+        if all(k in r for k in ("base", key, "overfit")):
+            g = gap_fraction(r["base"][metric], r[key][metric], r["overfit"][metric])
+            if g is not None:
+                out.append(100 * g)
+    return out
+
+
+def _pct(values: Sequence[float]) -> str:
+    return f"{fmt_mean_sd(values, '.0f')} %" if values else "—"
+
+
+def headroom_table(pairs: Sequence[tuple[str, str]]) -> str:
+    """Prediction against outcome: per data set, the headroom report's ceiling (validation split,
+    before collecting; ``headroom`` JSON) next to the shares of the loss gap OCD(5), the
+    regression generator and the own-label overfit took on the test split (``outcome`` JSON of
+    the full benchmark). Both runs train the base with the same seeds; the last column checks
+    that they trained the same base (the largest relative difference of its test loss)."""
+    lines = [
+        "| data set | predicted ceiling | probe | own label | OCD(5) | OCD, 1 draw | regression "
+        "generator | own-label overfit | same base? |",
+        "|" + " --- |" * 9,
+    ]
+    for outcome_path, headroom_path in pairs:
+        with open(outcome_path) as f:
+            outcome = dict(parts(json.load(f)))
+        with open(headroom_path) as f:
+            d = json.load(f)
+        for key, part in parts(d):
+            out = outcome[key]
+            metric = "loss" if "loss" in out["rows"]["base"]["metrics"] else "mse"
+            reports = [i["headroom"] for i in part["info"].values() if i.get("headroom")]
+
+            def predicted(row: str | None, reports: list = reports) -> str:
+                vals = [
+                    r["ceiling"] if row is None else r["rows"][row]["share_loss"] for r in reports
+                ]
+                return _pct([v for v in vals if v is not None])
+
+            same = [
+                abs(part["per_seed"][s]["base"][metric] / out["per_seed"][s]["base"][metric] - 1)
+                for s in part["per_seed"]
+                if s in out["per_seed"]
+            ]
+            name = (part.get("title") or SHORT_NAMES.get(d["benchmark"], d["benchmark"])).split(
+                " ("
+            )[0]
+            if d.get("settings", {}).get("hidden_layers") == 0:
+                name = name.replace("/ MLP", "/ linear model")
+            cells = [
+                _pct(_shares(out, k, metric)) for k in ("ocd_k", "ocd", "regression", "pseudo")
+            ]
+            lines.append(
+                f"| {name} | {predicted(None)} | {predicted('probe')} | {predicted('own_label')} | "
+                + " | ".join(cells)
+                + f" | {'yes' if same and max(same) < 1e-3 else f'no ({max(same, default=1):.1%})'} |"
+            )
+    return "\n".join(lines)
+
+
 RENDER_START = "<!-- render: "
 RENDER_END = "<!-- /render -->"
 
@@ -182,6 +245,9 @@ def update_markdown(doc: str) -> int:
             path, *section = line[len(RENDER_START) :].split("-->")[0].split()
             if path == "summary":  # <!-- render: summary a.json b.json ... -->
                 text = summary_table([os.path.join(root, p) for p in section])
+            elif path == "headroom":  # <!-- render: headroom outcome.json:headroom.json ... -->
+                pairs = [tuple(os.path.join(root, q) for q in p.split(":")) for p in section]
+                text = headroom_table(pairs)
             else:
                 text = render(os.path.join(root, path), *section[:1])
             out += ["", text.rstrip(), ""]

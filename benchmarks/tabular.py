@@ -40,7 +40,14 @@ import torch
 from . import cli, notes
 from .controls import overfit_all_layers
 from .datasets import load_california_housing, tensor_loader
-from .experiment import add_run, alternative_layer_row, base_row, compute_matched_row, run_ocd
+from .experiment import (
+    add_run,
+    alternative_layer_row,
+    base_row,
+    compute_matched_row,
+    headroom_info,
+    run_ocd,
+)
 from .results import Metric, Results, Row, with_overfit_lr
 from .scoring import Task
 from .timing import log
@@ -120,9 +127,14 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=False,
     )  # fmt: skip
 
+    cfg = cli.ocd_config(args, seed, task="regression")
+    val = tensor_loader(xva, yva, 1024)
+    headroom_info(res, seed, base, args.layer, cfg, val, task, max_samples=args.headroom_samples)
+    if args.headroom_only:
+        return
+
     n = min(args.train_samples or len(xtr), len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 1024)
-    cfg = cli.ocd_config(args, seed, task="regression")
     run = run_ocd(
         base, args.layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
@@ -158,6 +170,7 @@ def table_notes(res: Results, args: Any) -> list[str]:
         f"patience {args.patience}",
     )
     out += notes.ocd_note(res)
+    out += notes.headroom_note(res)
     out += notes.agreement_note(res)
     out += notes.selection_note(res, LAYER, "256 validation rows", linear_only=True)
     out.append(

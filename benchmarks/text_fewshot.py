@@ -59,7 +59,7 @@ from .datasets import (
     load_womens_reviews,
     tensor_loader,
 )
-from .experiment import add_run, run_ocd
+from .experiment import add_run, headroom_info, run_ocd
 from .figures import plot_json
 from .results import Metric, Results, Row, write_json
 from .scoring import Task, evaluate_module
@@ -181,6 +181,11 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
     log(f"{ds['name']} draw {seed}: base {res.per_seed[seed]['base']}")
 
     cfg = cli.ocd_config(args, seed)
+    # few-shot data has no validation split: the report reads the test texts (no OCD row has
+    # seen them; the label-free rows are cross-fitted on them)
+    headroom_info(res, seed, base, LAYER, cfg, test, task, max_samples=args.headroom_samples)
+    if args.headroom_only:
+        return
     train = tensor_loader(xtr.to(dev), ytr.to(dev), 256)
     run = run_ocd(
         base, LAYER, cfg, train, test, task, os.path.join(workdir, f"{ds['key']}-s{seed}"),
@@ -230,6 +235,7 @@ def table_notes(res: Results, args: Any) -> list[str]:
         )
         out.append(f"overfit: Adam {args.overfit_lr:g} × 3 steps on head.weight")
         out += notes.ocd_note(res)
+        out += notes.headroom_note(res)
         out += notes.agreement_note(res)
         cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
         out.append(

@@ -72,6 +72,28 @@ def test_mnist_smoke_as_a_module(tmp_path) -> None:
     assert rows["global"] != rows["ocd"] and rows["sgd_global"] != rows["sgd_ocd"]
     assert "| row |" in report.render(str(tmp_path / "out.json"))
     assert (figs / "results-mnist.png").stat().st_size > 10_000
+    _check_headroom(part)
+    assert "headroom report (ocdwrap.headroom on 500 validation samples" in proc.stdout
+
+
+def _check_headroom(part: dict) -> None:
+    """The headroom report of the validation split is in the JSON, before any OCD row."""
+    hr = part["info"]["0"]["headroom"]
+    rows = hr["rows"]
+    assert set(rows) >= {"base", "overfit_on_test", "own_label", "probe"}
+    assert rows["overfit_on_test"]["loss"] < rows["base"]["loss"]  # the bound beats the base
+    assert hr["ceiling"] is None or 0 <= hr["ceiling"] <= 100
+    assert hr["n"] > 0 and hr["seconds"] > 0
+
+
+def test_headroom_only_stops_after_the_report(tmp_path) -> None:
+    _need(DATA["tabular"])
+    from benchmarks import tabular
+
+    tabular.main(_smoke_argv(tmp_path) + ["--headroom-only"])
+    part = json.loads((tmp_path / "out.json").read_text())
+    _check_headroom(part)
+    assert set(part["per_seed"]["0"]) == {"base"}  # nothing collected or fitted
 
 
 @pytest.mark.parametrize("name", ["tabular", "fashion_mnist"])
@@ -85,6 +107,7 @@ def test_smoke_rows(name: str, tmp_path) -> None:
     assert part["command"].startswith(f"python -m benchmarks.{name} --smoke")
     assert "| row |" in report.render(str(tmp_path / "out.json"))
     assert (figs / f"results-{name}.png").stat().st_size > 10_000
+    _check_headroom(part)
 
 
 def test_smoke_text(tmp_path) -> None:
