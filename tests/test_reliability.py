@@ -566,14 +566,19 @@ def test_fit_survives_sigkill(store_dir: str, tmp_path) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+STALL = 12  # the workers stop making progress here, so the kill lands mid-run on any machine
+
+
 def _worker(argv: list[str]) -> None:
-    """The subprocess side of the SIGKILL tests: slowed down so the kill lands mid-run."""
+    """The subprocess side of the SIGKILL tests: slowed down so the kill can land anywhere, and
+    stalled after ``STALL`` batches or steps, so it always lands before the end however loaded
+    the machine is (the test kills it once the first shard or checkpoint exists)."""
     torch.set_num_threads(1)
     if argv[0] == "collect":
 
         def slow():
-            for batch in _kill_data():
-                time.sleep(0.03)
+            for i, batch in enumerate(_kill_data()):
+                time.sleep(600 if i == STALL else 0.03)  # 12 batches: 3 shards of 32 written
                 yield batch
 
         ocdwrap.collect(_wrap(shard_size=KILL_SHARD), slow(), CE, argv[1], progress=False)
@@ -581,9 +586,11 @@ def _worker(argv: list[str]) -> None:
         from ocdwrap.hypernet import OCDHyperNetwork
 
         original = OCDHyperNetwork.update_ema
+        calls = {"n": 0}
 
         def slow_ema(self, decay):
-            time.sleep(0.03)
+            calls["n"] += 1
+            time.sleep(600 if calls["n"] == STALL else 0.03)  # checkpoints at 5 and 10 written
             return original(self, decay)
 
         OCDHyperNetwork.update_ema = slow_ema
