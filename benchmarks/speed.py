@@ -98,6 +98,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             unet_small=(4,),
             unet_default=(4, 8),
             mlp_hidden=32,
+            fit_step_shape=(12, 20),
+            fit_step_batch=8,
+            fit_step_reps=1,
         )
     else:
         s = dict(
@@ -117,6 +120,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             unet_small=(8, 16),
             unet_default=None,  # OCDConfig's default
             mlp_hidden=None,
+            fit_step_shape=(84, 120),  # LeNet5's fc2
+            fit_step_batch=128,  # OCDConfig's fit_batch_size
+            fit_step_reps=2,
         )
     s["sampling_steps"] = PAPER_STEPS
     s["memory_one_process"] = bool(args.smoke)
@@ -687,6 +693,24 @@ def render(r: dict[str, Any]) -> str:
             f"compiled {cc['compiled_ms']:.2f} ms per pass ({cc['speedup']:.2f}x), "
             f"compile time {cc['compile_seconds']:.0f} s",
         ]
+    if "fit_step" in r:
+        fs = r["fit_step"]
+        lines += [
+            "",
+            f"## One fit step, full path, library defaults ({fs['weight_shape'][0]} x "
+            f"{fs['weight_shape'][1]} layer, batch {fs['batch']}, UNet {fs['unet_channels']})",
+            "| how | micro-batch | s/step | user s | kernel s | kernel share | minor faults |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *(
+                f"| {k} | {v['micro_batch']} | {v['seconds_per_step']:.2f} | {v['user_s']:.2f} | "
+                f"{v['kernel_s']:.2f} | {100 * v['kernel_share']:.0f} % | "
+                f"{v['minor_faults_per_step']:,.0f} |"
+                for k, v in fs.items()
+                if isinstance(v, dict)
+            ),
+            f"micro-batched / one pass: {fs['speedup']:.2f}x faster in wall time, "
+            f"{fs['cpu_speedup']:.2f}x in CPU time",
+        ]
     lines += [
         "",
         "## Fitting",
@@ -714,6 +738,63 @@ def render(r: dict[str, Any]) -> str:
         ]
     lines += ["", "## Goals", *(f"{k}: {'yes' if v else 'no'}" for k, v in r["goals"].items())]
     return "\n".join(lines)
+
+
+def bench_fit_step(s: dict[str, Any], device: str) -> dict[str, Any]:
+    """One fit step of the full-matrix path at the library's defaults on LeNet5's 84 x 120 layer
+    (batch 128, the default UNet), in one pass ("one_pass", what fit did before micro-batching)
+    and in fit's automatic micro-batches: wall time, user and kernel CPU time, minor page faults.
+    Random targets and conditioning: the cost does not depend on the values."""
+    from ocdwrap.fit import _accumulate, _micro_batch
+
+    shape, batch = s["fit_step_shape"], s["fit_step_batch"]
+    cfg = ocdwrap.OCDConfig(
+        delta="full", **({"unet_channels": s["unet_default"]} if s["unet_default"] else {})
+    )
+    torch.manual_seed(0)
+    hyper = OCDHyperNetwork(
+        cfg, kind="linear", weight_shape=shape, dims=(shape[1], shape[0], 10)
+    ).to(device)
+    opt = torch.optim.Adam(hyper.net.parameters(), lr=cfg.fit_lr)
+    batch_t = (
+        torch.randn(batch, *shape), torch.randn(batch, shape[1]), torch.randn(batch, shape[0]),
+        torch.randn(batch, 10), torch.rand(batch) + 0.5, torch.randint(0, 1000, (batch,)),
+        torch.randn(batch, *shape),
+    )  # fmt: skip
+    batch_t = tuple(t.to(device) for t in batch_t)
+    out: dict[str, Any] = {
+        "weight_shape": list(shape),
+        "batch": batch,
+        "unet_channels": list(cfg.unet_channels),
+    }
+    for name, micro in (("one_pass", batch), ("micro_batched", _micro_batch(hyper, batch))):
+
+        def step(micro: int = micro) -> None:
+            opt.zero_grad(set_to_none=True)
+            _accumulate(hyper, batch_t, micro)
+            opt.step()
+
+        step()  # warm-up
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for _ in range(s["fit_step_reps"]):
+            step()
+        sync(device)
+        t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        n = s["fit_step_reps"]
+        user, system = (r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n
+        out[name] = {
+            "micro_batch": micro,
+            "seconds_per_step": (t1 - t0) / n,
+            "user_s": user,
+            "kernel_s": system,
+            "kernel_share": system / max(user + system, 1e-9),
+            "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / n,
+        }
+    out["speedup"] = out["one_pass"]["seconds_per_step"] / out["micro_batched"]["seconds_per_step"]
+    out["cpu_speedup"] = (out["one_pass"]["user_s"] + out["one_pass"]["kernel_s"]) / max(
+        out["micro_batched"]["user_s"] + out["micro_batched"]["kernel_s"], 1e-9
+    )
+    return out
 
 
 def bench_compile(x: torch.Tensor, device: str, reps: int) -> dict[str, Any]:
@@ -824,6 +905,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("fitting and inference ...", file=sys.stderr, flush=True)
         inference, fitting = bench_inference(base, x, s, device, work)
         phases["fitting_inference"] = time.perf_counter() - start - sum(phases.values())
+        print("one fit step of the full path ...", file=sys.stderr, flush=True)
+        fit_step = bench_fit_step(s, device)
+        phases["fit_step"] = time.perf_counter() - start - sum(phases.values())
         memory: dict[str, Any] = {}
         if not args.no_memory:
             print("memory ...", file=sys.stderr, flush=True)
@@ -850,6 +934,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "collection": collection,
             "inference": inference,
             "fitting": fitting,
+            "fit_step": fit_step,
             "memory": memory,
         }
         if args.compile:

@@ -48,6 +48,12 @@ def test_speed_smoke(tmp_path, capsys) -> None:
     assert inf["rank1"]["1"]["overhead_whole_passes"] > 0  # the same with the split forward off
     assert {"default", "small"} <= set(inf["unet_pass"])
 
+    fs = r["fit_step"]  # one full-path fit step, in one pass and in fit's micro-batches
+    assert fs["one_pass"]["micro_batch"] == fs["batch"] >= fs["micro_batched"]["micro_batch"] >= 1
+    for v in (fs["one_pass"], fs["micro_batched"]):
+        assert v["seconds_per_step"] > 0 and 0 <= v["kernel_share"] <= 1
+        assert v["minor_faults_per_step"] >= 0
+
     assert set(r["fitting"]) == {"full", "rank1"}
     assert all(v["samples_per_s"] > 0 for v in r["fitting"].values())
 
@@ -60,4 +66,5 @@ def test_speed_smoke(tmp_path, capsys) -> None:
     assert st["delta_bytes_per_sample_full"] == 84 * 120 * 4
     assert st["delta_bytes_per_sample_rank1"] == (84 + 120) * 4
     assert set(r["goals"]) and set(r["paper_cost_model"])
-    assert "## Collection" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "## Collection" in printed and "## One fit step, full path" in printed
