@@ -1,8 +1,8 @@
 """``collect()``: overfit the target layer on every training sample and store the deltas.
 
 The loop is: batch -> :func:`ocdwrap.overfit.overfit_batch` (every sample of the batch overfitted
-alone, vectorized) -> per-sample rows (normalised delta or rank-one factors, rho, conditioning,
-energy) -> :class:`ocdwrap.store.StoreWriter`, which owns the on-disk format, resumption and
+alone, vectorized) -> per-sample rows (normalised delta, rank-one factors or low-rank factors, rho,
+conditioning, energy) -> :class:`ocdwrap.store.StoreWriter`, which owns the on-disk format, resumption and
 crash safety.
 """
 
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .batches import batch_size, check_inputs, map_tensors, split_batch, to_device
 from .config import OCDConfig
-from .deltas import delta_scale, rank1_factors, top_singular_energy
+from .deltas import LOWRANK_KEYS, delta_scale, lowrank_factors, rank1_factors, top_singular_energy
 from .errors import NonFiniteError, UnsupportedLayerError
 from .io import tensor_fingerprint
 from .model import OCDModel
@@ -44,7 +44,13 @@ def _identity(model: OCDModel, cfg: OCDConfig) -> dict[str, Any]:
         "delta_normalization": cfg.delta_normalization,
         "store_full": cfg.delta == "full",
         "shard_size": cfg.shard_size,
+        # only for the parameterisations added later, so that older collections still resume
+        **({"delta": cfg.delta, "delta_rank": cfg.delta_rank} if _maybe_lowrank(cfg) else {}),
     }
+
+
+def _maybe_lowrank(cfg: OCDConfig) -> bool:
+    return cfg.delta in ("lowrank", "auto")
 
 
 def _data_fingerprint(inputs: Any) -> str:
@@ -69,22 +75,26 @@ def _positioned(data: Iterable, device: torch.device) -> Iterator[tuple[int, Any
 def _layout(model: OCDModel, cfg: OCDConfig, res: OverfitResult) -> dict[str, Any]:
     """What the store records once the first batch is overfitted: rank-one storage, widths, keys."""
     is_linear = model.layer_kind == "linear"
-    vector_input = is_linear and res.layer_input.dim() == 2
+    B = res.delta.shape[0]
+    # one input vector per sample (not B·T flattened token rows): the delta is rank one
+    vector_input = is_linear and res.layer_input.dim() == 2 and res.layer_input.shape[0] == B
     if cfg.delta == "rank1" and not vector_input:
         raise UnsupportedLayerError(
             "delta='rank1' needs a Linear target on vector inputs (one input vector per sample); "
             f"this layer is a {model.layer_kind} whose input has shape {tuple(res.layer_input.shape)}, "
-            "so its delta has higher rank. Use delta='full'."
+            "so its delta has higher rank. Use delta='lowrank' (or 'auto'), or delta='full'."
         )
+    lowrank = cfg.delta == "lowrank" or (cfg.delta == "auto" and not vector_input)
     keys = ["index", "rho", "cond_in", "cond_act", "cond_out"]
     keys += (["energy"] if is_linear else []) + (["delta"] if cfg.delta == "full" else [])
     keys += ["u", "v"] if vector_input else []
+    keys += [*LOWRANK_KEYS, "lowrank_energy"] if lowrank else []
     dims = {"cond_in": res.cond.dims[0], "cond_act": res.cond.dims[1], "cond_out": res.cond.dims[2]}
     return {"store_rank1": vector_input, "dims": dims, "keys": keys}
 
 
 def _rows(
-    res: OverfitResult, cfg: OCDConfig, first: int, keys: list[str]
+    res: OverfitResult, cfg: OCDConfig, first: int, keys: list[str], rank: int = 0
 ) -> dict[str, torch.Tensor]:
     """The stored rows of every sample of one batch (same arithmetic whatever is kept)."""
     delta = res.delta  # (B, out, in) or (B, out, in, kh, kw)
@@ -103,6 +113,10 @@ def _rows(
     if "u" in keys:
         u, v = rank1_factors(delta, res.layer_input, cfg.overfit_optimizer)
         rows["u"], rows["v"] = u / rho.unsqueeze(1), v
+    if "lowrank_u" in keys:  # the factors of delta / rho: s_k scaled, u_k and v_k unit vectors
+        u, s, v, energy = lowrank_factors(delta, rank)  # (B, r, out), (B, r), (B, r, in'), (B,)
+        rows.update(lowrank_u=u, lowrank_s=s / rho.unsqueeze(1), lowrank_v=v)
+        rows["lowrank_energy"] = energy
     return rows
 
 
@@ -144,6 +158,8 @@ def collect(
         >>> store = ocdwrap.collect(model, train_loader, nn.CrossEntropyLoss(reduction="none"), "deltas/")
     """
     cfg = model.config
+    # a delta_rank the layer cannot have fails here, before any sample is overfitted
+    rank = cfg.lowrank_rank(model.weight_shape, model.layer_name) if _maybe_lowrank(cfg) else 0
     writer = StoreWriter.open(
         out_dir, _identity(model, cfg), shard_size=cfg.shard_size, overwrite=overwrite
     )
@@ -187,7 +203,7 @@ def collect(
         kept = (res.finite & in_range).nonzero().flatten()
         rows = None
         if kept.numel():
-            rows = _rows(res, cfg, lo, writer.manifest["keys"])
+            rows = _rows(res, cfg, lo, writer.manifest["keys"], rank)
             if kept.numel() < B:
                 rows = {k: t[kept.to(t.device)] for k, t in rows.items()}
         writer.append(rows, skipped=bad)

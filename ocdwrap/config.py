@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +21,7 @@ from .errors import ConfigError
 from .io import CONFIG_NAME
 
 FORMAT_VERSION = 1
+DEFAULT_DELTA_RANK = 4  # see docs/how-ocd-works.md, "Deltas that are not rank one"
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -30,7 +32,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "overfit_optimizer": ("adam", "sgd"),
-    "delta": ("full", "rank1"),
+    "delta": ("full", "rank1", "lowrank", "auto"),
     "generator": ("diffusion", "regression"),
     "scale": ("learned", "global"),
     "sampler": ("ddim", "ddpm"),
@@ -39,6 +41,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "delta_normalization": ("std", "rms"),
     "perturbation": ("gaussian", "reinit"),
 }
+
+
+def _positive_int(value: Any) -> bool:
+    """An integer >= 1 (an int, or a float with an integer value as JSON may give); not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return float(value).is_integer() and value >= 1
 
 
 @dataclass
@@ -87,7 +96,16 @@ class OCDConfig:
     # --- the hypernetwork -----------------------------------------------------------------
     delta: str = _f(
         "full",
-        "Delta parameterisation: 'full' matrix (the paper's UNet) or 'rank1' (Linear on vector inputs).",
+        "Delta parameterisation: 'full' matrix (the paper's UNet), 'rank1' (Linear on vector "
+        "inputs, exact there), 'lowrank' (delta_rank factor pairs from a truncated SVD: Conv2d, "
+        "Linear on token sequences) or 'auto' (rank1 where it is exact, else lowrank with "
+        "delta_rank capped at the layer's smaller side).",
+    )
+    delta_rank: int = _f(
+        DEFAULT_DELTA_RANK,
+        "Factor pairs r per delta for delta='lowrank' (and 'auto' where it picks lowrank): "
+        "delta ~ sum of r terms s_k u_k v_k^T. At most min(out, in*kh*kw) of the target layer; "
+        "collect() reports the energy the r factors keep (summary 'lowrank_energy').",
     )
     generator: str = _f(
         "diffusion", "'diffusion' (the paper) or 'regression' (an MLP trained with MSE; a control)."
@@ -181,6 +199,13 @@ class OCDConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"OCDConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
+        if not _positive_int(self.delta_rank):
+            raise ConfigError(
+                f"OCDConfig.delta_rank={self.delta_rank!r} is not valid: it counts the factor pairs "
+                "of each low-rank delta, so it must be an integer >= 1 (e.g. "
+                f"delta_rank={DEFAULT_DELTA_RANK}, the default)."
+            )
+        self.delta_rank = int(self.delta_rank)
         if self.fit_micro_batch_size is not None and int(self.fit_micro_batch_size) < 1:
             raise ConfigError(
                 "OCDConfig.fit_micro_batch_size must be None (automatic) or >= 1, "
@@ -261,6 +286,33 @@ class OCDConfig:
     def replace(self, **changes: Any) -> OCDConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def lowrank_rank(self, weight_shape: tuple[int, ...], layer: str | None = None) -> int:
+        """The factor pairs r of a low-rank delta of a layer whose weight has ``weight_shape``.
+
+        A Conv2d weight (out, in, kh, kw) counts as the matrix (out, in·kh·kw). ``delta_rank``
+        above min(out, in·kh·kw) is a :class:`ConfigError` for ``delta="lowrank"``; for
+        ``delta="auto"`` (which did not ask for that rank explicitly) it is capped there.
+
+        Example:
+            >>> OCDConfig(delta="lowrank", delta_rank=4).lowrank_rank((16, 6, 5, 5))
+            4
+            >>> OCDConfig(delta="auto", delta_rank=8).lowrank_rank((6, 1, 5, 5))
+            6
+        """
+        out, inner = int(weight_shape[0]), math.prod(int(s) for s in weight_shape[1:])
+        most = min(out, inner)
+        if self.delta_rank <= most:
+            return self.delta_rank
+        if self.delta == "auto":
+            return most
+        name = f"layer {layer!r}" if layer else "the target layer"
+        raise ConfigError(
+            f"OCDConfig.delta_rank={self.delta_rank} is larger than {name} allows: its weight "
+            f"{tuple(weight_shape)} is the matrix {out} x {inner}, whose rank is at most {most}. "
+            f"Use delta_rank <= {most} (delta_rank={most} keeps every delta exactly), "
+            "or delta='full'."
+        )
 
     @staticmethod
     def help(name: str) -> str:

@@ -2,11 +2,15 @@
 
 * :class:`FullDelta`: the whole matrix per sample; :class:`Rank1Delta`: u vᵀ per sample for a
   Linear layer on vector inputs (docs/how-ocd-works.md, "A structural fact: rank-one deltas");
+  :class:`LowRankDelta`: sum_k s_k u_k v_kᵀ per sample, r factor pairs (Conv2d, token
+  sequences; docs/how-ocd-works.md, "Deltas that are not rank one");
   :class:`OutputProbe`: what collection sets to read d loss / d layer output.
 * :func:`delta_scale`: rho_s, the size each delta is divided by ("std" or "rms").
 * :func:`rank1_right_factor`, :func:`rank1_factors`: v follows from the layer input (the input for
   SGD, its sign for Adam), u by least squares.
 * :func:`top_singular_energy`: how much of each delta its top singular value holds.
+* :func:`lowrank_factors`: the canonical top-r factors of each delta by a batched SVD, and the
+  energy they keep; :func:`canonical_factors` puts any factorisation in that canonical form.
 
 This module is the bottom of the package: it imports nothing from ocdwrap.
 """
@@ -46,6 +50,37 @@ class Rank1Delta:
 
 
 @dataclass
+class LowRankDelta:
+    """A rank-r per-sample delta sum_k s_k u_k v_kᵀ: u (B, r, out), s (B, r), v (B, r, in').
+
+    in' is the layer's input width: ``in`` for Linear, ``in·kh·kw`` for Conv2d (v_k is a
+    flattened (in, kh, kw) kernel). The layer applies it without forming the matrices.
+
+    Example:
+        >>> spec = LowRankDelta(torch.randn(2, 3, 8), torch.rand(2, 3), torch.randn(2, 3, 5))
+        >>> spec.full().shape, spec.rank
+        (torch.Size([2, 8, 5]), 3)
+    """
+
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.u.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.s.shape[1]
+
+    def full(self, weight_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The matrices (B, out, in'), or (B, *weight_shape) when given (Conv2d kernels)."""
+        mats = torch.einsum("bro,br,bri->boi", self.u, self.s, self.v)  # (B, out, in')
+        return mats if weight_shape is None else mats.reshape(self.batch, *weight_shape)
+
+
+@dataclass
 class OutputProbe:
     """Collection's spec: an optional full delta, plus a zero tensor added to the layer output.
 
@@ -59,7 +94,10 @@ class OutputProbe:
     probe: torch.Tensor | None = None
 
 
-DeltaSpec = FullDelta | Rank1Delta
+DeltaSpec = FullDelta | Rank1Delta | LowRankDelta
+
+# the stored keys of a low-rank collection's factors (docs: ocdwrap/store.py)
+LOWRANK_KEYS = ("lowrank_u", "lowrank_s", "lowrank_v")
 
 
 def top_singular_energy(delta: torch.Tensor, *, iters: int = 2, tol: float = 1e-6) -> torch.Tensor:
@@ -112,3 +150,56 @@ def rank1_factors(
     v = rank1_right_factor(layer_input.float(), optimizer)
     u = torch.einsum("boi,bi->bo", delta.float(), v) / (v * v).sum(1, keepdim=True).clamp_min(1e-30)
     return u, v
+
+
+def canonical_factors(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The canonical form of factors u (B, r, out), s (B, r), v (B, r, in').
+
+    The same matrices sum_k s_k u_k v_kᵀ have many factorisations (any order of the terms, any
+    sign of each pair); the generator should learn one. Canonical: every s_k >= 0 (a negative
+    one moves its sign into v_k), s descending, and the largest-magnitude entry of each u_k
+    positive (u_k and v_k flipped together). Ties (equal s, or two entries of u_k of equal
+    magnitude) keep the first one.
+
+    Example:
+        >>> u, s, v = canonical_factors(u, s, v)
+    """
+    neg = s < 0  # (B, r)
+    v = torch.where(neg.unsqueeze(2), -v, v)
+    s = s.abs()
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # (B, r)
+    s = torch.gather(s, 1, order)
+    u = torch.gather(u, 1, order.unsqueeze(2).expand_as(u))
+    v = torch.gather(v, 1, order.unsqueeze(2).expand_as(v))
+    peak = torch.gather(u, 2, u.abs().argmax(2, keepdim=True))  # (B, r, 1)
+    sign = torch.where(peak < 0, -1.0, 1.0).to(u.dtype)
+    return u * sign, s, v * sign
+
+
+def lowrank_factors(
+    delta: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` canonical factors of each delta by a batched SVD, and the energy they keep.
+
+    ``delta`` is (B, out, in) or (B, out, in, kh, kw) (taken as (B, out, in·kh·kw)). Returns
+    u (B, r, out), s (B, r), v (B, r, in') with sum_k s_k u_k v_kᵀ the best rank-r
+    approximation (Eckart-Young) in :func:`canonical_factors` form, and
+    energy (B,) = sum of the top r s_k² / ‖Δ‖²_F (1 for a zero delta).
+
+    Example:
+        >>> u, s, v, energy = lowrank_factors(torch.randn(4, 16, 6, 5, 5), rank=3)
+        >>> u.shape, s.shape, v.shape
+        (torch.Size([4, 3, 16]), torch.Size([4, 3]), torch.Size([4, 3, 150]))
+    """
+    B = delta.shape[0]
+    mats = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, in')
+    U, S, Vh = torch.linalg.svd(mats, full_matrices=False)  # (B, out, m), (B, m), (B, m, in')
+    u = U[:, :, :rank].transpose(1, 2)  # (B, r, out)
+    s, v = S[:, :rank], Vh[:, :rank]  # (B, r), (B, r, in')
+    total = S.square().sum(1)  # (B,)
+    energy = s.square().sum(1) / total.clamp_min(1e-30)
+    energy = torch.where(total > 0, energy, torch.ones_like(energy))
+    u, s, v = canonical_factors(u, s, v)
+    return u.contiguous(), s.contiguous(), v.contiguous(), energy

@@ -30,8 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import Conditioning
+from .config import OCDConfig
+from .deltas import LOWRANK_KEYS
 from .errors import BaseModelMismatchError, CorruptFileError, EmptyDataError, NonFiniteError
-from .hypernet import OCDHyperNetwork
+from .hypernet import OCDHyperNetwork, pack_lowrank
 from .io import (
     CHECKPOINT_JSON,
     CHECKPOINT_TENSORS,
@@ -116,20 +118,88 @@ def _restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, m
 MAX_NORMALISED_RMS = 100.0  # a normalised delta larger than this is degenerate (see below)
 
 
+def _held(store: DeltaStore) -> dict[str, int]:
+    """What a collection holds: {parameterisation: rank} (0 for the full matrix)."""
+    keys, ident = store.keys, store.manifest["identity"]
+    held: dict[str, int] = {}
+    if "delta" in keys:
+        held["full"] = 0
+    if "u" in keys:
+        held["rank1"] = 1
+    if "lowrank_u" in keys:
+        made = OCDConfig(delta=ident["delta"], delta_rank=ident["delta_rank"])
+        held["lowrank"] = made.lowrank_rank(tuple(ident["weight_shape"]))
+    return held
+
+
+def resolve_delta(model: OCDModel, store: DeltaStore) -> tuple[str, int]:
+    """The parameterisation (and rank) ``model``'s config asks of ``store``; an error if absent.
+
+    ``delta="auto"`` asks for rank1 where the collection holds the exact rank-one factors (a
+    Linear on one vector per sample), else lowrank with ``delta_rank`` capped at the layer's size.
+    A collection made with another ``delta`` (or another rank) is a
+    :class:`BaseModelMismatchError` naming both and the fix, never a silent substitute.
+
+    Example:
+        >>> resolve_delta(ocdwrap.wrap(lenet, "conv2", OCDConfig(delta="auto")), store)
+        ('lowrank', 4)
+    """
+    cfg, held = model.config, _held(store)
+    want = cfg.delta
+    if want == "auto":
+        want = "rank1" if "rank1" in held else "lowrank"
+    if want == "lowrank":
+        rank = cfg.lowrank_rank(model.weight_shape, model.layer_name)
+    else:
+        rank = 1 if want == "rank1" else 0
+    if held.get(want) == rank:
+        return want, rank
+    has = ", ".join(f"lowrank rank {r}" if k == "lowrank" else k for k, r in held.items())
+    asks = f"lowrank rank {rank}" if want == "lowrank" else want
+    made = store.manifest["identity"].get("delta") or ("full" if "full" in held else "rank1")
+    fix = f"delta={made!r}" + (f", delta_rank={held['lowrank']}" if "lowrank" in held else "")
+    raise BaseModelMismatchError(
+        f"The collection in {store.directory} holds {has} deltas (collected with "
+        f"delta={made!r}), but this model's config (delta={cfg.delta!r}, "
+        f"delta_rank={cfg.delta_rank}) asks for {asks}. Fit with the collection's setting, "
+        f"OCDConfig({fix}), or collect again with this config into another out_dir."
+    )
+
+
+def _training_targets(
+    model: OCDModel, store: DeltaStore, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(target, rho, RMS of each normalised delta, the conditioning tensors) of every stored row."""
+    delta, _ = resolve_delta(model, store)
+    keys = {"rank1": ["u", "v"], "lowrank": list(LOWRANK_KEYS), "full": ["delta"]}[delta]
+    data = store.load([*keys, "rho", "cond_in", "cond_act", "cond_out"], device=device)
+    rho = data["rho"].float()
+    if delta == "lowrank":  # orthonormal u_k, v_k: ‖Σ s_k u_k v_kᵀ‖_F² = Σ s_k²
+        u, s, v = (data[k].float() for k in LOWRANK_KEYS)
+        target = pack_lowrank(u, s, v)  # (N, r·(out + 1 + in'))
+        size = (s.square().sum(1) / (u.shape[2] * v.shape[2])).sqrt()
+        return target, rho, size, data
+    target = data[keys[0]].float()
+    # the RMS of each normalised delta: 1 with "rms"; sqrt(1 + mean^2 / std^2) with "std"
+    size = target.reshape(target.shape[0], -1).square().mean(1).sqrt()
+    if delta == "rank1":  # delta / rho = (u / rho) v^T
+        size = size * data["v"].float().square().mean(1).sqrt()
+    return target, rho, size, data
+
+
 def load_training_data(
     model: OCDModel, store: DeltaStore, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
-    """The fit targets (normalised deltas or rank-one factors), rho and conditioning, finite rows only."""
+    """The fit targets, rho and conditioning, finite rows only.
+
+    Targets: normalised full deltas (N, out, in'), rank-one left factors (N, out), or packed
+    low-rank factors (N, r·(out + 1 + in')), as :func:`resolve_delta` picks for the config.
+
+    Example:
+        >>> target, rho, cond = load_training_data(model, DeltaStore("deltas/"), torch.device("cpu"))
+    """
     cfg = model.config
-    key = "u" if cfg.delta == "rank1" else "delta"
-    extra = ["v"] if cfg.delta == "rank1" else []
-    data = store.load([key, "rho", "cond_in", "cond_act", "cond_out", *extra], device=device)
-    target, rho = data[key].float(), data["rho"].float()
-    # the RMS of each normalised delta: 1 with "rms"; sqrt(1 + mean^2 / std^2) with "std"
-    size = target.reshape(target.shape[0], -1).square().mean(1).sqrt()
-    if cfg.delta == "rank1":  # delta / rho = (u / rho) v^T
-        v = data["v"].float()
-        size = size * v.square().mean(1).sqrt()
+    target, rho, size, data = _training_targets(model, store, device)
     cond = Conditioning.from_dict(data)
     finite = torch.isfinite(target.reshape(target.shape[0], -1)).all(1) & torch.isfinite(rho)
     for t in (cond.layer_input, cond.layer_output, cond.model_output):
@@ -164,14 +234,34 @@ def load_training_data(
 
 
 def new_hypernetwork(
-    model: OCDModel, target: torch.Tensor, rho: torch.Tensor, cond: Conditioning, seed: int
+    model: OCDModel,
+    target: torch.Tensor,
+    rho: torch.Tensor,
+    cond: Conditioning,
+    seed: int,
+    *,
+    store: DeltaStore | None = None,
 ) -> OCDHyperNetwork:
-    """A fresh hypernetwork for ``model``: initial weights from ``seed``, statistics from the data."""
+    """A fresh hypernetwork for ``model``: initial weights from ``seed``, statistics from the data.
+
+    ``store`` (the collection ``target`` came from) resolves ``delta="auto"``; without it the
+    config's own ``delta`` is built.
+
+    Example:
+        >>> target, rho, cond = load_training_data(model, store, torch.device("cpu"))
+        >>> hyper = new_hypernetwork(model, target, rho, cond, seed=0, store=store)
+    """
     dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
+    delta, rank = resolve_delta(model, store) if store is not None else (None, None)
     with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not global state
         torch.manual_seed(seed)
         hyper = OCDHyperNetwork(
-            model.config, kind=model.layer_kind, weight_shape=model.weight_shape, dims=dims
+            model.config,
+            kind=model.layer_kind,
+            weight_shape=model.weight_shape,
+            dims=dims,
+            delta=delta,
+            delta_rank=rank or None,
         ).to(target.device)
     hyper.set_statistics(cond, rho, target)
     hyper.ema.load_state_dict(hyper.net.state_dict())
@@ -448,7 +538,7 @@ def fit(
     b = _global_batch(requested, N, procs)
     mine = slice(procs.rank * (b // procs.world), (procs.rank + 1) * (b // procs.world))
 
-    hyper = new_hypernetwork(model, target, rho, cond, seed)  # the same on every process
+    hyper = new_hypernetwork(model, target, rho, cond, seed, store=store)  # same on every process
     hyper.scale.requires_grad_(cfg.scale == "learned")
     opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)
     opt_scale = torch.optim.Adam(hyper.scale.parameters(), lr=cfg.scale_lr)

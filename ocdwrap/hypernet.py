@@ -9,7 +9,11 @@ It holds
 
 Targets are the normalised deltas delta / rho_s: the full matrix (out, in·kh·kw) for
 ``delta="full"``, or the out-sized left factor u of delta ≈ rho u vᵀ for ``delta="rank1"``,
-where v is the layer input (SGD) or its sign (Adam) and so follows from the input itself.
+where v is the layer input (SGD) or its sign (Adam) and so follows from the input itself, or
+for ``delta="lowrank"`` the r canonical factor pairs of delta / rho_s = sum_k s_k u_k v_kᵀ packed
+into one vector [u (r·out), s (r), v (r·in')] (:func:`pack_lowrank`), standardised per
+coordinate. ``delta="auto"`` is resolved against the collection by :func:`ocdwrap.fit` before a
+hypernetwork is built; the hypernetwork records what it generates in its spec.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torch import nn
 
 from .capture import Conditioning
 from .config import OCDConfig
-from .deltas import DeltaSpec, FullDelta, Rank1Delta, rank1_right_factor
+from .deltas import DeltaSpec, FullDelta, LowRankDelta, Rank1Delta, rank1_right_factor
+from .errors import ConfigError
 from .networks import ConditionalNet, ScaleModel
 
 
@@ -89,8 +94,36 @@ def scale_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10((pred - target) ** 2 / target**2 + 1e-8)).mean()
 
 
+def pack_lowrank(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Low-rank factors u (N, r, out), s (N, r), v (N, r, in') as one vector each, (N, D).
+
+    D = r·out + r + r·in'; :func:`unpack_lowrank` inverts it.
+
+    Example:
+        >>> x = pack_lowrank(u, s, v)
+        >>> u2, s2, v2 = unpack_lowrank(x, rank=u.shape[1], out=u.shape[2])
+    """
+    n = u.shape[0]
+    return torch.cat([u.reshape(n, -1), s, v.reshape(n, -1)], dim=1)  # (N, D)
+
+
+def unpack_lowrank(
+    x: torch.Tensor, rank: int, out: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_lowrank`: (N, D) -> u (N, r, out), s (N, r), v (N, r, in')."""
+    n = x.shape[0]
+    u = x[:, : rank * out].reshape(n, rank, out)  # (N, r, out)
+    s = x[:, rank * out : rank * (out + 1)]  # (N, r)
+    v = x[:, rank * (out + 1) :].reshape(n, rank, -1)  # (N, r, in')
+    return u, s, v
+
+
 class OCDHyperNetwork(nn.Module):
-    """Generator of per-input deltas for one target layer. Built by :func:`ocdwrap.fit`."""
+    """Generator of per-input deltas for one target layer. Built by :func:`ocdwrap.fit`.
+
+    ``delta`` and ``delta_rank`` say what it generates when they differ from the config's (the
+    resolution of ``config.delta="auto"``, or a rank capped at the layer's size).
+    """
 
     def __init__(
         self,
@@ -99,17 +132,22 @@ class OCDHyperNetwork(nn.Module):
         kind: str,
         weight_shape: tuple[int, ...],
         dims: tuple[int, int, int],
+        delta: str | None = None,
+        delta_rank: int | None = None,
     ) -> None:
         super().__init__()
-        self.config = config
         self.kind = kind
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.dims = tuple(int(d) for d in dims)
-        out = self.weight_shape[0]
-        if config.delta == "rank1":
+        self.config = _resolved_config(config, self.weight_shape, delta, delta_rank)
+        self.delta = self.config.delta
+        out, inner = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        if self.delta == "rank1":
             self.target_shape: tuple[int, ...] = (out,)
+        elif self.delta == "lowrank":
+            self.target_shape = (self.config.delta_rank * (out + 1 + inner),)
         else:
-            self.target_shape = (out, math.prod(self.weight_shape[1:]))
+            self.target_shape = (out, inner)
         diffusion = config.generator == "diffusion"
         self.net = ConditionalNet(config, self.dims, self.target_shape, diffusion)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
@@ -119,6 +157,9 @@ class OCDHyperNetwork(nn.Module):
             self.register_buffer(f"cond_std{i}", torch.ones(d))
         self.register_buffer("rho_mean", torch.ones(()))
         self.register_buffer("target_std", torch.ones(()))
+        if self.delta == "lowrank":  # per-coordinate standardisation of the packed factors
+            self.register_buffer("target_mean", torch.zeros(self.target_shape))
+            self.register_buffer("target_scale", torch.ones(self.target_shape))
         # the training schedule's cumulative alphas (recomputed from the config, never saved)
         alphas = make_scheduler(config).alphas_cumprod.to(torch.float32)
         self.register_buffer("alphas_cumprod", alphas, persistent=False)
@@ -126,16 +167,28 @@ class OCDHyperNetwork(nn.Module):
 
     # --- (de)serialisation --------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "weight_shape": list(self.weight_shape), "dims": list(self.dims)}
+        spec = {"kind": self.kind, "weight_shape": list(self.weight_shape), "dims": list(self.dims)}
+        spec["delta"] = self.delta
+        if self.delta == "lowrank":
+            spec["delta_rank"] = self.config.delta_rank
+        return spec
 
     @classmethod
     def from_spec(cls, config: OCDConfig, spec: dict[str, Any]) -> OCDHyperNetwork:
+        # adapters saved before the spec named its delta generate config.delta
         return cls(
             config,
             kind=spec["kind"],
             weight_shape=tuple(spec["weight_shape"]),
             dims=tuple(spec["dims"]),
+            delta=spec.get("delta"),
+            delta_rank=spec.get("delta_rank"),
         )
+
+    @property
+    def rank(self) -> int:
+        """Factor pairs per generated delta: 1 for rank1, delta_rank for lowrank, 0 for full."""
+        return {"rank1": 1, "lowrank": self.config.delta_rank}.get(self.delta, 0)
 
     # --- statistics ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +202,27 @@ class OCDHyperNetwork(nn.Module):
                 else torch.ones_like(t[0])
             )
         self.rho_mean.copy_(rho.mean())
+        if self.delta == "lowrank":
+            # the factors differ in size by coordinate (s_k ~ sqrt(numel), u_k and v_k entries
+            # ~ 1/sqrt(width)); a near-constant coordinate is floored, not blown up
+            std = target.std(0, unbiased=False)  # (D,)
+            floor = 1e-6 * float(std.square().mean().sqrt()) + 1e-20
+            self.target_mean.copy_(target.mean(0))
+            self.target_scale.copy_(std.clamp_min(floor))
+            return
         self.target_std.copy_(target.std(unbiased=False).clamp_min(1e-8))
+
+    def _to_unit(self, target: torch.Tensor) -> torch.Tensor:
+        """Stored target -> the generator's standardised space."""
+        if self.delta == "lowrank":
+            return (target - self.target_mean) / self.target_scale
+        return target / self.target_std
+
+    def _from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """The generator's standardised space -> a stored target (float32)."""
+        if self.delta == "lowrank":
+            return (x * self.target_scale + self.target_mean).float()
+        return (x * self.target_std).float()
 
     def features(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ts = (cond.layer_input, cond.layer_output, cond.model_output)
@@ -189,7 +262,7 @@ class OCDHyperNetwork(nn.Module):
         noise: torch.Tensor,
     ) -> torch.Tensor:
         """MSE of the epsilon prediction at timesteps ``t`` (diffusion) or of the delta (regression)."""
-        x0 = target / self.target_std
+        x0 = self._to_unit(target)
         c = self.net.embed(self.features(cond))
         if self.config.generator == "regression":
             return ((self.net(None, None, c) - x0) ** 2).mean()
@@ -231,7 +304,7 @@ class OCDHyperNetwork(nn.Module):
             c = self.ema.embed(feats)  # once per sample, not once per step
             n = c.shape[0]
             if self.config.generator == "regression":
-                return (self.ema(None, None, c) * self.target_std).float()
+                return self._from_unit(self.ema(None, None, c))
             sampler = sampler or self.config.sampler
             steps = steps or self.config.sampling_steps
             eta = self.config.eta if eta is None else eta
@@ -254,7 +327,7 @@ class OCDHyperNetwork(nn.Module):
                         x = sched.step(eps, t, x, eta=eta, generator=rng).prev_sample
                     else:
                         x = sched.step(eps, t, x, generator=rng).prev_sample
-            return (x * self.target_std).float()
+            return self._from_unit(x)
 
     @torch.no_grad()
     def generate(
@@ -269,7 +342,33 @@ class OCDHyperNetwork(nn.Module):
         with _eval_mode(self):
             rho = self.predict_rho(cond, scale).repeat_interleave(num_draws, 0)
         n = x.shape[0]
-        if self.config.delta == "rank1":
+        if self.delta == "rank1":
             v = rank1_right_factor(cond.layer_input.float(), self.config.overfit_optimizer)
             return Rank1Delta(rho.unsqueeze(1) * x, v.repeat_interleave(num_draws, 0))
+        if self.delta == "lowrank":
+            u, s, v = unpack_lowrank(x, self.config.delta_rank, self.weight_shape[0])
+            return LowRankDelta(u, rho.unsqueeze(1) * s, v)  # (n, r, out), (n, r), (n, r, in')
         return FullDelta((rho.view(n, 1, 1) * x).reshape(n, *self.weight_shape))
+
+
+def _resolved_config(
+    config: OCDConfig,
+    weight_shape: tuple[int, ...],
+    delta: str | None,
+    delta_rank: int | None,
+) -> OCDConfig:
+    """``config`` itself, or a copy naming the concrete delta (and rank) it generates."""
+    delta = delta or config.delta
+    if delta == "auto":
+        raise ConfigError(
+            "delta='auto' picks rank1 or lowrank from what the collection holds; build the "
+            "hypernetwork with ocdwrap.fit(model, store) (or pass delta='rank1'/'lowrank' here)."
+        )
+    if delta == "lowrank":
+        rank = int(delta_rank) if delta_rank is not None else config.delta_rank
+        rank = config.replace(delta="lowrank", delta_rank=rank).lowrank_rank(weight_shape)
+    else:
+        rank = config.delta_rank
+    if delta == config.delta and rank == config.delta_rank:
+        return config
+    return config.replace(delta=delta, delta_rank=rank)

@@ -5,7 +5,10 @@ for the current call, a per-sample term with no Python loop over the batch:
 
 * Linear, vector or sequence inputs:  y_b = base(x_b) + x_b @ delta_bᵀ          (one bmm)
 * Linear, rank-one delta u_b v_bᵀ:     y_b = base(x_b) + u_b (v_bᵀ x_b)          (no matrix formed)
+* Linear, low-rank sum_k s_k u_k v_kᵀ: y_b = base(x_b) + ((x_b V_bᵀ) * s_b) U_b   (two bmm, r wide)
 * Conv2d (groups=1):                   y_b = base(x_b) + conv(x_b, delta_b)       (one grouped conv)
+* Conv2d, low-rank:                    a grouped conv with r output channels per sample (the
+  kernels v_k), then a 1x1 mixing of those r channels by s_k u_k (no kernel formed)
 
 With no delta set the layer is exactly the base layer; a zero delta adds exact zeros.
 The delta is set per thread through :class:`LayerState`, so concurrent calls do not mix.
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .deltas import DeltaSpec, FullDelta, OutputProbe, Rank1Delta
+from .deltas import DeltaSpec, FullDelta, LowRankDelta, OutputProbe, Rank1Delta
 from .errors import LayerReachError, UnsupportedLayerError
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "DynamicLayer",
     "FullDelta",
     "LayerState",
+    "LowRankDelta",
     "OutputProbe",
     "Rank1Delta",
     "layer_kind",
@@ -109,6 +113,10 @@ class DynamicLayer(nn.Module):
         if isinstance(spec, Rank1Delta):
             u, v = spec.u.to(x.dtype), spec.v.to(x.dtype)
             term = torch.einsum("bti,bi->bt", xs, v).unsqueeze(-1) * u.unsqueeze(1)  # (B, T, out)
+        elif isinstance(spec, LowRankDelta):
+            u, s, v = spec.u.to(x.dtype), spec.s.to(x.dtype), spec.v.to(x.dtype)
+            z = torch.bmm(xs, v.transpose(1, 2)) * s.unsqueeze(1)  # (B, T, r): s_k v_kᵀ x_t
+            term = torch.bmm(z, u)  # (B, T, out)
         else:
             d = spec.delta.to(x.dtype)
             term = torch.bmm(xs, d.transpose(1, 2))  # (B, T, out)
@@ -121,11 +129,22 @@ class DynamicLayer(nn.Module):
             )
         conv = self.base_layer
         B = x.shape[0]
-        d = spec.delta.to(x.dtype)  # (B, out, C, kh, kw)
-        if d.shape[0] != B:
+        if spec.batch != B:
             raise LayerReachError(
-                f"Conv2d input batch {B} does not match the delta batch {d.shape[0]}."
+                f"Conv2d input batch {B} does not match the delta batch {spec.batch}."
             )
+        if isinstance(spec, LowRankDelta):  # r kernels v_k per sample, then mixed by s_k u_k
+            C, kh, kw = conv.weight.shape[1:]
+            kernels = spec.v.to(x.dtype).reshape(B, spec.rank, C, kh, kw)  # (B, r, C, kh, kw)
+            y = self._per_sample_conv(x, kernels)  # (B, r, H', W')
+            mix = (spec.u * spec.s.unsqueeze(2)).to(x.dtype)  # (B, r, out)
+            return torch.einsum("brhw,bro->bohw", y, mix)  # (B, out, H', W')
+        return self._per_sample_conv(x, spec.delta.to(x.dtype))  # (B, out, H', W')
+
+    def _per_sample_conv(self, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """conv(x_b, kernels_b) for every b: x (B, C, H, W), kernels (B, K, C, kh, kw)."""
+        conv = self.base_layer
+        B = x.shape[0]
         padding = conv.padding
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -133,14 +152,14 @@ class DynamicLayer(nn.Module):
         # every sample's own kernel: the batch folded into the channels, one group per sample
         y = F.conv2d(
             rearrange(x, "b c h w -> 1 (b c) h w"),
-            rearrange(d, "b o c kh kw -> (b o) c kh kw"),
+            rearrange(kernels, "b o c kh kw -> (b o) c kh kw"),
             None,
             conv.stride,
             padding,
             conv.dilation,
             groups=B,
         )
-        return rearrange(y, "1 (b o) h w -> b o h w", b=B)
+        return rearrange(y, "1 (b o) h w -> b o h w", b=B)  # (B, K, H', W')
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}"

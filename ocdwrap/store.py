@@ -14,7 +14,10 @@ Layout of a collection directory::
     shard-00001.safetensors    cond_out (n, d_out), index (n,) position in the data stream,
     ...                        energy (n,) top-singular-value energy fraction (Linear targets),
                                and the normalised delta: delta (n, out, in·kh·kw) for the full
-                               parameterisation and/or u (n, out), v (n, in) for rank one.
+                               parameterisation and/or u (n, out), v (n, in) for rank one, and/or
+                               for low rank r the canonical factors of delta / rho:
+                               lowrank_u (n, r, out), lowrank_s (n, r), lowrank_v (n, r, in·kh·kw),
+                               lowrank_energy (n,) the energy share the r factors keep.
 
 Shards are written atomically and listed in the manifest only once complete (the manifest is
 the commit point), so an interrupted collection resumes after the last listed shard.
@@ -159,7 +162,8 @@ class DeltaStore:
         if missing:
             raise KeyError(
                 f"This collection has no {missing} (it holds {self.keys}); collect again with a config "
-                "that stores them (delta='full' stores 'delta'; Linear targets on vectors also store 'u', 'v')."
+                "that stores them (delta='full' stores 'delta'; Linear targets on vectors also store 'u', 'v'; "
+                "delta='lowrank' stores 'lowrank_u', 'lowrank_s', 'lowrank_v')."
             )
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for shard, path in zip(self.manifest["shards"], self.shard_paths()):
@@ -194,8 +198,13 @@ class DeltaStore:
             ) from e
 
     def summary(self) -> dict[str, Any]:
-        """Count, skipped samples, rho's mean and spread, and the top-singular energy, from the shards."""
-        keys = ["rho"] + (["energy"] if "energy" in self.manifest["keys"] else [])
+        """Count, skipped samples, rho's mean and spread, and the energy the stored factors keep.
+
+        ``top_singular_energy`` (Linear targets): the share of each delta's energy in its top
+        singular value; ``lowrank_energy`` (low-rank collections): the share its top r keep.
+        """
+        have = self.manifest["keys"]
+        keys = ["rho"] + [k for k in ("energy", "lowrank_energy", "lowrank_s") if k in have]
         data = self.load(keys)
         rho = data["rho"].double()
         summary: dict[str, Any] = {
@@ -204,18 +213,25 @@ class DeltaStore:
             "rho_mean": float(rho.mean()) if rho.numel() else None,
             "rho_cv": float(rho.std() / rho.mean()) if rho.numel() > 1 else None,
         }
-        if "energy" in data and data["energy"].numel():
-            e = data["energy"].double()
-            summary["top_singular_energy"] = {
-                "mean": float(e.mean()),
-                "min": float(e.min()),
-                "median": float(e.median()),
-                "p05": float(e.quantile(0.05)) if e.numel() > 1 else float(e.min()),
-            }
+        for key, name in (("energy", "top_singular_energy"), ("lowrank_energy", "lowrank_energy")):
+            if key in data and data[key].numel():
+                summary[name] = _spread(data[key].double())
+        if "lowrank_energy" in summary:
+            summary["lowrank_energy"]["rank"] = int(data["lowrank_s"].shape[1])
         return summary
 
     def __repr__(self) -> str:
         return f"DeltaStore({self.directory!r}, samples={len(self)}, layer={self.layer!r}, complete={self.complete})"
+
+
+def _spread(e: torch.Tensor) -> dict[str, float]:
+    """Mean, min, median and 5th percentile of a (n,) tensor."""
+    return {
+        "mean": float(e.mean()),
+        "min": float(e.min()),
+        "median": float(e.median()),
+        "p05": float(e.quantile(0.05)) if e.numel() > 1 else float(e.min()),
+    }
 
 
 def _new_manifest(data_fingerprint: str, config: dict[str, Any], **fields: Any) -> dict[str, Any]:
