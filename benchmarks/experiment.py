@@ -390,9 +390,13 @@ def headroom_info(
     task: Task,
     *,
     max_samples: int = 2000,
+    train_loader: Iterable | None = None,
+    max_train_samples: int | None = 10000,
 ) -> dict[str, Any] | None:
     """``ocdwrap.headroom`` of ``base`` at ``layer`` on the validation split (before any
     collection), with the collection's overfit settings; stored in ``res.info[seed]["headroom"]``.
+    Its probe is fitted on ``train_loader`` (the samples the generator will be trained on, at
+    most ``max_train_samples``), as a generator would be.
 
     Its ``ceiling`` is the prediction that docs/results.md checks against the shares OCD and the
     regression generator then capture on the test split. ``max_samples=0`` skips it.
@@ -403,12 +407,19 @@ def headroom_info(
     try:
         report, seconds = timed(
             lambda: ocdwrap.headroom(
-                model, val_loader, task.loss_fn, max_samples=max_samples, task=task.kind, seed=seed
-            )
+                model,
+                val_loader,
+                task.loss_fn,
+                max_samples=max_samples,
+                task=task.kind,
+                seed=seed,
+                train_loader=train_loader,
+                max_train_samples=max_train_samples,
+            )  # fmt: skip
         )
     finally:
         model.unload()
     info = {**report.to_dict(), "seconds": seconds}
     res.info.setdefault(seed, {})["headroom"] = info
-    log(f"[{layer}] headroom on {report.n} validation samples ({seconds:.0f} s): {report.verdict}")
+    log(f"[{layer}] headroom on {report.n} held-out samples ({seconds:.0f} s): {report.verdict}")
     return info

@@ -147,7 +147,10 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 
     cfg = cli.ocd_config(args, seed)
     val = tensor_loader(xva, yva, 250)
-    headroom_info(res, seed, base, LAYER, cfg, val, task, max_samples=args.headroom_samples)
+    headroom_info(
+        res, seed, base, LAYER, cfg, val, task, max_samples=args.headroom_samples,
+        train_loader=tensor_loader(xtr, ytr, 250),
+    )  # fmt: skip
     if args.headroom_only:
         return
     run = run_ocd(

@@ -171,13 +171,15 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     )  # fmt: skip
 
     cfg = cli.ocd_config(args, seed)
-    val = tensor_loader(xva, yva, 1000)
-    headroom_info(res, seed, base, LAYER, cfg, val, task, max_samples=args.headroom_samples)
-    if args.headroom_only:
-        return
-
     n = min(args.train_samples, len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 256)
+    val = tensor_loader(xva, yva, 1000)
+    headroom_info(
+        res, seed, base, LAYER, cfg, val, task, max_samples=args.headroom_samples,
+        train_loader=collect_loader,
+    )  # fmt: skip
+    if args.headroom_only:
+        return
     # training images the base saw but collection did not (the authors' first protocol)
     seen = tensor_loader(xtr[n : n + args.seen_samples], ytr[n : n + args.seen_samples], 1000)
     run = run_ocd(

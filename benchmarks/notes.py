@@ -192,6 +192,6 @@ def headroom_note(res: Results) -> list[str]:
     ]
     n = reports[0]["n"]
     return [
-        f"headroom report (ocdwrap.headroom on {n} validation samples, before collecting; share of "
-        f"the base → overfit-on-validation gap in loss), per seed: " + "; ".join(parts)
+        f"headroom report (ocdwrap.headroom on {n} held-out samples, before collecting; share of "
+        f"the base → overfit-on-those-samples gap in loss), per seed: " + "; ".join(parts)
     ]

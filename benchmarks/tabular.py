@@ -128,13 +128,15 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     )  # fmt: skip
 
     cfg = cli.ocd_config(args, seed, task="regression")
-    val = tensor_loader(xva, yva, 1024)
-    headroom_info(res, seed, base, args.layer, cfg, val, task, max_samples=args.headroom_samples)
-    if args.headroom_only:
-        return
-
     n = min(args.train_samples or len(xtr), len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 1024)
+    val = tensor_loader(xva, yva, 1024)
+    headroom_info(
+        res, seed, base, args.layer, cfg, val, task, max_samples=args.headroom_samples,
+        train_loader=collect_loader, max_train_samples=None,
+    )  # fmt: skip
+    if args.headroom_only:
+        return
     run = run_ocd(
         base, args.layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,

@@ -181,12 +181,15 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
     log(f"{ds['name']} draw {seed}: base {res.per_seed[seed]['base']}")
 
     cfg = cli.ocd_config(args, seed)
-    # few-shot data has no validation split: the report reads the test texts (no OCD row has
-    # seen them; the label-free rows are cross-fitted on them)
-    headroom_info(res, seed, base, LAYER, cfg, test, task, max_samples=args.headroom_samples)
+    train = tensor_loader(xtr.to(dev), ytr.to(dev), 256)
+    # few-shot data has no validation split: the report reads the test texts (their labels are
+    # used for the upper bound only); the probe is fitted on the few-shot training texts
+    headroom_info(
+        res, seed, base, LAYER, cfg, test, task, max_samples=args.headroom_samples,
+        train_loader=train,
+    )  # fmt: skip
     if args.headroom_only:
         return
-    train = tensor_loader(xtr.to(dev), ytr.to(dev), 256)
     run = run_ocd(
         base, LAYER, cfg, train, test, task, os.path.join(workdir, f"{ds['key']}-s{seed}"),
         draws=args.draws, seed=seed, device=dev, nn_train=xtr.to(dev), nn_test=xte.to(dev),
@@ -280,7 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in args.seeds:
             run_draw(args, seed, ds, res, workdir)
             res.notes = table_notes(res, args)
-            reps = [i["ocd"]["uncertainty"] for i in res.info.values() if "uncertainty" in i["ocd"]]
+            reps = [
+                i["ocd"]["uncertainty"]
+                for i in res.info.values()
+                if "uncertainty" in i.get("ocd", {})
+            ]
             out["datasets"][key] = res.to_json(
                 title=title, classes=classes, uncertainty_table=notes.uncertainty_table(reps)
             )

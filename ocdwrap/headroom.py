@@ -343,6 +343,23 @@ def _standardizer(phi: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: (x - mean) / std
 
 
+RANDOM_FEATURES = 256  # random Fourier features appended to the standardised conditioning
+
+
+def _lift(x: torch.Tensor) -> torch.Tensor:
+    """Standardised features (N, d) and random Fourier features of them (N, d + D), so the
+    (linear) probes can also fit smooth non-linear functions of I(x): the residual of a linear
+    base is uncorrelated with any linear function of its own input, so a linear probe could never
+    see it. An RBF kernel of width sqrt(d) (the typical distance of standardised vectors); the
+    projection is fixed (seed 0), the same for every fold and split."""
+    gen = torch.Generator().manual_seed(0)
+    d = x.shape[1]
+    W = torch.randn(d, RANDOM_FEATURES, generator=gen, dtype=x.dtype) / math.sqrt(d)
+    b = torch.rand(RANDOM_FEATURES, generator=gen, dtype=x.dtype) * (2 * math.pi)
+    rff = math.sqrt(2.0) * torch.cos(x @ W.to(x.device) + b.to(x.device))  # unit variance each
+    return torch.cat([x, rff], dim=1)
+
+
 def _fit_logistic(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float, init=None):
     """Logits z + standardised(phi) W + b, W with an L2 penalty, fitted by L-BFGS.
 
@@ -350,7 +367,7 @@ def _fit_logistic(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float
     strength (the cross-fit goes from strong to weak penalties, each a few L-BFGS steps on).
     """
     scale = _standardizer(phi)
-    x = scale(phi)
+    x = _lift(scale(phi))
     if init is None:
         init = (x.new_zeros(x.shape[1], z.shape[1]), x.new_zeros(z.shape[1]))
     W, b = (t.clone().requires_grad_(True) for t in init)
@@ -373,20 +390,20 @@ def _fit_logistic(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float
     with torch.enable_grad():
         opt.step(closure)
     W, b = W.detach(), b.detach()
-    return (lambda phi_, z_: torch.softmax(z_ + scale(phi_) @ W + b, dim=-1)), (W, b)
+    return (lambda phi_, z_: torch.softmax(z_ + _lift(scale(phi_)) @ W + b, dim=-1)), (W, b)
 
 
 def _fit_ridge(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float, init=None):
     """The target as z + standardised(phi) w + b: a ridge regression of the base's residual."""
     scale = _standardizer(phi)
-    x = scale(phi).double()
+    x = _lift(scale(phi)).double()
     r = (y - z).double()
     b = r.mean(0)
     xc = x - x.mean(0)
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     w = torch.linalg.solve(xc.T @ xc + l2 * x.shape[0] * eye, xc.T @ (r - b))
     w, b = w.float(), (b - x.mean(0) @ w).float()
-    return (lambda phi_, z_: z_ + scale(phi_) @ w + b), None
+    return (lambda phi_, z_: z_ + _lift(scale(phi_)) @ w + b), None
 
 
 def _probe_loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -460,9 +477,11 @@ def _fit_probe(task, held: _Split, train: _Split | None, folds: int, seed: int):
     """The probe's output on the held-out samples, and what to report about it."""
     phi, z, y = _probe_arrays(held, task)
     kind = (
-        f"logistic regression on the base logits + I(x) ({phi.shape[1]} features)"
+        f"logistic regression on the base logits + I(x) ({phi.shape[1]} features and "
+        f"{RANDOM_FEATURES} random Fourier features of them)"
         if task == "classification"
-        else f"ridge regression of the base's residual on I(x) ({phi.shape[1]} features)"
+        else f"ridge regression of the base's residual on I(x) ({phi.shape[1]} features and "
+        f"{RANDOM_FEATURES} random Fourier features of them)"
     )
     if train is None:
         _check_fittable(task, y, folds, "held-out")

@@ -73,7 +73,7 @@ def test_mnist_smoke_as_a_module(tmp_path) -> None:
     assert "| row |" in report.render(str(tmp_path / "out.json"))
     assert (figs / "results-mnist.png").stat().st_size > 10_000
     _check_headroom(part)
-    assert "headroom report (ocdwrap.headroom on 500 validation samples" in proc.stdout
+    assert "headroom report (ocdwrap.headroom on 500 held-out samples" in proc.stdout
 
 
 def _check_headroom(part: dict) -> None:

@@ -1,0 +1,546 @@
+"""TinyNeRF on rendered scenes: the paper's Table 3 (novel-view synthesis, MSE on held-out views).
+
+    python -m benchmarks.nerf --json runs/nerf.json                 # CPU default: lego, seed 0
+    python -m benchmarks.nerf --scenes lego hotdog drums --seeds 0 1 2 --json runs/nerf_3x3.json
+    python -m benchmarks.nerf --smoke                               # seconds; checks the plumbing
+
+Data: the Blender scenes are not available offline, so ``benchmarks.scenes`` renders three
+procedural stand-ins (``lego``, ``hotdog``, ``drums``): 100 training and 25 held-out views on the
+upper hemisphere, focal 138.9 at 100 x 100 pixels (scaled with ``--size``), black background,
+cached in ``~/.cache/ocdwrap/scenes``.
+
+Model (the authors' TinyNeRF, DESIGN.md section 9): each 3-D point is positionally encoded to
+63 values (the point and sin / cos of 10 octaves), then ``fc1`` 63 -> 128, ReLU, ``fc2`` 128 ->
+128, ReLU, ``out`` 128 -> 4 (RGB through a sigmoid, density through a ReLU); colour is composited
+along each ray over ``--samples`` depth samples in [2, 6]. ``TinyNeRF(poses)`` takes a batch of
+camera poses (B, 4, 4) and returns the rendered images (B, H, W, 3) with *fixed* depth samples
+(bin midpoints), so every row renders exactly the same rays. The base is trained with Adam 5e-3
+on random batches of ``--rays`` rays of the training views (stratified depth samples) for
+``--iterations`` steps.
+
+OCD: on ``fc1`` (128 x 63, the layer the paper's selection picks), which sees every point of
+every ray: its input is (B, rays x samples, 63), the batch in dim 0, so one view's delta sums
+the gradients of thousands of points and is not rank one. A sample is one view (pose -> image);
+its overfit is Adam 5e-3 x 10 steps on the whole-image MSE, weight only (the authors' setting).
+The generator is the full-matrix UNet at a CPU size (``--delta full``, channels (16, 32)) or
+``--delta lowrank --delta-rank r`` once the library has it. Conditioning is what ocdwrap
+captures, label-free: the mean positional encoding of the view's ray points (a function of the
+pose), the mean fc1 activation, and the base render pooled by ocdwrap (see docs/results.md).
+
+Rows, per scene, mean ± sd over seeds, MSE and PSNR (= -10 log10 of the mean MSE) on the
+held-out views: base; base + compute-matched (the base trained further, same recipe, for the wall
+time of OCD's collection and fitting); OCD (1 draw); OCD(K); no scaling (global rho); the
+regression generator; nearest neighbour (the stored delta of the training view whose pose is
+closest, L2 on the 4 x 4 matrix); overfit on the test view with its delta truncated to rank r
+(SVD: what a rank-r parameterisation can express at best); overfit on the test view (upper
+bound). The paper's Table 3 numbers stand beside ours; they are for the real Blender scenes.
+
+CPU default (one scene, one seed, within 20 minutes on 2 shared cores): 50 x 50 pixels
+(focal 69.45), 32 depth samples, 100 training views collected, 25 test views, base 3,000
+iterations of 512 rays, 600 fit steps. ``--size 100 --samples 64 --rays 4096`` is the authors'
+size, for a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ocdwrap
+from ocdwrap.deltas import FullDelta
+
+from . import cli, notes
+from .controls import Agreement, NearestNeighbour
+from .datasets import tensor_loader
+from .experiment import OCDRun, _Rows, add_run
+from .figures import plot_json
+from .results import Metric, Results, Row, write_json
+from .scenes import (
+    FAR,
+    NEAR,
+    SCENES,
+    SceneData,
+    SceneShapeError,
+    camera_rays,
+    check_images,
+    composite,
+    load_scene,
+)
+from .scoring import Task, evaluate_module
+from .timing import log, machine, timed
+
+MODULE = "benchmarks.nerf"
+LAYER = "fc1"
+OVERFIT_LR, OVERFIT_STEPS = 5e-3, 10  # the authors' TinyNeRF overfit
+# the paper's Table 3 (MSE on the real Blender scenes): base, overfit on test, OCD
+PAPER = {
+    "lego": (".076", ".043", ".052"),
+    "hotdog": (".063", ".032", ".047"),
+    "drums": (".068", ".049", ".057"),
+}
+METRICS = [Metric("mse", "test MSE", ".4f"), Metric("psnr", "test PSNR (dB)", ".2f")]
+
+
+# --- the model -------------------------------------------------------------------------------
+class TinyNeRF(nn.Module):
+    """The authors' TinyNeRF: positional encoding to 63 values, 63 -> 128 -> 128 -> 4.
+
+    ``forward(poses (B, 4, 4)) -> images (B, size, size, 3)``, every ray rendered with the same
+    ``samples`` fixed depths (bin midpoints in [NEAR, FAR]); :meth:`render_rays` renders any rays
+    with any depths (training uses stratified ones). All points of a batch go through ``fc1`` in
+    one call whose input is (B, rays x samples, 63): the batch (the view) stays in dim 0, as
+    ocdwrap's per-sample layer needs.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        focal: float,
+        *,
+        samples: int = 32,
+        freqs: int = 10,
+        width: int = 128,
+        background: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.size, self.focal, self.samples, self.background = size, focal, samples, background
+        self.in_dim = 3 + 6 * freqs  # 63 for the authors' 10 octaves
+        self.fc1 = nn.Linear(self.in_dim, width)
+        self.fc2 = nn.Linear(width, width)
+        self.out = nn.Linear(width, 4)
+        self.register_buffer("bands", 2.0 ** torch.arange(freqs), persistent=False)
+
+    def encode(self, pts: torch.Tensor) -> torch.Tensor:
+        """(..., 3) -> (..., 63): the point, then sin and cos of it at 2^0 .. 2^9."""
+        x = pts.unsqueeze(-1) * self.bands
+        return torch.cat([pts, x.sin().flatten(-2), x.cos().flatten(-2)], -1)
+
+    def render_rays(
+        self, origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Colours (B, R, 3) of rays (B, R, 3) at depths ``t`` (S,) or (B, R, S)."""
+        if t.dim() == 1:
+            t = t.expand(*origins.shape[:2], -1)
+        pts = origins.unsqueeze(2) + dirs.unsqueeze(2) * t.unsqueeze(-1)  # (B, R, S, 3)
+        h = self.encode(pts).reshape(len(origins), -1, self.in_dim)  # (B, R*S, 63), sample-major
+        h = self.out(torch.relu(self.fc2(torch.relu(self.fc1(h))))).reshape(*t.shape, 4)
+        sigma, rgb = torch.relu(h[..., 3]), torch.sigmoid(h[..., :3])
+        step = torch.cat([t[..., 1:] - t[..., :-1], torch.full_like(t[..., :1], 1e10)], -1)
+        return composite(sigma, rgb, step, self.background)
+
+    def depths(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The fixed depth samples (S,) of :meth:`forward`."""
+        s = torch.arange(self.samples, dtype=torch.float32, device=device)
+        return NEAR + (FAR - NEAR) * (s + 0.5) / self.samples
+
+    def forward(self, poses: torch.Tensor) -> torch.Tensor:
+        origins, dirs = camera_rays(poses, self.size, self.size, self.focal)
+        rgb = self.render_rays(origins, dirs, self.depths(poses.device))
+        return rgb.reshape(len(poses), self.size, self.size, 3)
+
+
+def image_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-view mean squared error (B,) of images (B, H, W, 3): the loss of every row."""
+    check_images(target, pred.shape[1], "target images")
+    if target.shape != pred.shape:
+        raise SceneShapeError(
+            f"target images {tuple(target.shape)} do not match the rendered {tuple(pred.shape)}; "
+            "pass one target view per pose, rendered at the model's size."
+        )
+    return (pred - target).pow(2).flatten(1).mean(1)
+
+
+class ImageTask(Task):
+    """Regression on images: per-view MSE, reported as MSE and PSNR of the mean MSE."""
+
+    def __init__(self) -> None:
+        super().__init__("regression", image_mse)
+
+    def metrics(self, res: dict[str, Any]) -> dict[str, float]:
+        mse = float(res["loss"])
+        return {"mse": mse, "psnr": -10 * math.log10(max(mse, 1e-12))}
+
+
+# --- training ----------------------------------------------------------------------------------
+def train_nerf(
+    model: TinyNeRF,
+    data: SceneData,
+    *,
+    lr: float,
+    rays: int,
+    seed: int,
+    iterations: int | None = None,
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    """Adam on random batches of ``rays`` training rays (stratified depths) until ``iterations``
+    steps or ``seconds`` of wall time, whichever comes first; the model ends in eval mode."""
+    origins, dirs = camera_rays(data.train_poses, data.size, data.size, data.focal)
+    origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+    colours = data.train_images.reshape(-1, 3)
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses, steps, t0 = [], 0, time.perf_counter()
+    bins = model.depths() - (FAR - NEAR) / model.samples / 2  # the lower edge of each bin
+    while (iterations is None or steps < iterations) and (
+        seconds is None or time.perf_counter() - t0 < seconds
+    ):
+        idx = torch.randint(len(origins), (rays,), generator=g)
+        jitter = torch.rand(1, rays, model.samples, generator=g) * (FAR - NEAR) / model.samples
+        pred = model.render_rays(origins[idx][None], dirs[idx][None], bins + jitter)
+        loss = F.mse_loss(pred[0], colours[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        steps += 1
+    model.eval()
+    tail = losses[-100:]
+    return {
+        "iterations": steps,
+        "seconds": time.perf_counter() - t0,
+        "rays": rays,
+        "lr": lr,
+        "final_ray_mse": sum(tail) / max(len(tail), 1),
+    }
+
+
+# --- rows --------------------------------------------------------------------------------------
+def rows_for(scene: str, rank: int) -> list[Row]:
+    """The table's rows, with the paper's Table 3 numbers of ``scene`` (MSE) beside ours."""
+    base, overfit, ocd = PAPER.get(scene, ("—", "—", "—"))
+    return [
+        Row("base", "base TinyNeRF", {"mse": base}),
+        Row("compute_matched", "base + compute-matched extra training"),
+        Row("ocd", "OCD, 1 draw", {"mse": ocd}),
+        Row("ocd_k", "OCD(5) ensemble"),
+        Row("global", "no scaling (global ρ), 1 draw"),
+        Row("regression", "regression generator (no diffusion)"),
+        Row("nn", "nearest neighbour (pose space)"),
+        Row("overfit_rank", f"overfit fc1 on test, delta truncated to rank {rank}"),
+        Row("overfit", "overfit fc1 on test (Adam 5e-3 × 10; upper bound)", {"mse": overfit}),
+    ]
+
+
+def truncate(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """Each matrix of ``delta`` (B, out, in) replaced by its best rank-``rank`` approximation."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+
+
+def rank_energy(delta: torch.Tensor, ranks: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str, float]:
+    """Mean share of each delta's squared Frobenius norm that its top r singular values hold."""
+    s2 = torch.linalg.svdvals(delta).pow(2)
+    share = s2.cumsum(-1) / s2.sum(-1, keepdim=True).clamp_min(1e-30)
+    return {str(r): float(share[:, min(r, share.shape[1]) - 1].mean()) for r in ranks}
+
+
+def nerf_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
+    """The shared benchmark config with the authors' TinyNeRF overfit (Adam 5e-3 x 10) and a
+    CPU-sized full-matrix UNet, or low-rank deltas of rank ``--delta-rank``."""
+    kw: dict[str, Any] = {"overfit_steps": OVERFIT_STEPS, "task": "regression"}
+    if args.delta == "lowrank":
+        kw["delta_rank"] = args.delta_rank
+    cfg = cli.ocd_config(args, seed, **kw)
+    if args.delta == "full" and not args.paper:
+        cfg = cfg.replace(unet_channels=tuple(args.unet_channels), fit_batch_size=16)
+    return cfg
+
+
+def ocd_rows(
+    args: Any, seed: int, base: TinyNeRF, data: SceneData, loaders: dict, out_dir: str
+) -> tuple[OCDRun, dict[str, torch.Tensor]]:
+    """Collect, fit and score every OCD row on one fitted generator (one overfit pass over the
+    test views gives the upper bound, its rank-r truncation and the deltas' agreement); returns
+    the run and the renders of test view 0 (truth, base, OCD, overfit) for the figure."""
+    task, dev, cfg = ImageTask(), args.device, nerf_config(args, seed)
+    rows = ["ocd", "ocd_k", "global", "regression"] + (["nn"] if args.delta == "full" else [])
+    info: dict[str, Any] = {"layer": LAYER, "config": cfg.to_dict(), "agreement": {}, "row_s": {}}
+    run = _Rows(task, loaders["test"], rows, seed, f"[{data.name} {LAYER}] ", info)
+    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    try:
+        store = run.collect_and_fit(model, loaders["train"], out_dir, dev, args.progress)
+        log(f"{run.tag}overfitting {LAYER} on each of the {len(data.test_poses)} test views")
+        run.agree, info["overfit_test_s"] = timed(
+            lambda: Agreement(model, loaders["test"], task, len(data.test_poses))
+        )
+        true = {it[5]: it[3].reshape(-1, *model.weight_shape) for it in run.agree.items}
+        info["true_delta_rank_energy"] = rank_energy(torch.cat(list(true.values())))
+        _, info["row_s"]["ocd+ocd_k+global"] = timed(
+            lambda: run.generated_rows(model, args.draws, False)
+        )
+        for key, what, fn in (
+            ("overfit", "overfit on test", lambda d: d),
+            ("overfit_rank", f"overfit on test, rank {args.delta_rank}", lambda d: truncate(d, args.delta_rank)),
+        ):  # fmt: skip
+            _, info["row_s"][key] = timed(
+                lambda fn=fn, key=key, what=what: run.delta_row(
+                    key, what, model, lambda x, y, p: FullDelta(fn(true[p]))
+                )
+            )
+        if "nn" in rows:
+            near = NearestNeighbour(
+                store, cfg, model.weight_shape, data.train_poses, data.test_poses
+            )
+            _, info["row_s"]["nn"] = timed(
+                lambda: run.delta_row("nn", "nearest neighbour", model, lambda x, y, p: near.spec(p, len(y)))
+            )  # fmt: skip
+        renders = first_view_renders(model, data, true[0][:1], seed)
+    finally:
+        model.unload()
+    _, info["row_s"]["regression (fit + eval)"] = timed(
+        lambda: run.regression_row(base, LAYER, cfg, store, dev, args.progress)
+    )
+    return OCDRun(run.out, run.info), renders
+
+
+@torch.no_grad()
+def first_view_renders(
+    model: ocdwrap.OCDModel, data: SceneData, true_delta: torch.Tensor, seed: int
+) -> dict[str, torch.Tensor]:
+    """Test view 0 rendered by the base, by OCD (one draw), by the overfit, and the truth."""
+    pose = data.test_poses[:1].to(model.device)
+    with model.disable_ocd():
+        base = model(pose)
+    with model.sampling(seed=seed):
+        ocd = model(pose)
+    with model.use_deltas(FullDelta(true_delta.to(model.device))):
+        overfit = model(pose)
+    out = {"truth": data.test_images[0], "base": base[0], "OCD": ocd[0], "overfit": overfit[0]}
+    return {k: v.detach().float().cpu().clamp(0, 1) for k, v in out.items()}
+
+
+def compute_matched_row(
+    res: Results, seed: int, pristine: TinyNeRF, data: SceneData, test: Any, args: Any
+) -> None:
+    """The base trained further, with its own recipe (Adam 5e-3, random rays), for the wall time
+    OCD's collection and fitting took."""
+    info = res.info[seed]
+    seconds = info["ocd"]["collect_s"] + info["ocd"]["fit_s"]
+    log(f"compute-matched control: {seconds:.0f} s more training of the base")
+    model = copy.deepcopy(pristine)
+    info["compute_matched"] = train_nerf(
+        model, data, lr=args.lr, rays=args.rays, seed=seed + 1000, seconds=seconds
+    )
+    row = evaluate_module(model, test, ImageTask(), args.device)
+    res.add(seed, "compute_matched", row)
+    log(f"  {row} after {info['compute_matched']['iterations']} more iterations")
+
+
+def run_seed(args: Any, seed: int, data: SceneData, res: Results, workdir: str) -> dict:
+    """Every row of one scene and seed; returns the renders of test view 0."""
+    dev, task = args.device, ImageTask()
+    info: dict[str, Any] = {}
+    res.info[seed] = info
+    log(
+        f"{data.name} seed {seed}: training TinyNeRF, {args.iterations} iterations of {args.rays} rays"
+    )
+    torch.manual_seed(seed)
+    base = TinyNeRF(data.size, data.focal, samples=args.samples, background=data.background)
+    info["base_training"] = train_nerf(
+        base, data, lr=args.lr, rays=args.rays, seed=seed, iterations=args.iterations
+    )
+    log(f"  {info['base_training']}")
+    base = base.to(dev)
+    pristine = copy.deepcopy(base)
+    loaders = {
+        "train": tensor_loader(
+            data.train_poses.to(dev), data.train_images.to(dev), args.view_batch
+        ),
+        "test": tensor_loader(data.test_poses.to(dev), data.test_images.to(dev), args.view_batch),
+    }
+    row, info["base_eval_s"] = timed(lambda: evaluate_module(base, loaders["test"], task, dev))
+    res.add(seed, "base", row)
+    log(f"  base: {row} ({info['base_eval_s']:.1f} s)")
+    out_dir = os.path.join(workdir, f"{data.name}-s{seed}")
+    run, renders = ocd_rows(args, seed, base, data, loaders, out_dir)
+    add_run(res, seed, run)
+    compute_matched_row(res, seed, pristine, data, loaders["test"], args)
+    return renders
+
+
+# --- notes, figure ---------------------------------------------------------------------------
+def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
+    base_p, over_p, ocd_p = (float(v) for v in PAPER[data.name])
+    out = notes.gap_notes(res, "mse", {"ocd": (base_p - ocd_p) / (base_p - over_p), "ocd_k": None})
+    infos = list(res.info.values())
+    bt = [i["base_training"] for i in infos if "base_training" in i]
+    if bt:
+        out.append(
+            f"base: TinyNeRF, Adam {args.lr:g}, {args.iterations} iterations of {args.rays} random "
+            f"training rays, {args.samples} stratified depth samples: "
+            f"{[round(b['seconds']) for b in bt]} s, final ray MSE {[round(b['final_ray_mse'], 4) for b in bt]}"
+        )
+    cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
+    if cm:
+        out.append(
+            f"compute-matched: the base trained further with its own recipe (fresh Adam {args.lr:g}, "
+            f"{args.rays} rays) for {[round(c['seconds']) for c in cm]} s (= OCD collection + fit "
+            f"wall time), {[c['iterations'] for c in cm]} iterations"
+        )
+    out += notes.ocd_note(res)
+    out += notes.agreement_note(res)
+    energy = [i["ocd"]["true_delta_rank_energy"] for i in infos if "ocd" in i]
+    if energy:
+        out.append(
+            "overfit-on-test deltas of fc1 are not rank one: share of their squared norm in the top r "
+            "singular values, r = " + ", ".join(f"{r}: {fmt(energy, r)}" for r in energy[0])
+        )
+    times = [
+        i["ocd"]["row_s"] | {"overfit on test views": i["ocd"]["overfit_test_s"]}
+        for i in infos
+        if "ocd" in i
+    ]
+    if times:
+        out.append(
+            "row times (s, per seed; eval of the 'overfit' rows reuses one overfit of the test views): "
+            + "; ".join(f"{k} {[round(t[k], 1) for t in times]}" for k in times[0])
+        )
+    out.append(
+        f"scene: benchmarks.scenes '{data.name}' (procedural stand-in, not the Blender scene), "
+        f"{len(data.train_poses)} training / {len(data.test_poses)} test views, {data.size} x "
+        f"{data.size} px, focal {data.focal:g}; rendered in {data.seconds:.0f} s"
+        + (" (read from the cache)" if data.cached else "")
+    )
+    out.append(
+        f"settings: OCD on {LAYER} (128 × 63), delta={args.delta}"
+        + (
+            f" (UNet channels {tuple(args.unet_channels)})"
+            if args.delta == "full"
+            else f" (rank {args.delta_rank})"
+        )
+        + f", overfit Adam {OVERFIT_LR:g} × {OVERFIT_STEPS} on the whole-image MSE, all {len(data.train_poses)} "
+        f"training views collected, {args.fit_steps} fit steps, K={args.draws}, {args.samples} fixed depth "
+        "samples per ray at evaluation; PSNR = -10 log10(mean test MSE); paper: Table 3, real Blender scenes"
+    )
+    return out
+
+
+def fmt(energy: list[dict[str, float]], r: str) -> str:
+    from .results import fmt_mean_sd
+
+    return fmt_mean_sd([100 * e[r] for e in energy], ".1f") + " %"
+
+
+def plot_views(renders: dict[str, torch.Tensor], path: str, title: str) -> str:
+    """Base / OCD / overfit / truth renders of one test view side by side (the paper's Fig. 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = ["base", "OCD", "overfit", "truth"]
+    fig, axes = plt.subplots(1, 4, figsize=(9, 2.8))
+    for ax, key in zip(axes, order):
+        img = renders[key]
+        ax.imshow(img.numpy())
+        mse = float((img - renders["truth"]).pow(2).mean())
+        ax.set_title(key if key == "truth" else f"{key}\nMSE {mse:.4f}", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- command line ------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> Any:
+    p = cli.base_parser(MODULE, __doc__, seeds=(0,))
+    for action in p._actions:  # this benchmark's layer sees many points per view: no rank one
+        if action.dest == "delta":
+            action.choices, action.help = ["full", "lowrank"], "full (default) or lowrank"
+    p.set_defaults(overfit_lr=OVERFIT_LR)
+    p.add_argument("--scenes", nargs="+", choices=list(SCENES), default=["lego"])
+    p.add_argument(
+        "--delta-rank", type=int, default=4, help="rank r of lowrank / the truncated row"
+    )
+    p.add_argument("--size", type=int, default=50, help="pixels per side of every view")
+    p.add_argument("--samples", type=int, default=32, help="depth samples per ray")
+    p.add_argument("--iterations", type=int, default=3000, help="base training iterations")
+    p.add_argument("--rays", type=int, default=512, help="random rays per training iteration")
+    p.add_argument("--lr", type=float, default=5e-3, help="base training Adam lr")
+    p.add_argument("--train-views", type=int, default=100, help="training views (all collected)")
+    p.add_argument("--test-views", type=int, default=25, help="held-out views scored")
+    p.add_argument("--view-batch", type=int, default=5, help="views per collect / eval batch")
+    p.add_argument("--unet-channels", type=int, nargs="+", default=[16, 32], help="--delta full")
+    p.add_argument(
+        "--cache-dir", default=None, help="scene cache (default ~/.cache/ocdwrap/scenes)"
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.scenes = args.seeds[:1], args.scenes[:1]
+        args.size, args.samples, args.iterations, args.rays = 32, 16, 60, 256
+        args.train_views, args.test_views, args.view_batch = 8, 3, 4
+        args.fit_steps, args.draws = args.fit_steps or 20, 2
+    if args.headroom_only:
+        p.error(
+            "--headroom-only: ocdwrap.headroom's probe rows need a label per sample, not an image"
+        )
+    if args.overfit_lr != OVERFIT_LR:
+        p.error(
+            f"--overfit-lr: this benchmark keeps the authors' TinyNeRF overfit (Adam {OVERFIT_LR:g} x 10)"
+        )
+    args.fit_steps = args.fit_steps or (20000 if args.paper else 600)
+    args.delta = args.delta or "full"
+    if args.delta_rank < 1:
+        p.error(f"--delta-rank must be >= 1, got {args.delta_rank}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    workdir = cli.setup(args)
+    t0 = time.perf_counter()
+    cmd = cli.command(MODULE, argv)
+    out: dict[str, Any] = {
+        "benchmark": "nerf",
+        "command": cmd,
+        "settings": vars(args),
+        "datasets": {},
+    }
+    reports = []
+    for name in args.scenes:
+        data = load_scene(
+            name, size=args.size, n_train=args.train_views, n_test=args.test_views,
+            directory=args.cache_dir,
+        )  # fmt: skip
+        log(
+            f"{name}: {'read from the cache' if data.cached else 'rendered'} ({data.path}), {data.seconds:.1f} s"
+        )
+        res = Results(f"nerf-{name}", rows_for(name, args.delta_rank), METRICS)
+        title = f"TinyNeRF / {name} (procedural stand-in), OCD on {LAYER} (128×63)"
+        for seed in args.seeds:
+            renders = run_seed(args, seed, data, res, workdir)
+            res.notes = table_notes(res, args, data)
+            out["datasets"][name] = res.to_json(title=title, command=cmd)
+            out["seconds"] = time.perf_counter() - t0
+            write_json(args.json, out)
+            if args.plots and seed == args.seeds[0]:
+                path = os.path.join(args.plots, f"nerf-{name}-views.png")
+                log(f"wrote {plot_views(renders, path, f'{title}: test view 0, seed {seed}')}")
+        reports.append(
+            res.report(
+                f"{title}; {machine(args.device)}; {(time.perf_counter() - t0) / 60:.1f} min\n`{cmd}`"
+            )
+        )
+    for r in reports:
+        print(r)
+    if args.plots:
+        for path in plot_json(out, args.plots):
+            log(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
