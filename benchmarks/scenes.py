@@ -420,18 +420,21 @@ def _generate(name: str, meta: dict, path: str) -> SceneData:
 
 # --- the figure of docs/results.md --------------------------------------------------------------
 def plot_scenes(path: str, *, views: int = 4, size: int = 100, seed: int = 0) -> str:
-    """The first ``views`` training views of each scene, one row per scene, as a PNG."""
+    """The first ``views`` training views of each scene (the same pixels :func:`load_scene`
+    caches, rendered here without caching the rest), one row per scene, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(SCENES), views, figsize=(1.9 * views, 1.9 * len(SCENES)))
+    poses = hemisphere_poses(views, seed)  # the first training poses of every data set
     for r, name in enumerate(SCENES):
-        data = load_scene(name, size=size, seed=seed)
+        with torch.no_grad():
+            images = render(Scene(name), poses, size, FOCAL_100 * size / 100)
         for c in range(views):
             ax = axes[r, c]
-            ax.imshow(data.train_images[c].clamp(0, 1).numpy())
+            ax.imshow(images[c].clamp(0, 1).numpy())
             ax.set_xticks([]), ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(f"{name}\n(stand-in)", fontsize=9)
@@ -452,17 +455,19 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.scenes",
-        description="Render (and cache) the procedural scenes; draw their figure.",
+        description="Draw the figure of the procedural scenes; with --cache, render and cache "
+        "every view of each scene at --size.",
     )
     p.add_argument("--figure", default="docs/img/nerf-scenes.png", help="where the PNG goes")
     p.add_argument("--views", type=int, default=4, help="views per scene in the figure")
     p.add_argument("--size", type=int, default=100, help="pixels per side")
+    p.add_argument("--cache", action="store_true", help="also render and cache the data sets")
     args = p.parse_args(argv)
-    for name in SCENES:
+    print(f"wrote {plot_scenes(args.figure, views=args.views, size=args.size)}")
+    for name in SCENES if args.cache else ():
         data = load_scene(name, size=args.size)
         how = "read from the cache" if data.cached else "rendered"
         print(f"{name}: {how} ({data.path}); generation took {data.seconds:.1f} s")
-    print(f"wrote {plot_scenes(args.figure, views=args.views, size=args.size)}")
 
 
 if __name__ == "__main__":
