@@ -21,7 +21,9 @@ hope for:
   labels better than the base, the probe is the base and its row equals the base row. The probe
   is fitted on ``train_loader``'s conditioning when given, otherwise cross-fitted (k folds) on the
   held-out samples themselves; the report says which;
-* ``probe_mixture`` (classification): sum over labels y of q(y) times the delta for label y
+* ``probe_mixture``: sum over labels y of q(y) times the delta for label y (regression: the
+  expectation over y ~ N(probe's prediction, its out-of-fold residual spread), eight
+  quantile points); the delta a generator trained with MSE on the deltas would aim at
   (one overfit per label, over the ``mixture_classes`` most likely labels, renormalised).
   Adam's steps are not linear in the gradient, so this differs from overfitting towards q, and it
   can move the weights even where q is the base's own softmax. Both rows are always reported:
@@ -487,21 +489,21 @@ def _fit_probe(task, held: _Split, train: _Split | None, folds: int, seed: int):
         _check_fittable(task, y, folds, "held-out")
         out, l2 = _crossfit(task, phi, z, y, folds, seed)
         source = f"cross-fitted ({folds} folds) on the held-out samples themselves"
+        ref = (y, out)
     else:
         tphi, tz, ty = _probe_arrays(train, task)
         _check_fittable(task, ty, folds, "train_loader")
-        _, l2 = _crossfit(task, tphi, tz, ty, folds, seed)
+        train_oof, l2 = _crossfit(task, tphi, tz, ty, folds, seed)
+        ref = (ty, train_oof)
         fit = _fit_logistic if task == "classification" else _fit_ridge
         out = _base_prediction(task, z) if l2 == math.inf else fit(tphi, tz, ty, l2)[0](phi, z)
         source = f"fitted on train_loader's conditioning ({ty.shape[0]:,} samples)"
     if l2 == math.inf:
         source += "; no fitted probe predicted the labels better than the base, so it is the base"
-    return out, {
-        "kind": kind,
-        "source": source,
-        "l2": None if l2 == math.inf else l2,
-        "folds": folds,
-    }
+    info = {"kind": kind, "source": source, "l2": None if l2 == math.inf else l2, "folds": folds}
+    if task == "regression":  # out-of-fold residual spread, for the regression mixture
+        info["residual_std"] = ((ref[0] - ref[1]) ** 2).mean(0).sqrt().tolist()
+    return out, info
 
 
 def _probe_quality(task: str, out: torch.Tensor, held: _Split) -> tuple[float, float | None]:
@@ -547,7 +549,28 @@ def _mixture(model, inputs, loss_fn, q: torch.Tensor, k: int) -> torch.Tensor:
     return mix
 
 
-def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k):
+REGRESSION_POINTS = 8  # quantile points of the regression probe_mixture
+
+
+def _gaussian_mixture(model, inputs, target, loss_fn, mean, sigma, k: int) -> torch.Tensor:
+    """E over y ~ N(mean, sigma²) of delta_y, averaged over ``k`` equally likely quantiles of y.
+
+    The regression analogue of the label mixture: where the probe is unsure (sigma large next to
+    |mean - base|) the deltas towards targets on either side of the base cancel, so the mixed
+    step is small, as a generator trained with MSE on the deltas would make it. Quantile points,
+    not Gauss-Hermite: Adam's delta is close to a step function of the target (its sign), which
+    a few Gauss-Hermite points (one of them with half the weight at the mean) average badly.
+    """
+    nodes = torch.special.ndtri((torch.arange(k, dtype=torch.float64) + 0.5) / k)
+    mix = None
+    for t, w in zip(nodes.tolist(), [1.0 / k] * k):
+        y = (mean + t * sigma.to(mean)).reshape(target.shape).to(target.dtype)  # (B, ...)
+        d = overfit_batch(model, inputs, y, loss_fn).delta.mul_(w)
+        mix = d if mix is None else mix.add_(d)
+    return mix
+
+
+def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k, sigma=None):
     """The true-label delta and each label-free row's delta for one batch."""
     true = overfit_batch(model, inputs, target, loss_fn)
     if not bool(true.finite.all()):
@@ -566,12 +589,16 @@ def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_
     else:
         yhat = probe_out.reshape(target.shape).to(target.dtype)
         deltas["probe"] = overfit_batch(model, inputs, yhat, loss_fn).delta
+        if mix_k > 0 and sigma is not None:
+            deltas["probe_mixture"] = _gaussian_mixture(
+                model, inputs, target, loss_fn, probe_out, sigma, mix_k
+            )
     return deltas
 
 
-def _score_batch(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k):
+def _score_batch(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k, sigma=None):
     """Per-sample loss, correctness and cosine with the true delta, for every row's delta."""
-    deltas = _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k)
+    deltas = _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k, sigma)
     B = base_pred.shape[0]
     true = deltas["overfit_on_test"].reshape(B, -1)
     out = {}
@@ -595,7 +622,8 @@ def _share(base: float | None, bound: float | None, row: float | None, sign: int
 
 
 _NOTES = {
-    "probe_mixture": "sum over labels y of q(y) x the delta for label y (q: the probe's distribution)",
+    "probe_mixture": "the probe's expected delta: sum over labels y of q(y) x the delta for y "
+    "(regression: over y ~ N(probe, its residual spread), 8 quantiles)",
 }
 
 
@@ -728,14 +756,23 @@ def headroom(
         else:
             probe_out, info = _fit_probe(task, held, train, folds, seed)
         info["loss"], info["accuracy"] = _probe_quality(task, probe_out, held)
-        info["mixture_classes"] = mixture_classes if task == "classification" else 0
-        scored = _score_all(model, held, loss_fn, task, probe_out, info["mixture_classes"])
+        sigma = None
+        if task == "classification":
+            info["mixture_classes"] = mixture_classes
+        else:  # the probe's residual spread: out of fold, or (a given probe) on the held-out
+            if "residual_std" not in info:
+                _, _, y = _probe_arrays(held, task)
+                info["residual_std"] = ((y - probe_out) ** 2).mean(0).sqrt().tolist()
+            sigma = torch.tensor(info["residual_std"])
+            info["mixture_points"] = REGRESSION_POINTS if mixture_classes > 0 else 0
+        mix_k = info.get("mixture_classes", info.get("mixture_points", 0))
+        scored = _score_all(model, held, loss_fn, task, probe_out, mix_k, sigma)
     finally:
         model.base_model.train(was_training)
     return _report(model, held, task, info, scored, time.perf_counter() - start)
 
 
-def _score_all(model, held: _Split, loss_fn, task, probe_out, mix_k) -> dict[str, dict]:
+def _score_all(model, held: _Split, loss_fn, task, probe_out, mix_k, sigma=None) -> dict:
     """:func:`_score_batch` over every held-out batch, concatenated per row."""
     parts: dict[str, dict[str, list]] = {}
     lo = 0
@@ -743,7 +780,7 @@ def _score_all(model, held: _Split, loss_fn, task, probe_out, mix_k) -> dict[str
         B = batch_size(inputs)
         sl = slice(lo, lo + B)
         res = _score_batch(
-            model, inputs, target, loss_fn, task, held.pred[sl], probe_out[sl], mix_k
+            model, inputs, target, loss_fn, task, held.pred[sl], probe_out[sl], mix_k, sigma
         )
         for name, d in res.items():
             for k, v in d.items():

@@ -160,7 +160,9 @@ def test_regression_rows() -> None:
     model = ocdwrap.wrap(net.eval(), layer="2", config=ocdwrap.OCDConfig(overfit_lr=1e-2))
     rep = headroom(model, _loader(x, y.squeeze(1), bs=40), _mse)
     assert rep.task == "regression"
-    assert [r.name for r in rep.rows] == ["base", "overfit_on_test", "own_label", "probe"]
+    names = ["base", "overfit_on_test", "own_label", "probe", "probe_mixture"]
+    assert [r.name for r in rep.rows] == names
+    assert rep.probe["mixture_points"] == 8 and rep.probe["residual_std"][0] > 0
     assert rep.row("base").accuracy is None
     assert rep.row("overfit_on_test").loss < rep.row("base").loss
     own = rep.row("own_label")
@@ -289,3 +291,24 @@ def test_cli_headroom(tmp_path, capsys) -> None:
     bad = ["headroom", "--model", f"{path}:model", "--data", f"{path}:unlabelled", "--layer", "2"]
     assert main(bad) == 2
     assert "labelled held-out loader" in capsys.readouterr().err
+
+
+def test_regression_mixture_is_the_probe_delta_when_the_probe_is_certain() -> None:
+    """With no residual spread the quantile mixture is the delta towards the probe's target;
+    with a spread wider than the residual, steps towards both sides of the base cancel."""
+    from ocdwrap.headroom import _gaussian_mixture
+    from ocdwrap.overfit import overfit_batch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    model = ocdwrap.wrap(net.eval(), layer="2", config=ocdwrap.OCDConfig(overfit_lr=1e-2))
+    x = torch.randn(6, 5)
+    with model.disable_ocd(), torch.no_grad():
+        base = model(x)  # (6, 1)
+    mean = base + 0.5
+    target = mean.squeeze(1)
+    certain = _gaussian_mixture(model, x, target, _mse, mean, torch.zeros(1), 8)
+    towards = overfit_batch(model, x, target, _mse).delta
+    torch.testing.assert_close(certain, towards, rtol=1e-5, atol=1e-8)
+    unsure = _gaussian_mixture(model, x, target, _mse, mean, torch.full((1,), 50.0), 8)
+    assert float(unsure.norm()) < 0.5 * float(towards.norm())
