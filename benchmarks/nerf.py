@@ -257,6 +257,18 @@ def rank_energy(delta: torch.Tensor, ranks: tuple[int, ...] = (1, 2, 4, 8, 16)) 
     return {str(r): float(share[:, min(r, share.shape[1]) - 1].mean()) for r in ranks}
 
 
+class _Agreement(Agreement):
+    """:class:`Agreement` for any delta type: specs are compared as full matrices (controls.py
+    reads rank-one and full specs only; ``--delta lowrank`` generates ``LowRankDelta``)."""
+
+    def score(self, spec_fn: Any) -> dict[str, float]:
+        def full(*a: Any) -> FullDelta:
+            spec = spec_fn(*a)
+            return spec if isinstance(spec, FullDelta) else FullDelta(spec.full())
+
+        return super().score(full)
+
+
 def nerf_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
     """The shared benchmark config with the authors' TinyNeRF overfit (Adam 5e-3 x 10) and a
     CPU-sized full-matrix UNet, or low-rank deltas of rank ``--delta-rank``."""
@@ -284,7 +296,7 @@ def ocd_rows(
         store = run.collect_and_fit(model, loaders["train"], out_dir, dev, args.progress)
         log(f"{run.tag}overfitting {LAYER} on each of the {len(data.test_poses)} test views")
         run.agree, info["overfit_test_s"] = timed(
-            lambda: Agreement(model, loaders["test"], task, len(data.test_poses))
+            lambda: _Agreement(model, loaders["test"], task, len(data.test_poses))
         )
         true = {it[5]: it[3].reshape(-1, *model.weight_shape) for it in run.agree.items}
         info["true_delta_rank_energy"] = rank_energy(torch.cat(list(true.values())))
