@@ -347,6 +347,13 @@ class OCDHyperNetwork(nn.Module):
             return Rank1Delta(rho.unsqueeze(1) * x, v.repeat_interleave(num_draws, 0))
         if self.delta == "lowrank":
             u, s, v = unpack_lowrank(x, self.config.delta_rank, self.weight_shape[0])
+            if self.config.generator == "diffusion":
+                # a draw should be a valid factorisation, and stored u_k, v_k are unit vectors: an
+                # imperfect denoiser overshoots their length (7x after 2,000 steps on LeNet5's
+                # conv2), so the size of each term comes from s_k alone. The regressor's
+                # prediction is a conditional mean, whose shorter vectors are the right hedge.
+                u = u / u.norm(dim=2, keepdim=True).clamp_min(1e-12)  # (n, r, out)
+                v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-12)  # (n, r, in')
             return LowRankDelta(u, rho.unsqueeze(1) * s, v)  # (n, r, out), (n, r), (n, r, in')
         return FullDelta((rho.view(n, 1, 1) * x).reshape(n, *self.weight_shape))
 

@@ -292,7 +292,10 @@ def test_fit_lowers_the_loss_and_generates_factors(tmp_path) -> None:
     cond, _ = m.conditioning(torch.randn(3, 1, 28, 28))
     spec = m.generate(cond, num_draws=2, rng=torch.Generator().manual_seed(0))
     assert spec.u.shape == (6, 2, 16) and spec.s.shape == (6, 2) and spec.v.shape == (6, 2, 150)
-    # the generated factors live on the stored factors' scale (s times rho)
+    # a diffusion draw is a valid factorisation: unit u_k and v_k, the size of each term in s_k
+    torch.testing.assert_close(spec.u.norm(dim=2), torch.ones(6, 2))
+    torch.testing.assert_close(spec.v.norm(dim=2), torch.ones(6, 2))
+    # and the generated factors live on the stored factors' scale (s times rho)
     stored = store.load(["lowrank_s", "rho"])
     typical = (stored["lowrank_s"] * stored["rho"].unsqueeze(1)).abs().mean()
     assert 0.1 < float(spec.s.abs().mean() / typical) < 10
