@@ -206,7 +206,7 @@ def headroom_table(pairs: Sequence[tuple[str, str]]) -> str:
             ]
             name = (part.get("title") or SHORT_NAMES.get(d["benchmark"], d["benchmark"])).split(
                 " ("
-            )[0]
+            )[0] + _variant(d.get("settings", {}))
             if d.get("settings", {}).get("hidden_layers") == 0:
                 name = name.replace("/ MLP", "/ linear model")
             cells = [
