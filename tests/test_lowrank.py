@@ -19,7 +19,9 @@ import ocdwrap
 from ocdwrap.deltas import LowRankDelta, canonical_factors, lowrank_factors
 from ocdwrap.errors import BaseModelMismatchError, CollectionExistsError, ConfigError
 from ocdwrap.hypernet import OCDHyperNetwork
+from ocdwrap.io import part_name
 from ocdwrap.layer import DynamicLayer, FullDelta, LayerState
+from ocdwrap.store import merge_parts
 
 CE = nn.CrossEntropyLoss(reduction="none")
 SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=16, fit_lr=1e-3)
@@ -199,6 +201,47 @@ def test_collect_batch_equals_one_at_a_time(tmp_path) -> None:
         torch.testing.assert_close(a["lowrank_v"][i], v[0], rtol=0, atol=1e-3)
         torch.testing.assert_close(a["lowrank_energy"][i], energy[0], rtol=1e-4, atol=0)
     assert 0.2 < float(a["lowrank_energy"].mean()) < 0.999  # a conv delta is not rank 3
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupting(loader: DataLoader, after: int):
+    for i, batch in enumerate(loader):
+        if i == after:
+            raise _Interrupted
+        yield batch
+
+
+def test_resumed_and_merged_collections_equal_one_uninterrupted(tmp_path) -> None:
+    """Per-sample factors need nothing from other samples: resuming and merging parts are exact."""
+    m = ocdwrap.wrap(
+        lenet_conv_case().make(), layer="conv2", config=_cfg(delta="auto", shard_size=8)
+    )
+    one = ocdwrap.collect(m, _lenet_data(24, 4), CE, tmp_path / "one", progress=False)
+    with pytest.raises(_Interrupted):
+        ocdwrap.collect(m, _interrupting(_lenet_data(24, 4), 3), CE, tmp_path / "r", progress=False)
+    assert not json.loads((tmp_path / "r" / "manifest.json").read_text())["complete"]
+    resumed = ocdwrap.collect(m, _lenet_data(24, 4), CE, tmp_path / "r", progress=False)
+    # two processes' parts, as collect_distributed writes them, merged into one collection
+    case = lenet_conv_case()
+    x, y = case.inputs(24), case.targets(24)
+    for rank, (lo, hi) in enumerate([(0, 12), (12, 24)]):
+        part = DataLoader(TensorDataset(x[lo:hi], y[lo:hi]), batch_size=4)
+        ocdwrap.collect(m, part, CE, tmp_path / "m" / part_name(rank, 2), progress=False)
+    merge_parts(tmp_path / "m", [(0, 12), (12, 24)], 2)
+    merged = ocdwrap.DeltaStore(tmp_path / "m")
+    want = one.load()
+    for other in (resumed, merged):
+        got = other.load()
+        assert got.keys() == want.keys() and "lowrank_u" in got
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+        assert other.manifest["summary"] == one.manifest["summary"]
+    assert one.manifest["summary"]["lowrank_energy"]["rank"] == 4
+    ocdwrap.fit(m, merged, steps=2, progress=False)  # the merged manifest resolves "auto"
+    assert m.hypernet.delta == "lowrank"
 
 
 # --- the layer applies the factors without forming the matrix ----------------------------------------
