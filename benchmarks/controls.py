@@ -66,7 +66,7 @@ def pseudo_label_spec(model: ocdwrap.OCDModel, x: Any, task: Task) -> FullDelta:
 
 def _spec_matrix(spec: Any) -> torch.Tensor:
     """(B, out * in...) matrices of a delta spec."""
-    full = spec.full() if isinstance(spec, Rank1Delta) else spec.delta
+    full = spec.full()
     return full.reshape(full.shape[0], -1).float()
 
 

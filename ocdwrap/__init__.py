@@ -18,7 +18,7 @@ The pipeline, one module each (docs/architecture.md has the whole map)::
 from .capture import Conditioning
 from .collect import collect
 from .config import OCDConfig
-from .deltas import FullDelta, Rank1Delta
+from .deltas import FullDelta, LowRankDelta, Rank1Delta
 from .errors import OCDError
 from .evaluation import evaluate_ocd
 from .fit import FitReport, fit
@@ -38,6 +38,7 @@ __all__ = [
     "FullDelta",
     "HeadroomReport",
     "LayerScores",
+    "LowRankDelta",
     "OCDConfig",
     "OCDError",
     "OCDModel",

@@ -32,6 +32,11 @@ class FullDelta:
     def batch(self) -> int:
         return self.delta.shape[0]
 
+    def full(self, weight_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The per-sample weights changes, (B, *weight.shape) (every spec type has ``full``)."""
+        d = self.delta
+        return d if weight_shape is None else d.reshape(self.batch, *weight_shape)
+
 
 @dataclass
 class Rank1Delta:
@@ -44,9 +49,10 @@ class Rank1Delta:
     def batch(self) -> int:
         return self.u.shape[0]
 
-    def full(self) -> torch.Tensor:
+    def full(self, weight_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The matrices, (B, out, in)."""
-        return self.u.unsqueeze(2) * self.v.unsqueeze(1)
+        mats = self.u.unsqueeze(2) * self.v.unsqueeze(1)
+        return mats if weight_shape is None else mats.reshape(self.batch, *weight_shape)
 
 
 @dataclass

@@ -127,6 +127,8 @@ class OCDModel(nn.Module):
         super().__init__()
         config = (config or OCDConfig()).replace(layer=layer)
         original = resolve_layer(base, layer)
+        if config.delta == "lowrank":  # a rank the layer cannot have: say so now, not at collect
+            config.lowrank_rank(tuple(original.weight.shape), layer)
         self.config = config
         self.layer_name = layer
         self._state = LayerState()

@@ -377,20 +377,22 @@ def test_delta_rank_below_one_is_a_config_error(rank) -> None:
         ocdwrap.OCDConfig(delta="lowrank", delta_rank=rank)
 
 
-def test_delta_rank_above_the_layer_is_named_before_collecting(tmp_path) -> None:
+def test_delta_rank_above_the_layer_is_named_at_wrap_and_before_collecting(tmp_path) -> None:
+    pattern = r"delta_rank=7.*'conv1'.*\(6, 1, 5, 5\).*6 x 25.*delta_rank <= 6"
+    with pytest.raises(ConfigError, match=pattern):
+        ocdwrap.wrap(
+            lenet_conv_case().make(), layer="conv1", config=_cfg(delta="lowrank", delta_rank=7)
+        )
     m = ocdwrap.wrap(
-        lenet_conv_case().make(), layer="conv1", config=_cfg(delta="lowrank", delta_rank=7)
+        lenet_conv_case().make(), layer="conv1", config=_cfg(delta="lowrank", delta_rank=6)
     )
-    with pytest.raises(
-        ConfigError, match=r"delta_rank=7.*'conv1'.*\(6, 1, 5, 5\).*6 x 25.*delta_rank <= 6"
-    ):
+    m.config = m.config.replace(delta_rank=7)  # changed after wrapping: collect checks again
+    with pytest.raises(ConfigError, match=pattern):
         ocdwrap.collect(m, _lenet_data(), CE, tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()  # nothing was overfitted or written
-    linear = ocdwrap.wrap(
-        mlp_case().make(), layer="fc2", config=_cfg(delta="lowrank", delta_rank=17)
-    )
     with pytest.raises(ConfigError, match=r"\(16, 32\).*delta_rank <= 16"):
-        ocdwrap.collect(linear, _vectors(), CE, tmp_path / "l", progress=False)
+        ocdwrap.wrap(mlp_case().make(), layer="fc2", config=_cfg(delta="lowrank", delta_rank=17))
+    ocdwrap.wrap(mlp_case().make(), layer="fc2", config=_cfg(delta="auto", delta_rank=17))
 
 
 @pytest.fixture(scope="module")

@@ -277,7 +277,6 @@ def delta_comparison(
         >>> cmp.cosine                                                                              # doctest: +SKIP
     """
     from ..batches import to_device
-    from ..layer import Rank1Delta
     from ..overfit import overfit_batch
 
     inputs, target = to_device(inputs, model.device), to_device(target, model.device)
@@ -286,7 +285,7 @@ def delta_comparison(
     kwargs = dict(inputs) if isinstance(inputs, Mapping) else {}
     cond, _ = model.conditioning(*args, **kwargs)
     spec = model.generate(cond, num_draws=1, rng=rng)
-    gen = spec.full() if isinstance(spec, Rank1Delta) else spec.delta
+    gen = spec.full(model.weight_shape)
     gen, over = _as_matrix(gen), _as_matrix(res.delta)
     cos = torch.nn.functional.cosine_similarity(gen.flatten(1), over.flatten(1), dim=1)
     tgt = target.cpu() if isinstance(target, torch.Tensor) and target.dim() == 1 else None
