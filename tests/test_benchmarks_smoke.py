@@ -243,7 +243,10 @@ def test_report_update_renders_the_committed_docs(tmp_path, capsys) -> None:
         with open(os.path.join(ROOT, "docs", name)) as f:
             assert open(doc).read() == f.read(), f"docs/{name} is not what its JSONs render"
     printed = capsys.readouterr().out
-    assert "results.md: 8 blocks rendered" in printed and "figures.md: 1 blocks rendered" in printed
+    for name in ("results.md", "figures.md"):  # every marked block was rendered
+        with open(os.path.join(ROOT, "docs", name)) as f:
+            blocks = sum(line.startswith("<!-- render: ") for line in f)
+        assert blocks >= 1 and f"{name}: {blocks} blocks rendered" in printed
     unclosed = tmp_path / "unclosed.md"
     unclosed.write_text("<!-- render: docs/results/mnist.json -->\nold text\n")
     with pytest.raises(ValueError, match="not closed"):
