@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import cli, controls, figures, notes, report, timing
+import benchmarks.cli as cli
+import benchmarks.controls as controls
+from benchmarks import figures, notes, report, timing
 from benchmarks.datasets import available, tensor_loader
 from benchmarks.experiment import run_ocd
 from benchmarks.results import Metric, Results, Row
