@@ -22,14 +22,20 @@ from torch import nn
 
 import ocdwrap
 from ocdwrap.batches import read_output, split_batch, to_device
-from ocdwrap.layer import FullDelta, Rank1Delta
+from ocdwrap.deltas import LOWRANK_KEYS
+from ocdwrap.layer import FullDelta, LowRankDelta, Rank1Delta
 
 from .scoring import Task, evaluate_module, evaluate_predictions, spec_to
 from .zoo import continue_training
 
 
 class NearestNeighbour:
-    """The stored delta of the training sample whose input is closest (L2) to each test input."""
+    """The stored delta of the training sample whose input is closest (L2) to each test input.
+
+    Reads whichever form the collection stores (its manifest's keys, so a ``delta="auto"``
+    collection works too): rank-one factors, low-rank factors or full matrices; the spec it
+    returns is of the same form (:class:`~ocdwrap.LowRankDelta` for a low-rank store).
+    """
 
     def __init__(
         self,
@@ -39,9 +45,21 @@ class NearestNeighbour:
         nn_train: torch.Tensor,
         nn_test: torch.Tensor,
     ) -> None:
-        keys = ["index", "rho"] + (["u", "v"] if cfg.delta == "rank1" else ["delta"])
-        self.data = store.load(keys)
-        self.rank1, self.shape = cfg.delta == "rank1", shape
+        stored = set(store.keys)
+        if {"u", "v"} <= stored and "delta" not in stored:
+            self.form, keys = "rank1", ["u", "v"]
+        elif set(LOWRANK_KEYS) <= stored:
+            self.form, keys = "lowrank", list(LOWRANK_KEYS)
+        elif "delta" in stored:
+            self.form, keys = "full", ["delta"]
+        else:
+            raise ValueError(
+                f"NearestNeighbour: the collection in {store.directory} stores {sorted(stored)}, "
+                "none of the delta forms (u/v, lowrank_u/s/v, delta); collect it again."
+            )
+        del cfg  # the form is the store's, whatever the config now says
+        self.data = store.load(["index", "rho", *keys])
+        self.rank1, self.shape = self.form == "rank1", shape
         idx = self.data["index"].to(nn_train.device)
         self.train = nn_train[idx].float().reshape(len(idx), -1)
         self.test = nn_test.float().reshape(len(nn_test), -1)
@@ -51,8 +69,11 @@ class NearestNeighbour:
         q = self.test[start : start + count]
         idx = torch.cdist(q, self.train).argmin(1).cpu()
         rho = self.data["rho"][idx]
-        if self.rank1:
+        if self.form == "rank1":
             return Rank1Delta(rho.unsqueeze(1) * self.data["u"][idx], self.data["v"][idx])
+        if self.form == "lowrank":
+            u, s, v = (self.data[k][idx] for k in LOWRANK_KEYS)
+            return LowRankDelta(u, rho.unsqueeze(1) * s, v)
         d = self.data["delta"][idx] * rho.view(-1, 1, 1)
         return FullDelta(d.reshape(len(idx), *self.shape))
 

@@ -24,27 +24,32 @@ OCD: on ``fc1`` (128 x 63, the layer the paper's selection picks), which sees ev
 every ray: its input is (B, rays x samples, 63), the batch in dim 0, so one view's delta sums
 the gradients of thousands of points and is not rank one. A sample is one view (pose -> image);
 its overfit is Adam 5e-3 x 10 steps on the whole-image MSE, weight only (the authors' setting).
-The generator is the full-matrix UNet at a CPU size (``--delta full``, channels (16, 32)) or
-``--delta lowrank --delta-rank r`` once the library has it. Conditioning is what ocdwrap
-captures, label-free: the mean positional encoding of the view's ray points (a function of the
-pose), the mean fc1 activation, and the base render pooled by ocdwrap (see docs/results.md).
+The main rows' generator works on low-rank deltas (``--delta lowrank``, rank ``--delta-rank``,
+the library default 4: each view's delta kept as its top-4 SVD factor pairs, an MLP denoiser);
+the full-matrix UNet at a CPU size (``--unet-channels``, (8, 16)) is a row of its own, fitted on
+its own collection of the same views (``--delta full`` makes it the main rows instead).
+Conditioning is what ocdwrap captures, label-free: the mean positional encoding of the view's ray
+points (a function of the pose), the mean fc1 activation, and the base render read
+channels-last and pooled to 4 x 4 cells per colour (``OCDConfig(output_layout="channels_last",
+output_grid=4)``, ``--output-grid``).
 
 Rows, per scene, mean ± sd over seeds, MSE and PSNR (= -10 log10 of the mean MSE) on the
 held-out views: base; base + compute-matched (the base trained further, same recipe, for the wall
 time of OCD's collection and fitting); OCD (1 draw); OCD(K); no scaling (global rho); the
 regression generator; nearest neighbour (the stored delta of the training view whose pose is
-closest, L2 on the 4 x 4 matrix); overfit on the test view with its delta truncated to rank r
+closest, L2 on the 4 x 4 matrix); the full-matrix UNet (1 draw); overfit on the test view with its delta truncated to rank r
 (SVD: what a rank-r parameterisation can express at best); overfit on the test view (upper
 bound). The paper's Table 3 numbers stand beside ours; they are for the real Blender scenes.
 
 CPU default (one scene, one seed, within 20 minutes on 2 shared cores, ``OMP_NUM_THREADS=1``):
 views of 32 x 32 pixels (focal 44.45), 16 depth samples per ray, all 100 training views
 collected, 25 test views; base 2,000 iterations of 512 rays (the authors: 3,000 iterations);
-the UNet with channels (8, 16), 400 fit steps of 16 deltas. One overfit of a view (11 passes over
+400 fit steps (low-rank: batches of 256; the UNet with channels (8, 16): batches of 16). One overfit of a view (11 passes over
 its 16,384 ray points) takes 1.5 to 2.5 s there, a fit step 0.2 to 0.7 s (with other jobs
 running), and the compute-matched row costs as much again as collection and fit together.
-With 24 samples and 500 fit steps the run took 23 minutes on that machine, loaded. ``--size 100 --samples 64 --rays 4096
---unet-channels 32 64 64 --fit-steps 5000`` is near the authors' size, for a GPU.
+With 24 samples and 500 fit steps the run took 23 minutes on that machine, loaded. The paper's
+size is 100 x 100 px: ``--size 100 --samples 64 --rays 4096 --unet-channels 32 64 64
+--fit-steps 5000`` is near the authors' setting, for a GPU (``--device cuda``), not for 2 cores.
 """
 
 from __future__ import annotations
@@ -91,6 +96,8 @@ PAPER = {
     "hotdog": (".063", ".032", ".047"),
     "drums": (".068", ".049", ".057"),
 }
+UNET_CHANNELS = (8, 16)  # the full-matrix UNet at a CPU size
+OUTPUT_GRID = 4  # the base render pooled to 4 x 4 cells per colour for the conditioning
 METRICS = [Metric("mse", "test MSE", ".5f"), Metric("psnr", "test PSNR (dB)", ".2f")]
 
 
@@ -231,15 +238,19 @@ def train_nerf(
 
 
 # --- rows --------------------------------------------------------------------------------------
-def rows_for(scene: str, rank: int) -> list[Row]:
-    """The table's rows, with the paper's Table 3 numbers of ``scene`` (MSE) beside ours."""
+def rows_for(scene: str, rank: int, unet: tuple[int, ...] | None = UNET_CHANNELS) -> list[Row]:
+    """The table's rows, with the paper's Table 3 numbers of ``scene`` (MSE) beside ours;
+    ``unet``: the channels of the full-matrix UNet row (None: no such row, the main rows are
+    the full-matrix UNet)."""
     base, overfit, ocd = PAPER.get(scene, ("—", "—", "—"))
+    extra = [Row("full_unet", f"full-matrix UNet {tuple(unet)}, 1 draw")] if unet else []
     return [
         Row("base", "base TinyNeRF", {"mse": base}),
         Row("compute_matched", "base + compute-matched extra training"),
         Row("ocd", "OCD, 1 draw", {"mse": ocd}),
         Row("ocd_k", "OCD(5) ensemble"),
         Row("global", "no scaling (global ρ), 1 draw"),
+        *extra,
         Row("regression", "regression generator (no diffusion)"),
         Row("nn", "nearest neighbour (pose space)"),
         Row("overfit_rank", f"overfit fc1 on test, delta truncated to rank {rank}"),
@@ -260,26 +271,23 @@ def rank_energy(delta: torch.Tensor, ranks: tuple[int, ...] = (1, 2, 4, 8, 16)) 
     return {str(r): float(share[:, min(r, share.shape[1]) - 1].mean()) for r in ranks}
 
 
-class _Agreement(Agreement):
-    """:class:`Agreement` for any delta type: specs are compared as full matrices (controls.py
-    reads rank-one and full specs only; ``--delta lowrank`` generates ``LowRankDelta``)."""
-
-    def score(self, spec_fn: Any) -> dict[str, float]:
-        def full(*a: Any) -> FullDelta:
-            spec = spec_fn(*a)
-            return spec if isinstance(spec, FullDelta) else FullDelta(spec.full())
-
-        return super().score(full)
-
-
-def nerf_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
-    """The shared benchmark config with the authors' TinyNeRF overfit (Adam 5e-3 x 10) and a
-    CPU-sized full-matrix UNet, or low-rank deltas of rank ``--delta-rank``."""
-    kw: dict[str, Any] = {"overfit_steps": OVERFIT_STEPS, "task": "regression"}
-    if args.delta == "lowrank":
+def nerf_config(args: Any, seed: int, delta: str | None = None) -> ocdwrap.OCDConfig:
+    """The shared benchmark config with the authors' TinyNeRF overfit (Adam 5e-3 x 10), the
+    render read channels-last and pooled to ``--output-grid`` cells per colour, and low-rank
+    deltas of rank ``--delta-rank`` or a CPU-sized full-matrix UNet (``delta``, default
+    ``--delta``)."""
+    delta = delta or args.delta
+    kw: dict[str, Any] = {
+        "overfit_steps": OVERFIT_STEPS,
+        "task": "regression",
+        "delta": delta,
+        "output_layout": "channels_last",
+        "output_grid": args.output_grid,
+    }
+    if delta == "lowrank":
         kw["delta_rank"] = args.delta_rank
     cfg = cli.ocd_config(args, seed, **kw)
-    if args.delta == "full" and not args.paper:
+    if delta == "full" and not args.paper:
         cfg = cfg.replace(unet_channels=tuple(args.unet_channels), fit_batch_size=16)
     return cfg
 
@@ -291,7 +299,7 @@ def ocd_rows(
     test views gives the upper bound, its rank-r truncation and the deltas' agreement); returns
     the run and the renders of test view 0 (truth, base, OCD, overfit) for the figure."""
     task, dev, cfg = ImageTask(), args.device, nerf_config(args, seed)
-    rows = ["ocd", "ocd_k", "global", "regression"] + (["nn"] if args.delta == "full" else [])
+    rows = ["ocd", "ocd_k", "global", "regression", "nn"]
     info: dict[str, Any] = {"layer": LAYER, "config": cfg.to_dict(), "agreement": {}, "row_s": {}}
     run = _Rows(task, loaders["test"], rows, seed, f"[{data.name} {LAYER}] ", info)
     model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
@@ -299,7 +307,7 @@ def ocd_rows(
         store = run.collect_and_fit(model, loaders["train"], out_dir, dev, args.progress)
         log(f"{run.tag}overfitting {LAYER} on each of the {len(data.test_poses)} test views")
         run.agree, info["overfit_test_s"] = timed(
-            lambda: _Agreement(model, loaders["test"], task, len(data.test_poses))
+            lambda: Agreement(model, loaders["test"], task, len(data.test_poses))
         )
         true = {it[5]: it[3].reshape(-1, *model.weight_shape) for it in run.agree.items}
         info["true_delta_rank_energy"] = rank_energy(torch.cat(list(true.values())))
@@ -315,20 +323,45 @@ def ocd_rows(
                     key, what, model, lambda x, y, p: FullDelta(fn(true[p]))
                 )
             )
-        if "nn" in rows:
-            near = NearestNeighbour(
-                store, cfg, model.weight_shape, data.train_poses, data.test_poses
-            )
-            _, info["row_s"]["nn"] = timed(
-                lambda: run.delta_row("nn", "nearest neighbour", model, lambda x, y, p: near.spec(p, len(y)))
-            )  # fmt: skip
+        near = NearestNeighbour(store, cfg, model.weight_shape, data.train_poses, data.test_poses)
+        _, info["row_s"]["nn"] = timed(
+            lambda: run.delta_row("nn", "nearest neighbour", model, lambda x, y, p: near.spec(p, len(y)))
+        )  # fmt: skip
         renders = first_view_renders(model, data, true[0][:1], seed)
     finally:
         model.unload()
     _, info["row_s"]["regression (fit + eval)"] = timed(
         lambda: run.regression_row(base, LAYER, cfg, store, dev, args.progress)
     )
+    if args.delta == "lowrank":
+        _, info["row_s"]["full-matrix UNet (collect + fit + eval)"] = timed(
+            lambda: full_unet_row(args, seed, base, loaders, out_dir + "-full", run)
+        )
     return OCDRun(run.out, run.info), renders
+
+
+def full_unet_row(
+    args: Any, seed: int, base: TinyNeRF, loaders: dict, out_dir: str, main: _Rows
+) -> None:
+    """The full-matrix UNet at a CPU size (``--unet-channels``), on its own collection of the
+    same training views, scored with one draw (row ``full_unet``; its times and agreement go
+    to ``info["full_unet"]``, so the compute-matched row stays matched to the main OCD)."""
+    task, cfg = ImageTask(), nerf_config(args, seed, delta="full")
+    info: dict[str, Any] = {"layer": LAYER, "config": cfg.to_dict()}
+    main.info["full_unet"] = info
+    run = _Rows(task, main.test_loader, ["ocd"], seed, main.tag + "full UNet: ", info)
+    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    try:
+        run.collect_and_fit(model, loaders["train"], out_dir, args.device, args.progress)
+        main.out["full_unet"], info["eval_s"] = timed(lambda: run.ocd_eval(model, 1))
+        log(f"{run.tag}1 draw: {main.out['full_unet']}")
+        if main.agree:
+            rng = torch.Generator(device=model.device).manual_seed(seed)
+            main.info["agreement"]["full_unet"] = main.agree.score(
+                lambda x, y, cond, p: model.generate(cond, rng=rng)
+            )
+    finally:
+        model.unload()
 
 
 @torch.no_grad()
@@ -439,13 +472,23 @@ def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
         f"{data.size} px, focal {data.focal:g}; rendered in {data.seconds:.0f} s"
         + (" (read from the cache)" if data.cached else "")
     )
+    full = [i["ocd"]["full_unet"] for i in infos if "full_unet" in i.get("ocd", {})]
+    if full:
+        out.append(
+            f"full-matrix UNet row: channels {tuple(args.unet_channels)}, fit batch 16, its own "
+            f"collection of the same views: collect {[round(f['collect_s']) for f in full]} s, "
+            f"fit {[round(f['fit_s']) for f in full]} s (not counted in the compute-matched time)"
+        )
     out.append(
         f"settings: OCD on {LAYER} (128 × 63), delta={args.delta}"
         + (
             f" (UNet channels {tuple(args.unet_channels)})"
             if args.delta == "full"
-            else f" (rank {args.delta_rank})"
+            else f" (rank {args.delta_rank}, MLP denoiser)"
         )
+        + f"; conditioning: the base render read channels-last, pooled to {args.output_grid} × "
+        f"{args.output_grid} cells per colour (OCDConfig(output_layout='channels_last', "
+        f"output_grid={args.output_grid}))"
         + f", overfit Adam {OVERFIT_LR:g} × {OVERFIT_STEPS} on the whole-image MSE, all {len(data.train_poses)} "
         f"training views collected, {args.fit_steps} fit steps, K={args.draws}, {args.samples} fixed depth "
         "samples per ray at evaluation; PSNR = -10 log10(mean test MSE); paper: Table 3, real Blender scenes"
@@ -487,7 +530,8 @@ def parse_args(argv: list[str] | None) -> Any:
     p = cli.base_parser(MODULE, __doc__, seeds=(0,))
     for action in p._actions:  # this benchmark's layer sees many points per view: no rank one
         if action.dest == "delta":
-            action.choices, action.help = ["full", "lowrank"], "full (default) or lowrank"
+            action.choices = ["full", "lowrank"]
+            action.help = "lowrank (default; plus a full-matrix UNet row) or full"
     p.set_defaults(overfit_lr=OVERFIT_LR)
     p.add_argument("--scenes", nargs="+", choices=list(SCENES), default=["lego"])
     p.add_argument(
@@ -501,7 +545,19 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--train-views", type=int, default=100, help="training views (all collected)")
     p.add_argument("--test-views", type=int, default=25, help="held-out views scored")
     p.add_argument("--view-batch", type=int, default=5, help="views per collect / eval batch")
-    p.add_argument("--unet-channels", type=int, nargs="+", default=[8, 16], help="--delta full")
+    p.add_argument(
+        "--unet-channels",
+        type=int,
+        nargs="+",
+        default=list(UNET_CHANNELS),
+        help="channels of the full-matrix UNet (its own row, or the main rows with --delta full)",
+    )
+    p.add_argument(
+        "--output-grid",
+        type=int,
+        default=OUTPUT_GRID,
+        help="the base render pooled to this many cells per side per colour (OCDConfig.output_grid)",
+    )
     p.add_argument(
         "--cache-dir", default=None, help="scene cache (default ~/.cache/ocdwrap/scenes)"
     )
@@ -520,7 +576,7 @@ def parse_args(argv: list[str] | None) -> Any:
             f"--overfit-lr: this benchmark keeps the authors' TinyNeRF overfit (Adam {OVERFIT_LR:g} x 10)"
         )
     args.fit_steps = args.fit_steps or (20000 if args.paper else 400)
-    args.delta = args.delta or "full"
+    args.delta = args.delta or "lowrank"
     if args.delta_rank < 1:
         p.error(f"--delta-rank must be >= 1, got {args.delta_rank}")
     return args
@@ -546,7 +602,8 @@ def main(argv: list[str] | None = None) -> dict:
         log(
             f"{name}: {'read from the cache' if data.cached else 'rendered'} ({data.path}), {data.seconds:.1f} s"
         )
-        res = Results(f"nerf-{name}", rows_for(name, args.delta_rank), METRICS)
+        unet = tuple(args.unet_channels) if args.delta == "lowrank" else None
+        res = Results(f"nerf-{name}", rows_for(name, args.delta_rank, unet), METRICS)
         title = f"TinyNeRF / {name} (procedural stand-in), OCD on {LAYER} (128×63)"
         for seed in args.seeds:
             renders = run_seed(args, seed, data, res, workdir)

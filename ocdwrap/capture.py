@@ -7,7 +7,15 @@ positions are pooled *per sample* (never across the batch):
 * Linear input/output (B, ..., F): mean over every dimension between the batch and the features,
   ignoring padded tokens when the batch carries an ``attention_mask`` of matching length;
 * Conv2d input/output (B, C, H, W): mean over H and W;
-* model output: (B,) -> (B, 1); (B, F) as is; (B, T, F) mean over T; (B, C, H, W) mean over H, W.
+* model output: (B,) -> (B, 1); (B, F) as is; (B, T, F) mean over T; (B, C, H, W) mean over H, W,
+  or (B, H, W, C) for ``OCDConfig(output_layout="channels_last")`` (a render), and with
+  ``output_grid=g`` average-pooled to g x g cells per channel instead of one mean.
+
+A layer reached several times in one forward pass is an error by default (a shared module
+would mix two roles). With ``OCDConfig(layer_calls="chunks")`` (rays rendered in chunks, a
+sequence in windows) every call counts as more positions of the same samples: each call must
+carry the whole batch in dim 0, and the pooled input and output are the mean over all
+positions of all calls.
 
 The hook records only while a capture session of the calling thread is open, so a backward
 pass that recomputes the forward (gradient checkpointing) cannot corrupt what was captured.
@@ -21,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import LayerReachError
+from .errors import ConfigError, LayerReachError
 from .layer import LayerState
 
 
@@ -94,8 +102,26 @@ def pool_layer_tensor(
     return _masked_mean(t.reshape(batch, -1, t.shape[-1]), mask)
 
 
-def pool_model_output(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pool a model output to (B, F) per sample."""
+def pool_model_output(
+    t: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    layout: str = "channels_first",
+    grid: int = 1,
+) -> torch.Tensor:
+    """Pool a model output to (B, F) per sample.
+
+    A spatial output (4+ dimensions) is (B, C, *spatial) for ``layout="channels_first"`` or
+    (B, *spatial, C) for ``"channels_last"``; each channel is averaged over the spatial
+    positions (``grid=1``) or pooled to ``grid`` x ``grid`` cells (two spatial dimensions),
+    flattened channel-major.
+
+    Example:
+        >>> render = torch.rand(2, 32, 32, 3)
+        >>> pool_model_output(render, layout="channels_last").shape     # mean colour
+        torch.Size([2, 3])
+        >>> pool_model_output(render, layout="channels_last", grid=4).shape
+        torch.Size([2, 48])
+    """
     t = t.detach().float()
     if t.dim() == 1:
         return t.unsqueeze(1)
@@ -103,7 +129,23 @@ def pool_model_output(t: torch.Tensor, mask: torch.Tensor | None = None) -> torc
         return t
     if t.dim() == 3:
         return _masked_mean(t, mask)
-    return t.flatten(2).mean(dim=2)
+    if layout == "channels_last":
+        t = t.movedim(-1, 1)  # (B, C, *spatial)
+    if grid == 1:
+        return t.flatten(2).mean(dim=2)
+    if t.dim() != 4:
+        raise ConfigError(
+            f"OCDConfig.output_grid={grid} pools two spatial dimensions, but the model output has "
+            f"shape {tuple(t.shape)} (after moving channels first). Use output_grid=1 (the mean "
+            "over every position), or return (B, C, H, W) / (B, H, W, C) outputs."
+        )
+    if t.shape[2] < grid or t.shape[3] < grid:
+        raise ConfigError(
+            f"OCDConfig.output_grid={grid} asks for more cells than the model output's spatial size "
+            f"{tuple(t.shape[2:])} (channels {t.shape[1]}, layout {layout!r}). Use output_grid <= "
+            f"{min(t.shape[2:])}, or check output_layout: 'channels_last' reads (B, H, W, C)."
+        )
+    return torch.nn.functional.adaptive_avg_pool2d(t, grid).flatten(1)
 
 
 class LayerCapture:
@@ -117,11 +159,6 @@ class LayerCapture:
         records = self.state.capture
         if records is None:
             return
-        if records:
-            raise LayerReachError(
-                "The target layer was reached more than once in one forward pass (a shared module?). "
-                "OCD needs one input per sample: choose a layer that runs once per forward pass."
-            )
         records.append((args[0], output))
 
     def remove(self) -> None:
@@ -139,25 +176,75 @@ class LayerCapture:
             self.state.capture = previous
 
 
+def _pool_calls(tensors: list[torch.Tensor], kind: str, batch: int, mask) -> torch.Tensor:
+    """The per-sample mean over every position of every call (weighted by positions per call)."""
+    if len(tensors) == 1:
+        return pool_layer_tensor(tensors[0].detach(), kind, batch, mask)
+    total, count = None, 0
+    for i, t in enumerate(tensors):
+        rows = t.shape[0]
+        if rows % batch != 0:
+            raise LayerReachError(
+                f"The target layer was reached {len(tensors)} times in one forward pass, and call "
+                f"{i + 1} got {rows} rows in dim 0, not the batch of {batch} (or a multiple of it). "
+                "ocdwrap counts every call as more positions of the same samples (e.g. rays "
+                "rendered in chunks), so each call must carry the whole batch in dim 0: chunk "
+                "along positions (dim 1), not along samples."
+            )
+        positions = t[0].numel() // t.shape[-1] if kind == "linear" else t[0, 0].numel()
+        positions *= rows // batch
+        part = pool_layer_tensor(t.detach(), kind, batch, None) * positions
+        total = part if total is None else total + part
+        count += positions
+    return total / count
+
+
 def build_conditioning(
     records: list,
     model_output: torch.Tensor,
     kind: str,
     batch: int,
     mask: torch.Tensor | None = None,
+    *,
+    layout: str = "channels_first",
+    grid: int = 1,
+    calls: str = "once",
 ) -> Conditioning:
-    """Turn what a capture session recorded into pooled per-sample conditioning."""
+    """Turn what a capture session recorded into pooled per-sample conditioning.
+
+    ``records`` holds one (input, output) pair per call of the target layer; several calls are
+    pooled as one (see the module docstring). ``layout`` and ``grid`` are the config's
+    ``output_layout`` and ``output_grid``, ``calls`` its ``layer_calls``.
+    """
     if not records:
         raise LayerReachError(
             "The target layer was never reached in the forward pass, so no conditioning could be "
             "captured. Check that the layer named is used by the model's forward(), or pick another."
         )
-    x, y = records[0]
+    if len(records) > 1 and calls != "chunks":
+        raise LayerReachError(
+            f"The target layer was reached {len(records)} times in one forward pass, and OCD "
+            "needs one input per sample. If the calls are chunks of the same samples' positions "
+            "(rays rendered in chunks, a long sequence in windows; each call with the whole batch "
+            "in dim 0), set OCDConfig(layer_calls='chunks'). If the layer is a shared module used "
+            "more than once, choose a layer that runs once per forward pass."
+        )
+    if len(records) > 1 and mask is not None:
+        mask = None if any(x.shape[:2] != mask.shape for x, _ in records) else mask
     return Conditioning(
-        pool_layer_tensor(x.detach(), kind, batch, mask),
-        pool_layer_tensor(y.detach(), kind, batch, mask),
-        pool_model_output(model_output, mask),
+        _pool_calls([x for x, _ in records], kind, batch, mask),
+        _pool_calls([y for _, y in records], kind, batch, mask),
+        pool_model_output(model_output, mask, layout, grid),
     )
+
+
+def conditioning_options(config) -> dict:
+    """The keyword arguments of :func:`build_conditioning` an :class:`OCDConfig` sets."""
+    return {
+        "layout": config.output_layout,
+        "grid": int(config.output_grid),
+        "calls": config.layer_calls,
+    }
 
 
 def attention_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:

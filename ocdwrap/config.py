@@ -40,6 +40,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ("skip", "raise"),
     "delta_normalization": ("std", "rms"),
     "perturbation": ("gaussian", "reinit"),
+    "output_layout": ("channels_first", "channels_last"),
+    "layer_calls": ("once", "chunks"),
 }
 
 
@@ -91,6 +93,30 @@ class OCDConfig:
     )
     on_nonfinite: str = _f(
         "skip", "What collect()/fit() do on NaN/Inf: 'skip' the sample and count it, or 'raise'."
+    )
+
+    # --- conditioning ----------------------------------------------------------------------
+    output_layout: str = _f(
+        "channels_first",
+        "How a model output of 4 or more dimensions is read for the conditioning: "
+        "'channels_first' (B, C, H, W), e.g. a segmentation or a generated image in PyTorch's "
+        "layout, or 'channels_last' (B, H, W, C), e.g. a render (B, H, W, 3). Outputs of 1-3 "
+        "dimensions are not affected.",
+    )
+    output_grid: int = _f(
+        1,
+        "Spatial model outputs (4+ dimensions) are average-pooled to output_grid x output_grid "
+        "cells per channel (adaptive average pooling), flattened channel-major, as the "
+        "conditioning's model-output part: 1 keeps each channel's mean; 4 keeps a coarse 4 x 4 "
+        "picture of a render.",
+    )
+
+    layer_calls: str = _f(
+        "once",
+        "How often the target layer may run in one forward pass: 'once' (a second call is an "
+        "error: a shared module would mix two roles) or 'chunks' (every call holds the whole "
+        "batch in dim 0 and a part of each sample's positions, e.g. rays rendered in chunks: "
+        "the conditioning pools over all calls and the overfit sums the gradients of all calls).",
     )
 
     # --- the hypernetwork -----------------------------------------------------------------
@@ -159,6 +185,12 @@ class OCDConfig:
     )
 
     # --- inference --------------------------------------------------------------------------
+    max_pass_batch: int | None = _f(
+        None,
+        "Most rows one prediction pass of the base model may take: an ensemble of num_draws=K "
+        "draws runs K x B rows, and above this many it runs them in consecutive passes "
+        "(same result). None: one pass. Also a model.sampling() setting.",
+    )
     num_draws: int = _f(
         1,
         "Draws per input when the model is called; >1 returns the ensemble mean (the paper's OCD(5)).",
@@ -196,6 +228,7 @@ class OCDConfig:
             "sampling_steps",
             "fit_batch_size",
             "num_draws",
+            "output_grid",
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"OCDConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
@@ -206,6 +239,14 @@ class OCDConfig:
                 f"delta_rank={DEFAULT_DELTA_RANK}, the default)."
             )
         self.delta_rank = int(self.delta_rank)
+        if self.max_pass_batch is not None and not _positive_int(self.max_pass_batch):
+            raise ConfigError(
+                f"OCDConfig.max_pass_batch={self.max_pass_batch!r} is not valid: it is the most rows "
+                "one prediction pass may take, so None (one pass) or an integer >= 1, e.g. "
+                "max_pass_batch=64."
+            )
+        if self.max_pass_batch is not None:
+            self.max_pass_batch = int(self.max_pass_batch)
         if self.fit_micro_batch_size is not None and int(self.fit_micro_batch_size) < 1:
             raise ConfigError(
                 "OCDConfig.fit_micro_batch_size must be None (automatic) or >= 1, "

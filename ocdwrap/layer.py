@@ -92,6 +92,8 @@ class DynamicLayer(nn.Module):
                 out = out + self.delta_term(x, spec.delta).to(out.dtype)
             if spec.probe is None:
                 spec.probe = torch.zeros_like(out, requires_grad=True)
+            if spec.probe.shape != out.shape:  # a later chunk of a chunked pass: see overfit.py
+                return out
             return out + spec.probe
         return out + self.delta_term(x, spec).to(out.dtype)
 

@@ -11,6 +11,7 @@ type. Under the hood one call is two passes over the base model:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -26,7 +27,13 @@ from safetensors import safe_open
 from torch import nn
 
 from .batches import explain_device_dtype_errors, map_tensors, read_output, replace_output
-from .capture import Conditioning, LayerCapture, attention_mask, build_conditioning
+from .capture import (
+    Conditioning,
+    LayerCapture,
+    attention_mask,
+    build_conditioning,
+    conditioning_options,
+)
 from .config import OCDConfig
 from .errors import (
     AdapterExistsError,
@@ -191,17 +198,30 @@ class OCDModel(nn.Module):
     def sampling(self, **overrides: Any) -> Iterator[OCDModel]:
         """Temporarily change sampling settings for calls in this thread.
 
-        Accepts ``num_draws``, ``seed``, ``sampler``, ``sampling_steps``, ``eta``, ``task`` and
+        Accepts ``num_draws``, ``seed``, ``sampler``, ``sampling_steps``, ``eta``, ``task``,
         ``scale`` (``"global"``: the training set's mean rho instead of the scale model's
-        rho(I(x)), the paper's "no scaling" ablation; ``"learned"``: the scale model).
+        rho(I(x)), the paper's "no scaling" ablation; ``"learned"``: the scale model) and
+        ``max_pass_batch`` (the most rows one prediction pass takes: K draws of B inputs run
+        K x B rows, in consecutive passes above it; the result is the same).
 
         Example:
             >>> with model.sampling(num_draws=5, seed=0):
             ...     logits = model(x)        # OCD(5): the mean of five generated networks
             >>> with model.sampling(scale="global"):
             ...     logits = model(x)        # the same generator with one global scale
+            >>> with model.sampling(num_draws=5, max_pass_batch=64):
+            ...     images = model(poses)    # 5 x B renders, at most 64 per pass
         """
-        allowed = {"num_draws", "seed", "sampler", "sampling_steps", "eta", "task", "scale"}
+        allowed = {
+            "num_draws",
+            "seed",
+            "sampler",
+            "sampling_steps",
+            "eta",
+            "task",
+            "scale",
+            "max_pass_batch",
+        }
         bad = set(overrides) - allowed
         if bad:
             raise TypeError(
@@ -246,7 +266,12 @@ class OCDModel(nn.Module):
         finally:
             self._state.delta = previous
         cond = build_conditioning(
-            records, read_output(out), self.layer_kind, B, attention_mask(args, kwargs)
+            records,
+            read_output(out),
+            self.layer_kind,
+            B,
+            attention_mask(args, kwargs),
+            **conditioning_options(self.config),
         )
         return cond, out
 
@@ -319,9 +344,26 @@ class OCDModel(nn.Module):
                 (args, kwargs),
                 lambda t: t.repeat_interleave(num_draws, 0) if t.dim() and t.shape[0] == B else t,
             )
-        with self.use_deltas(spec):
-            out = self._call_base(args, kwargs)
+        out = self._predict_pass(args, kwargs, spec, B * num_draws)
         return out, B
+
+    def _predict_pass(self, args: tuple, kwargs: dict, spec: DeltaSpec, rows: int) -> Any:
+        """The base model with ``spec`` on ``rows`` rows, in passes of at most
+        ``max_pass_batch`` rows (the outputs concatenated along dim 0)."""
+        limit = self._setting("max_pass_batch")
+        if limit is None or rows <= int(limit):
+            with self.use_deltas(spec):
+                return self._call_base(args, kwargs)
+        outs = []
+        for start in range(0, rows, int(limit)):
+            part = slice(start, min(start + int(limit), rows))
+            a, kw = map_tensors(
+                (args, kwargs),
+                lambda t, part=part: t[part] if t.dim() and t.shape[0] == rows else t,
+            )
+            with self.use_deltas(_slice_spec(spec, part)):
+                outs.append(self._call_base(a, kw))
+        return _concat_outputs(outs, rows)
 
     def _task(self, pred: torch.Tensor) -> str:
         task = self._setting("task")
@@ -481,6 +523,31 @@ class OCDModel(nn.Module):
             ) from e
         model.hypernet = hypernet.to(device or model.device).eval()
         return model
+
+
+def _slice_spec(spec: DeltaSpec, part: slice) -> DeltaSpec:
+    """Samples ``part`` of a delta spec (every tensor field sliced along dim 0)."""
+    return type(spec)(*(getattr(spec, f.name)[part] for f in dataclasses.fields(spec)))
+
+
+def _concat_outputs(outs: list, rows: int) -> Any:
+    """The outputs of consecutive passes as one: tensors with ``rows`` rows in all are
+    concatenated along dim 0, dicts, tuples and lists element by element, anything else is
+    taken from the first pass."""
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() and sum(o.shape[0] for o in outs) == rows:
+            return torch.cat(outs, 0)
+        return first
+    if isinstance(first, dict):
+        joined = {k: _concat_outputs([o[k] for o in outs], rows) for k in first}
+        try:
+            return type(first)(joined)
+        except Exception:
+            return joined
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat_outputs(list(parts), rows) for parts in zip(*outs))
+    return first
 
 
 def _renamed_rng(rng: torch.Generator | None, generator: torch.Generator | None):

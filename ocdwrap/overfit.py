@@ -29,9 +29,10 @@ from .batches import (
     per_sample_loss,
     read_output,
 )
-from .capture import Conditioning, attention_mask, build_conditioning
+from .capture import Conditioning, attention_mask, build_conditioning, conditioning_options
 from .config import OCDConfig
-from .deltas import FullDelta, OutputProbe
+from .deltas import FullDelta, LowRankDelta, OutputProbe, lowrank_factors
+from .errors import ConfigError
 from .model import OCDModel
 from .split import split_for
 
@@ -48,6 +49,27 @@ class OverfitResult:
     loss_after: torch.Tensor
     finite: torch.Tensor
     layer_input: torch.Tensor  # the raw (unpooled) layer input of the base pass
+
+    def spec(self, rank: int | None = None) -> FullDelta | LowRankDelta:
+        """The overfit deltas as a spec for :meth:`OCDModel.use_deltas`: the full matrices, or
+        with ``rank`` each one's best rank-``rank`` approximation (top SVD factors, as a
+        ``delta="lowrank"`` collection stores them).
+
+        Example:
+            >>> res = ocdwrap.overfit_batch(model, x, y, loss_fn)
+            >>> with model.use_deltas(res.spec()):          # the overfit-on-(x, y) model
+            ...     pred = model(x)
+            >>> res.spec(rank=4).full().shape               # (B, out, in'), rank 4 each
+        """
+        if rank is None:
+            return FullDelta(self.delta)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(
+                f"OverfitResult.spec(rank={rank!r}): rank counts factor pairs, so it must be an "
+                "integer >= 1 (or None for the full matrices)."
+            )
+        u, s, v, _ = lowrank_factors(self.delta, rank)
+        return LowRankDelta(u, s, v)
 
 
 def _adam_update(delta, grad, m, v, step, lr, betas, eps, denom=None) -> None:
@@ -168,6 +190,13 @@ def _finite_rows(
     return finite
 
 
+def _raw_input(records: list, kind: str, B: int) -> torch.Tensor:
+    """The target layer's input of the base pass; a Linear's chunks joined along positions."""
+    if len(records) == 1 or kind != "linear":
+        return records[0][0].detach()
+    return torch.cat([x.detach().reshape(B, -1, x.shape[-1]) for x, _ in records], 1)
+
+
 def overfit_batch(
     model: OCDModel,
     inputs: Any,
@@ -215,15 +244,25 @@ def overfit_batch(
                         pred = read_output(run())
                     losses = per_sample_loss(loss_fn, pred, target, B)
                     if step == 0:
-                        cond = build_conditioning(records, pred, layer.kind, B, mask)
-                        raw_input = records[0][0].detach()
+                        opts = conditioning_options(cfg)
+                        cond = build_conditioning(records, pred, layer.kind, B, mask, **opts)
+                        raw_input = _raw_input(records, layer.kind, B)
                         loss_before = losses.detach()
                         if check_loss and losses.dim() == 0:
                             check_loss_is_sum(loss_fn, pred.detach(), target, losses)
                     if step == cfg.overfit_steps:
                         loss_after = losses.detach()
                         break
-                    (grad,) = torch.autograd.grad(losses.sum(), spec.probe if probed else delta)
+                    if probed and len(records) > 1:
+                        # the layer ran in chunks: autograd sums every call's gradient into the
+                        # stacked deltas (one extra pass, at step 0 only)
+                        probed = False
+                        delta.requires_grad_(True)
+                        with model.use_deltas(FullDelta(delta)):
+                            losses = per_sample_loss(loss_fn, read_output(run()), target, B)
+                            (grad,) = torch.autograd.grad(losses.sum(), delta)
+                    else:
+                        (grad,) = torch.autograd.grad(losses.sum(), spec.probe if probed else delta)
                 if probed:
                     with torch.no_grad():
                         grad = _linear_weight_gradient(grad, raw_input, B)
