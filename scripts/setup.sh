@@ -19,3 +19,9 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
     || echo "note: dataset-fashion-mnist could not be installed; Fashion-MNIST examples will be skipped" >&2
 fi
+# espeak-ng (the speech benchmark's synthesiser) comes from Debian; optional (the speech benchmark
+# and its test say so and skip where it is absent)
+if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null 2>&1 \
+    || echo "note: espeak-ng could not be installed; the speech benchmark will be skipped" >&2
+fi
