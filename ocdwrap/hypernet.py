@@ -314,15 +314,17 @@ class OCDHyperNetwork(nn.Module):
                 key = (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, steps, str(c.device))
                 if key not in self._ddim_cache:
                     self._ddim_cache[key] = _ddim_table(cfg, steps, c.device)
+                cond = self.ema.condition(c)  # the per-sample part of the embeddings, once
                 for t, (s_noise, s_signal, s_prev, s_dir) in self._ddim_cache[key]:
                     # one timestep for the whole batch: broadcast, not repeated per row
-                    eps = self.ema(x, t.view(1), c)
+                    eps = self.ema(x, t.view(1), c, cond)
                     x = s_prev * ((x - s_noise * eps) / s_signal) + s_dir * eps
             else:
                 sched = make_scheduler(self.config, sampler)
                 sched.set_timesteps(steps, device=c.device)
+                cond = self.ema.condition(c)
                 for t in sched.timesteps:
-                    eps = self.ema(x, t.expand(n), c)
+                    eps = self.ema(x, t.view(1), c, cond)
                     if sampler == "ddim":
                         x = sched.step(eps, t, x, eta=eta, generator=rng).prev_sample
                     else:

@@ -45,7 +45,10 @@ class CondEncoder(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Pre-norm residual MLP block with an additive embedding."""
+    """Pre-norm residual MLP block with an additive embedding.
+
+    ``forward`` takes the embedding already through ``self.emb`` (its owner computes it: once
+    per row while training, split into a per-sample and a per-step part while sampling)."""
 
     def __init__(self, hidden: int, emb_dim: int, dropout: float) -> None:
         super().__init__()
@@ -55,10 +58,8 @@ class ResBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, hidden)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
-        z = self.fc1(F.silu(self.norm(h)))
-        if e is not None:
-            z = z + self.emb(e)
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        z = self.fc1(F.silu(self.norm(h))) + emb  # emb = self.emb(e), (B or 1, hidden)
         return h + self.fc2(self.drop(F.silu(z)))
 
 
@@ -90,17 +91,35 @@ class MLPDenoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def condition(self, c: torch.Tensor) -> torch.Tensor:
+        """The per-sample part of every block's embedding, W_k c + b_k: (n_blocks, B, hidden).
+
+        A block adds W_k (t_emb + c) + b_k; Linear is affine, so while sampling the part in c
+        is computed once per sample and only W_k t_emb (one row per step) at every step.
+        """
+        return torch.stack([block.emb(c) for block in self.blocks])
+
     def forward(
-        self, x: torch.Tensor | None, t: torch.Tensor | None, c: torch.Tensor
+        self,
+        x: torch.Tensor | None,
+        t: torch.Tensor | None,
+        c: torch.Tensor,
+        cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.timesteps:
-            e = self.t_mlp(timestep_embedding(t, self.emb_dim).to(c.dtype)) + c
-            h = self.inp(x.flatten(1))
-        else:  # regression: the prediction from the conditioning alone
-            e = c
+        """epsilon (or the regressed target), (B, dim). ``cond``: :meth:`condition` of ``c``,
+        precomputed once for all the steps of one sampling loop."""
+        if not self.timesteps:  # regression: the prediction from the conditioning alone
             h = self.inp(c)
-        for block in self.blocks:
-            h = block(h, e)
+            embs = [block.emb(c) for block in self.blocks]
+        else:
+            te = self.t_mlp(timestep_embedding(t, self.emb_dim).to(c.dtype))  # (B or 1, emb)
+            h = self.inp(x.flatten(1))
+            if cond is None:  # training: one timestep per row
+                embs = [block.emb(te + c) for block in self.blocks]
+            else:
+                embs = [p + F.linear(te, b.emb.weight) for p, b in zip(cond, self.blocks)]
+        for block, emb in zip(self.blocks, embs):
+            h = block(h, emb)
         return self.out(F.silu(self.norm(h)))
 
 
@@ -202,10 +221,20 @@ class ConditionalNet(nn.Module):
     def embed(self, feats: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return self.encoder(feats)
 
+    def condition(self, c: torch.Tensor) -> torch.Tensor | None:
+        """What the denoiser can compute from ``c`` once for all sampling steps (or None)."""
+        if isinstance(self.net, MLPDenoiser) and self.net.timesteps:
+            return self.net.condition(c)
+        return None
+
     def forward(
-        self, x: torch.Tensor | None, t: torch.Tensor | None, c: torch.Tensor
+        self,
+        x: torch.Tensor | None,
+        t: torch.Tensor | None,
+        c: torch.Tensor,
+        cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = self.net(x, t, c)
+        out = self.net(x, t, c) if cond is None else self.net(x, t, c, cond)
         return out.reshape(c.shape[0], *self.target_shape)
 
 

@@ -215,8 +215,9 @@ def test_cached_ddim_path_equals_the_scheduler_loop(store_dir: str, delta: str) 
         x = torch.randn((5, *hyper.target_shape), generator=g, dtype=c.dtype)
         sched = make_scheduler(hyper.config, "ddim")
         sched.set_timesteps(6)
+        cond = hyper.ema.condition(c)
         for t in sched.timesteps:
-            eps = hyper.ema(x, t.expand(5), c)
+            eps = hyper.ema(x, t.view(1), c, cond)
             x = sched.step(eps, t, x, eta=0.0).prev_sample
         ref = (x * hyper.target_std).float()
     assert len(hyper._ddim_cache) == 1  # the fast path ran
