@@ -525,6 +525,68 @@ def plot_views(renders: dict[str, torch.Tensor], path: str, title: str) -> str:
     return path
 
 
+# --- merging runs ------------------------------------------------------------------------------
+def merge(paths: list[str], command: str) -> dict[str, Any]:
+    """One benchmark JSON from the JSONs of several runs (e.g. the seeds of a scene run by two
+    processes): per scene, every seed's rows and info, the table and notes made anew.
+
+    The runs must agree on every setting but ``--scenes``, ``--seeds`` and where they wrote; a
+    scene and seed found in two runs is an error (no row is silently replaced)."""
+    import argparse
+    import json
+
+    loaded = []
+    for path in paths:
+        with open(path) as f:
+            loaded.append(json.load(f))
+    ignore = {"scenes", "seeds", "json", "plots", "workdir", "progress", "merge"}
+
+    def same(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d["settings"].items() if k not in ignore}
+
+    for path, d in zip(paths[1:], loaded[1:]):
+        if same(d) != same(loaded[0]):
+            diff = sorted(k for k in same(d) if same(d)[k] != same(loaded[0]).get(k))
+            raise SystemExit(f"--merge: {path} was run with other settings than {paths[0]}: {diff}")
+    settings = dict(loaded[0]["settings"])
+    commands = [d["command"] for d in loaded]
+    out: dict[str, Any] = {
+        "benchmark": "nerf",
+        "command": " && ".join([*commands, command]),
+        "merged_from": {p: d["command"] for p, d in zip(paths, loaded)},
+        "settings": settings,
+        "seconds": sum(d.get("seconds", 0.0) for d in loaded),
+        "datasets": {},
+    }
+    scenes = [n for d in loaded for n in d["datasets"]]
+    settings["scenes"] = list(dict.fromkeys(scenes))
+    args = argparse.Namespace(**settings)
+    for name in settings["scenes"]:
+        unet = tuple(args.unet_channels) if args.delta == "lowrank" else None
+        res = Results(f"nerf-{name}", rows_for(name, args.delta_rank, unet), METRICS)
+        for path, d in zip(paths, loaded):
+            part = d["datasets"].get(name)
+            for seed, rows in (part or {}).get("per_seed", {}).items():
+                if int(seed) in res.per_seed:
+                    raise SystemExit(
+                        f"--merge: {name} seed {seed} is in two runs (again in {path})"
+                    )
+                for key, metrics in rows.items():
+                    res.add(int(seed), key, metrics)
+                res.info[int(seed)] = part["info"][seed]
+        res.per_seed = dict(sorted(res.per_seed.items()))
+        res.info = dict(sorted(res.info.items()))
+        data = load_scene(
+            name, size=args.size, n_train=args.train_views, n_test=args.test_views,
+            directory=args.cache_dir,
+        )  # fmt: skip
+        res.notes = table_notes(res, args, data)
+        title = f"TinyNeRF / {name} (procedural stand-in), OCD on {LAYER} (128×63)"
+        out["datasets"][name] = res.to_json(title=title, command=out["command"])
+    settings["seeds"] = sorted({int(s) for p in out["datasets"].values() for s in p["per_seed"]})
+    return out
+
+
 # --- command line ------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> Any:
     p = cli.base_parser(MODULE, __doc__, seeds=(0,))
@@ -561,7 +623,18 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument(
         "--cache-dir", default=None, help="scene cache (default ~/.cache/ocdwrap/scenes)"
     )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="merge the JSONs of several runs (other seeds or scenes, same settings) into --json; "
+        "runs nothing",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        if not args.json:
+            p.error("--merge needs --json, the merged file to write")
+        return args
     if args.smoke:
         args.seeds, args.scenes = args.seeds[:1], args.scenes[:1]
         args.size, args.samples, args.iterations, args.rays = 32, 16, 200, 256
@@ -584,9 +657,17 @@ def parse_args(argv: list[str] | None) -> Any:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    cmd = cli.command(MODULE, argv)
+    if args.merge:
+        out = merge(args.merge, cmd)
+        write_json(args.json, out)
+        for part in out["datasets"].values():
+            print(f"{part['title']}: seeds {sorted(int(s) for s in part['per_seed'])}")
+            print(part["table"] + "\n\n" + "\n".join(f"- {n}" for n in part["notes"]) + "\n")
+        log(f"wrote {args.json}")
+        return out
     workdir = cli.setup(args)
     t0 = time.perf_counter()
-    cmd = cli.command(MODULE, argv)
     out: dict[str, Any] = {
         "benchmark": "nerf",
         "command": cmd,

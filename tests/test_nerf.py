@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ocdwrap
-from benchmarks import scenes
+from benchmarks import nerf, scenes
 from benchmarks.nerf import ImageTask, TinyNeRF, image_mse, rank_energy, rows_for, truncate
 from benchmarks.scenes import SceneData, SceneShapeError, load_scene
 from ocdwrap.deltas import FullDelta
@@ -137,7 +137,10 @@ def test_truncated_deltas_and_their_energy() -> None:
     assert ImageTask().metrics({"loss": 0.01}) == {"mse": 0.01, "psnr": pytest.approx(20.0)}
 
 
-def test_smoke_run_reports_every_row(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One ``--smoke`` run: (its process, the output directory)."""
+    tmp_path = tmp_path_factory.mktemp("smoke")
     out = tmp_path / "out.json"
     argv = ["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work")]
     argv += ["--cache-dir", str(tmp_path / "scenes"), "--plots", str(tmp_path / "figs")]
@@ -148,12 +151,19 @@ def test_smoke_run_reports_every_row(tmp_path) -> None:
         text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
+    return proc, tmp_path
+
+
+def test_smoke_run_reports_every_row(smoke) -> None:
+    proc, tmp_path = smoke
+    out = tmp_path / "out.json"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| base TinyNeRF |" in proc.stdout and "| row |" in proc.stdout
     data = json.loads(out.read_text())
     assert data["command"].startswith("python -m benchmarks.nerf --smoke")
     part = data["datasets"]["lego"]
     assert list(part["rows"]) == [r.key for r in rows_for("lego", 4)]
+    assert "full_unet" in part["rows"]  # the full-matrix UNet's own row beside the low-rank OCD
     rows = part["per_seed"]["0"]
     assert set(rows) == set(part["rows"])
     for key, metrics in rows.items():
@@ -166,5 +176,33 @@ def test_smoke_run_reports_every_row(tmp_path) -> None:
     assert info["ocd"]["collect_summary"]["count"] == 4  # every training view collected
     assert set(info["ocd"]["true_delta_rank_energy"]) == {"1", "2", "4", "8", "16"}
     assert info["compute_matched"]["iterations"] > 0
+    assert info["ocd"]["config"]["delta"] == "lowrank" and info["ocd"]["config"]["delta_rank"] == 4
+    assert info["ocd"]["config"]["output_layout"] == "channels_last"
+    assert info["ocd"]["full_unet"]["config"]["unet_channels"] == [8, 16]
     assert (tmp_path / "figs" / "nerf-lego-views.png").stat().st_size > 5_000
     assert (tmp_path / "figs" / "results-nerf-lego.png").stat().st_size > 10_000
+
+
+def test_merge_makes_one_table_of_two_runs(smoke, tmp_path) -> None:
+    proc, smoke_dir = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((smoke_dir / "out.json").read_text())
+    other = json.loads((smoke_dir / "out.json").read_text())
+    part = other["datasets"]["lego"]
+    part["per_seed"] = {"1": part["per_seed"]["0"]}  # the same run standing in for seed 1
+    part["info"] = {"1": part["info"]["0"]}
+    (tmp_path / "s1.json").write_text(json.dumps(other))
+    paths = [str(smoke_dir / "out.json"), str(tmp_path / "s1.json")]
+    merged = nerf.merge(paths, "python -m benchmarks.nerf --merge ...")
+    table = merged["datasets"]["lego"]
+    assert sorted(table["per_seed"]) == ["0", "1"] and merged["settings"]["seeds"] == [0, 1]
+    base = table["rows"]["base"]["metrics"]["mse"]
+    assert base["n"] == 2 and base["sd"] == 0.0
+    assert base["mean"] == pytest.approx(first["datasets"]["lego"]["per_seed"]["0"]["base"]["mse"])
+    assert merged["command"].startswith(first["command"] + " && ")
+    with pytest.raises(SystemExit, match="lego seed 0 is in two runs"):
+        nerf.merge([paths[0], paths[0]], "merge")
+    other["settings"]["samples"] = 24
+    (tmp_path / "s24.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"other settings.*\['samples'\]"):
+        nerf.merge([paths[0], str(tmp_path / "s24.json")], "merge")
