@@ -1,0 +1,590 @@
+"""Speech separation: the paper's Table 5 (Libri5Mix, SI-SDRi) on synthesised mixtures.
+
+    python -m benchmarks.speech --json runs/speech.json                  # CPU default: 2 speakers, seed 0
+    python -m benchmarks.speech --speakers 2 5 --seeds 0 1 2 --json runs/speech_3x2.json
+    python -m benchmarks.speech --smoke                                  # seconds; checks the plumbing
+
+Data (``benchmarks.speech_data``): LibriSpeech / Libri5Mix are not available offline, so speech
+is synthesised with espeak-ng (speakers from its English voices and variants with their own pitch
+and speed, sentences of 3-5 frequent words), resampled to 8 kHz, cut to 1-second utterances and
+mixed LibriMix-style (random levels of -33 to -25 dB) into 2- and 5-speaker mixtures; training,
+validation and test mixtures have disjoint sentences, and a second test split
+(``test_unseen``) has speakers unseen in training. Cached in ``~/.cache/ocdwrap/speech``.
+espeak-ng is a Debian package (``apt-get install espeak-ng``; ``scripts/setup.sh`` installs it).
+
+Model (``benchmarks.speech_model``): a MulCat / Gated-LSTM separator in the spirit of Nachmani
+et al. (2020): encoder Conv1d (``--kernel`` samples, 50 % hop), ``--blocks`` dual-path blocks of
+MulCat steps (two bi-LSTMs of ``--hidden`` units, multiplied, concatenated with the input,
+projected), then the final projection ``proj`` = ``nn.Linear(N, S * N)`` on the frame sequence
+(B, frames, N) giving one mask per speaker, and a transposed-conv decoder. Trained with Adam
+1e-3 on the permutation-invariant negative SI-SDR (torchmetrics) for ``--train-seconds`` of wall
+time at most, early stopping on the validation mixtures (``--patience`` epochs), best epoch kept.
+
+OCD: on ``proj``, the last projection of the network (the paper: the projection layer of the last
+MulCat block); it sees every frame of a mixture, so a mixture's delta is not rank one:
+``OCDConfig(delta="lowrank", delta_rank=--delta-rank)``. A sample is one mixture; its loss (the
+per-sample loss of the collection, the bound and every row) is the matched negative SI-SDR.
+The overfit is Adam ``--overfit-lr`` x ``--overfit-steps`` on that loss, weight only. The
+conditioning is what ocdwrap captures, label-free: the mean over frames of ``proj``'s input and
+output, and the model output (B, S, T) pooled by ocdwrap (its mean over the speakers, a (B, T)
+waveform: see the notes).
+
+Rows, per speaker count, mean ± sd over seeds, SI-SDRi (dB; SI-SDR of the matched estimates minus
+SI-SDR of the mixture, against the sources) on the test mixtures (seen speakers) and on the
+unseen-speaker test mixtures: base; base + compute-matched (trained further, Adam 1e-4, for OCD's
+collection + fit wall time); OCD (1 draw); OCD(K); no scaling (global rho); the regression
+generator; nearest neighbour (the stored delta of the training mixture whose mean log spectrum is
+closest, L2); overfit on the test mixture (true sources; upper bound). ``select_layer``'s ranking
+of the separator's Linear layers is stored beside them. The paper's Table 5 (Libri5Mix) stands
+beside the 5-speaker table.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any
+
+import torch
+
+import ocdwrap
+from ocdwrap.deltas import FullDelta
+
+from . import cli, notes
+from .controls import Agreement, NearestNeighbour
+from .datasets import tensor_loader
+from .experiment import _Rows
+from .figures import plot_json
+from .results import Metric, Results, Row, fmt_mean_sd, write_json
+from .scoring import Task, evaluate_module
+from .speech_data import SAMPLE_RATE, SpeechData, load_speech
+from .speech_model import (
+    Separator,
+    count_parameters,
+    mixture_sisdr,
+    pit_neg_sisdr,
+    pit_sisdr,
+    train_separator,
+)
+from .timing import log, machine, timed
+
+MODULE = "benchmarks.speech"
+LAYER = "proj"
+# the paper's Table 5 (SI-SDRi, dB, Libri5Mix): base, OCD, overfit on the test mixture
+PAPER = {"base": "12.7", "ocd": "13.4", "overfit": "13.5"}
+METRICS = [
+    Metric("sisdri", "SI-SDRi (dB)", ".2f"),
+    Metric("sisdri_unseen", "SI-SDRi, unseen speakers (dB)", ".2f"),
+]
+
+
+class SpeechTask(Task):
+    """Separation scored as SI-SDRi: the loss is the matched negative SI-SDR per mixture;
+    ``mix_ref`` is the mean SI-SDR of the split's mixtures themselves (what SI-SDRi subtracts),
+    ``key`` the metric name the rows are stored under."""
+
+    def __init__(self, mix_ref: float, key: str = "sisdri") -> None:
+        super().__init__("regression", pit_neg_sisdr)
+        self.mix_ref, self.key = mix_ref, key
+
+    def metrics(self, res: dict[str, Any]) -> dict[str, float]:
+        return {self.key: -float(res["loss"]) - self.mix_ref}
+
+
+def log_spectrum(x: torch.Tensor, n_fft: int = 256) -> torch.Tensor:
+    """(B, T) -> (B, n_fft // 2 + 1): the mean log magnitude of each frequency bin over time
+    (the nearest neighbour's feature: raw waveforms are not comparable by L2)."""
+    win = torch.hann_window(n_fft, device=x.device)
+    spec = torch.stft(x, n_fft, n_fft // 2, window=win, return_complex=True).abs()
+    return torch.log(spec + 1e-5).mean(-1)
+
+
+def rows_for(n_speakers: int, rank: int, lr: float, steps: int) -> list[Row]:
+    """The table's rows; the paper's Table 5 beside the 5-speaker table (Libri5Mix)."""
+    paper = PAPER if n_speakers == 5 else {}
+
+    def p(key: str) -> dict[str, str]:
+        return {"sisdri": paper[key]} if key in paper else {}
+
+    return [
+        Row("base", "base MulCat separator", p("base")),
+        Row("compute_matched", "base + compute-matched extra training"),
+        Row("ocd", f"OCD, 1 draw (low-rank, r = {rank})", p("ocd")),
+        Row("ocd_k", "OCD(5) ensemble (mean waveform)"),
+        Row("global", "no scaling (global ρ), 1 draw"),
+        Row("regression", "regression generator (no diffusion)"),
+        Row("nn", "nearest neighbour (mean log spectrum)"),
+        Row("overfit", f"overfit proj on test (Adam {lr:g} × {steps}; upper bound)", p("overfit")),
+    ]
+
+
+def speech_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
+    kw: dict[str, Any] = {"overfit_steps": args.overfit_steps, "task": "regression"}
+    kw["delta_rank"] = args.delta_rank
+    cfg = cli.ocd_config(args, seed, **kw)
+    return cfg if args.paper else cfg.replace(fit_batch_size=args.fit_batch)
+
+
+# --- one seed, one speaker count ---------------------------------------------------------------
+def split_tensors(
+    data: SpeechData, S: int, args: Any
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    out = {}
+    for split, n in (
+        ("train", None),
+        ("val", None),
+        ("test", args.test),
+        ("test_unseen", args.test),
+    ):
+        mix, src = data.mixtures(split, S)
+        out[split] = (mix[:n].to(args.device), src[:n].to(args.device))
+    return out
+
+
+def ocd_rows(
+    args: Any, seed: int, S: int, base: Separator, splits: dict, out_dir: str
+) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, torch.Tensor]]:
+    """Collect, fit and score every OCD row on both test splits with one fitted generator;
+    returns (row -> metrics), the info, and the waveforms of test mixture 0 for the figure."""
+    dev, cfg = args.device, speech_config(args, seed)
+    tasks = {
+        s: SpeechTask(float(mixture_sisdr(splits[s][1]).mean()), k)
+        for s, k in (("test", "sisdri"), ("test_unseen", "sisdri_unseen"))
+    }
+    loaders = {s: tensor_loader(*splits[s], args.batch) for s in ("test", "test_unseen")}
+    collect = tuple(t[: args.collect] for t in splits["train"])
+    train_loader = tensor_loader(*collect, args.batch)
+    rows = ["ocd", "ocd_k", "global", "nn", "overfit"]
+    info: dict[str, Any] = {"layer": LAYER, "config": cfg.to_dict(), "agreement": {}, "row_s": {}}
+    uinfo: dict[str, Any] = {"agreement": {}}
+    tag = f"[{S} spk {LAYER}] "
+    seen = _Rows(tasks["test"], loaders["test"], rows, seed, tag, info)
+    unseen = _Rows(
+        tasks["test_unseen"], loaders["test_unseen"], rows, seed, tag + "unseen: ", uinfo
+    )
+    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    feats = {s: log_spectrum(splits[s][0]) for s in ("test", "test_unseen")}
+    feats["train"] = log_spectrum(collect[0])
+    try:
+        store = seen.collect_and_fit(model, train_loader, out_dir, dev, args.progress)
+        info["inference_s_per_mixture"] = inference_times(
+            model, splits["test"][0], args.batch, seed
+        )
+        log(f"{tag}time per mixture: {info['inference_s_per_mixture']}")
+        for run, split in ((seen, "test"), (unseen, "test_unseen")):
+            log(
+                f"{run.tag}overfitting {LAYER} on each of the {len(splits[split][0])} test mixtures"
+            )
+            run.agree, run.info["overfit_test_s"] = timed(
+                lambda run=run, split=split: Agreement(model, loaders[split], run.task, len(splits[split][0]))
+            )  # fmt: skip
+            true = {it[5]: it[3].reshape(-1, *model.weight_shape) for it in run.agree.items}
+            if split == "test":
+                info["true_delta_rank_energy"] = rank_energy(torch.cat(list(true.values())))
+                first_true = true[0][:1]
+            _, run.info["row_s"] = timed(
+                lambda run=run: run.generated_rows(model, args.draws, False)
+            )
+            run.delta_row(
+                "overfit", "overfit on test", model, lambda x, y, p, t=true: FullDelta(t[p])
+            )
+            near = NearestNeighbour(store, cfg, model.weight_shape, feats["train"], feats[split])
+            run.delta_row(
+                "nn", "nearest neighbour", model, lambda x, y, p, n=near: n.spec(p, len(y))
+            )
+        waves = first_mixture_waves(model, splits["test"], first_true, seed)
+    finally:
+        model.unload()
+    regression_rows(base, cfg, store, (seen, unseen), args)
+    out = {k: {**seen.out.get(k, {}), **unseen.out.get(k, {})} for k in seen.out}
+    info["unseen"] = uinfo
+    return out, info, waves
+
+
+def regression_rows(
+    base: Separator, cfg: ocdwrap.OCDConfig, store: ocdwrap.DeltaStore, runs: tuple, args: Any
+) -> None:
+    """The regression generator (no diffusion), fitted once on the same collection, scored on
+    both test splits."""
+    seen = runs[0]
+    reg = ocdwrap.wrap(base, layer=LAYER, config=cfg.replace(generator="regression"))
+    try:
+        log(f"{seen.tag}fit: regression generator, {cfg.fit_steps} steps")
+        _, seen.info["fit_regression_s"] = timed(
+            lambda: ocdwrap.fit(reg, store, seed=seen.seed, progress=args.progress, device=args.device)
+        )  # fmt: skip
+        for run in runs:
+            run.out["regression"] = run.ocd_eval(reg, 1)
+            log(f"{run.tag}regression generator: {run.out['regression']}")
+            if run.agree:
+                run.info["agreement"]["regression"] = run.agree.score(
+                    lambda x, y, c, p: reg.generate(c)
+                )
+    finally:
+        reg.unload()
+
+
+@torch.no_grad()
+def inference_times(
+    model: ocdwrap.OCDModel, mixtures: torch.Tensor, batch: int, seed: int
+) -> dict[str, float]:
+    """Seconds per mixture of the base separator and of OCD (one draw: generation + the
+    separator with the generated weights), over the test mixtures in batches of ``batch``."""
+
+    def run() -> None:
+        for i in range(0, len(mixtures), batch):
+            model(mixtures[i : i + batch])
+
+    with model.disable_ocd():
+        _, base_s = timed(run)
+    with model.sampling(seed=seed):
+        _, ocd_s = timed(run)
+    n = len(mixtures)
+    return {"base": base_s / n, "ocd": ocd_s / n, "ratio": ocd_s / max(base_s, 1e-9)}
+
+
+def rank_energy(delta: torch.Tensor, ranks: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str, float]:
+    """Mean share of each delta's squared Frobenius norm in its top r singular values."""
+    s2 = torch.linalg.svdvals(delta).pow(2)
+    share = s2.cumsum(-1) / s2.sum(-1, keepdim=True).clamp_min(1e-30)
+    return {str(r): float(share[:, min(r, share.shape[1]) - 1].mean()) for r in ranks}
+
+
+@torch.no_grad()
+def first_mixture_waves(
+    model: ocdwrap.OCDModel, test: tuple, true_delta: torch.Tensor, seed: int
+) -> dict[str, torch.Tensor]:
+    """Test mixture 0: the mixture, its sources, and the base's, OCD's and the overfit's
+    estimates, each put in the sources' order (best assignment)."""
+    mix, src = test[0][:1], test[1][:1]
+    with model.disable_ocd():
+        base = model(mix)
+    with model.sampling(seed=seed):
+        ocd = model(mix)
+    with model.use_deltas(FullDelta(true_delta.to(model.device))):
+        over = model(mix)
+    out = {"mixture": mix[0], "sources": src[0]}
+    for name, est in (("base", base), ("OCD", ocd), ("overfit", over)):
+        _, perm = pit_sisdr(est, src)  # perm[t] = the estimate matched to source t
+        out[name] = est[0][perm[0]]
+    return {k: v.detach().float().cpu() for k, v in out.items()}
+
+
+def select_layer_info(base: Separator, val: tuple, args: Any, seed: int) -> dict[str, Any]:
+    """``ocdwrap.select_layer``'s ranking of the separator's Linear layers (a few validation
+    mixtures, 8 perturbation draws): what it ranks first, and where ``proj`` stands."""
+    loader = tensor_loader(val[0][: args.select_samples], val[1][: args.select_samples], args.batch)
+    scores, seconds = timed(
+        lambda: ocdwrap.select_layer(
+            base, loader, pit_neg_sisdr, draws=args.select_draws,
+            max_samples=args.select_samples, seed=seed, device=args.device, progress=False,
+            vectorize=False,
+        )
+    )  # fmt: skip
+    names = [n for n, _ in scores.ranking]
+    return {
+        "best": scores.best,
+        "proj_rank": names.index(LAYER) + 1 if LAYER in names else None,
+        "candidates": len(names),
+        "ranking": scores.to_list(),
+        "seconds": seconds,
+        "samples": args.select_samples,
+        "draws": args.select_draws,
+    }
+
+
+def run_seed(args: Any, seed: int, S: int, data: SpeechData, res: Results, workdir: str) -> dict:
+    """Every row of one speaker count and seed; returns the waveforms of test mixture 0."""
+    info: dict[str, Any] = {}
+    res.info[seed] = info
+    splits = split_tensors(data, S, args)
+    torch.manual_seed(seed)
+    base = Separator(S, **model_kwargs(args)).to(args.device)
+    info["model"] = {"parameters": count_parameters(base), "proj": list(base.proj.weight.shape),
+                     "receptive_window_samples": base.receptive_window, **model_kwargs(args)}  # fmt: skip
+    log(f"{S} speakers, seed {seed}: training the separator ({info['model']['parameters']:,} "
+        f"parameters) for at most {args.train_seconds:g} s")  # fmt: skip
+    info["base_training"] = train_separator(
+        base, splits["train"], splits["val"], seconds=args.train_seconds, patience=args.patience,
+        batch_size=args.batch, seed=seed, log=log,
+    )  # fmt: skip
+    pristine = copy.deepcopy(base)
+    rows: dict[str, dict[str, float]] = {"base": {}}
+    for split, key in (("test", "sisdri"), ("test_unseen", "sisdri_unseen")):
+        task = SpeechTask(float(mixture_sisdr(splits[split][1]).mean()), key)
+        info[f"mixture_sisdr_{split}"] = task.mix_ref
+        loader = tensor_loader(*splits[split], args.batch)
+        rows["base"].update(evaluate_module(base, loader, task, args.device))
+    log(f"  base: {rows['base']}")
+    if args.select_samples:
+        info["selection"] = select_layer_info(base, splits["val"], args, seed)
+        log(f"  select_layer: best {info['selection']['best']}, {LAYER} ranked "
+            f"{info['selection']['proj_rank']} of {info['selection']['candidates']}")  # fmt: skip
+    out_dir = os.path.join(workdir, f"{S}spk-s{seed}")
+    ocd, info["ocd"], waves = ocd_rows(args, seed, S, base, splits, out_dir)
+    rows.update(ocd)
+    rows["compute_matched"] = compute_matched(pristine, splits, info, args, seed)
+    for key in res.keys:
+        if key in rows:
+            res.add(seed, key, rows[key])
+    return waves
+
+
+def compute_matched(
+    pristine: Separator, splits: dict, info: dict, args: Any, seed: int
+) -> dict[str, float]:
+    """The base trained further (fresh Adam 1e-4, same loss and early stopping) for the wall time
+    of OCD's collection and fit."""
+    seconds = info["ocd"]["collect_s"] + info["ocd"]["fit_s"]
+    log(f"compute-matched control: {seconds:.0f} s more training of the base")
+    model = copy.deepcopy(pristine)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    info["compute_matched"] = train_separator(
+        model, splits["train"], splits["val"], seconds=seconds, patience=args.patience,
+        batch_size=args.batch, lr=1e-4, seed=seed + 1000,
+    )  # fmt: skip
+    row = {}
+    for split, key in (("test", "sisdri"), ("test_unseen", "sisdri_unseen")):
+        task = SpeechTask(info[f"mixture_sisdr_{split}"], key)
+        row.update(
+            evaluate_module(model, tensor_loader(*splits[split], args.batch), task, args.device)
+        )
+    log(f"  {row} after {info['compute_matched']['steps']} more steps")
+    return row
+
+
+def model_kwargs(args: Any) -> dict[str, int]:
+    return {k: getattr(args, k) for k in ("channels", "hidden", "kernel", "chunk", "blocks")}
+
+
+# --- notes, figure ---------------------------------------------------------------------------
+def table_notes(res: Results, args: Any, S: int, data: SpeechData) -> list[str]:
+    p = PAPER if S == 5 else None
+    paper_gap = (
+        (float(p["base"]) - float(p["ocd"])) / (float(p["base"]) - float(p["overfit"]))
+        if p
+        else None
+    )
+    out = notes.gap_notes(res, "sisdri", {"ocd": paper_gap, "ocd_k": None})
+    infos = list(res.info.values())
+    bt = [i["base_training"] for i in infos if "base_training" in i]
+    if bt:
+        m = infos[0]["model"]
+        out.append(
+            f"base: MulCat separator, {m['parameters']:,} parameters (N = {m['channels']}, LSTM "
+            f"{m['hidden']} per direction, encoder {m['kernel']} samples, chunks of {m['chunk']} frames, "
+            f"{m['blocks']} dual-path blocks), Adam 1e-3, batch {args.batch}, at most "
+            f"{args.train_seconds:g} s, early stopping on the validation mixtures (patience "
+            f"{args.patience}): epochs {[b['epochs_run'] for b in bt]}, best epoch "
+            f"{[b['best_epoch'] for b in bt]}, stopped early {[b['stopped_early'] for b in bt]}, "
+            f"{[round(b['seconds']) for b in bt]} s, best validation SI-SDRi "
+            f"{[round(b['best_val_sisdri'], 2) for b in bt]} dB"
+        )
+    cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
+    if cm:
+        out.append(
+            "compute-matched: the base trained further (fresh Adam 1e-4, same loss) for "
+            f"{[round(c['budget_s']) for c in cm]} s (= OCD collection + fit wall time), "
+            f"{[c['steps'] for c in cm]} steps"
+        )
+    out += notes.ocd_note(res)
+    out += notes.agreement_note(res)
+    ocd = [i["ocd"] for i in infos if "ocd" in i]
+    if ocd:
+        energy = [o["true_delta_rank_energy"] for o in ocd]
+        out.append(
+            f"overfit-on-test deltas of {LAYER} are not rank one: share of their squared norm in the "
+            "top r singular values, r = "
+            + ", ".join(
+                f"{r}: {fmt_mean_sd([100 * e[r] for e in energy], '.1f')} %" for r in energy[0]
+            )
+        )
+        t = [o["inference_s_per_mixture"] for o in ocd]
+        out.append(
+            f"inference per test mixture (batches of {args.batch}): base "
+            f"{[round(1000 * x['base'], 1) for x in t]} ms, OCD 1 draw (generation + separator) "
+            f"{[round(1000 * x['ocd'], 1) for x in t]} ms, ratio {[round(x['ratio'], 2) for x in t]}"
+        )
+    sel = [i["selection"] for i in infos if "selection" in i]
+    if sel:
+        out.append(
+            f"select_layer (Linear layers, {sel[0]['draws']} gaussian draws, {sel[0]['samples']} "
+            f"validation mixtures, {[round(s['seconds']) for s in sel]} s): ranks "
+            f"{[s['best'] for s in sel]} first; {LAYER} ranked {[s['proj_rank'] for s in sel]} of "
+            f"{sel[0]['candidates']}"
+        )
+    mix = [
+        (i["mixture_sisdr_test"], i["mixture_sisdr_test_unseen"])
+        for i in infos
+        if "mixture_sisdr_test" in i
+    ]
+    if mix:
+        out.append(
+            "SI-SDR of the mixtures themselves (what SI-SDRi subtracts), test / unseen: "
+            f"{[tuple(round(v, 2) for v in m) for m in mix]} dB"
+        )
+    s = data.summary()
+    out.append(
+        f"data: espeak-ng speech (benchmarks.speech_data, not LibriSpeech), {s['speakers']['train']} "
+        f"training speakers, {s['speakers']['test_unseen']} unseen ones, 8 kHz, "
+        f"{s['seconds_per_mixture']:g} s mixtures of {S} speakers: {s['mixtures'][f'train/{S}']} "
+        f"training ({args.collect} of them collected), {s['mixtures'][f'val/{S}']} validation, "
+        f"{min(args.test, s['mixtures'][f'test/{S}'])} test and as many unseen-speaker test "
+        f"mixtures; {s['file_mb']:.1f} MB, synthesised in {s['generation_s']:.0f} s"
+        + (" (read from the cache)" if s["cached"] else "")
+    )
+    out.append(
+        f"settings: OCD on {LAYER} (Linear {S * args.channels} × {args.channels} on every frame), "
+        f"delta=lowrank (rank {args.delta_rank}), overfit Adam {args.overfit_lr:g} × "
+        f"{args.overfit_steps} on the matched negative SI-SDR, {args.fit_steps} fit steps, "
+        f"K={args.draws}; conditioning: {LAYER}'s input and output averaged over frames and the "
+        "separated waveforms averaged over speakers (ocdwrap's pooling of a (B, S, T) output); "
+        "paper: Table 5, Libri5Mix, its full-size Gated-LSTM network"
+    )
+    return out
+
+
+def plot_spectrograms(waves: dict[str, torch.Tensor], path: str, title: str) -> str:
+    """Spectrograms of test mixture 0, its sources, and the base's, OCD's and the overfit's
+    estimates (one column per speaker, matched to the sources)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    S = waves["sources"].shape[0]
+    names = ["sources", "base", "OCD", "overfit"]
+    fig, axes = plt.subplots(
+        len(names) + 1, S, figsize=(2.6 * S, 1.6 * (len(names) + 1)), squeeze=False
+    )
+
+    def show(ax: Any, x: torch.Tensor, label: str) -> None:
+        ax.specgram(x.numpy(), NFFT=256, Fs=SAMPLE_RATE, noverlap=192, cmap="magma")
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+
+    show(axes[0, 0], waves["mixture"], "mixture")
+    for ax in axes[0, 1:]:
+        ax.axis("off")
+    for r, name in enumerate(names, start=1):
+        for s in range(S):
+            x = waves[name][s]
+            label = f"{name}, speaker {s + 1}"
+            if name != "sources":
+                db = float(pit_sisdr(x[None, None], waves["sources"][s][None, None])[0])
+                label += f" ({db:.1f} dB)"
+            show(axes[r, s], x, label)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --- command line ------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> Any:
+    p = cli.base_parser(MODULE, __doc__, seeds=(0,))
+    for action in p._actions:  # proj sees every frame of a mixture: no rank one
+        if action.dest == "delta":
+            action.choices, action.help = ["lowrank"], "lowrank (the only choice here)"
+    p.set_defaults(overfit_lr=1e-3)
+    p.add_argument("--speakers", type=int, nargs="+", choices=[2, 5], default=[2])
+    p.add_argument("--delta-rank", type=int, default=4, help="rank r of the low-rank deltas")
+    p.add_argument("--overfit-steps", type=int, default=10, help="Adam steps of each overfit")
+    p.add_argument("--train-seconds", type=float, default=600, help="base training budget (s)")
+    p.add_argument("--patience", type=int, default=3, help="early-stopping patience (epochs)")
+    p.add_argument("--batch", type=int, default=8, help="mixtures per batch (train, collect, eval)")
+    p.add_argument("--collect", type=int, default=1000, help="training mixtures collected")
+    p.add_argument("--test", type=int, default=200, help="test mixtures per test split")
+    p.add_argument("--train-mixtures", type=int, default=2000, help="training mixtures")
+    p.add_argument("--channels", type=int, default=32, help="separator width N")
+    p.add_argument("--hidden", type=int, default=32, help="LSTM units per direction")
+    p.add_argument("--kernel", type=int, default=32, help="encoder window (samples)")
+    p.add_argument("--chunk", type=int, default=32, help="frames per chunk")
+    p.add_argument("--blocks", type=int, default=2, help="dual-path blocks")
+    p.add_argument("--fit-batch", type=int, default=128, help="fit() batch size")
+    p.add_argument("--select-samples", type=int, default=16, help="select_layer mixtures (0: skip)")
+    p.add_argument("--select-draws", type=int, default=8, help="select_layer draws per layer")
+    p.add_argument("--cache-dir", default=None, help="data cache (default ~/.cache/ocdwrap/speech)")
+    args = p.parse_args(argv)
+    args.data = None
+    if args.smoke:
+        args.seeds = args.seeds[:1]
+        args.train_seconds, args.patience, args.collect, args.test = 4, 1, 8, 4
+        args.channels, args.hidden, args.fit_batch = 16, 16, 8
+        args.fit_steps, args.draws, args.select_samples, args.select_draws = (
+            args.fit_steps or 10,
+            2,
+            4,
+            3,
+        )
+        args.data = dict(
+            utterances={"train": 24, "val": 8, "test": 8, "test_unseen": 8},
+            mixtures={"train": 16, "val": 4, "test": 4, "test_unseen": 4},
+            n_seen=8, n_unseen=5, seconds=0.5,
+        )  # fmt: skip
+    if args.headroom_only:
+        p.error("--headroom-only: ocdwrap.headroom's probe rows need a class label per sample")
+    args.fit_steps = args.fit_steps or (20000 if args.paper else 2000)
+    args.delta = "lowrank"
+    if args.delta_rank < 1:
+        p.error(f"--delta-rank must be >= 1, got {args.delta_rank}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    workdir = cli.setup(args)
+    t0 = time.perf_counter()
+    cmd = cli.command(MODULE, argv)
+    out: dict[str, Any] = {
+        "benchmark": "speech",
+        "command": cmd,
+        "settings": vars(args),
+        "datasets": {},
+    }
+    kw = args.data or {
+        "mixtures": {"train": args.train_mixtures, "val": 200, "test": 200, "test_unseen": 200}
+    }
+    data, seconds = timed(lambda: load_speech(directory=args.cache_dir, **kw))
+    log(f"speech data: {'read from the cache' if data.cached else 'synthesised'} ({data.path}), "
+        f"{seconds:.1f} s, {data.nbytes / 2**20:.1f} MB")  # fmt: skip
+    out["data"] = data.summary()
+    reports = []
+    for S in args.speakers:
+        name = f"{S}spk"
+        res = Results(
+            f"speech-{name}",
+            rows_for(S, args.delta_rank, args.overfit_lr, args.overfit_steps),
+            METRICS,
+        )
+        title = f"Speech separation, {S} speakers (espeak-ng stand-in), OCD on {LAYER}"
+        for seed in args.seeds:
+            waves = run_seed(args, seed, S, data, res, workdir)
+            res.notes = table_notes(res, args, S, data)
+            out["datasets"][name] = res.to_json(title=title, command=cmd)
+            out["seconds"] = time.perf_counter() - t0
+            write_json(args.json, out)
+            if args.plots and seed == args.seeds[0]:
+                path = os.path.join(args.plots, f"speech-{name}-spectrograms.png")
+                log(
+                    f"wrote {plot_spectrograms(waves, path, f'{title}: test mixture 0, seed {seed}')}"
+                )
+        reports.append(
+            res.report(
+                f"{title}; {machine(args.device)}; {(time.perf_counter() - t0) / 60:.1f} min\n`{cmd}`"
+            )
+        )
+    for r in reports:
+        print(r)
+    if args.plots:
+        for path in plot_json(out, args.plots):
+            log(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
