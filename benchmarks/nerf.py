@@ -333,7 +333,7 @@ def ocd_rows(
     _, info["row_s"]["regression (fit + eval)"] = timed(
         lambda: run.regression_row(base, LAYER, cfg, store, dev, args.progress)
     )
-    if args.delta == "lowrank":
+    if args.delta == "lowrank" and (args.full_unet_seeds is None or seed in args.full_unet_seeds):
         _, info["row_s"]["full-matrix UNet (collect + fit + eval)"] = timed(
             lambda: full_unet_row(args, seed, base, loaders, out_dir + "-full", run)
         )
@@ -464,7 +464,10 @@ def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
     if times:
         out.append(
             "row times (s, per seed; eval of the 'overfit' rows reuses one overfit of the test views): "
-            + "; ".join(f"{k} {[round(t[k], 1) for t in times]}" for k in times[0])
+            + "; ".join(
+                f"{k} {[round(t[k], 1) for t in times if k in t]}"
+                for k in dict.fromkeys(k for t in times for k in t)
+            )
         )
     out.append(
         f"scene: benchmarks.scenes '{data.name}' (procedural stand-in, not the Blender scene), "
@@ -475,9 +478,18 @@ def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
     full = [i["ocd"]["full_unet"] for i in infos if "full_unet" in i.get("ocd", {})]
     if full:
         out.append(
-            f"full-matrix UNet row: channels {tuple(args.unet_channels)}, fit batch 16, its own "
+            f"full-matrix UNet row: channels {tuple(args.unet_channels)}, fit batch 16, seeds "
+            f"{[s for s, i in res.info.items() if 'full_unet' in i.get('ocd', {})]}, its own "
             f"collection of the same views: collect {[round(f['collect_s']) for f in full]} s, "
-            f"fit {[round(f['fit_s']) for f in full]} s (not counted in the compute-matched time)"
+            f"fit {[round(f['fit_s']) for f in full]} s (not counted in the compute-matched time); "
+            "cosine of its deltas with the overfit-on-test deltas "
+            + str(
+                [
+                    round(i["ocd"]["agreement"]["full_unet"]["cos"], 3)
+                    for i in infos
+                    if "full_unet" in i.get("ocd", {}).get("agreement", {})
+                ]
+            )
         )
     out.append(
         f"settings: OCD on {LAYER} (128 × 63), delta={args.delta}"
@@ -613,6 +625,14 @@ def parse_args(argv: list[str] | None) -> Any:
         nargs="+",
         default=list(UNET_CHANNELS),
         help="channels of the full-matrix UNet (its own row, or the main rows with --delta full)",
+    )
+    p.add_argument(
+        "--full-unet-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="seeds that also get the full-matrix UNet row (its own collection and fit, about as "
+        "long as the rest of a seed on a CPU); default: every seed",
     )
     p.add_argument(
         "--output-grid",
