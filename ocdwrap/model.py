@@ -307,6 +307,15 @@ class OCDModel(nn.Module):
         """
         rng = _renamed_rng(rng, generator)
         hypernet = self._require_hypernet()
+        expected = getattr(hypernet, "dims", None)
+        if expected is not None and tuple(cond.dims) != tuple(expected):
+            raise BaseModelMismatchError(
+                f"The conditioning has widths {tuple(cond.dims)} (layer input, layer output, model "
+                f"output) but the hypernetwork was fitted on {tuple(expected)}. The model output is "
+                "pooled by OCDConfig.output_layout and output_grid (now "
+                f"{self.config.output_layout!r}, {self.config.output_grid}): use the values the "
+                "collection was made with, or collect and fit again."
+            )
         with _no_autocast(self.device):  # OCD's networks keep their own dtype (float32)
             return hypernet.generate(
                 cond.to(self.device),

@@ -236,3 +236,17 @@ def test_nearest_neighbour_reads_lowrank_factors(fitted) -> None:
     # the neighbour of a training pose is that pose: its stored rank-2 delta, rho included
     expected = ocdwrap.overfit_batch(fitted, pose[[5, 2]], img[[5, 2]], image_mse).spec(rank=2)
     torch.testing.assert_close(spec.full(), expected.full(), rtol=1e-3, atol=1e-6)
+
+
+def test_another_output_grid_after_fitting_names_the_setting(fitted) -> None:
+    pose, _ = _data(2, seed=3)
+    fitted.config = fitted.config.replace(output_grid=2)
+    try:
+        with pytest.raises(
+            ocdwrap.errors.BaseModelMismatchError,
+            match=r"widths \(10, 16, 12\).*fitted on \(10, 16, 3\).*output_grid",
+        ):
+            fitted(pose)
+    finally:
+        fitted.config = fitted.config.replace(output_grid=1)
+    assert fitted(pose).shape == (2, 4, 4, 3)
