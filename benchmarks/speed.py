@@ -702,15 +702,22 @@ def render(r: dict[str, Any]) -> str:
             "| how | micro-batch | s/step | user s | kernel s | kernel share | minor faults |",
             "| --- | --- | --- | --- | --- | --- | --- |",
             *(
-                f"| {k} | {v['micro_batch']} | {v['seconds_per_step']:.2f} | {v['user_s']:.2f} | "
+                f"| {label} | {v['micro_batch']} | {v['seconds_per_step']:.2f} | {v['user_s']:.2f} | "
                 f"{v['kernel_s']:.2f} | {100 * v['kernel_share']:.0f} % | "
                 f"{v['minor_faults_per_step']:,.0f} |"
-                for k, v in fs.items()
-                if isinstance(v, dict)
+                for label, v in _fit_step_variants(fs)
             ),
             f"micro-batched / one pass: {fs['speedup']:.2f}x faster in wall time, "
-            f"{fs['cpu_speedup']:.2f}x in CPU time",
+            f"{fs['cpu_speedup']:.2f}x in CPU time (user + kernel; on a shared machine the "
+            "wall time also counts waiting for a core)",
         ]
+        if "jemalloc" in fs:
+            lines.append(
+                f"with jemalloc ({fs['jemalloc']['malloc_conf']}): one pass / glibc one pass "
+                f"{_cpu(fs['jemalloc']['one_pass']) / _cpu(fs['one_pass']):.2f}x the CPU time, "
+                f"micro-batched / glibc micro-batched "
+                f"{_cpu(fs['jemalloc']['micro_batched']) / _cpu(fs['micro_batched']):.2f}x"
+            )
     lines += [
         "",
         "## Fitting",
@@ -740,11 +747,63 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu(v: dict[str, Any]) -> float:
+    return v["user_s"] + v["kernel_s"]
+
+
+def _fit_step_variants(fs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, measurement) of every way the fit step was run, glibc first, then jemalloc."""
+    out = [(k, v) for k, v in fs.items() if isinstance(v, dict) and "micro_batch" in v]
+    for k, v in fs.get("jemalloc", {}).items():
+        if isinstance(v, dict) and "micro_batch" in v:
+            out.append((f"{k}, jemalloc", v))
+    return out
+
+
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
+# jemalloc keeps freed pages (no purging back to the kernel): what makes it cache large blocks
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def find_jemalloc(arg: str) -> str | None:
+    """``--jemalloc``: 'auto' (the first of JEMALLOC_PATHS that exists), 'none', or a path."""
+    if arg == "none":
+        return None
+    if arg != "auto":
+        if not os.path.exists(arg):
+            raise SystemExit(f"--jemalloc {arg}: no such file (give the path of libjemalloc.so.2)")
+        return arg
+    return next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+
+
+def fit_step_with_allocator(args: argparse.Namespace, library: str) -> dict[str, Any]:
+    """:func:`bench_fit_step` in a fresh process with ``library`` preloaded (LD_PRELOAD)."""
+    cmd = [sys.executable, "-m", MODULE, "--_fit_step", "--threads", str(args.threads)]
+    cmd += ["--device", args.device] + (["--smoke"] if args.smoke else [])
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, LD_PRELOAD=library, MALLOC_CONF=JEMALLOC_CONF, PYTHONPATH=pythonpath)
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fit step with {library} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out.update(library=library, malloc_conf=JEMALLOC_CONF)
+    return out
+
+
 def bench_fit_step(s: dict[str, Any], device: str) -> dict[str, Any]:
     """One fit step of the full-matrix path at the library's defaults on LeNet5's 84 x 120 layer
     (batch 128, the default UNet), in one pass ("one_pass", what fit did before micro-batching)
     and in fit's automatic micro-batches: wall time, user and kernel CPU time, minor page faults.
-    Random targets and conditioning: the cost does not depend on the values."""
+    Random targets and conditioning: the cost does not depend on the values. On a shared machine
+    the CPU time (user + kernel) is the figure to compare: wall time also counts waiting for a
+    core."""
     from ocdwrap.fit import _accumulate, _micro_batch
 
     shape, batch = s["fit_step_shape"], s["fit_step_batch"]
@@ -861,7 +920,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where collections go (default: a temp dir)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
+    p.add_argument(
+        "--jemalloc",
+        default="auto",
+        help="libjemalloc.so.2 to preload for a second measurement of the fit step "
+        "('auto': the system's, if installed; 'none': skip)",
+    )
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_fit_step", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -876,6 +942,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here.")
     s = settings(args)
+    if args._fit_step:  # the fit step again, in a process started with another allocator
+        print(json.dumps(bench_fit_step(s, device)))
+        return {}
+    jemalloc = None if device.startswith("cuda") else find_jemalloc(args.jemalloc)
     start = time.perf_counter()
     load0 = os.getloadavg()
     work = args.workdir or tempfile.mkdtemp(prefix="ocdwrap-speed-")
@@ -907,6 +977,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         phases["fitting_inference"] = time.perf_counter() - start - sum(phases.values())
         print("one fit step of the full path ...", file=sys.stderr, flush=True)
         fit_step = bench_fit_step(s, device)
+        if jemalloc:
+            print(f"the same with {jemalloc} preloaded ...", file=sys.stderr, flush=True)
+            fit_step["jemalloc"] = fit_step_with_allocator(args, jemalloc)
         phases["fit_step"] = time.perf_counter() - start - sum(phases.values())
         memory: dict[str, Any] = {}
         if not args.no_memory:

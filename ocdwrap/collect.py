@@ -17,7 +17,14 @@ from tqdm.auto import tqdm
 
 from .batches import batch_size, check_inputs, map_tensors, split_batch, to_device
 from .config import OCDConfig
-from .deltas import LOWRANK_KEYS, delta_scale, lowrank_factors, rank1_factors, top_singular_energy
+from .deltas import (
+    LOWRANK_KEYS,
+    delta_scale,
+    lowrank_factors,
+    rank1_energy,
+    rank1_factors,
+    top_singular_energy,
+)
 from .errors import NonFiniteError, UnsupportedLayerError
 from .io import tensor_fingerprint
 from .model import OCDModel
@@ -104,15 +111,15 @@ def _rows(
     rho = delta_scale(delta.reshape(B, -1), cfg.delta_normalization)  # (B,)
     rows = {"index": torch.arange(first, first + B, dtype=torch.int64), "rho": rho}
     rows.update(res.cond.as_dict())
-    if "energy" in keys:
-        rows["energy"] = top_singular_energy(delta)
+    if "u" in keys:
+        u, v = rank1_factors(delta, res.layer_input, cfg.overfit_optimizer)
+        rows["u"], rows["v"] = u / rho.unsqueeze(1), v
+    if "energy" in keys:  # from v, the near-top right singular vector, when it is known
+        rows["energy"] = rank1_energy(delta, v) if "u" in keys else top_singular_energy(delta)
     if "delta" in keys:
         rows["delta"] = (delta / rho.view(B, *([1] * (delta.dim() - 1)))).reshape(
             B, delta.shape[1], -1
         )  # (B, out, in·kh·kw)
-    if "u" in keys:
-        u, v = rank1_factors(delta, res.layer_input, cfg.overfit_optimizer)
-        rows["u"], rows["v"] = u / rho.unsqueeze(1), v
     if "lowrank_u" in keys:  # the factors of delta / rho: s_k scaled, u_k and v_k unit vectors
         u, s, v, energy = lowrank_factors(delta, rank)  # (B, r, out), (B, r), (B, r, in'), (B,)
         rows.update(lowrank_u=u, lowrank_s=s / rho.unsqueeze(1), lowrank_v=v)

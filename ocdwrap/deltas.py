@@ -106,20 +106,31 @@ DeltaSpec = FullDelta | Rank1Delta | LowRankDelta
 LOWRANK_KEYS = ("lowrank_u", "lowrank_s", "lowrank_v")
 
 
-def top_singular_energy(delta: torch.Tensor, *, iters: int = 2, tol: float = 1e-6) -> torch.Tensor:
+def top_singular_energy(
+    delta: torch.Tensor,
+    *,
+    iters: int = 2,
+    tol: float = 1e-6,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Fraction of each delta's energy in its top singular value, s1² / ‖Δ‖²_F, (B,).
 
-    A zero delta gives 1. Power iteration on ΔᵀΔ (started from Δ's largest row) gives a lower
-    bound a = ‖Δv‖² of s1²; with c = ‖ΔᵀΔv − a v‖ and b = ‖Δ‖²_F − a, s1² is at most the top
-    eigenvalue of [[a, c], [c, b]]. Samples where that bracket is wider than ``tol``·‖Δ‖²_F
-    (deltas far from rank one) get ``torch.linalg.svdvals``; the near-rank-one deltas of a Linear
-    layer (docs/how-ocd-works.md) need two matrix-vector products each instead of an SVD.
+    A zero delta gives 1. Power iteration on ΔᵀΔ (started from ``start`` (B, in), or else from
+    Δ's largest row) gives a lower bound a = ‖Δv‖² of s1²; with c = ‖ΔᵀΔv − a v‖ and
+    b = ‖Δ‖²_F − a, s1² is at most the top eigenvalue of [[a, c], [c, b]]. Samples where that
+    bracket is wider than ``tol``·‖Δ‖²_F (deltas far from rank one) get ``torch.linalg.svdvals``;
+    the near-rank-one deltas of a Linear layer (docs/how-ocd-works.md) need a few matrix-vector
+    products each instead of an SVD.
     """
     B = delta.shape[0]
     mats = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, in)
     total = mats.square().sum((1, 2))  # (vector_norm's float32 sum is less exact here)
-    rows = torch.linalg.vector_norm(mats, dim=2).argmax(1)  # (B,)
-    v = mats[torch.arange(B, device=mats.device), rows].unsqueeze(1)  # (B, 1, in), row vectors
+    if start is None:
+        rows = torch.linalg.vector_norm(mats, dim=2).argmax(1)  # (B,)
+        v = mats[torch.arange(B, device=mats.device), rows].unsqueeze(1)  # (B, 1, in), row vectors
+    else:
+        v = start.float().unsqueeze(1)
+        v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
     for _ in range(iters):
         v = torch.bmm(torch.bmm(mats, v.transpose(1, 2)).transpose(1, 2), mats)  # vᵀΔᵀΔ
         v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
@@ -154,8 +165,18 @@ def rank1_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares u for delta ≈ u vᵀ given the right factor v; returns (u (B, out), v (B, in))."""
     v = rank1_right_factor(layer_input.float(), optimizer)
-    u = torch.einsum("boi,bi->bo", delta.float(), v) / (v * v).sum(1, keepdim=True).clamp_min(1e-30)
-    return u, v
+    u = torch.bmm(delta.float(), v.unsqueeze(2)).squeeze(2)  # (B, out): Δ v
+    return u / (v * v).sum(1, keepdim=True).clamp_min(1e-30), v
+
+
+def rank1_energy(delta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`top_singular_energy` of deltas whose top right singular vector is close to ``v``.
+
+    The right factor of a Linear layer's delta is known from its input (:func:`rank1_right_factor`),
+    so the power iteration can start there: one iteration instead of two from the largest row,
+    with the same bracket and the same SVD for the deltas it does not settle.
+    """
+    return top_singular_energy(delta, iters=1, start=v)
 
 
 def canonical_factors(

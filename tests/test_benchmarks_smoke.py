@@ -296,3 +296,23 @@ def test_overfit_all_layers_zero_steps_is_the_base() -> None:
     assert same["loss"] == pytest.approx(before["loss"], rel=1e-5) and same["acc"] == before["acc"]
     after = controls.overfit_all_layers(base, test, task, lr=0.05, steps=3, chunk=5)
     assert after["loss"] < before["loss"]
+
+
+@pytest.mark.parametrize("domain", ["mnist", "tabular"])
+def test_smoke_sampling_steps(domain: str, tmp_path) -> None:
+    """benchmarks.sampling_steps scores one fitted generator at each step count and times it."""
+    _need(DATA[domain])
+    from benchmarks import sampling_steps
+
+    argv = _smoke_argv(tmp_path) + ["--domain", domain]
+    sampling_steps.main(argv)
+    part = json.loads((tmp_path / "out.json").read_text())
+    rows = part["rows"]
+    assert list(rows) == [r.key for r in sampling_steps.rows(sampling_steps.parse_args(argv))]
+    metric = "loss" if domain == "mnist" else "rmse"
+    for key, row in rows.items():
+        assert row["metrics"][metric]["n"] == 1, key
+        # only the one-draw rows are timed
+        assert row["metrics"]["overhead"]["n"] == int(key.startswith("ocd@")), key
+    for s in (1, 3):  # the smoke step counts
+        assert rows[f"ocd@{s}"]["metrics"]["overhead"]["mean"] > 0

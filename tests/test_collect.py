@@ -244,3 +244,23 @@ def test_constant_deltas_under_std_normalisation_are_named_and_left_out(tmp_path
     store = ocdwrap.collect(strict, _one_output_loader(8, 24), _mse, tmp_path / "b", progress=False)
     with pytest.raises(ocdwrap.errors.NonFiniteError, match="delta_normalization='rms'"):
         ocdwrap.fit(strict, store, progress=False)
+
+
+def test_rank1_energy_from_the_known_right_factor_equals_the_svd() -> None:
+    """Started from v, one power iteration plus the bracket (or the SVD where the bracket is
+    loose) gives s1² / ‖Δ‖² as the SVD does: for near-rank-one deltas, exact rank-one ones, deltas
+    far from rank one, a start vector far from the top one, and a zero delta."""
+    from ocdwrap.deltas import rank1_energy
+
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(6, 12, generator=g), torch.randn(6, 9, generator=g)
+    delta = torch.einsum("bo,bi->boi", u, v) + 1e-3 * torch.randn(6, 12, 9, generator=g)
+    delta[3] = torch.randn(12, 9, generator=g)  # far from rank one
+    delta[4] = torch.einsum("o,i->oi", u[4], v[4])  # exactly rank one
+    delta[5] = 0.0
+    start = v.sign()
+    start[2] = torch.randn(9, generator=g)  # a poor start
+    s = torch.linalg.svdvals(delta)
+    want = s[:, 0] ** 2 / (s**2).sum(1).clamp_min(1e-30)
+    want[5] = 1.0
+    torch.testing.assert_close(rank1_energy(delta, start), want, rtol=0, atol=2e-6)
