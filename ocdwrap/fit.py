@@ -561,8 +561,11 @@ def fit(
     draw = _Minibatches(target, rho, cond, b, mine, gen, cfg.num_train_timesteps)
     micro = _micro_batch(hyper, b // procs.world)
     for step in bar:
+        t_step = time.perf_counter()
         if not _train_step(objective, hyper, (opt, opt_scale), draw(), procs, report, step, micro):
             continue
+        if step == start and procs.is_main:
+            _warn_if_slow(hyper, device, time.perf_counter() - t_step, steps - start)
         if show and step % 50 == 0:
             bar.set_postfix(
                 loss=f"{report.losses[-1]:.4f}", scale_dB=f"{report.scale_losses[-1]:.1f}"
@@ -577,6 +580,37 @@ def fit(
     hyper.eval()
     model.hypernet = hyper
     return report
+
+
+SLOW_FIT_SECONDS = 600.0  # a CPU fit of the full-matrix UNet expected to take longer: say so
+
+
+def _warn_if_slow(hyper: OCDHyperNetwork, device: torch.device, first: float, steps: int) -> None:
+    """After the first step, the expected duration of a full-matrix fit on a CPU, and the fix.
+
+    The full-matrix UNet is compute-bound on a CPU (a fit step at the library's defaults on an
+    84 x 120 layer: about 30 CPU-seconds, docs/performance.md), so a fit of the default 2,000
+    steps would take most of a day there; the low-rank and rank-one generators take minutes.
+    """
+    if hyper.delta != "full" or device.type != "cpu":
+        return
+    expected = first * steps
+    if expected <= SLOW_FIT_SECONDS:
+        return
+    logger.warning(
+        "ocdwrap fit: the full-matrix UNet on a CPU: the first step took %.1f s, so %d steps "
+        "will take about %s. On a CPU use OCDConfig(delta='auto') (rank one where the delta is "
+        "rank one, else low-rank factors; minutes), fewer fit_steps, or a GPU (device='cuda').",
+        first,
+        steps,
+        _duration(expected),
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
 
 
 def _nonfinite(cfg, report: FitReport, what: str, step: int) -> None:

@@ -329,3 +329,23 @@ def test_automatic_micro_batch_keeps_unet_activations_small() -> None:
         ocdwrap.OCDConfig(delta="rank1"), kind="linear", weight_shape=(84, 120), dims=(120, 84, 10)
     )
     assert _micro_batch(rank1, 128) == 128  # the MLP path runs in one pass
+
+
+def test_fit_says_how_long_a_full_matrix_fit_on_a_cpu_will_take(
+    store_dir: str, monkeypatch, caplog
+) -> None:
+    """After its first step, a CPU fit of the full-matrix UNet that will run past the threshold
+    says how long it expects to take and what to choose instead; rank-one fits say nothing."""
+    import importlib
+
+    fit_mod = importlib.import_module("ocdwrap.fit")  # the module: ocdwrap.fit is the function
+    monkeypatch.setattr(fit_mod, "SLOW_FIT_SECONDS", 0.0)
+    with caplog.at_level("WARNING", logger="ocdwrap"):
+        _fitted(store_dir, steps=3, delta="full")
+    said = [r.getMessage() for r in caplog.records if "full-matrix UNet on a CPU" in r.getMessage()]
+    assert len(said) == 1 and "3 steps will take about" in said[0]
+    assert "delta='auto'" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ocdwrap"):
+        _fitted(store_dir, steps=3, delta="rank1")
+    assert not [r for r in caplog.records if "full-matrix" in r.getMessage()]
