@@ -137,6 +137,16 @@ class Separator(nn.Module):
         self.act = nn.PReLU()
         self.proj = nn.Linear(channels, n_speakers * channels)
         self.decoder = nn.ConvTranspose1d(channels, 1, kernel, stride=self.stride, bias=False)
+        with torch.no_grad():  # every mask starts near 1 / S: each estimate near mixture / S
+            self.proj.weight.mul_(0.1)
+            self.proj.bias.fill_(1.0 / n_speakers)
+
+    def autoencode(self, mixture: torch.Tensor) -> torch.Tensor:
+        """The mixture through the encoder and decoder alone (every mask 1)."""
+        T = mixture.shape[-1]
+        pad = (-(T - self.kernel)) % self.stride
+        w = nn.functional.relu(self.encoder(nn.functional.pad(mixture, (0, pad)).unsqueeze(1)))
+        return self.decoder(w)[:, 0, :T]
 
     @property
     def receptive_window(self) -> int:
@@ -202,6 +212,25 @@ def evaluate_separator(
     return total / len(mixtures)
 
 
+def pretrain_filterbank(
+    model: Separator, mixtures: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int
+) -> float:
+    """Encoder and decoder trained alone to reconstruct mixtures (SI-SDR), a few hundred cheap
+    steps: the separator then starts from a filterbank that can represent speech, not from the
+    long plateau near 0 dB a random one gives. Returns the final reconstruction SI-SDR (dB)."""
+    params = [*model.encoder.parameters(), *model.decoder.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    sisdr = torch.tensor(float("nan"))
+    for _ in range(steps):
+        x = mixtures[torch.randint(len(mixtures), (batch_size,), generator=g)]
+        sisdr = _sisdr(model.autoencode(x), x).mean()
+        opt.zero_grad(set_to_none=True)
+        (-sisdr).backward()
+        opt.step()
+    return float(sisdr.detach())
+
+
 def train_separator(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -214,15 +243,31 @@ def train_separator(
     lr: float = 1e-3,
     seed: int = 0,
     log: Any = None,
+    filterbank_steps: int = 0,
+    filterbank_lr: float = 2e-3,
 ) -> dict[str, Any]:
     """Adam on the permutation-invariant negative SI-SDR, one pass over the training mixtures
     per epoch, until ``seconds`` of wall time or ``max_epochs`` epochs; early stopping on the
-    validation loss with ``patience`` epochs; the best epoch's weights are kept (eval mode)."""
+    validation loss with ``patience`` epochs; the best epoch's weights are kept (eval mode).
+    ``filterbank_steps`` > 0 first runs :func:`pretrain_filterbank` (inside the budget)."""
     g = torch.Generator().manual_seed(seed)
+    t_fb = time.perf_counter()
+    fb = None
+    if filterbank_steps:
+        fb = pretrain_filterbank(
+            model,
+            train[0],
+            steps=filterbank_steps,
+            batch_size=batch_size,
+            lr=filterbank_lr,
+            seed=seed,
+        )
+        if log:
+            log(f"  filterbank: reconstruction SI-SDR {fb:.1f} dB after {filterbank_steps} steps")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best, best_state, best_epoch, bad, epochs, steps = math.inf, None, 0, 0, 0, 0
     history: list[float] = []
-    t0 = time.perf_counter()
+    t0 = t_fb
     stopped_early = False
     while epochs < max_epochs and time.perf_counter() - t0 < seconds:
         model.train()
@@ -270,6 +315,8 @@ def train_separator(
         "batch_size": batch_size,
         "lr": lr,
         "val_history_sisdri": [-v for v in history],
+        "filterbank_steps": filterbank_steps,
+        "filterbank_sisdr": fb,
     }
 
 

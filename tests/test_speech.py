@@ -131,3 +131,75 @@ def test_missing_espeak_names_the_fix(monkeypatch, tmp_path) -> None:
     assert not speech_data.espeak_available()
     with pytest.raises(EspeakMissingError, match=r"apt-get install espeak-ng.*scripts/setup.sh"):
         load_speech(**SMALL, directory=str(tmp_path))
+
+
+def test_separator_shapes_loss_and_errors() -> None:
+    from benchmarks.speech_model import Separator, mixture_sisdr, pit_neg_sisdr, separate
+
+    torch.manual_seed(0)
+    model = Separator(3, channels=8, hidden=8, kernel=16, chunk=10).eval()
+    seen = []
+    model.proj.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    x = torch.randn(2, 1000)
+    with torch.no_grad():
+        est = model(x)
+        alone = model(x[1:])
+    assert est.shape == (2, 3, 1000)
+    assert seen[0][0] == 2 and seen[0][2] == 8  # proj sees (B, frames, N): the batch in dim 0
+    assert torch.allclose(est[1], alone[0], atol=1e-5)  # mixtures do not mix
+    src = torch.randn(2, 3, 1000)
+    loss = pit_neg_sisdr(src[:, [2, 0, 1]] + 0.01 * torch.randn_like(src), src)
+    assert loss.shape == (2,) and bool((loss < -30).all())  # the assignment undoes the order
+    assert bool((pit_neg_sisdr(src[:, [1, 2, 0]], src) < -90).all())  # exact, in any order
+    ref = mixture_sisdr(src)  # 3 equal-level sources: about -3 dB each
+    assert ref.shape == (2,) and bool(((ref > -6) & (ref < 0)).all())
+    with pytest.raises(SpeechDataError, match="shorter than the model's receptive window"):
+        model(torch.zeros(2, model.receptive_window - 1))
+    with pytest.raises(SpeechDataError, match="2 channels"):
+        model(torch.zeros(2, 2, 1000))
+    with pytest.raises(SpeechDataError, match="44100 Hz"):
+        separate(model, torch.zeros(1, 1000), 44100)
+    assert separate(model, torch.zeros(1000), SAMPLE_RATE).shape == (1, 3, 1000)
+
+
+@needs_espeak
+def test_smoke_run_reports_every_row(tmp_path) -> None:
+    import json
+    import math
+    import subprocess
+    import sys
+
+    from benchmarks.speech import rows_for
+
+    out = tmp_path / "out.json"
+    argv = ["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work")]
+    argv += ["--cache-dir", str(tmp_path / "speech"), "--plots", str(tmp_path / "figs")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speech", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| base MulCat separator |" in proc.stdout and "| row |" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python -m benchmarks.speech --smoke")
+    part = data["datasets"]["2spk"]
+    assert list(part["rows"]) == [r.key for r in rows_for(2, 4, 1e-3, 10)]
+    rows = part["per_seed"]["0"]
+    assert set(rows) == set(part["rows"])
+    for key, metrics in rows.items():
+        assert set(metrics) == {"sisdri", "sisdri_unseen"}, key
+        assert all(math.isfinite(v) for v in metrics.values()), key
+    for metric in ("sisdri", "sisdri_unseen"):  # the upper bound beats the base on both splits
+        assert rows["overfit"][metric] > rows["base"][metric]
+    info = part["info"]["0"]
+    assert info["ocd"]["collect_summary"]["count"] == 8  # every collected mixture
+    assert info["ocd"]["config"]["delta"] == "lowrank" and info["ocd"]["layer"] == "proj"
+    assert info["ocd"]["inference_s_per_mixture"]["ocd"] > 0
+    assert info["selection"]["proj_rank"] >= 1 and info["compute_matched"]["steps"] > 0
+    assert data["data"]["sample_rate"] == 8000 and data["data"]["mixtures"]["train/2"] == 16
+    assert rows_for(5, 4, 1e-3, 10)[0].paper == {"sisdri": "12.7"}
+    assert (tmp_path / "figs" / "speech-2spk-spectrograms.png").stat().st_size > 5_000
+    assert (tmp_path / "figs" / "results-speech-2spk.png").stat().st_size > 10_000
