@@ -101,6 +101,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             fit_step_shape=(12, 20),
             fit_step_batch=8,
             fit_step_reps=1,
+            fewer_steps=(2,),
+            nerf_size=8,
+            nerf_samples=4,
+            nerf_views=2,
         )
     else:
         s = dict(
@@ -123,6 +127,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             fit_step_shape=(84, 120),  # LeNet5's fc2
             fit_step_batch=128,  # OCDConfig's fit_batch_size
             fit_step_reps=2,
+            fewer_steps=(2, 3, 5),
+            nerf_size=32,  # benchmarks.nerf's CPU default
+            nerf_samples=16,
+            nerf_views=25,  # its test views
         )
     s["sampling_steps"] = PAPER_STEPS
     s["memory_one_process"] = bool(args.smoke)
@@ -302,8 +310,10 @@ def bench_inference_one(
     reps: int,
     device: str,
     whole_passes: bool = False,
+    steps: int | None = None,
 ) -> dict[str, Any]:
-    """OCD forward against base forward; ``whole_passes`` also times it with the split off."""
+    """OCD forward against base forward; ``whole_passes`` also times it with the split off;
+    ``steps``: the sampling steps in force (default: the model's config)."""
     out: dict[str, Any] = {}
     for B in batches:
         xb = x[:B].to(device)
@@ -341,7 +351,7 @@ def bench_inference_one(
             else:
                 t = interleaved(fns, r, device)
         med = {k: statistics.median(v) for k, v in t.items()}
-        steps = m.config.sampling_steps
+        steps = steps or m.config.sampling_steps
         row = {
             "base_ms": 1e3 * med["base"],
             "ocd_ms": 1e3 * med["ocd"],
@@ -415,6 +425,12 @@ def bench_inference(
                 whole_passes=True,
             ),
         }
+    for n in s["fewer_steps"]:  # benchmarks.sampling_steps measures what they cost in accuracy
+        with r1.sampling(sampling_steps=n):
+            inference[f"rank1_{n}_steps"] = {
+                "generator": f"the same, {n} sampling steps",
+                **bench_inference_one(r1, x, [s["big_batch"]], reps, device, steps=n),
+            }
     fb = s["full_batch"]
     full = models["full"]
     inference["full"] = {
@@ -433,7 +449,44 @@ def bench_inference(
     if s["paper_unet"]:
         passes["paper"] = unet_pass_ms(ocdwrap.OCDConfig.paper(), dims, device, max(1, reps // 2))
     inference["unet_pass"] = passes
+    inference["lowrank_render"] = bench_lowrank_render(s, device, work)
     return inference, fitting
+
+
+def bench_lowrank_render(s: dict[str, Any], device: str, work: str) -> dict[str, Any]:
+    """Low-rank OCD on TinyNeRF's fc1 (``benchmarks.nerf``'s CPU default: 32 x 32 views, 16
+    depth samples, rank 4): the OCD render of a batch of views against the base render of the
+    same views. The generator comes from a short collect and fit on random targets (the time
+    does not depend on the weights)."""
+    from . import nerf, scenes
+
+    size, samples, views = s["nerf_size"], s["nerf_samples"], s["nerf_views"]
+    torch.manual_seed(0)
+    base = nerf.TinyNeRF(size, scenes.FOCAL_100 * size / 100, samples=samples).to(device).eval()
+    cfg = ocdwrap.OCDConfig(
+        delta="lowrank",
+        delta_rank=4,
+        output_layout="channels_last",
+        output_grid=nerf.OUTPUT_GRID,
+        task="regression",
+        overfit_steps=2,
+        fit_steps=2,
+        checkpoint_every=0,
+    )
+    m = ocdwrap.wrap(base, layer="fc1", config=cfg)
+    poses = scenes.hemisphere_poses(views, seed=0).to(device)
+    images = torch.rand(views, size, size, 3, device=device)
+    store = ocdwrap.collect(
+        m, tensor_loader(poses, images, views), nerf.image_mse, os.path.join(work, "nerf"),
+        progress=False,
+    )  # fmt: skip
+    ocdwrap.fit(m, store, progress=False)
+    out = bench_inference_one(m, poses, [views], s["reps"], device)
+    out["generator"] = (
+        f"MLP denoiser over rank-{cfg.delta_rank} factors of fc1 (128 x 63); views of "
+        f"{size} x {size} px, {samples} depth samples, {cfg.sampling_steps} sampling steps"
+    )
+    return out
 
 
 # --------------------------------------------------------------------------- 4. memory
@@ -631,16 +684,25 @@ def bench_memory(
 def goals(r: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     c, inf = r["collection"], r["inference"]
     big = str(s["big_batch"])
+    collect_rate = c["train_samples"] / c["collect_rank1_seconds"]
     out = {
         "vectorized_vs_loop_at_least_20x": c["speedup_vs_loop"] >= 20,
-        "collect_rank1_at_most_3_epochs": c["collect_rank1_epochs"] <= 3,
+        "collect_rank1_end_to_end_vs_loop_at_least_20x": collect_rate / c["loop_samples_per_s"]
+        >= 20,
+        "collect_rank1_at_most_1_epoch": c["collect_rank1_epochs"] <= 1,
         "collect_full_at_most_3_epochs": c["collect_full_epochs"] <= 3,
-        f"rank1_overhead_at_most_3x_at_batch_{big}": inf["rank1"][big]["overhead"] <= 3,
+        f"rank1_overhead_at_most_2x_at_batch_{big}": inf["rank1"][big]["overhead"] <= 2,
     }
-    if "rank1_hidden128" in inf:
-        out[f"rank1_hidden128_overhead_at_most_3x_at_batch_{big}"] = (
-            inf["rank1_hidden128"][big]["overhead"] <= 3
+    for k, v in inf.items():
+        if k.startswith("rank1_") and k.endswith("_steps"):
+            out[f"{k}_overhead_at_most_2x_at_batch_{big}"] = v[big]["overhead"] <= 2
+    if "lowrank_render" in inf:
+        out["lowrank_render_at_most_2x_the_base_render"] = all(
+            v["overhead"] <= 2 for k, v in inf["lowrank_render"].items() if k != "generator"
         )
+    fs = r.get("fit_step", {})
+    if "micro_batched" in fs:
+        out["fit_step_full_micro_batched_at_least_3x_less_cpu_time"] = fs["cpu_speedup"] >= 3
     return out
 
 
@@ -666,7 +728,8 @@ def render(r: dict[str, Any]) -> str:
         "| denoiser pass ms | base passes / generation ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for key in ("rank1", "rank1_hidden128", "full", "full_small_unet"):
+    keys = ["rank1", *(k for k in inf if k.startswith("rank1_") and k.endswith("_steps"))]
+    for key in (*keys, "rank1_hidden128", "full", "full_small_unet", "lowrank_render"):
         if key not in inf:
             continue
         for B, v in inf[key].items():
