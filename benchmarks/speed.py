@@ -126,7 +126,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             mlp_hidden=None,
             fit_step_shape=(84, 120),  # LeNet5's fc2
             fit_step_batch=128,  # OCDConfig's fit_batch_size
-            fit_step_reps=2,
+            fit_step_reps=1,  # after a warm-up step; each takes 30-90 s on a 2-core CPU
             fewer_steps=(2, 3, 5),
             nerf_size=32,  # benchmarks.nerf's CPU default
             nerf_samples=16,
