@@ -47,6 +47,7 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 
 import ocdwrap
 from ocdwrap.deltas import FullDelta
@@ -57,7 +58,7 @@ from .datasets import tensor_loader
 from .experiment import _Rows
 from .figures import plot_json
 from .results import Metric, Results, Row, fmt_mean_sd, write_json
-from .scoring import Task, evaluate_module, evaluate_predictions
+from .scoring import Task, evaluate_predictions
 from .speech_data import SAMPLE_RATE, SpeechData, load_speech
 from .speech_model import (
     Separator,
@@ -90,6 +91,15 @@ class SpeechTask(Task):
 
     def metrics(self, res: dict[str, Any]) -> dict[str, float]:
         return {self.key: -float(res["loss"]) - self.mix_ref}
+
+
+def evaluate_plain(
+    model: nn.Module, loader: Any, task: SpeechTask, device: str
+) -> dict[str, float]:
+    """A plain separator's metrics (eval mode). Not ``scoring.evaluate_module``: its regression
+    path also takes the square root of the mean loss, and a negative SI-SDR loss has none."""
+    model.eval()
+    return evaluate_predictions(lambda x, y: model(x), loader, task, device)
 
 
 def log_spectrum(x: torch.Tensor, n_fft: int = 256) -> torch.Tensor:
@@ -343,7 +353,7 @@ def run_seed(args: Any, seed: int, S: int, data: SpeechData, res: Results, workd
         task = SpeechTask(float(mixture_sisdr(splits[split][1]).mean()), key)
         info[f"mixture_sisdr_{split}"] = task.mix_ref
         loader = tensor_loader(*splits[split], args.batch)
-        rows["base"].update(evaluate_module(base, loader, task, args.device))
+        rows["base"].update(evaluate_plain(base, loader, task, args.device))
     log(f"  base: {rows['base']}")
     if args.select_samples:
         info["selection"] = select_layer_info(base, splits["val"], args, seed)
@@ -377,7 +387,7 @@ def compute_matched(
     for split, key in (("test", "sisdri"), ("test_unseen", "sisdri_unseen")):
         task = SpeechTask(info[f"mixture_sisdr_{split}"], key)
         row.update(
-            evaluate_module(model, tensor_loader(*splits[split], args.batch), task, args.device)
+            evaluate_plain(model, tensor_loader(*splits[split], args.batch), task, args.device)
         )
     log(f"  {row} after {info['compute_matched']['steps']} more steps")
     return row

@@ -249,6 +249,7 @@ def train_separator(
     """Adam on the permutation-invariant negative SI-SDR, one pass over the training mixtures
     per epoch, until ``seconds`` of wall time or ``max_epochs`` epochs; early stopping on the
     validation loss with ``patience`` epochs; the best epoch's weights are kept (eval mode).
+    At least one step and one validation pass run, whatever the budget.
     ``filterbank_steps`` > 0 first runs :func:`pretrain_filterbank` (inside the budget)."""
     g = torch.Generator().manual_seed(seed)
     t_fb = time.perf_counter()
@@ -269,7 +270,7 @@ def train_separator(
     history: list[float] = []
     t0 = t_fb
     stopped_early = False
-    while epochs < max_epochs and time.perf_counter() - t0 < seconds:
+    while epochs < max_epochs and (epochs == 0 or time.perf_counter() - t0 < seconds):
         model.train()
         order = torch.randperm(len(train[0]), generator=g)
         for i in range(0, len(order), batch_size):
