@@ -46,6 +46,7 @@ explains how to read the report.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -354,12 +355,18 @@ def _lift(x: torch.Tensor) -> torch.Tensor:
     base is uncorrelated with any linear function of its own input, so a linear probe could never
     see it. An RBF kernel of width sqrt(d) (the typical distance of standardised vectors); the
     projection is fixed (seed 0), the same for every fold and split."""
-    gen = torch.Generator().manual_seed(0)
-    d = x.shape[1]
-    W = torch.randn(d, RANDOM_FEATURES, generator=gen, dtype=x.dtype) / math.sqrt(d)
-    b = torch.rand(RANDOM_FEATURES, generator=gen, dtype=x.dtype) * (2 * math.pi)
+    W, b = _projection(x.shape[1], x.dtype)
     rff = math.sqrt(2.0) * torch.cos(x @ W.to(x.device) + b.to(x.device))  # unit variance each
     return torch.cat([x, rff], dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _projection(d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed random projection of :func:`_lift` for width ``d``, built once (read-only)."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(d, RANDOM_FEATURES, generator=gen, dtype=dtype) / math.sqrt(d)
+    b = torch.rand(RANDOM_FEATURES, generator=gen, dtype=dtype) * (2 * math.pi)
+    return W, b
 
 
 def _fit_logistic(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float, init=None):
