@@ -138,12 +138,15 @@ class TinyNeRF(nn.Module):
     def render_rays(
         self, origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """Colours (B, R, 3) of rays (B, R, 3) at depths ``t`` (S,) or (B, R, S)."""
-        if t.dim() == 1:
-            t = t.expand(*origins.shape[:2], -1)
+        """Colours (B, R, 3) of rays (B, R, 3) at depths ``t`` (S,) or (B, R, S).
+
+        Written so that ``torch.fx`` can trace it (no Python branch on a tensor's shape): then
+        ocdwrap's split forward encodes the points once per OCD forward instead of twice."""
+        B, R = origins.shape[0], origins.shape[1]
+        t = t.expand(B, R, -1)  # (B, R, S); a no-op for depths given per ray
         pts = origins.unsqueeze(2) + dirs.unsqueeze(2) * t.unsqueeze(-1)  # (B, R, S, 3)
-        h = self.encode(pts).reshape(len(origins), -1, self.in_dim)  # (B, R*S, 63), sample-major
-        h = self.out(torch.relu(self.fc2(torch.relu(self.fc1(h))))).reshape(*t.shape, 4)
+        h = self.encode(pts).reshape(B, -1, self.in_dim)  # (B, R*S, 63), sample-major
+        h = self.out(torch.relu(self.fc2(torch.relu(self.fc1(h))))).reshape(B, R, -1, 4)
         sigma, rgb = F.softplus(h[..., 3] - 1), torch.sigmoid(h[..., :3])
         step = torch.cat([t[..., 1:] - t[..., :-1], torch.full_like(t[..., :1], 1e10)], -1)
         return composite(sigma, rgb, step, self.background)
@@ -156,7 +159,7 @@ class TinyNeRF(nn.Module):
     def forward(self, poses: torch.Tensor) -> torch.Tensor:
         origins, dirs = camera_rays(poses, self.size, self.size, self.focal)
         rgb = self.render_rays(origins, dirs, self.depths(poses.device))
-        return rgb.reshape(len(poses), self.size, self.size, 3)
+        return rgb.reshape(poses.shape[0], self.size, self.size, 3)
 
 
 def image_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -299,7 +299,12 @@ def render(
 
 # --- checks -----------------------------------------------------------------------------------
 def check_poses(poses: torch.Tensor) -> None:
-    """Raise :class:`SceneShapeError` unless ``poses`` is a float tensor (B, 4, 4)."""
+    """Raise :class:`SceneShapeError` unless ``poses`` is a float tensor (B, 4, 4).
+
+    Nothing to check while ``torch.fx`` traces a model (ocdwrap's split forward): the check
+    runs on the real poses of every call."""
+    if isinstance(poses, torch.fx.Proxy):
+        return
     if not isinstance(poses, torch.Tensor) or poses.dim() != 3 or poses.shape[1:] != (4, 4):
         shape = tuple(poses.shape) if isinstance(poses, torch.Tensor) else type(poses).__name__
         raise SceneShapeError(

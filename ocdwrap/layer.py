@@ -89,13 +89,40 @@ class DynamicLayer(nn.Module):
             return out
         if isinstance(spec, OutputProbe):
             if spec.delta is not None:
-                out = out + self.delta_term(x, spec.delta).to(out.dtype)
+                out = self.add_delta_term(out, x, spec.delta)
             if spec.probe is None:
                 spec.probe = torch.zeros_like(out, requires_grad=True)
             if spec.probe.shape != out.shape:  # a later chunk of a chunked pass: see overfit.py
                 return out
             return out + spec.probe
+        return self.add_delta_term(out, x, spec)
+
+    def add_delta_term(self, out: torch.Tensor, x: torch.Tensor, spec: DeltaSpec) -> torch.Tensor:
+        """``out`` plus the per-sample contribution of ``spec`` for input ``x``.
+
+        For factored deltas on a Linear layer the last product is accumulated into ``out``
+        (``baddbmm``): no second output-sized tensor and no separate addition, which on a layer
+        that sees many positions per sample (a NeRF's first layer: thousands of ray points) is
+        a memory-bound pass over the whole activation.
+        """
+        if self.kind == "linear" and isinstance(spec, (Rank1Delta, LowRankDelta)):
+            B = spec.batch
+            if out.dtype == x.dtype and x.shape[0] % B == 0:
+                xs = x.reshape(B, -1, x.shape[-1])  # (B, T, in)
+                z, u = self._factored(xs, spec)  # (B, T, r), (B, r, out)
+                return torch.baddbmm(out.reshape(B, -1, out.shape[-1]), z, u).reshape(out.shape)
         return out + self.delta_term(x, spec).to(out.dtype)
+
+    @staticmethod
+    def _factored(
+        xs: torch.Tensor, spec: Rank1Delta | LowRankDelta
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, u) with delta_b x_t = z_bt u_b for inputs xs (B, T, in): z (B, T, r), u (B, r, out)."""
+        if isinstance(spec, Rank1Delta):
+            v, u = spec.v.to(xs.dtype), spec.u.to(xs.dtype)
+            return torch.bmm(xs, v.unsqueeze(2)), u.unsqueeze(1)  # (B, T, 1), (B, 1, out)
+        v, s = spec.v.to(xs.dtype), spec.s.to(xs.dtype)
+        return torch.bmm(xs, v.transpose(1, 2)) * s.unsqueeze(1), spec.u.to(xs.dtype)
 
     # ------------------------------------------------------------------------------------
     def delta_term(self, x: torch.Tensor, spec: DeltaSpec) -> torch.Tensor:
@@ -112,12 +139,8 @@ class DynamicLayer(nn.Module):
                 f"a multiple of the batch size {B}; ocdwrap needs the batch (sample-major) in dim 0."
             )
         xs = x.reshape(B, -1, x.shape[-1])  # (B, T, in)
-        if isinstance(spec, Rank1Delta):
-            u, v = spec.u.to(x.dtype), spec.v.to(x.dtype)
-            term = torch.einsum("bti,bi->bt", xs, v).unsqueeze(-1) * u.unsqueeze(1)  # (B, T, out)
-        elif isinstance(spec, LowRankDelta):
-            u, s, v = spec.u.to(x.dtype), spec.s.to(x.dtype), spec.v.to(x.dtype)
-            z = torch.bmm(xs, v.transpose(1, 2)) * s.unsqueeze(1)  # (B, T, r): s_k v_kᵀ x_t
+        if isinstance(spec, (Rank1Delta, LowRankDelta)):  # z_bt = s_k v_kᵀ x_t, then times u
+            z, u = self._factored(xs, spec)
             term = torch.bmm(z, u)  # (B, T, out)
         else:
             d = spec.delta.to(x.dtype)

@@ -206,3 +206,25 @@ def test_merge_makes_one_table_of_two_runs(smoke, tmp_path) -> None:
     (tmp_path / "s24.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match=r"other settings.*\['samples'\]"):
         nerf.merge([paths[0], str(tmp_path / "s24.json")], "merge")
+
+
+def test_tinynerf_takes_the_split_forward(tmp_path) -> None:
+    """TinyNeRF traces with torch.fx, so an OCD forward at fc1 takes the split forward (the
+    positional encoding once, the part from fc1 on twice); the split render equals the whole."""
+    from ocdwrap import split as split_mod
+
+    torch.manual_seed(0)
+    base = TinyNeRF(8, 11.1, samples=4).eval()
+    poses = scenes.hemisphere_poses(3, seed=0)
+    split = split_mod.SplitModel(base, "fc1")
+    with torch.no_grad():
+        torch.testing.assert_close(split.suffix(split.prefix((poses,), {})), base(poses))
+    cfg = ocdwrap.OCDConfig(
+        delta="lowrank", delta_rank=2, output_layout="channels_last", overfit_steps=1, fit_steps=1
+    )
+    m = ocdwrap.wrap(base, layer="fc1", config=cfg)
+    store = ocdwrap.collect(m, [(poses, torch.rand(3, 8, 8, 3))], image_mse, str(tmp_path / "c"))
+    ocdwrap.fit(m, store, progress=False)
+    with torch.no_grad():
+        m(poses)
+    assert split_mod._SPLITS.get(m) is not None and split_mod._SPLITS[m].verified
