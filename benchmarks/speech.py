@@ -502,7 +502,8 @@ def plot_spectrograms(waves: dict[str, torch.Tensor], path: str, title: str) -> 
     )
 
     def show(ax: Any, x: torch.Tensor, label: str) -> None:
-        ax.specgram(x.numpy(), NFFT=256, Fs=SAMPLE_RATE, noverlap=192, cmap="magma")
+        floor = 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        ax.specgram((x + floor).numpy(), NFFT=256, Fs=SAMPLE_RATE, noverlap=192, cmap="magma")
         ax.set_title(label, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
 
@@ -515,9 +516,9 @@ def plot_spectrograms(waves: dict[str, torch.Tensor], path: str, title: str) -> 
             label = f"{name}, speaker {s + 1}"
             if name != "sources":
                 db = float(pit_sisdr(x[None, None], waves["sources"][s][None, None])[0])
-                label += f" ({db:.1f} dB)"
+                label += f" (SI-SDR {db:.1f} dB)"
             show(axes[r, s], x, label)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title.replace(": ", ":\n", 1), fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
