@@ -59,7 +59,7 @@ from .experiment import _Rows
 from .figures import plot_json
 from .results import Metric, Results, Row, fmt_mean_sd, write_json
 from .scoring import Task, evaluate_predictions
-from .speech_data import SAMPLE_RATE, SpeechData, load_speech
+from .speech_data import SAMPLE_RATE, EspeakMissingError, SpeechData, load_speech
 from .speech_model import (
     Separator,
     count_parameters,
@@ -596,7 +596,10 @@ def main(argv: list[str] | None = None) -> dict:
     kw = args.data or {
         "mixtures": {"train": args.train_mixtures, "val": 200, "test": 200, "test_unseen": 200}
     }
-    data, seconds = timed(lambda: load_speech(directory=args.cache_dir, **kw))
+    try:
+        data, seconds = timed(lambda: load_speech(directory=args.cache_dir, **kw))
+    except EspeakMissingError as e:  # a clear message, not a traceback
+        raise SystemExit(f"error: {e}") from None
     log(f"speech data: {'read from the cache' if data.cached else 'synthesised'} ({data.path}), "
         f"{seconds:.1f} s, {data.nbytes / 2**20:.1f} MB")  # fmt: skip
     out["data"] = data.summary()
