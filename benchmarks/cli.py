@@ -2,9 +2,9 @@
 
 Every script (``python -m benchmarks.mnist``, ``.tabular``, ``.text_fewshot``,
 ``.fashion_mnist``) starts from :func:`base_parser` (``--seeds``, ``--json``, ``--paper``,
-``--device``, ``--smoke``, ``--threads``, ``--fit-steps``, ``--draws``, ``--workdir``,
-``--progress``, ``--plots``, ``--delta``, ``--overfit-lr``, ``--delta-normalization``,
-``--headroom-only``, ``--headroom-samples``), builds each
+``--device``, ``--smoke``, ``--threads``, ``--fit-steps``, ``--draws``, ``--sampling-steps``,
+``--workdir``, ``--progress``, ``--plots``, ``--delta``, ``--overfit-lr``,
+``--delta-normalization``, ``--headroom-only``, ``--headroom-samples``), builds each
 seed's :class:`ocdwrap.OCDConfig` with :func:`ocd_config`, and runs its seeds with
 :func:`run_seeds`, which rewrites ``--json`` after every seed and prints the table at the end.
 """
@@ -53,6 +53,12 @@ def base_parser(
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--fit-steps", type=int, default=None, help="hypernetwork training steps")
     p.add_argument("--draws", type=int, default=5, help="ensemble size K of OCD(K)")
+    p.add_argument(
+        "--sampling-steps",
+        type=int,
+        default=10,
+        help="DDIM steps at inference (default 10, the released code's; the library's is 2)",
+    )
     p.add_argument("--workdir", default=None, help="where deltas go (default: a temporary folder)")
     p.add_argument("--progress", action="store_true", help="tqdm bars for collect/fit")
     p.add_argument(
@@ -104,6 +110,7 @@ def ocd_config(args: argparse.Namespace, seed: int, **kw: Any) -> ocdwrap.OCDCon
     on a CPU (two cores cannot train the paper's), or rank-one deltas; ``kw`` overrides."""
     base = dict(
         delta=args.delta,
+        sampling_steps=args.sampling_steps,
         fit_steps=args.fit_steps,
         seed=seed,
         checkpoint_every=0,
