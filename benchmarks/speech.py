@@ -526,6 +526,13 @@ def plot_spectrograms(waves: dict[str, torch.Tensor], path: str, title: str) -> 
     return path
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (MB; Linux reports it in KB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # --- command line ------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> Any:
     p = cli.base_parser(MODULE, __doc__, seeds=(0,))
@@ -617,6 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
             res.notes = table_notes(res, args, S, data)
             out["datasets"][name] = res.to_json(title=title, command=cmd)
             out["seconds"] = time.perf_counter() - t0
+            out["peak_rss_mb"] = peak_rss_mb()
             write_json(args.json, out)
             if args.plots and seed == args.seeds[0]:
                 path = os.path.join(args.plots, f"speech-{name}-spectrograms.png")

@@ -199,6 +199,7 @@ def test_smoke_run_reports_every_row(tmp_path) -> None:
     assert info["ocd"]["config"]["delta"] == "lowrank" and info["ocd"]["layer"] == "proj"
     assert info["ocd"]["inference_s_per_mixture"]["ocd"] > 0
     assert info["selection"]["proj_rank"] >= 1 and info["compute_matched"]["steps"] > 0
+    assert 50 < data["peak_rss_mb"] < 8 * 1024  # the memory bound
     assert data["data"]["sample_rate"] == 8000 and data["data"]["mixtures"]["train/2"] == 16
     assert rows_for(5, 4, 1e-3, 10)[0].paper == {"sisdri": "12.7"}
     assert (tmp_path / "figs" / "speech-2spk-spectrograms.png").stat().st_size > 5_000
