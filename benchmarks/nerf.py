@@ -72,7 +72,7 @@ from .controls import Agreement, NearestNeighbour
 from .datasets import tensor_loader
 from .experiment import OCDRun, _Rows, add_run
 from .figures import plot_json
-from .results import Metric, Results, Row, write_json
+from .results import Metric, Results, Row, fmt_mean_sd, write_json
 from .scenes import (
     FAR,
     NEAR,
@@ -436,6 +436,16 @@ def run_seed(args: Any, seed: int, data: SceneData, res: Results, workdir: str) 
 def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
     base_p, over_p, ocd_p = (float(v) for v in PAPER[data.name])
     out = notes.gap_notes(res, "mse", {"ocd": (base_p - ocd_p) / (base_p - over_p), "ocd_k": None})
+    shares = []
+    for key in ("compute_matched", "global", "full_unet", "regression", "nn", "overfit_rank"):
+        vals = res.gap(key, "base", "overfit", "mse")
+        if vals:
+            shares.append(f"{key} {fmt_mean_sd([100 * v for v in vals], '.1f')} % (n={len(vals)})")
+    if shares:
+        out.append(
+            "share of the base → overfit-on-test gap in mse taken by the other rows (negative: "
+            "worse than the base): " + "; ".join(shares)
+        )
     infos = list(res.info.values())
     bt = [i["base_training"] for i in infos if "base_training" in i]
     if bt:
@@ -512,8 +522,6 @@ def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
 
 
 def fmt(energy: list[dict[str, float]], r: str) -> str:
-    from .results import fmt_mean_sd
-
     return fmt_mean_sd([100 * e[r] for e in energy], ".1f") + " %"
 
 
