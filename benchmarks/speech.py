@@ -26,8 +26,9 @@ MulCat block); it sees every frame of a mixture, so a mixture's delta is not ran
 per-sample loss of the collection, the bound and every row) is the matched negative SI-SDR.
 The overfit is Adam ``--overfit-lr`` x ``--overfit-steps`` on that loss, weight only. The
 conditioning is what ocdwrap captures, label-free: the mean over frames of ``proj``'s input and
-output, and the model output (B, S, T) pooled by ocdwrap (its mean over the speakers, a (B, T)
-waveform: see the notes).
+output, and the model output (B, S, T) read as a channels-first sequence and pooled over time to
+``--output-grid`` cells per speaker (``OCDConfig(output_layout="sequence_channels_first",
+output_grid=...)``: S x grid values whatever the mixture's length).
 
 Rows, per speaker count, mean ± sd over seeds, SI-SDRi (dB; SI-SDR of the matched estimates minus
 SI-SDR of the mixture, against the sources) on the test mixtures (seen speakers) and on the
@@ -133,6 +134,7 @@ def rows_for(n_speakers: int, rank: int, lr: float, steps: int) -> list[Row]:
 def speech_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
     kw: dict[str, Any] = {"overfit_steps": args.overfit_steps, "task": "regression"}
     kw["delta_rank"] = args.delta_rank
+    kw["output_layout"], kw["output_grid"] = "sequence_channels_first", args.output_grid
     cfg = cli.ocd_config(args, seed, **kw)
     return cfg if args.paper else cfg.replace(fit_batch_size=args.fit_batch)
 
@@ -247,20 +249,28 @@ def aligned_ensemble(
 ) -> dict[str, float]:
     """OCD(K) for outputs with a permutation inside: each draw's estimated speakers are first put
     in the order of the base model's estimates (the assignment that maximises SI-SDR against the
-    base's output; no label used), then the K draws are averaged. ``OCDModel.ensemble`` averages
-    the draws as they come, which mixes speakers whenever two draws order them differently."""
+    base's output; no label used), then the K draws are averaged: ``OCDModel.ensemble``'s
+    ``align`` hook. Without it the draws are averaged as they come, which mixes speakers
+    whenever two draws order them differently."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
 
     def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with model.disable_ocd():
             base = model(x)
-        aligned = []
-        for est in model.ensemble(x, num_draws=draws, rng=gen).draws:
-            _, perm = pit_sisdr(est, base)
-            aligned.append(torch.gather(est, 1, perm[..., None].expand_as(est)))
-        return torch.stack(aligned).mean(0)
+        ens = model.ensemble(x, num_draws=draws, rng=gen, align=lambda d: to_order_of(d, base))
+        return ens.mean
 
     return evaluate_predictions(predict, loader, task, str(model.device))
+
+
+def to_order_of(draws: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Draws (K, B, S, T) with each draw's speakers put in the order of ``reference`` (B, S, T):
+    the assignment that maximises SI-SDR against it."""
+    aligned = []
+    for est in draws:
+        _, perm = pit_sisdr(est, reference)  # perm[b, s] = the estimate matched to speaker s
+        aligned.append(torch.gather(est, 1, perm[..., None].expand_as(est)))
+    return torch.stack(aligned)
 
 
 @torch.no_grad()
@@ -481,7 +491,8 @@ def table_notes(res: Results, args: Any, S: int, data: SpeechData) -> list[str]:
         f"delta=lowrank (rank {args.delta_rank}), overfit Adam {args.overfit_lr:g} × "
         f"{args.overfit_steps} on the matched negative SI-SDR, {args.fit_steps} fit steps, "
         f"K={args.draws}; conditioning: {LAYER}'s input and output averaged over frames and the "
-        "separated waveforms averaged over speakers (ocdwrap's pooling of a (B, S, T) output); "
+        f"separated waveforms pooled to {args.output_grid} time cells per speaker "
+        f"(OCDConfig(output_layout='sequence_channels_first', output_grid={args.output_grid})); "
         "paper: Table 5, Libri5Mix, its full-size Gated-LSTM network"
     )
     return out
@@ -559,6 +570,11 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--chunk", type=int, default=32, help="frames per chunk")
     p.add_argument("--blocks", type=int, default=2, help="dual-path blocks")
     p.add_argument("--fit-batch", type=int, default=128, help="fit() batch size")
+    p.add_argument(
+        "--output-grid", type=int, default=8,
+        help="the separated waveforms pooled to this many time cells per speaker "
+        "(OCDConfig.output_grid, output_layout='sequence_channels_first')",
+    )  # fmt: skip
     p.add_argument("--select-samples", type=int, default=16, help="select_layer mixtures (0: skip)")
     p.add_argument("--select-draws", type=int, default=8, help="select_layer draws per layer")
     p.add_argument("--cache-dir", default=None, help="data cache (default ~/.cache/ocdwrap/speech)")
@@ -586,6 +602,8 @@ def parse_args(argv: list[str] | None) -> Any:
     args.delta = "lowrank"
     if args.delta_rank < 1:
         p.error(f"--delta-rank must be >= 1, got {args.delta_rank}")
+    if args.output_grid < 1:
+        p.error(f"--output-grid must be >= 1, got {args.output_grid}")
     return args
 
 

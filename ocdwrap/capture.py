@@ -9,7 +9,10 @@ positions are pooled *per sample* (never across the batch):
 * Conv2d input/output (B, C, H, W): mean over H and W;
 * model output: (B,) -> (B, 1); (B, F) as is; (B, T, F) mean over T; (B, C, H, W) mean over H, W,
   or (B, H, W, C) for ``OCDConfig(output_layout="channels_last")`` (a render), and with
-  ``output_grid=g`` average-pooled to g x g cells per channel instead of one mean.
+  ``output_grid=g`` average-pooled to g x g cells per channel instead of one mean. A 3-D output
+  read as a sequence, (B, C, T) for ``output_layout="sequence_channels_first"`` (a separator's
+  (B, speakers, samples)) or (B, T, C) for ``"sequence_channels_last"``, is average-pooled over
+  T to ``output_grid`` cells per channel, so its width does not depend on the length.
 
 A layer reached several times in one forward pass is an error by default (a shared module
 would mix two roles). With ``OCDConfig(layer_calls="chunks")`` (rays rendered in chunks, a
@@ -113,7 +116,11 @@ def pool_model_output(
     A spatial output (4+ dimensions) is (B, C, *spatial) for ``layout="channels_first"`` or
     (B, *spatial, C) for ``"channels_last"``; each channel is averaged over the spatial
     positions (``grid=1``) or pooled to ``grid`` x ``grid`` cells (two spatial dimensions),
-    flattened channel-major.
+    flattened channel-major. Under those two layouts a 3-D output is (B, T, F) tokens, averaged
+    over T (``mask`` counts only unpadded tokens). The sequence layouts read a 3-D output as
+    (B, C, T) (``"sequence_channels_first"``) or (B, T, C) (``"sequence_channels_last"``) and pool
+    each channel over T to ``grid`` cells (adaptive average pooling; a ``mask`` of shape (B, T)
+    excludes padded positions), flattened channel-major: C * grid values whatever T is.
 
     Example:
         >>> render = torch.rand(2, 32, 32, 3)
@@ -121,12 +128,17 @@ def pool_model_output(
         torch.Size([2, 3])
         >>> pool_model_output(render, layout="channels_last", grid=4).shape
         torch.Size([2, 48])
+        >>> separated = torch.rand(2, 5, 8000)  # (B, speakers, samples)
+        >>> pool_model_output(separated, layout="sequence_channels_first", grid=4).shape
+        torch.Size([2, 20])
     """
     t = t.detach().float()
     if t.dim() == 1:
         return t.unsqueeze(1)
     if t.dim() == 2:
         return t
+    if layout in SEQUENCE_LAYOUTS:
+        return _pool_sequence(t, mask, layout, grid)
     if t.dim() == 3:
         return _masked_mean(t, mask)
     if layout == "channels_last":
@@ -146,6 +158,35 @@ def pool_model_output(
             f"{min(t.shape[2:])}, or check output_layout: 'channels_last' reads (B, H, W, C)."
         )
     return torch.nn.functional.adaptive_avg_pool2d(t, grid).flatten(1)
+
+
+SEQUENCE_LAYOUTS = ("sequence_channels_first", "sequence_channels_last")
+
+
+def _pool_sequence(
+    t: torch.Tensor, mask: torch.Tensor | None, layout: str, grid: int
+) -> torch.Tensor:
+    """(B, C, T) or (B, T, C) -> (B, C * grid): each channel pooled over T to ``grid`` cells."""
+    if t.dim() != 3:
+        raise ConfigError(
+            f"OCDConfig.output_layout={layout!r} reads a 3-D model output (B, C, T) or (B, T, C), "
+            f"but the model output has shape {tuple(t.shape)}. Use output_layout='channels_first' "
+            "or 'channels_last' for image outputs (4+ dimensions), or return (B, C, T)."
+        )
+    if layout == "sequence_channels_last":
+        t = t.transpose(1, 2)  # (B, C, T)
+    if t.shape[2] < grid:
+        raise ConfigError(
+            f"OCDConfig.output_grid={grid} asks for more cells than the model output's length "
+            f"{t.shape[2]} (channels {t.shape[1]}, layout {layout!r}). Use output_grid <= "
+            f"{t.shape[2]}, or check output_layout: 'sequence_channels_first' reads (B, C, T), "
+            "'sequence_channels_last' (B, T, C)."
+        )
+    pool = torch.nn.functional.adaptive_avg_pool1d
+    if mask is None or mask.shape != (t.shape[0], t.shape[2]):
+        return pool(t, grid).flatten(1)
+    m = mask.to(t.dtype).unsqueeze(1)  # (B, 1, T)
+    return (pool(t * m, grid) / pool(m, grid).clamp_min(1e-12)).flatten(1)
 
 
 class LayerCapture:

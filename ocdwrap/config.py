@@ -40,7 +40,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ("skip", "raise"),
     "delta_normalization": ("std", "rms"),
     "perturbation": ("gaussian", "reinit"),
-    "output_layout": ("channels_first", "channels_last"),
+    "output_layout": (
+        "channels_first",
+        "channels_last",
+        "sequence_channels_first",
+        "sequence_channels_last",
+    ),
     "layer_calls": ("once", "chunks"),
 }
 
@@ -98,17 +103,21 @@ class OCDConfig:
     # --- conditioning ----------------------------------------------------------------------
     output_layout: str = _f(
         "channels_first",
-        "How a model output of 4 or more dimensions is read for the conditioning: "
+        "How the model output is read for the conditioning. For 4 or more dimensions: "
         "'channels_first' (B, C, H, W), e.g. a segmentation or a generated image in PyTorch's "
-        "layout, or 'channels_last' (B, H, W, C), e.g. a render (B, H, W, 3). Outputs of 1-3 "
-        "dimensions are not affected.",
+        "layout, or 'channels_last' (B, H, W, C), e.g. a render (B, H, W, 3); under these two a "
+        "3-D output is (B, T, F) tokens, averaged over T. For a 3-D output read as a sequence: "
+        "'sequence_channels_first' (B, C, T), e.g. a separator's (B, speakers, samples), or "
+        "'sequence_channels_last' (B, T, C); each channel is pooled over T (see output_grid), "
+        "and other shapes are an error. Outputs of 1-2 dimensions are not affected.",
     )
     output_grid: int = _f(
         1,
         "Spatial model outputs (4+ dimensions) are average-pooled to output_grid x output_grid "
         "cells per channel (adaptive average pooling), flattened channel-major, as the "
         "conditioning's model-output part: 1 keeps each channel's mean; 4 keeps a coarse 4 x 4 "
-        "picture of a render.",
+        "picture of a render. Under the sequence layouts each channel is pooled over T to "
+        "output_grid cells (C * output_grid values, whatever the length).",
     )
 
     layer_calls: str = _f(
@@ -121,11 +130,13 @@ class OCDConfig:
 
     # --- the hypernetwork -----------------------------------------------------------------
     delta: str = _f(
-        "full",
-        "Delta parameterisation: 'full' matrix (the paper's UNet), 'rank1' (Linear on vector "
-        "inputs, exact there), 'lowrank' (delta_rank factor pairs from a truncated SVD: Conv2d, "
-        "Linear on token sequences) or 'auto' (rank1 where it is exact, else lowrank with "
-        "delta_rank capped at the layer's smaller side).",
+        "auto",
+        "Delta parameterisation: 'auto' (the default: rank1 where it is exact, else lowrank with "
+        "delta_rank capped at the layer's smaller side), 'rank1' (Linear on vector inputs, exact "
+        "there), 'lowrank' (delta_rank factor pairs from a truncated SVD: Conv2d, Linear on token "
+        "sequences) or 'full' matrix (the paper's UNet; OCDConfig.paper(); a GPU path: on a CPU "
+        "its fit takes hours where 'auto' takes minutes, and at CPU sizes it learned nothing "
+        "useful in our benchmarks, docs/results.md).",
     )
     delta_rank: int = _f(
         DEFAULT_DELTA_RANK,
@@ -276,9 +287,10 @@ class OCDConfig:
     # --- presets ----------------------------------------------------------------------------
     @classmethod
     def paper(cls, **overrides: Any) -> OCDConfig:
-        """The paper's sizes: a 128-channel UNet with five downsamplings and attention, 20,000
-        fit steps, 10 sampling steps (the released code's)."""
+        """The paper's setting: full-matrix deltas, a 128-channel UNet with five downsamplings
+        and attention, 20,000 fit steps, 10 sampling steps (the released code's)."""
         base = dict(
+            delta="full",
             unet_channels=(128,) * 6,
             unet_attention=True,
             unet_layers_per_block=2,

@@ -35,11 +35,13 @@ def evaluate_ocd(
     seed: int = 0,
     task: str = "classification",
     return_predictions: bool = False,
+    align: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Mean loss (and accuracy) of ``model`` on ``data`` in ``mode`` 'base', 'ocd' or 'overfit'.
 
     For classification with ``num_draws > 1`` the loss is the cross-entropy of the mean
     probability (``loss_fn`` is then applied to its log, which is exact for cross-entropy).
+    ``align`` is passed to :meth:`OCDModel.ensemble` (draws with an order inside, e.g. speakers).
 
     Example:
         >>> evaluate_ocd(model, test_loader, nn.CrossEntropyLoss(reduction="none"), num_draws=5)
@@ -65,7 +67,7 @@ def evaluate_ocd(
             args = (inputs,) if not isinstance(inputs, dict) else ()
             kwargs = inputs if isinstance(inputs, dict) else {}
             with model.sampling(task=task):
-                ens = model.ensemble(*args, num_draws=num_draws, rng=gen, **kwargs)
+                ens = model.ensemble(*args, num_draws=num_draws, rng=gen, align=align, **kwargs)
             pred = read_output(ens.output).float()
             spread = ens.uncertainty
         losses = loss_fn(pred, target)

@@ -40,6 +40,7 @@ from .errors import (
     AdapterNotFoundError,
     BaseModelMismatchError,
     CalibrationRequiredError,
+    ConfigError,
     CorruptFileError,
     LayerNotFoundError,
     NotFittedError,
@@ -399,6 +400,7 @@ class OCDModel(nn.Module):
         num_draws: int = 5,
         rng: torch.Generator | None = None,
         generator: torch.Generator | None = None,
+        align: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> EnsembleOutput:
         """Run ``num_draws`` generated networks per input and combine them (the paper's OCD(K)).
@@ -407,6 +409,11 @@ class OCDModel(nn.Module):
         ``uncertainty`` give the spread between draws. ``rng`` (a ``torch.Generator``) fixes the
         initial noise; ``generator=`` is its former, deprecated name.
 
+        ``align``, for outputs with an order inside that the draws need not share (a
+        separator's speakers): called with the draws' raw predictions (K, B, ...), it returns
+        them reordered to one common order (same shape) before they are combined; ``draws``,
+        ``mean``, ``std`` and ``output`` are then those of the aligned draws.
+
         Example:
             >>> ens = model.ensemble(images, num_draws=5, rng=torch.Generator().manual_seed(0))
             >>> ens.mean.argmax(1), ens.uncertainty
@@ -414,6 +421,16 @@ class OCDModel(nn.Module):
         out, B = self._draws(args, kwargs, num_draws, _renamed_rng(rng, generator))
         pred = read_output(out)
         draws = pred.reshape(B, num_draws, *pred.shape[1:]).transpose(0, 1)  # (K, B, ...)
+        if align is not None:
+            aligned = align(draws)
+            if not isinstance(aligned, torch.Tensor) or aligned.shape != draws.shape:
+                got = tuple(aligned.shape) if isinstance(aligned, torch.Tensor) else type(aligned)
+                raise ConfigError(
+                    f"ensemble(align=...) returned {got}, but it must return the draws "
+                    f"{tuple(draws.shape)} (K, B, ...) reordered, as one tensor of the same "
+                    "shape: permute within each draw, never across draws or samples."
+                )
+            draws = aligned
         if self._task(pred) == "classification":
             probs = draws.float().softmax(dim=-1)
             mean, std = probs.mean(0), probs.std(0, unbiased=False)

@@ -162,6 +162,19 @@ def test_separator_shapes_loss_and_errors() -> None:
     assert separate(model, torch.zeros(1000), SAMPLE_RATE).shape == (1, 3, 1000)
 
 
+def test_draws_are_put_in_the_reference_speaker_order() -> None:
+    from benchmarks.speech import to_order_of
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 3, 400, generator=g)
+    perms = ([2, 0, 1], [0, 1, 2], [1, 2, 0])
+    draws = torch.stack([ref[:, p] + 0.05 * torch.randn(2, 3, 400, generator=g) for p in perms])
+    aligned = to_order_of(draws, ref)
+    assert aligned.shape == draws.shape
+    for k in range(3):  # every draw's speakers back in the reference's order
+        assert float((aligned[k] - ref).abs().max()) < 0.5 < float((draws[0] - ref).abs().max())
+
+
 @needs_espeak
 def test_smoke_run_reports_every_row(tmp_path) -> None:
     import json
@@ -197,6 +210,8 @@ def test_smoke_run_reports_every_row(tmp_path) -> None:
     info = part["info"]["0"]
     assert info["ocd"]["collect_summary"]["count"] == 8  # every collected mixture
     assert info["ocd"]["config"]["delta"] == "lowrank" and info["ocd"]["layer"] == "proj"
+    cfg = info["ocd"]["config"]  # the waveforms read as (B, speakers, T), pooled to time cells
+    assert (cfg["output_layout"], cfg["output_grid"]) == ("sequence_channels_first", 8)
     assert info["ocd"]["inference_s_per_mixture"]["ocd"] > 0
     assert info["selection"]["proj_rank"] >= 1 and info["compute_matched"]["steps"] > 0
     assert 50 < data["peak_rss_mb"] < 8 * 1024  # the memory bound
