@@ -67,7 +67,7 @@ def test_collect_batch16_equals_batch1(tmp_path, optimizer: str) -> None:
 
 
 def test_collect_writes_manifest_and_shards(tmp_path) -> None:
-    cfg = ocdwrap.OCDConfig(shard_size=16, overfit_optimizer="sgd", overfit_lr=0.05)
+    cfg = ocdwrap.OCDConfig(delta="full", shard_size=16, overfit_optimizer="sgd", overfit_lr=0.05)
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
     store = ocdwrap.collect(m, _loader(), CE, tmp_path / "c", progress=False)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
@@ -151,7 +151,7 @@ def test_complete_collection_is_reused(tmp_path) -> None:
 
 def test_conv_target_stores_full_matrix(tmp_path) -> None:
     case = lenet_conv_case()
-    m = ocdwrap.wrap(case.make(), layer="conv2")
+    m = ocdwrap.wrap(case.make(), layer="conv2", config=ocdwrap.OCDConfig(delta="full"))
     loader = DataLoader(TensorDataset(case.inputs(6), case.targets(6)), batch_size=3)
     store = ocdwrap.collect(m, loader, CE, tmp_path / "conv", progress=False)
     assert store.load(["delta"])["delta"].shape == (6, 16, 6 * 5 * 5)
@@ -173,7 +173,7 @@ def test_mean_loss_is_refused(tmp_path) -> None:
 
 
 def test_sum_loss_is_accepted(tmp_path) -> None:
-    m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(delta="full"))
     a = ocdwrap.collect(
         m, _loader(), torch.nn.CrossEntropyLoss(reduction="sum"), tmp_path / "s", progress=False
     )

@@ -13,7 +13,14 @@ from ocdwrap.hypernet import make_scheduler
 from ocdwrap.layer import FullDelta, Rank1Delta
 
 CE = torch.nn.CrossEntropyLoss(reduction="none")
-SMALL = dict(unet_channels=(8, 16), mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=16)
+SMALL = dict(
+    delta="full",  # the full-matrix path unless a test says otherwise
+    unet_channels=(8, 16),
+    mlp_hidden=32,
+    cond_dim=32,
+    mlp_layers=2,
+    fit_batch_size=16,
+)
 
 
 def _data(n: int = 48) -> DataLoader:
@@ -27,9 +34,8 @@ def _data(n: int = 48) -> DataLoader:
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("store")
-    m = ocdwrap.wrap(
-        mlp_case().make(), layer="fc2"
-    )  # delta="full" also stores the rank-one factors
+    # delta="full" also stores the rank-one factors, so every delta can be fitted from it
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(delta="full"))
     ocdwrap.collect(m, _data(), CE, d, progress=False)
     return str(d)
 

@@ -38,6 +38,7 @@ from ocdwrap.errors import (
 
 CE = torch.nn.CrossEntropyLoss(reduction="none")
 SMALL = dict(unet_channels=(8, 16), mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=16)
+FULL_STORE = dict(delta="full", shard_size=16)  # the shared store: full deltas, every key
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,7 +72,7 @@ def _one_thread():
 def store_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("rel-store")
     with _one_thread():
-        ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, d, progress=False)
+        ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False)
     return str(d)
 
 
@@ -297,12 +298,12 @@ def test_fit_leaves_out_or_refuses_poisoned_stored_rows(store_dir: str, tmp_path
     tensors = load_file(shard)
     tensors["delta"][2, 0, 0] = float("inf")
     save_file(tensors, shard)
-    m = _wrap(**SMALL)
+    m = _wrap(**SMALL, delta="full")  # the full path reads the poisoned matrix
     ocdwrap.fit(m, d, steps=5, progress=False)
     for k, v in m.hypernet.state_dict().items():
         assert torch.isfinite(v).all(), k
     with pytest.raises(NonFiniteError, match=r"rows \[18\]"):
-        ocdwrap.fit(_wrap(**SMALL, on_nonfinite="raise"), d, steps=5, progress=False)
+        ocdwrap.fit(_wrap(**SMALL, delta="full", on_nonfinite="raise"), d, steps=5, progress=False)
 
 
 def test_fit_on_an_all_skipped_collection_is_a_clear_error(tmp_path) -> None:
@@ -330,14 +331,14 @@ def test_damaged_shard_is_reported_and_rebuilt(store_dir: str, tmp_path) -> None
     with pytest.raises(CorruptFileError):
         ocdwrap.fit(_wrap(**SMALL), d, steps=2, progress=False)
     with _one_thread():
-        rebuilt = ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, d, progress=False).load()
+        rebuilt = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False).load()
     for k, v in reference.items():
         assert torch.equal(v, rebuilt[k]), k
     os.unlink(d / "shard-00002.safetensors")  # a missing shard too
     with pytest.raises(CorruptFileError, match="missing"):
         ocdwrap.DeltaStore(d).load()
     with _one_thread():
-        rebuilt = ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, d, progress=False).load()
+        rebuilt = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False).load()
     assert torch.equal(reference["delta"], rebuilt["delta"])
 
 
