@@ -131,6 +131,20 @@ def test_refuses_other_collection_unless_overwrite(tmp_path) -> None:
     assert store.layer == "fc1"
 
 
+def test_refuses_a_collection_made_with_other_conditioning_pooling(tmp_path) -> None:
+    """output_layout / output_grid / layer_calls change what the stored conditioning holds: a
+    collection made with other values is refused (a default config's identity is unchanged, so
+    collections made before these settings existed still resume)."""
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "d", progress=False)
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert "output_grid" not in manifest["identity"]
+    other = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(output_grid=2))
+    with pytest.raises(CollectionExistsError, match="overwrite=True"):
+        ocdwrap.collect(other, _loader(), CE, tmp_path / "d", progress=False)
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "d", progress=False)  # same settings: resumes
+
+
 def test_refuses_reordered_data_on_resume(tmp_path) -> None:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(shard_size=16))
     with pytest.raises(_Interrupted):
