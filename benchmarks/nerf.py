@@ -85,7 +85,7 @@ from .scenes import (
     load_scene,
 )
 from .scoring import Task, evaluate_module
-from .timing import log, machine, timed
+from .timing import log, machine, peak_rss_mb, timed
 
 MODULE = "benchmarks.nerf"
 LAYER = "fc1"
@@ -429,6 +429,7 @@ def run_seed(args: Any, seed: int, data: SceneData, res: Results, workdir: str) 
     run, renders = ocd_rows(args, seed, base, data, loaders, out_dir)
     add_run(res, seed, run)
     compute_matched_row(res, seed, pristine, data, loaders["test"], args)
+    info["peak_rss_mb"] = peak_rss_mb()  # of the whole process so far (the 8 GiB bound)
     return renders
 
 

@@ -46,6 +46,16 @@ def sync(device: str | torch.device | None) -> None:
         torch.cuda.synchronize()
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (``ru_maxrss``: KB on Linux, bytes on
+    macOS)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
 def timed(fn: Callable[[], Any], device: str | torch.device | None = None) -> tuple[Any, float]:
     """``(fn(), seconds it took)``; with a CUDA ``device``, its queued work is included."""
     sync(device)

@@ -176,6 +176,7 @@ def test_smoke_run_reports_every_row(smoke) -> None:
     assert info["ocd"]["collect_summary"]["count"] == 4  # every training view collected
     assert set(info["ocd"]["true_delta_rank_energy"]) == {"1", "2", "4", "8", "16"}
     assert info["compute_matched"]["iterations"] > 0
+    assert 0 < info["peak_rss_mb"] < 8 * 1024  # recorded; the bound is 8 GiB
     assert info["ocd"]["config"]["delta"] == "lowrank" and info["ocd"]["config"]["delta_rank"] == 4
     assert info["ocd"]["config"]["output_layout"] == "channels_last"
     assert info["ocd"]["full_unet"]["config"]["unet_channels"] == [8, 16]
