@@ -140,6 +140,10 @@ class UNetDenoiser(nn.Module):
         # a multiple of 2^(levels-1), and at least 2 so GroupNorm never sees a single element
         self.mult = max(2 ** (levels - 1), 2)
         self.padded = tuple(int(math.ceil(s / self.mult) * self.mult) for s in self.shape)
+        if levels > 1 and all(p == self.mult for p in self.padded):
+            # the deepest level would be 1 x 1, where a GroupNorm group of one channel sees one
+            # value (an error in torch): one more multiple of height keeps it at 2 x 1
+            self.padded = (2 * self.mult, self.padded[1])
         n_attn = min(2, levels - 1) if attention else 0
         down = ["DownBlock2D"] * (levels - n_attn) + ["AttnDownBlock2D"] * n_attn
         up = ["AttnUpBlock2D"] * n_attn + ["UpBlock2D"] * (levels - n_attn)
@@ -169,9 +173,15 @@ class UNetDenoiser(nn.Module):
         return max(c * (H >> i) * (W >> i) * 4 for i, c in enumerate(channels))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        img = pad_to_multiple(rearrange(x, "b h w -> b 1 h w"), self.mult)  # (B, 1, Hp, Wp)
+        img = pad_to(rearrange(x, "b h w -> b 1 h w"), self.padded)  # (B, 1, Hp, Wp)
         out = self.unet(img, t, class_labels=c).sample  # (B, 1, Hp, Wp)
         return crop(rearrange(out, "b 1 h w -> b h w"), self.shape)  # (B, H, W)
+
+
+def pad_to(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad the last two dims of ``x`` at the end up to ``shape``."""
+    H, W = x.shape[-2:]
+    return F.pad(x, (0, shape[1] - W, 0, shape[0] - H))
 
 
 def pad_to_multiple(x: torch.Tensor, mult: int) -> torch.Tensor:
