@@ -69,7 +69,7 @@ from .speech_model import (
     pit_sisdr,
     train_separator,
 )
-from .timing import log, machine, timed
+from .timing import log, machine, peak_rss_mb, timed
 
 MODULE = "benchmarks.speech"
 LAYER = "proj"
@@ -535,13 +535,6 @@ def plot_spectrograms(waves: dict[str, torch.Tensor], path: str, title: str) -> 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (MB; Linux reports it in KB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- command line ------------------------------------------------------------------------------

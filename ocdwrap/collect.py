@@ -8,7 +8,6 @@ crash safety.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -55,13 +54,13 @@ def _identity(model: OCDModel, cfg: OCDConfig) -> dict[str, Any]:
         # only for the parameterisations added later, so that older collections still resume
         **({"delta": cfg.delta, "delta_rank": cfg.delta_rank} if _maybe_lowrank(cfg) else {}),
         # the conditioning's pooling, where it differs from the defaults (same reason)
-        **{k: getattr(cfg, k) for k in _CAPTURE_KEYS if getattr(cfg, k) != _DEFAULTS[k].default},
+        **{k: getattr(cfg, k) for k in _CAPTURE_KEYS if getattr(cfg, k) != getattr(_DEFAULT, k)},
     }
 
 
 # settings that change what the conditioning holds; a collection records the non-default ones
 _CAPTURE_KEYS = ("output_layout", "output_grid", "layer_calls")
-_DEFAULTS = {f.name: f for f in dataclasses.fields(OCDConfig)}
+_DEFAULT = OCDConfig()
 
 
 def _maybe_lowrank(cfg: OCDConfig) -> bool:

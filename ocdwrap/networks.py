@@ -185,9 +185,9 @@ def pad_to(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def pad_to_multiple(x: torch.Tensor, mult: int) -> torch.Tensor:
-    """Zero-pad the last two dims of ``x`` up to multiples of ``mult``."""
+    """Zero-pad the last two dims of ``x`` up to multiples of ``mult`` (with :func:`pad_to`)."""
     H, W = x.shape[-2:]
-    return F.pad(x, (0, (-W) % mult, 0, (-H) % mult))
+    return pad_to(x, (-(-H // mult) * mult, -(-W // mult) * mult))
 
 
 def crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
