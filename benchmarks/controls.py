@@ -8,7 +8,9 @@
 * :func:`compute_matched`: the base trained further for OCD's wall time;
 * :func:`overfit_all_layers`: every parameter overfitted per test sample, vectorized with
   ``torch.func``;
-* :func:`alternative_layer`: the paper's "alternative layer" ablation's layer.
+* :func:`alternative_layer`: the paper's "alternative layer" ablation's layer;
+* :func:`truncate` and :func:`rank_energy`: how much of an overfit delta a rank-r generator can
+  hold (the "overfit on test, truncated to rank r" bound of the low-rank benchmarks).
 """
 
 from __future__ import annotations
@@ -270,3 +272,16 @@ def alternative_layer(
         "chosen_alternative": alt,
         "seconds": scores.seconds,
     }
+
+
+def truncate(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """Each matrix of ``delta`` (B, out, in) replaced by its best rank-``rank`` approximation."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+
+
+def rank_energy(delta: torch.Tensor, ranks: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str, float]:
+    """Mean share of each delta's squared Frobenius norm that its top r singular values hold."""
+    s2 = torch.linalg.svdvals(delta).pow(2)
+    share = s2.cumsum(-1) / s2.sum(-1, keepdim=True).clamp_min(1e-30)
+    return {str(r): float(share[:, min(r, share.shape[1]) - 1].mean()) for r in ranks}

@@ -68,7 +68,7 @@ import ocdwrap
 from ocdwrap.deltas import FullDelta
 
 from . import cli, notes
-from .controls import Agreement, NearestNeighbour
+from .controls import Agreement, NearestNeighbour, rank_energy, truncate
 from .datasets import tensor_loader
 from .experiment import OCDRun, _Rows, add_run
 from .figures import plot_json
@@ -261,19 +261,6 @@ def rows_for(scene: str, rank: int, unet: tuple[int, ...] | None = UNET_CHANNELS
     ]
 
 
-def truncate(delta: torch.Tensor, rank: int) -> torch.Tensor:
-    """Each matrix of ``delta`` (B, out, in) replaced by its best rank-``rank`` approximation."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    return (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
-
-
-def rank_energy(delta: torch.Tensor, ranks: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str, float]:
-    """Mean share of each delta's squared Frobenius norm that its top r singular values hold."""
-    s2 = torch.linalg.svdvals(delta).pow(2)
-    share = s2.cumsum(-1) / s2.sum(-1, keepdim=True).clamp_min(1e-30)
-    return {str(r): float(share[:, min(r, share.shape[1]) - 1].mean()) for r in ranks}
-
-
 def nerf_config(args: Any, seed: int, delta: str | None = None) -> ocdwrap.OCDConfig:
     """The shared benchmark config with the authors' TinyNeRF overfit (Adam 5e-3 x 10), the
     render read channels-last and pooled to ``--output-grid`` cells per colour, and low-rank
@@ -437,16 +424,9 @@ def run_seed(args: Any, seed: int, data: SceneData, res: Results, workdir: str) 
 def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
     base_p, over_p, ocd_p = (float(v) for v in PAPER[data.name])
     out = notes.gap_notes(res, "mse", {"ocd": (base_p - ocd_p) / (base_p - over_p), "ocd_k": None})
-    shares = []
-    for key in ("compute_matched", "global", "full_unet", "regression", "nn", "overfit_rank"):
-        vals = res.gap(key, "base", "overfit", "mse")
-        if vals:
-            shares.append(f"{key} {fmt_mean_sd([100 * v for v in vals], '.1f')} % (n={len(vals)})")
-    if shares:
-        out.append(
-            "share of the base → overfit-on-test gap in mse taken by the other rows (negative: "
-            "worse than the base): " + "; ".join(shares)
-        )
+    out += notes.other_gaps_note(
+        res, "mse", ("compute_matched", "global", "full_unet", "regression", "nn", "overfit_rank")
+    )
     infos = list(res.info.values())
     bt = [i["base_training"] for i in infos if "base_training" in i]
     if bt:

@@ -137,6 +137,24 @@ def gap_notes(
     return lines
 
 
+def other_gaps_note(
+    res: Results, metric: str, keys: tuple[str, ...], upper: str = "overfit"
+) -> list[str]:
+    """One line: the share of the base -> overfit-on-test gap each of the other rows ``keys``
+    took (mean ± sd over the seeds that have the row)."""
+    shares = []
+    for key in keys:
+        vals = res.gap(key, "base", upper, metric)
+        if vals:
+            shares.append(f"{key} {fmt_mean_sd([100 * v for v in vals], '.1f')} % (n={len(vals)})")
+    if not shares:
+        return []
+    return [
+        f"share of the base → overfit-on-test gap in {metric} taken by the other rows (negative: "
+        "worse than the base): " + "; ".join(shares)
+    ]
+
+
 def agreement_note(res: Results, key: str = "ocd", prefix: str = "") -> list[str]:
     """The line on how close each generator's deltas were to the overfit-on-test deltas, for the
     OCD run stored under ``res.info[seed][key]`` (none if no seed has one), led by ``prefix``."""

@@ -44,7 +44,12 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
+
+if __name__ == "__main__" and not __package__:  # run as a file: python benchmarks/speech.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "benchmarks"
 from typing import Any
 
 import torch
@@ -54,9 +59,9 @@ import ocdwrap
 from ocdwrap.deltas import FullDelta
 
 from . import cli, notes
-from .controls import Agreement, NearestNeighbour
+from .controls import Agreement, NearestNeighbour, rank_energy, truncate
 from .datasets import tensor_loader
-from .experiment import _Rows
+from .experiment import _Rows, headroom_info
 from .figures import plot_json
 from .results import Metric, Results, Row, fmt_mean_sd, write_json
 from .scoring import Task, evaluate_predictions
@@ -73,6 +78,7 @@ from .timing import log, machine, peak_rss_mb, timed
 
 MODULE = "benchmarks.speech"
 LAYER = "proj"
+LIBRARY_STEPS = ocdwrap.OCDConfig().sampling_steps  # the library's default, timed beside the rows'
 # the paper's Table 5 (SI-SDRi, dB, Libri5Mix): base, OCD, overfit on the test mixture
 PAPER = {"base": "12.7", "ocd": "13.4", "overfit": "13.5"}
 METRICS = [
@@ -127,6 +133,7 @@ def rows_for(n_speakers: int, rank: int, lr: float, steps: int) -> list[Row]:
         Row("global", "no scaling (global ρ), 1 draw"),
         Row("regression", "regression generator (no diffusion)"),
         Row("nn", "nearest neighbour (mean log spectrum)"),
+        Row("overfit_rank", f"overfit proj on test, delta truncated to rank {rank}"),
         Row("overfit", f"overfit proj on test (Adam {lr:g} × {steps}; upper bound)", p("overfit")),
     ]
 
@@ -182,7 +189,7 @@ def ocd_rows(
     try:
         store = seen.collect_and_fit(model, train_loader, out_dir, dev, args.progress)
         info["inference_s_per_mixture"] = inference_times(
-            model, splits["test"][0], args.batch, seed
+            model, splits["test"][0], args.batch, seed, (cfg.sampling_steps, LIBRARY_STEPS)
         )
         log(f"{tag}time per mixture: {info['inference_s_per_mixture']}")
         for run, split in ((seen, "test"), (unseen, "test_unseen")):
@@ -205,9 +212,11 @@ def ocd_rows(
             log(
                 f"{run.tag}OCD({args.draws}), draws aligned to the base: {run.out['ocd_k_aligned']}"
             )
-            run.delta_row(
-                "overfit", "overfit on test", model, lambda x, y, p, t=true: FullDelta(t[p])
-            )
+            for key, what, fn in (
+                ("overfit", "overfit on test", lambda d: d),
+                ("overfit_rank", f"overfit on test, rank {args.delta_rank}", lambda d: truncate(d, args.delta_rank)),
+            ):  # fmt: skip
+                run.delta_row(key, what, model, lambda x, y, p, t=true, f=fn: FullDelta(f(t[p])))
             near = NearestNeighbour(store, cfg, model.weight_shape, feats["train"], feats[split])
             run.delta_row(
                 "nn", "nearest neighbour", model, lambda x, y, p, n=near: n.spec(p, len(y))
@@ -275,10 +284,17 @@ def to_order_of(draws: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def inference_times(
-    model: ocdwrap.OCDModel, mixtures: torch.Tensor, batch: int, seed: int
-) -> dict[str, float]:
+    model: ocdwrap.OCDModel,
+    mixtures: torch.Tensor,
+    batch: int,
+    seed: int,
+    steps: tuple[int, ...],
+) -> dict[str, Any]:
     """Seconds per mixture of the base separator and of OCD (one draw: generation + the
-    separator with the generated weights), over the test mixtures in batches of ``batch``."""
+    separator with the generated weights) with each number of sampling steps in ``steps``,
+    over the test mixtures in batches of ``batch``; the base is timed before and after the OCD
+    passes and its faster time kept (the machine is shared). ``ocd``/``ratio`` are for
+    ``steps[0]`` (the rows' setting), ``by_steps`` has them all."""
 
     def run() -> None:
         for i in range(0, len(mixtures), batch):
@@ -286,17 +302,19 @@ def inference_times(
 
     with model.disable_ocd():
         _, base_s = timed(run)
-    with model.sampling(seed=seed):
-        _, ocd_s = timed(run)
+    by_steps = {}
+    for k in dict.fromkeys(steps):
+        with model.sampling(seed=seed, sampling_steps=k):
+            by_steps[k] = timed(run)[1]
+    with model.disable_ocd():
+        base_s = min(base_s, timed(run)[1])
     n = len(mixtures)
-    return {"base": base_s / n, "ocd": ocd_s / n, "ratio": ocd_s / max(base_s, 1e-9)}
-
-
-def rank_energy(delta: torch.Tensor, ranks: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str, float]:
-    """Mean share of each delta's squared Frobenius norm in its top r singular values."""
-    s2 = torch.linalg.svdvals(delta).pow(2)
-    share = s2.cumsum(-1) / s2.sum(-1, keepdim=True).clamp_min(1e-30)
-    return {str(r): float(share[:, min(r, share.shape[1]) - 1].mean()) for r in ranks}
+    out: dict[str, Any] = {"base": base_s / n}
+    out["by_steps"] = {
+        str(k): {"ocd": s / n, "ratio": s / max(base_s, 1e-9)} for k, s in by_steps.items()
+    }
+    out.update(out["by_steps"][str(steps[0])])
+    return out
 
 
 @torch.no_grad()
@@ -369,6 +387,15 @@ def run_seed(args: Any, seed: int, S: int, data: SpeechData, res: Results, workd
         info["selection"] = select_layer_info(base, splits["val"], args, seed)
         log(f"  select_layer: best {info['selection']['best']}, {LAYER} ranked "
             f"{info['selection']['proj_rank']} of {info['selection']['candidates']}")  # fmt: skip
+    val_task = SpeechTask(float(mixture_sisdr(splits["val"][1]).mean()))
+    headroom_info(
+        res, seed, base, LAYER, speech_config(args, seed), tensor_loader(*splits["val"], args.batch),
+        val_task, max_samples=args.headroom_samples,
+        train_loader=tensor_loader(*(t[: args.collect] for t in splits["train"]), args.batch),
+        max_train_samples=None,
+    )  # fmt: skip
+    if args.headroom_only:
+        return {}
     out_dir = os.path.join(workdir, f"{S}spk-s{seed}")
     ocd, info["ocd"], waves = ocd_rows(args, seed, S, base, splits, out_dir)
     rows.update(ocd)
@@ -416,6 +443,10 @@ def table_notes(res: Results, args: Any, S: int, data: SpeechData) -> list[str]:
         else None
     )
     out = notes.gap_notes(res, "sisdri", {"ocd": paper_gap, "ocd_k": None})
+    out += notes.other_gaps_note(
+        res, "sisdri", ("compute_matched", "global", "regression", "nn", "overfit_rank")
+    )
+    out += notes.headroom_note(res)
     infos = list(res.info.values())
     bt = [i["base_training"] for i in infos if "base_training" in i]
     if bt:
@@ -453,10 +484,15 @@ def table_notes(res: Results, args: Any, S: int, data: SpeechData) -> list[str]:
             )
         )
         t = [o["inference_s_per_mixture"] for o in ocd]
+        by = [x.get("by_steps", {str(args.sampling_steps): x}) for x in t]
         out.append(
             f"inference per test mixture (batches of {args.batch}): base "
-            f"{[round(1000 * x['base'], 1) for x in t]} ms, OCD 1 draw (generation + separator) "
-            f"{[round(1000 * x['ocd'], 1) for x in t]} ms, ratio {[round(x['ratio'], 2) for x in t]}"
+            f"{[round(1000 * x['base'], 1) for x in t]} ms; OCD 1 draw (generation + separator) "
+            + "; ".join(
+                f"{k} sampling steps {[round(1000 * b[k]['ocd'], 1) for b in by if k in b]} ms, "
+                f"ratio {[round(b[k]['ratio'], 2) for b in by if k in b]}"
+                for k in by[0]
+            )
         )
     sel = [i["selection"] for i in infos if "selection" in i]
     if sel:
@@ -570,12 +606,13 @@ def parse_args(argv: list[str] | None) -> Any:
     )  # fmt: skip
     p.add_argument("--select-samples", type=int, default=16, help="select_layer mixtures (0: skip)")
     p.add_argument("--select-draws", type=int, default=8, help="select_layer draws per layer")
+    p.set_defaults(headroom_samples=64)  # each mixture is overfitted 10 times (probe mixture: 8)
     p.add_argument("--cache-dir", default=None, help="data cache (default ~/.cache/ocdwrap/speech)")
     args = p.parse_args(argv)
     args.data = None
     if args.smoke:
         args.seeds = args.seeds[:1]
-        args.train_seconds, args.patience, args.collect, args.test = 4, 1, 8, 4
+        args.train_seconds, args.patience, args.collect, args.test = 4, 1, 12, 4
         args.filterbank_steps = 20
         args.channels, args.hidden, args.fit_batch = 16, 16, 8
         args.fit_steps, args.draws, args.select_samples, args.select_draws = (
@@ -584,13 +621,12 @@ def parse_args(argv: list[str] | None) -> Any:
             4,
             3,
         )
+        args.headroom_samples = 4
         args.data = dict(
             utterances={"train": 24, "val": 8, "test": 8, "test_unseen": 8},
             mixtures={"train": 16, "val": 4, "test": 4, "test_unseen": 4},
             n_seen=8, n_unseen=5, seconds=0.5,
         )  # fmt: skip
-    if args.headroom_only:
-        p.error("--headroom-only: ocdwrap.headroom's probe rows need a class label per sample")
     args.fit_steps = args.fit_steps or (20000 if args.paper else 2000)
     args.delta = "lowrank"
     if args.delta_rank < 1:
@@ -637,7 +673,7 @@ def main(argv: list[str] | None = None) -> dict:
             out["seconds"] = time.perf_counter() - t0
             out["peak_rss_mb"] = peak_rss_mb()
             write_json(args.json, out)
-            if args.plots and seed == args.seeds[0]:
+            if args.plots and waves and seed == args.seeds[0]:
                 path = os.path.join(args.plots, f"speech-{name}-spectrograms.png")
                 log(
                     f"wrote {plot_spectrograms(waves, path, f'{title}: test mixture 0, seed {seed}')}"

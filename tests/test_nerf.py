@@ -15,7 +15,8 @@ import torch
 
 import ocdwrap
 from benchmarks import nerf, scenes
-from benchmarks.nerf import ImageTask, TinyNeRF, image_mse, rank_energy, rows_for, truncate
+from benchmarks.controls import rank_energy, truncate
+from benchmarks.nerf import ImageTask, TinyNeRF, image_mse, rows_for
 from benchmarks.scenes import SceneData, SceneShapeError, load_scene
 from ocdwrap.deltas import FullDelta
 

@@ -208,14 +208,34 @@ def test_smoke_run_reports_every_row(tmp_path) -> None:
     for metric in ("sisdri", "sisdri_unseen"):  # the upper bound beats the base on both splits
         assert rows["overfit"][metric] > rows["base"][metric]
     info = part["info"]["0"]
-    assert info["ocd"]["collect_summary"]["count"] == 8  # every collected mixture
+    assert info["ocd"]["collect_summary"]["count"] == 12  # every collected mixture
     assert info["ocd"]["config"]["delta"] == "lowrank" and info["ocd"]["layer"] == "proj"
     cfg = info["ocd"]["config"]  # the waveforms read as (B, speakers, T), pooled to time cells
     assert (cfg["output_layout"], cfg["output_grid"]) == ("sequence_channels_first", 8)
-    assert info["ocd"]["inference_s_per_mixture"]["ocd"] > 0
+    timing = info["ocd"]["inference_s_per_mixture"]  # the rows' sampling steps and the library's
+    assert set(timing["by_steps"]) == {"10", "2"} and timing["ocd"] > 0
+    assert timing["ratio"] == timing["by_steps"]["10"]["ratio"]
+    hr = info["headroom"]  # ocdwrap.headroom on validation mixtures, a regression-type loss
+    assert hr["task"] == "regression" and hr["n"] == 4 and hr["layer"] == "proj"
+    assert {"base", "overfit_on_test", "probe", "probe_mixture"} <= set(hr["rows"])
     assert info["selection"]["proj_rank"] >= 1 and info["compute_matched"]["steps"] > 0
     assert 50 < data["peak_rss_mb"] < 8 * 1024  # the issue's memory bound
     assert data["data"]["sample_rate"] == 8000 and data["data"]["mixtures"]["train/2"] == 16
     assert rows_for(5, 4, 1e-3, 10)[0].paper == {"sisdri": "12.7"}
     assert (tmp_path / "figs" / "speech-2spk-spectrograms.png").stat().st_size > 5_000
     assert (tmp_path / "figs" / "results-speech-2spk.png").stat().st_size > 10_000
+
+
+def test_runs_as_a_file_too() -> None:
+    """``python benchmarks/speech.py`` (the issue's form) as well as ``python -m``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join("benchmarks", "speech.py"), "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--speakers" in proc.stdout
