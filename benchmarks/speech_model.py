@@ -96,7 +96,7 @@ class DualPathBlock(nn.Module):
         self.norm1, self.norm2 = nn.GroupNorm(1, channels), nn.GroupNorm(1, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, R, K = x.shape
+        B, C, R, K = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # (no unpacking: fx traces it)
         h = x.permute(0, 2, 3, 1).reshape(B * R, K, C)  # along each chunk
         h = self.intra(h).reshape(B, R, K, C).permute(0, 3, 1, 2)
         x = x + self.norm1(h)
@@ -144,8 +144,7 @@ class Separator(nn.Module):
     def autoencode(self, mixture: torch.Tensor) -> torch.Tensor:
         """The mixture through the encoder and decoder alone (every mask 1)."""
         T = mixture.shape[-1]
-        pad = (-(T - self.kernel)) % self.stride
-        w = nn.functional.relu(self.encoder(nn.functional.pad(mixture, (0, pad)).unsqueeze(1)))
+        w = nn.functional.relu(self.encoder(_pad_for_frames(mixture, self.kernel, self.stride)))
         return self.decoder(w)[:, 0, :T]
 
     @property
@@ -154,41 +153,65 @@ class Separator(nn.Module):
         return (self.chunk - 1) * self.stride + self.kernel
 
     def forward(self, mixture: torch.Tensor) -> torch.Tensor:
-        check_audio(mixture, SAMPLE_RATE, what="the mixture", min_samples=self.receptive_window)
-        if mixture.dim() != 2:
-            raise SpeechDataError(
-                f"the separator takes a batch of mono mixtures (B, T); got shape "
-                f"{tuple(mixture.shape)}: add the batch dimension (x[None])"
-            )
-        B, T = mixture.shape
-        pad = (-(T - self.kernel)) % self.stride
-        w = nn.functional.relu(self.encoder(nn.functional.pad(mixture, (0, pad)).unsqueeze(1)))
-        h, frames = self._chunk(self.norm(w))  # (B, C, R, K)
+        # written so that torch.fx traces it (shapes read by index, the Python arithmetic on them
+        # inside fx-wrapped helpers): ocdwrap's split forward then runs the encoder and the
+        # dual-path blocks once per OCD forward and per collected batch, not once per pass
+        mixture = _checked_mixture(mixture, self.receptive_window)
+        B, T = mixture.shape[0], mixture.shape[1]
+        w = nn.functional.relu(self.encoder(_pad_for_frames(mixture, self.kernel, self.stride)))
+        frames = w.shape[2]
+        h = _to_chunks(self.norm(w), self.chunk)  # (B, C, R, K)
         for block in self.blocks:
             h = block(h)
-        h = self._unchunk(h, frames).transpose(1, 2)  # (B, frames, C)
+        h = _from_chunks(h, frames).transpose(1, 2)  # (B, frames, C)
         masks = torch.relu(self.proj(self.act(h)))  # (B, frames, S * C)
         masks = masks.reshape(B, frames, self.n_speakers, self.channels).permute(0, 2, 3, 1)
         y = (masks * w.unsqueeze(1)).reshape(B * self.n_speakers, self.channels, frames)
         return self.decoder(y).reshape(B, self.n_speakers, -1)[..., :T]
 
-    def _chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        B, C, F = x.shape
-        K, hop = self.chunk, self.chunk // 2
-        n = max(math.ceil((F - K) / hop), 0) + 1
-        x = nn.functional.pad(x, (hop, (n - 1) * hop + K - F + hop))
-        return x.unfold(2, K, hop), F  # (B, C, R, K)
 
-    def _unchunk(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        B, C, R, K = x.shape
-        hop = K // 2
-        out = nn.functional.fold(
-            x.permute(0, 1, 3, 2).reshape(B, C * K, R),
-            output_size=(1, (R - 1) * hop + K),
-            kernel_size=(1, K),
-            stride=(1, hop),
-        ).reshape(B, C, -1)
-        return out[..., hop : hop + frames] / 2  # each frame is covered by two chunks
+@torch.fx.wrap
+def _checked_mixture(mixture: torch.Tensor, min_samples: int) -> torch.Tensor:
+    """``mixture`` if it is a batch of 8 kHz mono mixtures (B, T) of at least ``min_samples``
+    samples, else a :class:`SpeechDataError` naming the fix."""
+    check_audio(mixture, SAMPLE_RATE, what="the mixture", min_samples=min_samples)
+    if mixture.dim() != 2:
+        raise SpeechDataError(
+            f"the separator takes a batch of mono mixtures (B, T); got shape "
+            f"{tuple(mixture.shape)}: add the batch dimension (x[None])"
+        )
+    return mixture
+
+
+@torch.fx.wrap
+def _pad_for_frames(mixture: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """(B, T) -> (B, 1, T'): padded at the end so the encoder's frames cover every sample."""
+    pad = (-(mixture.shape[-1] - kernel)) % stride
+    return nn.functional.pad(mixture, (0, pad)).unsqueeze(1)
+
+
+@torch.fx.wrap
+def _to_chunks(x: torch.Tensor, K: int) -> torch.Tensor:
+    """(B, C, F) frames -> (B, C, R, K): R chunks of K frames, 50 % overlap, padded so that
+    every frame lies in two chunks."""
+    F, hop = x.shape[-1], K // 2
+    n = max(math.ceil((F - K) / hop), 0) + 1
+    x = nn.functional.pad(x, (hop, (n - 1) * hop + K - F + hop))
+    return x.unfold(2, K, hop)
+
+
+@torch.fx.wrap
+def _from_chunks(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The inverse of :func:`_to_chunks`: overlap-add (B, C, R, K) back to (B, C, frames)."""
+    B, C, R, K = x.shape
+    hop = K // 2
+    out = nn.functional.fold(
+        x.permute(0, 1, 3, 2).reshape(B, C * K, R),
+        output_size=(1, (R - 1) * hop + K),
+        kernel_size=(1, K),
+        stride=(1, hop),
+    ).reshape(B, C, -1)
+    return out[..., hop : hop + frames] / 2  # each frame is covered by two chunks
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -239,3 +239,18 @@ def test_runs_as_a_file_too() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--speakers" in proc.stdout
+
+
+def test_separator_splits_at_proj_for_ocd() -> None:
+    """torch.fx traces the separator, so ocdwrap runs the encoder and the dual-path blocks once
+    per OCD forward (and per collected batch) and only ``proj`` onwards per pass; the split's
+    output equals the separator's own."""
+    from benchmarks.speech_model import Separator
+    from ocdwrap.split import SplitModel
+
+    torch.manual_seed(0)
+    model = Separator(2, channels=8, hidden=8, kernel=16, chunk=8).eval()
+    split = SplitModel(model, "proj")
+    x = 0.05 * torch.randn(3, 800)
+    assert split.verify((x,), {}, lambda: model(x))
+    assert len(split.suffix_nodes) < len(split.prefix_nodes) / 4  # proj and what follows it
