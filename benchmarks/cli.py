@@ -17,7 +17,8 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,8 +26,8 @@ import torch
 import ocdwrap
 
 from .figures import plot_json
-from .results import Results
-from .timing import log, machine
+from .results import Results, write_json
+from .timing import log, machine, peak_rss_mb
 
 
 def base_parser(
@@ -164,6 +165,170 @@ def run_seeds(
         for path in plot_json(out, args.plots):
             log(f"wrote {path}")
     return out
+
+
+@dataclass
+class Part:
+    """One table of a benchmark with several (scenes, speaker counts, data sets): its results,
+    title, and what :func:`run_parts` calls for it.
+
+    ``run_seed(seed)`` fills ``res`` for one seed and returns what ``figure`` draws (or None);
+    ``notes()`` gives the table's notes; ``figure(seed, value)`` draws the part's figure from the
+    first seed's value and returns its path; ``extra()`` gives more fields of its JSON.
+    """
+
+    name: str
+    res: Results
+    title: str
+    run_seed: Callable[[int], Any]
+    notes: Callable[[], list[str]]
+    figure: Callable[[int, Any], str] | None = None
+    extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
+
+
+def run_parts(
+    args: argparse.Namespace,
+    parts: Iterable[Part],
+    *,
+    benchmark: str,
+    module: str,
+    argv: Sequence[str] | None,
+    t0: float,
+    head: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_seeds` for a benchmark of several tables: every seed of every part (``parts``
+    may be a generator, so a part's data is loaded when its turn comes), one JSON with the parts
+    under ``"datasets"`` (and the ``head`` fields) rewritten after each seed, each part's
+    table printed at the end, ``--plots`` drawn. Returns the JSON dict."""
+    cmd = command(module, argv)
+    out: dict[str, Any] = {
+        "benchmark": benchmark,
+        "command": cmd,
+        "settings": vars(args),
+        **(head or {}),
+        "datasets": {},
+    }
+    reports = []
+    for part in parts:
+        for seed in args.seeds:
+            value = part.run_seed(seed)
+            part.res.notes = part.notes()
+            out["datasets"][part.name] = part.res.to_json(
+                title=part.title, command=cmd, **part.extra()
+            )
+            out["seconds"] = time.perf_counter() - t0
+            out["peak_rss_mb"] = peak_rss_mb()
+            write_json(args.json, out)
+            if args.plots and part.figure and value and seed == args.seeds[0]:
+                log(f"wrote {part.figure(seed, value)}")
+        minutes = (time.perf_counter() - t0) / 60
+        reports.append(
+            part.res.report(f"{part.title}; {machine(args.device)}; {minutes:.1f} min\n`{cmd}`")
+        )
+    for r in reports:
+        print(r)
+    if args.plots:
+        for path in plot_json(out, args.plots):
+            log(f"wrote {path}")
+    return out
+
+
+def merge_runs(
+    paths: Sequence[str],
+    command: str,
+    *,
+    benchmark: str,
+    parts_setting: str,
+    part_value: Callable[[str], Any],
+    make_part: Callable[[argparse.Namespace, str], Part],
+) -> dict[str, Any]:
+    """One JSON of a multi-part benchmark (:func:`run_parts`) from the JSONs of several runs, e.g.
+    the seeds of one part run by two processes, or two parts run apart: per part, every seed's
+    rows and info, the table and notes made anew by ``make_part(settings, name)``.
+
+    The runs must agree on every setting but the parts (``parts_setting``, e.g. ``scenes``; each
+    part name maps to its value there by ``part_value``), ``--seeds`` and where they wrote; a part
+    and seed found in two runs is an error (no row is silently replaced)."""
+    import json
+
+    loaded = []
+    for path in paths:
+        with open(path) as f:
+            loaded.append(json.load(f))
+    ignore = {parts_setting, "seeds", "json", "plots", "workdir", "progress", "merge"}
+
+    def same(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d["settings"].items() if k not in ignore}
+
+    for path, d in zip(paths[1:], loaded[1:]):
+        if same(d) != same(loaded[0]):
+            diff = sorted(k for k in same(d) if same(d)[k] != same(loaded[0]).get(k))
+            raise SystemExit(f"--merge: {path} was run with other settings than {paths[0]}: {diff}")
+    settings = dict(loaded[0]["settings"])
+    commands = [d["command"] for d in loaded]
+    out: dict[str, Any] = {
+        "benchmark": benchmark,
+        "command": " && ".join([*commands, command]),
+        "merged_from": {p: d["command"] for p, d in zip(paths, loaded)},
+        "settings": settings,
+        "seconds": sum(d.get("seconds", 0.0) for d in loaded),
+        "datasets": {},
+    }
+    peaks = [d["peak_rss_mb"] for d in loaded if "peak_rss_mb" in d]
+    if peaks:
+        out["peak_rss_mb"] = max(peaks)
+    names = list(dict.fromkeys(n for d in loaded for n in d["datasets"]))
+    settings[parts_setting] = [part_value(n) for n in names]
+    args = argparse.Namespace(**settings)
+    for name in names:
+        part = make_part(args, name)
+        res = part.res
+        for path, d in zip(paths, loaded):
+            got = d["datasets"].get(name)
+            for seed, rows in (got or {}).get("per_seed", {}).items():
+                if int(seed) in res.per_seed:
+                    raise SystemExit(
+                        f"--merge: {name} seed {seed} is in two runs (again in {path})"
+                    )
+                for key, metrics in rows.items():
+                    res.add(int(seed), key, metrics)
+                res.info[int(seed)] = got["info"][seed]
+        res.per_seed = dict(sorted(res.per_seed.items()))
+        res.info = dict(sorted(res.info.items()))
+        res.notes = part.notes()
+        out["datasets"][name] = res.to_json(
+            title=part.title, command=out["command"], **part.extra()
+        )
+    settings["seeds"] = sorted({int(s) for p in out["datasets"].values() for s in p["per_seed"]})
+    return out
+
+
+def merge_main(args: argparse.Namespace, merged: dict[str, Any]) -> dict[str, Any]:
+    """Write a :func:`merge_runs` JSON to ``--json`` and print each part's table and notes."""
+    write_json(args.json, merged)
+    for part in merged["datasets"].values():
+        print(f"{part['title']}: seeds {sorted(int(s) for s in part['per_seed'])}")
+        print(part["table"] + "\n\n" + "\n".join(f"- {n}" for n in part["notes"]) + "\n")
+    log(f"wrote {args.json}")
+    return merged
+
+
+def add_merge_option(p: argparse.ArgumentParser, parts: str) -> None:
+    """``--merge JSON...`` (:func:`merge_runs`); ``parts`` names what the runs may differ in."""
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help=f"merge the JSONs of several runs (other seeds or {parts}, same settings) into "
+        "--json; runs nothing",
+    )
+
+
+def merge_requested(p: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """Whether ``--merge`` was given (an error naming the fix when ``--json`` is missing)."""
+    if args.merge and not args.json:
+        p.error("--merge needs --json, the merged file to write")
+    return bool(args.merge)
 
 
 def command(module: str, argv: Sequence[str] | None) -> str:

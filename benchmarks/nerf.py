@@ -71,8 +71,7 @@ from . import cli, notes
 from .controls import Agreement, NearestNeighbour, rank_energy, truncate
 from .datasets import tensor_loader
 from .experiment import OCDRun, _Rows, add_run
-from .figures import plot_json
-from .results import Metric, Results, Row, fmt_mean_sd, write_json
+from .results import Metric, Results, Row, fmt_mean_sd
 from .scenes import (
     FAR,
     NEAR,
@@ -85,7 +84,7 @@ from .scenes import (
     load_scene,
 )
 from .scoring import Task, evaluate_module
-from .timing import log, machine, peak_rss_mb, timed
+from .timing import log, peak_rss_mb, timed
 
 MODULE = "benchmarks.nerf"
 LAYER = "fc1"
@@ -532,63 +531,11 @@ def plot_views(renders: dict[str, torch.Tensor], path: str, title: str) -> str:
 # --- merging runs ------------------------------------------------------------------------------
 def merge(paths: list[str], command: str) -> dict[str, Any]:
     """One benchmark JSON from the JSONs of several runs (e.g. the seeds of a scene run by two
-    processes): per scene, every seed's rows and info, the table and notes made anew.
-
-    The runs must agree on every setting but ``--scenes``, ``--seeds`` and where they wrote; a
-    scene and seed found in two runs is an error (no row is silently replaced)."""
-    import argparse
-    import json
-
-    loaded = []
-    for path in paths:
-        with open(path) as f:
-            loaded.append(json.load(f))
-    ignore = {"scenes", "seeds", "json", "plots", "workdir", "progress", "merge"}
-
-    def same(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d["settings"].items() if k not in ignore}
-
-    for path, d in zip(paths[1:], loaded[1:]):
-        if same(d) != same(loaded[0]):
-            diff = sorted(k for k in same(d) if same(d)[k] != same(loaded[0]).get(k))
-            raise SystemExit(f"--merge: {path} was run with other settings than {paths[0]}: {diff}")
-    settings = dict(loaded[0]["settings"])
-    commands = [d["command"] for d in loaded]
-    out: dict[str, Any] = {
-        "benchmark": "nerf",
-        "command": " && ".join([*commands, command]),
-        "merged_from": {p: d["command"] for p, d in zip(paths, loaded)},
-        "settings": settings,
-        "seconds": sum(d.get("seconds", 0.0) for d in loaded),
-        "datasets": {},
-    }
-    scenes = [n for d in loaded for n in d["datasets"]]
-    settings["scenes"] = list(dict.fromkeys(scenes))
-    args = argparse.Namespace(**settings)
-    for name in settings["scenes"]:
-        unet = tuple(args.unet_channels) if args.delta == "lowrank" else None
-        res = Results(f"nerf-{name}", rows_for(name, args.delta_rank, unet), METRICS)
-        for path, d in zip(paths, loaded):
-            part = d["datasets"].get(name)
-            for seed, rows in (part or {}).get("per_seed", {}).items():
-                if int(seed) in res.per_seed:
-                    raise SystemExit(
-                        f"--merge: {name} seed {seed} is in two runs (again in {path})"
-                    )
-                for key, metrics in rows.items():
-                    res.add(int(seed), key, metrics)
-                res.info[int(seed)] = part["info"][seed]
-        res.per_seed = dict(sorted(res.per_seed.items()))
-        res.info = dict(sorted(res.info.items()))
-        data = load_scene(
-            name, size=args.size, n_train=args.train_views, n_test=args.test_views,
-            directory=args.cache_dir,
-        )  # fmt: skip
-        res.notes = table_notes(res, args, data)
-        title = f"TinyNeRF / {name} (procedural stand-in), OCD on {LAYER} (128×63)"
-        out["datasets"][name] = res.to_json(title=title, command=out["command"])
-    settings["seeds"] = sorted({int(s) for p in out["datasets"].values() for s in p["per_seed"]})
-    return out
+    processes): :func:`benchmarks.cli.merge_runs` over scenes."""
+    return cli.merge_runs(
+        paths, command, benchmark="nerf", parts_setting="scenes", part_value=str,
+        make_part=lambda args, name: make_part(args, name, None),
+    )  # fmt: skip
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -635,17 +582,9 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument(
         "--cache-dir", default=None, help="scene cache (default ~/.cache/ocdwrap/scenes)"
     )
-    p.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="JSON",
-        help="merge the JSONs of several runs (other seeds or scenes, same settings) into --json; "
-        "runs nothing",
-    )
+    cli.add_merge_option(p, "scenes")
     args = p.parse_args(argv)
-    if args.merge:
-        if not args.json:
-            p.error("--merge needs --json, the merged file to write")
+    if cli.merge_requested(p, args):
         return args
     if args.smoke:
         args.seeds, args.scenes = args.seeds[:1], args.scenes[:1]
@@ -671,53 +610,36 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cmd = cli.command(MODULE, argv)
     if args.merge:
-        out = merge(args.merge, cmd)
-        write_json(args.json, out)
-        for part in out["datasets"].values():
-            print(f"{part['title']}: seeds {sorted(int(s) for s in part['per_seed'])}")
-            print(part["table"] + "\n\n" + "\n".join(f"- {n}" for n in part["notes"]) + "\n")
-        log(f"wrote {args.json}")
-        return out
+        return cli.merge_main(args, merge(args.merge, cmd))
     workdir = cli.setup(args)
     t0 = time.perf_counter()
-    out: dict[str, Any] = {
-        "benchmark": "nerf",
-        "command": cmd,
-        "settings": vars(args),
-        "datasets": {},
-    }
-    reports = []
-    for name in args.scenes:
-        data = load_scene(
-            name, size=args.size, n_train=args.train_views, n_test=args.test_views,
-            directory=args.cache_dir,
-        )  # fmt: skip
-        log(
-            f"{name}: {'read from the cache' if data.cached else 'rendered'} ({data.path}), {data.seconds:.1f} s"
-        )
-        unet = tuple(args.unet_channels) if args.delta == "lowrank" else None
-        res = Results(f"nerf-{name}", rows_for(name, args.delta_rank, unet), METRICS)
-        title = f"TinyNeRF / {name} (procedural stand-in), OCD on {LAYER} (128×63)"
-        for seed in args.seeds:
-            renders = run_seed(args, seed, data, res, workdir)
-            res.notes = table_notes(res, args, data)
-            out["datasets"][name] = res.to_json(title=title, command=cmd)
-            out["seconds"] = time.perf_counter() - t0
-            write_json(args.json, out)
-            if args.plots and seed == args.seeds[0]:
-                path = os.path.join(args.plots, f"nerf-{name}-views.png")
-                log(f"wrote {plot_views(renders, path, f'{title}: test view 0, seed {seed}')}")
-        reports.append(
-            res.report(
-                f"{title}; {machine(args.device)}; {(time.perf_counter() - t0) / 60:.1f} min\n`{cmd}`"
-            )
-        )
-    for r in reports:
-        print(r)
-    if args.plots:
-        for path in plot_json(out, args.plots):
-            log(f"wrote {path}")
-    return out
+    return cli.run_parts(
+        args, (make_part(args, name, workdir) for name in args.scenes), benchmark="nerf",
+        module=MODULE, argv=argv, t0=t0,
+    )  # fmt: skip
+
+
+def make_part(args: Any, name: str, workdir: str | None) -> cli.Part:
+    """The table of scene ``name`` (the scene rendered or read from the cache)."""
+    data = load_scene(
+        name, size=args.size, n_train=args.train_views, n_test=args.test_views,
+        directory=args.cache_dir,
+    )  # fmt: skip
+    log(
+        f"{name}: {'read from the cache' if data.cached else 'rendered'} ({data.path}), {data.seconds:.1f} s"
+    )
+    unet = tuple(args.unet_channels) if args.delta == "lowrank" else None
+    res = Results(f"nerf-{name}", rows_for(name, args.delta_rank, unet), METRICS)
+    title = f"TinyNeRF / {name} (procedural stand-in), OCD on {LAYER} (128×63)"
+    return cli.Part(
+        name, res, title,
+        run_seed=lambda seed: run_seed(args, seed, data, res, workdir),
+        notes=lambda: table_notes(res, args, data),
+        figure=lambda seed, renders: plot_views(
+            renders, os.path.join(args.plots, f"nerf-{name}-views.png"),
+            f"{title}: test view 0, seed {seed}",
+        ),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

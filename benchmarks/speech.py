@@ -42,6 +42,7 @@ beside the 5-speaker table.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import sys
@@ -62,8 +63,7 @@ from . import cli, notes
 from .controls import Agreement, NearestNeighbour, rank_energy, truncate
 from .datasets import tensor_loader
 from .experiment import _Rows, headroom_info
-from .figures import plot_json
-from .results import Metric, Results, Row, fmt_mean_sd, write_json
+from .results import Metric, Results, Row, fmt_mean_sd
 from .scoring import Task, evaluate_predictions
 from .speech_data import SAMPLE_RATE, EspeakMissingError, SpeechData, load_speech
 from .speech_model import (
@@ -74,7 +74,7 @@ from .speech_model import (
     pit_sisdr,
     train_separator,
 )
-from .timing import log, machine, peak_rss_mb, timed
+from .timing import log, timed
 
 MODULE = "benchmarks.speech"
 LAYER = "proj"
@@ -608,7 +608,10 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--select-draws", type=int, default=8, help="select_layer draws per layer")
     p.set_defaults(headroom_samples=64)  # each mixture is overfitted 10 times (probe mixture: 8)
     p.add_argument("--cache-dir", default=None, help="data cache (default ~/.cache/ocdwrap/speech)")
+    cli.add_merge_option(p, "speaker counts")
     args = p.parse_args(argv)
+    if cli.merge_requested(p, args):
+        return args
     args.data = None
     if args.smoke:
         args.seeds = args.seeds[:1]
@@ -636,17 +639,9 @@ def parse_args(argv: list[str] | None) -> Any:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    workdir = cli.setup(args)
-    t0 = time.perf_counter()
-    cmd = cli.command(MODULE, argv)
-    out: dict[str, Any] = {
-        "benchmark": "speech",
-        "command": cmd,
-        "settings": vars(args),
-        "datasets": {},
-    }
+def load_data(args: Any) -> SpeechData:
+    """The mixtures (synthesised once, then read from the cache); a missing espeak-ng is a
+    one-line error naming the fix."""
     kw = args.data or {
         "mixtures": {"train": args.train_mixtures, "val": 200, "test": 200, "test_unseen": 200}
     }
@@ -656,39 +651,44 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     log(f"speech data: {'read from the cache' if data.cached else 'synthesised'} ({data.path}), "
         f"{seconds:.1f} s, {data.nbytes / 2**20:.1f} MB")  # fmt: skip
-    out["data"] = data.summary()
-    reports = []
-    for S in args.speakers:
-        name = f"{S}spk"
-        res = Results(
-            f"speech-{name}",
-            rows_for(S, args.delta_rank, args.overfit_lr, args.overfit_steps),
-            METRICS,
-        )
-        title = f"Speech separation, {S} speakers (espeak-ng stand-in), OCD on {LAYER}"
-        for seed in args.seeds:
-            waves = run_seed(args, seed, S, data, res, workdir)
-            res.notes = table_notes(res, args, S, data)
-            out["datasets"][name] = res.to_json(title=title, command=cmd)
-            out["seconds"] = time.perf_counter() - t0
-            out["peak_rss_mb"] = peak_rss_mb()
-            write_json(args.json, out)
-            if args.plots and waves and seed == args.seeds[0]:
-                path = os.path.join(args.plots, f"speech-{name}-spectrograms.png")
-                log(
-                    f"wrote {plot_spectrograms(waves, path, f'{title}: test mixture 0, seed {seed}')}"
-                )
-        reports.append(
-            res.report(
-                f"{title}; {machine(args.device)}; {(time.perf_counter() - t0) / 60:.1f} min\n`{cmd}`"
-            )
-        )
-    for r in reports:
-        print(r)
-    if args.plots:
-        for path in plot_json(out, args.plots):
-            log(f"wrote {path}")
-    return out
+    return data
+
+
+def make_part(args: Any, S: int, data: SpeechData, workdir: str | None) -> cli.Part:
+    """The table of ``S``-speaker mixtures."""
+    res = Results(
+        f"speech-{S}spk", rows_for(S, args.delta_rank, args.overfit_lr, args.overfit_steps), METRICS
+    )
+    title = f"Speech separation, {S} speakers (espeak-ng stand-in), OCD on {LAYER}"
+    return cli.Part(
+        f"{S}spk", res, title,
+        run_seed=lambda seed: run_seed(args, seed, S, data, res, workdir),
+        notes=lambda: table_notes(res, args, S, data),
+        figure=lambda seed, waves: plot_spectrograms(
+            waves, os.path.join(args.plots, f"speech-{S}spk-spectrograms.png"),
+            f"{title}: test mixture 0, seed {seed}",
+        ),
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cmd = cli.command(MODULE, argv)
+    if args.merge:
+        merged = cli.merge_runs(
+            args.merge, cmd, benchmark="speech", parts_setting="speakers",
+            part_value=lambda name: int(name.removesuffix("spk")),
+            make_part=lambda a, name: make_part(a, int(name.removesuffix("spk")), load_data(a), None),
+        )  # fmt: skip
+        merged["data"] = load_data(argparse.Namespace(**merged["settings"])).summary()
+        return cli.merge_main(args, merged)
+    workdir = cli.setup(args)
+    t0 = time.perf_counter()
+    data = load_data(args)
+    return cli.run_parts(
+        args, (make_part(args, S, data, workdir) for S in args.speakers), benchmark="speech",
+        module=MODULE, argv=argv, t0=t0, head={"data": data.summary()},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

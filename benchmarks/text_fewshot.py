@@ -60,10 +60,9 @@ from .datasets import (
     tensor_loader,
 )
 from .experiment import add_run, headroom_info, run_ocd
-from .figures import plot_json
-from .results import Metric, Results, Row, write_json
+from .results import Metric, Results, Row
 from .scoring import Task, evaluate_module
-from .timing import log, machine
+from .timing import log
 
 MODULE = "benchmarks.text_fewshot"
 
@@ -259,15 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     workdir = cli.setup(args)
     t0 = time.perf_counter()
-    cmd = cli.command(MODULE, argv)
-    out: dict[str, Any] = {
-        "benchmark": "text_fewshot",
-        "command": cmd,
-        "settings": vars(args),
-        "datasets": {},
-    }
-    reports = []
-    for key in args.datasets:
+
+    def part(key: str) -> cli.Part:
         title, loader = DATASETS[key]
         texts, labels, classes = loader()
         idx = pool_indices(labels, args.pool, args.shots)
@@ -280,37 +272,28 @@ def main(argv: list[str] | None = None) -> dict:
             "classes": classes,
         }
         res = Results(key, ROWS, METRICS)
-        for seed in args.seeds:
-            run_draw(args, seed, ds, res, workdir)
-            res.notes = table_notes(res, args)
+
+        def extra() -> dict[str, Any]:
             reps = [
                 i["ocd"]["uncertainty"]
                 for i in res.info.values()
                 if "uncertainty" in i.get("ocd", {})
             ]
-            out["datasets"][key] = res.to_json(
-                title=title, classes=classes, uncertainty_table=notes.uncertainty_table(reps)
-            )
-            _write(args.json, out, t0)
-        reports.append(res.report(f"{title}; MiniLM + head, OCD on `head`; {machine()}\n`{cmd}`"))
-    for r in reports:
-        print(r)
+            return {"classes": classes, "uncertainty_table": notes.uncertainty_table(reps)}
+
+        return cli.Part(
+            key, res, title,
+            run_seed=lambda seed: run_draw(args, seed, ds, res, workdir),
+            notes=lambda: table_notes(res, args), extra=extra,
+        )  # fmt: skip
+
+    out = cli.run_parts(
+        args, map(part, args.datasets), benchmark="text_fewshot", module=MODULE, argv=argv, t0=t0
+    )
     for part in out["datasets"].values():
         print(f"{part['title']}: the spread between draws as an error detector\n")
         print(part["uncertainty_table"] + "\n")
-    _write(args.json, out, t0)
-    if args.plots:
-        for path in plot_json(out, args.plots):
-            log(f"wrote {path}")
     return out
-
-
-def _write(path: str | None, out: dict, t0: float) -> None:
-    if not path:
-        return
-    out["seconds"] = time.perf_counter() - t0
-    out["machine"] = machine()
-    write_json(path, out)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,31 @@ def test_smoke_run_reports_every_row(tmp_path) -> None:
     assert (tmp_path / "figs" / "speech-2spk-spectrograms.png").stat().st_size > 5_000
     assert (tmp_path / "figs" / "results-speech-2spk.png").stat().st_size > 10_000
 
+    # --merge: two runs' JSONs (here the same run, its seed relabelled) make one table of both
+    second = json.loads(out.read_text())
+    for field in ("per_seed", "info"):
+        second["datasets"]["2spk"][field] = {"1": second["datasets"]["2spk"][field]["0"]}
+    other = tmp_path / "seed1.json"
+    other.write_text(json.dumps(second))
+    merged_path = tmp_path / "merged.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speech", "--merge", str(out), str(other),
+         "--json", str(merged_path)],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads(merged_path.read_text())
+    table = merged["datasets"]["2spk"]
+    assert sorted(table["per_seed"]) == ["0", "1"] and merged["settings"]["seeds"] == [0, 1]
+    assert table["rows"]["base"]["metrics"]["sisdri"]["n"] == 2
+    assert merged["data"]["sample_rate"] == 8000 and "seeds [0, 1]" in proc.stdout
+    proc = subprocess.run(  # the same seed twice is an error, not a silent replacement
+        [sys.executable, "-m", "benchmarks.speech", "--merge", str(out), str(out),
+         "--json", str(tmp_path / "twice.json")],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode != 0 and "2spk seed 0 is in two runs" in proc.stderr
+
 
 def test_runs_as_a_file_too() -> None:
     """``python benchmarks/speech.py`` (the issue's form) as well as ``python -m``."""
