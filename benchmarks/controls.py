@@ -27,7 +27,7 @@ from ocdwrap.batches import read_output, split_batch, to_device
 from ocdwrap.deltas import LOWRANK_KEYS
 from ocdwrap.layer import FullDelta, LowRankDelta, Rank1Delta
 
-from .scoring import Task, evaluate_module, evaluate_predictions, spec_to
+from .scoring import Task, evaluate_module, evaluate_predictions
 from .zoo import continue_training
 
 
@@ -126,7 +126,7 @@ class Agreement:
         """``spec_fn(x, y, cond, start)`` gives the deltas of test samples ``start`` onwards."""
         cos, ratio, right = [], [], []
         for x, y, cond, true, correct, start in self.items:
-            gen = _spec_matrix(spec_to(spec_fn(x, y, cond, start), true.device))
+            gen = _spec_matrix(spec_fn(x, y, cond, start).to(true.device))
             cos.append(torch.nn.functional.cosine_similarity(gen, true, dim=1, eps=1e-30))
             ratio.append(gen.norm(dim=1) / true.norm(dim=1).clamp_min(1e-30))
             if correct is not None:

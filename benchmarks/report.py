@@ -118,13 +118,17 @@ def summary_table(paths: Sequence[str]) -> str:
             )[0] + _variant(d.get("settings", {}))
             if d.get("settings", {}).get("hidden_layers") == 0:
                 name = name.replace("/ MLP", "/ linear model")
-            for metric in next(iter(rows.values()))["metrics"]:
-                if metric == "mse":
+            metrics = next(iter(rows.values()))["metrics"]
+            for metric in metrics:
+                if metric == "mse" and "rmse" in metrics:
                     continue  # RMSE is the paper's figure; MSE orders the rows the same way
 
                 def cell(k: str, m: str = metric, rows: dict = rows) -> str:
                     vals = rows[k]["metrics"][m]["values"] if k in rows else []
-                    return fmt_mean_sd(vals, ".2f" if m == "acc" else ".4f") if vals else "—"
+                    fmt = {"acc": ".2f", "mse": ".5f"}.get(
+                        m, ".2f" if m.startswith("sisdr") else ".4f"
+                    )
+                    return fmt_mean_sd(vals, fmt) if vals else "—"
 
                 sign = 1 if metric in LOWER_IS_BETTER else -1
                 others = [

@@ -22,7 +22,14 @@ import torch
 from .timing import machine
 
 PAPER_REF = "Lutati & Wolf, OCD: Learning to Overfit with Conditional Diffusion Models, ICLR 2023"
-METRIC_LABELS = {"loss": "cross-entropy", "acc": "accuracy (%)", "mse": "MSE", "rmse": "RMSE"}
+METRIC_LABELS = {
+    "loss": "cross-entropy",
+    "acc": "accuracy (%)",
+    "mse": "MSE",
+    "rmse": "RMSE",
+    "sisdri": "SI-SDRi (dB)",
+    "sisdri_unseen": "SI-SDRi, unseen speakers (dB)",
+}
 
 
 @dataclass

@@ -82,11 +82,6 @@ def evaluate_predictions(
     return task.metrics(res)
 
 
-def spec_to(spec: Any, device: torch.device) -> Any:
-    """A delta spec (``Rank1Delta`` or ``FullDelta``) with its tensors on ``device``."""
-    return type(spec)(*(t.to(device) for t in vars(spec).values()))
-
-
 def evaluate_with_deltas(
     model: ocdwrap.OCDModel,
     test_loader: Iterable,
@@ -98,7 +93,7 @@ def evaluate_with_deltas(
 
     def predict(x: Any, y: Any) -> torch.Tensor:
         nonlocal position
-        spec = spec_to(spec_fn(x, y, position), model.device)
+        spec = spec_fn(x, y, position).to(model.device)
         position += int(y.shape[0])
         with model.use_deltas(spec):
             return read_output(model(x))

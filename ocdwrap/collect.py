@@ -122,7 +122,10 @@ def _rows(
         u, v = rank1_factors(delta, res.layer_input, cfg.overfit_optimizer)
         rows["u"], rows["v"] = u / rho.unsqueeze(1), v
     if "energy" in keys:  # from v, the near-top right singular vector, when it is known
-        rows["energy"] = rank1_energy(delta, v) if "u" in keys else top_singular_energy(delta)
+        if "u" in keys:  # u = Δv / ‖v‖²: Δv is not computed again
+            rows["energy"] = rank1_energy(delta, v, u * v.square().sum(1, keepdim=True))
+        else:
+            rows["energy"] = top_singular_energy(delta)
     if "delta" in keys:
         rows["delta"] = (delta / rho.view(B, *([1] * (delta.dim() - 1)))).reshape(
             B, delta.shape[1], -1

@@ -17,13 +17,36 @@ This module is the bottom of the package: it imports nothing from ocdwrap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 
+class _SpecTensors:
+    """What every delta spec can do with its tensors (each of them has the samples in dim 0)."""
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        """The same kind of spec with ``fn`` applied to each of its tensors."""
+        return type(self)(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    def index(self, part: slice | torch.Tensor) -> Any:
+        """Samples ``part`` (a slice or an index tensor over dim 0).
+
+        Example:
+            >>> FullDelta(torch.zeros(4, 3, 2)).index(slice(1, 3)).batch
+            2
+        """
+        return self.map(lambda t: t[part])
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Every tensor moved or cast like ``torch.Tensor.to(*args, **kwargs)``."""
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+
 @dataclass
-class FullDelta:
+class FullDelta(_SpecTensors):
     """A full per-sample delta: (B, out, in) for Linear, (B, out, in, kh, kw) for Conv2d."""
 
     delta: torch.Tensor
@@ -39,7 +62,7 @@ class FullDelta:
 
 
 @dataclass
-class Rank1Delta:
+class Rank1Delta(_SpecTensors):
     """A rank-one per-sample delta u vᵀ for a Linear layer: u (B, out), v (B, in)."""
 
     u: torch.Tensor
@@ -56,7 +79,7 @@ class Rank1Delta:
 
 
 @dataclass
-class LowRankDelta:
+class LowRankDelta(_SpecTensors):
     """A rank-r per-sample delta sum_k s_k u_k v_kᵀ: u (B, r, out), s (B, r), v (B, r, in').
 
     in' is the layer's input width: ``in`` for Linear, ``in·kh·kw`` for Conv2d (v_k is a
@@ -112,11 +135,13 @@ def top_singular_energy(
     iters: int = 2,
     tol: float = 1e-6,
     start: torch.Tensor | None = None,
+    start_image: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fraction of each delta's energy in its top singular value, s1² / ‖Δ‖²_F, (B,).
 
     A zero delta gives 1. Power iteration on ΔᵀΔ (started from ``start`` (B, in), or else from
-    Δ's largest row) gives a lower bound a = ‖Δv‖² of s1²; with c = ‖ΔᵀΔv − a v‖ and
+    Δ's largest row; ``start_image`` = Δ·``start`` (B, out), when the caller has it, saves the
+    first product) gives a lower bound a = ‖Δv‖² of s1²; with c = ‖ΔᵀΔv − a v‖ and
     b = ‖Δ‖²_F − a, s1² is at most the top eigenvalue of [[a, c], [c, b]]. Samples where that
     bracket is wider than ``tol``·‖Δ‖²_F (deltas far from rank one) get ``torch.linalg.svdvals``;
     the near-rank-one deltas of a Linear layer (docs/how-ocd-works.md) need a few matrix-vector
@@ -131,8 +156,14 @@ def top_singular_energy(
     else:
         v = start.float().unsqueeze(1)
         v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
-    for _ in range(iters):
-        v = torch.bmm(torch.bmm(mats, v.transpose(1, 2)).transpose(1, 2), mats)  # vᵀΔᵀΔ
+    for i in range(iters):
+        if i == 0 and start is not None and start_image is not None:
+            image = start_image.float().unsqueeze(1) / start.float().norm(dim=1).view(
+                B, 1, 1
+            ).clamp_min(1e-30)
+        else:
+            image = torch.bmm(mats, v.transpose(1, 2)).transpose(1, 2)  # (Δv)ᵀ, (B, 1, out)
+        v = torch.bmm(image, mats)  # vᵀΔᵀΔ
         v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
     w = torch.bmm(mats, v.transpose(1, 2))  # (B, out, 1)
     a = w.square().sum((1, 2))
@@ -169,14 +200,17 @@ def rank1_factors(
     return u / (v * v).sum(1, keepdim=True).clamp_min(1e-30), v
 
 
-def rank1_energy(delta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def rank1_energy(
+    delta: torch.Tensor, v: torch.Tensor, image: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`top_singular_energy` of deltas whose top right singular vector is close to ``v``.
 
     The right factor of a Linear layer's delta is known from its input (:func:`rank1_right_factor`),
     so the power iteration can start there: one iteration instead of two from the largest row,
-    with the same bracket and the same SVD for the deltas it does not settle.
+    with the same bracket and the same SVD for the deltas it does not settle. ``image`` = Δv
+    (B, out), when known (:func:`rank1_factors` computes it), is not computed again.
     """
-    return top_singular_energy(delta, iters=1, start=v)
+    return top_singular_energy(delta, iters=1, start=v, start_image=image)
 
 
 def canonical_factors(

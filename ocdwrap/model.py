@@ -11,7 +11,6 @@ type. Under the hood one call is two passes over the base model:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import logging
@@ -371,7 +370,7 @@ class OCDModel(nn.Module):
                 (args, kwargs),
                 lambda t, part=part: t[part] if t.dim() and t.shape[0] == rows else t,
             )
-            with self.use_deltas(_slice_spec(spec, part)):
+            with self.use_deltas(spec.index(part)):
                 outs.append(self._call_base(a, kw))
         return _concat_outputs(outs, rows)
 
@@ -549,11 +548,6 @@ class OCDModel(nn.Module):
             ) from e
         model.hypernet = hypernet.to(device or model.device).eval()
         return model
-
-
-def _slice_spec(spec: DeltaSpec, part: slice) -> DeltaSpec:
-    """Samples ``part`` of a delta spec (every tensor field sliced along dim 0)."""
-    return type(spec)(*(getattr(spec, f.name)[part] for f in dataclasses.fields(spec)))
 
 
 def _concat_outputs(outs: list, rows: int) -> Any:

@@ -139,7 +139,7 @@ class UNetDenoiser(nn.Module):
         levels = len(channels)
         # a multiple of 2^(levels-1), and at least 2 so GroupNorm never sees a single element
         self.mult = max(2 ** (levels - 1), 2)
-        self.padded = tuple(int(math.ceil(s / self.mult) * self.mult) for s in self.shape)
+        self.padded = padded_shape(self.shape, self.mult)
         if levels > 1 and all(p == self.mult for p in self.padded):
             # the deepest level would be 1 x 1, where a GroupNorm group of one channel sees one
             # value (an error in torch): one more multiple of height keeps it at 2 x 1
@@ -184,10 +184,14 @@ def pad_to(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return F.pad(x, (0, shape[1] - W, 0, shape[0] - H))
 
 
+def padded_shape(shape: tuple[int, ...], mult: int) -> tuple[int, ...]:
+    """Each size of ``shape`` rounded up to a multiple of ``mult``."""
+    return tuple(-(-int(s) // mult) * mult for s in shape)
+
+
 def pad_to_multiple(x: torch.Tensor, mult: int) -> torch.Tensor:
     """Zero-pad the last two dims of ``x`` up to multiples of ``mult`` (with :func:`pad_to`)."""
-    H, W = x.shape[-2:]
-    return pad_to(x, (-(-H // mult) * mult, -(-W // mult) * mult))
+    return pad_to(x, padded_shape(tuple(x.shape[-2:]), mult))
 
 
 def crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

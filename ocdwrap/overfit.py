@@ -204,12 +204,16 @@ def overfit_batch(
     loss_fn: LossFn,
     *,
     config: OCDConfig | None = None,
-    check_loss: bool = False,
+    check_loss: bool = True,
 ) -> OverfitResult:
     """Overfit the target layer on each sample of one batch separately (vectorized).
 
     Returns the per-sample deltas, the conditioning captured in the first (delta = 0) pass,
     and the losses before and after. The base model is put in eval mode for the call.
+    ``loss_fn`` gives per-sample losses (B,) or their sum; a scalar that is not their sum (a
+    batch mean would make every sample's step depend on the batch size) is a
+    :class:`~ocdwrap.errors.LossShapeError` naming the fix (``check_loss=False`` skips the check,
+    a few loss evaluations on four samples; ``collect`` runs it on its first batch only).
 
     Example:
         >>> res = overfit_batch(model, x, y, nn.CrossEntropyLoss(reduction="none"))

@@ -278,3 +278,5 @@ def test_rank1_energy_from_the_known_right_factor_equals_the_svd() -> None:
     want = s[:, 0] ** 2 / (s**2).sum(1).clamp_min(1e-30)
     want[5] = 1.0
     torch.testing.assert_close(rank1_energy(delta, start), want, rtol=0, atol=2e-6)
+    image = torch.bmm(delta, start.unsqueeze(2)).squeeze(2)  # Δv given: not computed again
+    torch.testing.assert_close(rank1_energy(delta, start, image), want, rtol=0, atol=2e-6)

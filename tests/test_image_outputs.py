@@ -157,6 +157,17 @@ def test_a_loss_averaged_over_the_whole_batch_is_refused(tmp_path) -> None:
     assert len(store) == 4
 
 
+def test_overfit_batch_called_directly_refuses_a_batch_mean_too() -> None:
+    pose, img = _data(4)
+    model = ocdwrap.wrap(_renderer(), layer="fc1", config=ocdwrap.OCDConfig(delta="lowrank"))
+    with pytest.raises(LossShapeError, match=r"not the sum of per-sample losses"):
+        ocdwrap.overfit_batch(model, pose, img, F.mse_loss)
+    res = ocdwrap.overfit_batch(model, pose, img, F.mse_loss, check_loss=False)  # asked not to
+    assert res.delta.shape[0] == 4
+    summed = ocdwrap.overfit_batch(model, pose, img, lambda p, t: image_mse(p, t).sum())
+    assert bool((summed.loss_after < summed.loss_before).all())
+
+
 # --- ensembles in passes of at most max_pass_batch rows ---------------------------------------
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> ocdwrap.OCDModel:
