@@ -194,7 +194,8 @@ def headroom_table(pairs: Sequence[tuple[str, str]]) -> str:
             d = json.load(f)
         for key, part in parts(d):
             out = outcome[key]
-            metric = "loss" if "loss" in out["rows"]["base"]["metrics"] else "mse"
+            have = list(out["rows"]["base"]["metrics"])  # a share is the same in any affine
+            metric = next(m for m in ("loss", "mse", *have) if m in have)  # form of the loss
             reports = [i["headroom"] for i in part["info"].values() if i.get("headroom")]
 
             def predicted(row: str | None, reports: list = reports) -> str:

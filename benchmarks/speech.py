@@ -540,6 +540,12 @@ def table_notes(res: Results, args: Any, S: int, data: SpeechData) -> list[str]:
         )
     alt = [i["alt"] for i in infos if "alt" in i]
     if alt:
+        vals = res.gap("alt", "base", "alt_overfit", "sisdri")
+        out.append(
+            "alternative layer, OCD 1 draw: captures "
+            f"{fmt_mean_sd([100 * v for v in vals], '.1f')} % of the base → its own "
+            "overfit-on-test gap in sisdri; negative means worse than the base"
+        )
         out.append(
             f"alternative layer: {[a['layer'] for a in alt]} (select_layer's first choice other "
             f"than {LAYER}; Linear {alt[0]['weight_shape'][0]} × {alt[0]['weight_shape'][1]}, "
