@@ -200,7 +200,7 @@ def headroom_note(res: Results) -> list[str]:
 
     def share(r: dict[str, Any], row: str) -> str:
         v = r["rows"].get(row, {}).get("share_loss")
-        return "-" if v is None else f"{v:.0f} %"
+        return "-" if v is None else f"{round(v)} %"  # (no "-0 %")
 
     parts = [
         f"ceiling {'-' if r['ceiling'] is None else format(r['ceiling'], '.0f') + ' %'} "

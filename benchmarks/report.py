@@ -88,13 +88,17 @@ def _paper_number(text: str | None) -> float | None:
     return float(found[0]) if found else None
 
 
-def _variant(settings: dict[str, Any]) -> str:
+# the scripts whose overfit lr differs from the released code's 5e-4 (their own defaults)
+OVERFIT_LR_DEFAULTS = {"speech": 1e-3, "nerf": 5e-3}
+
+
+def _variant(settings: dict[str, Any], benchmark: str = "") -> str:
     """What sets a run apart from its script's defaults, for the summary's first column."""
     out = []
     if settings.get("shots"):
         out.append(f"{settings['shots']}-shot")
     lr = settings.get("overfit_lr")
-    if lr is not None and abs(lr - 5e-4) > 1e-12:
+    if lr is not None and abs(lr - OVERFIT_LR_DEFAULTS.get(benchmark, 5e-4)) > 1e-12:
         out.append(f"overfit lr {lr:g}")
     return f" ({', '.join(out)})" if out else ""
 
@@ -115,7 +119,7 @@ def summary_table(paths: Sequence[str]) -> str:
             rows, per_seed = part["rows"], part["per_seed"].values()
             name = (part.get("title") or SHORT_NAMES.get(d["benchmark"], d["benchmark"])).split(
                 " ("
-            )[0] + _variant(d.get("settings", {}))
+            )[0] + _variant(d.get("settings", {}), d["benchmark"])
             if d.get("settings", {}).get("hidden_layers") == 0:
                 name = name.replace("/ MLP", "/ linear model")
             metrics = next(iter(rows.values()))["metrics"]
@@ -125,7 +129,7 @@ def summary_table(paths: Sequence[str]) -> str:
 
                 def cell(k: str, m: str = metric, rows: dict = rows) -> str:
                     vals = rows[k]["metrics"][m]["values"] if k in rows else []
-                    fmt = {"acc": ".2f", "mse": ".5f"}.get(
+                    fmt = {"acc": ".2f", "mse": ".5f", "psnr": ".2f"}.get(
                         m, ".2f" if m.startswith("sisdr") else ".4f"
                     )
                     return fmt_mean_sd(vals, fmt) if vals else "—"
@@ -211,7 +215,7 @@ def headroom_table(pairs: Sequence[tuple[str, str]]) -> str:
             ]
             name = (part.get("title") or SHORT_NAMES.get(d["benchmark"], d["benchmark"])).split(
                 " ("
-            )[0] + _variant(d.get("settings", {}))
+            )[0] + _variant(d.get("settings", {}), d["benchmark"])
             if d.get("settings", {}).get("hidden_layers") == 0:
                 name = name.replace("/ MLP", "/ linear model")
             cells = [

@@ -27,6 +27,7 @@ METRIC_LABELS = {
     "acc": "accuracy (%)",
     "mse": "MSE",
     "rmse": "RMSE",
+    "psnr": "PSNR (dB)",
     "sisdri": "SI-SDRi (dB)",
     "sisdri_unseen": "SI-SDRi, unseen speakers (dB)",
 }

@@ -557,6 +557,8 @@ def _mixture(model, inputs, loss_fn, q: torch.Tensor, k: int) -> torch.Tensor:
 
 
 REGRESSION_POINTS = 8  # quantile points of the regression probe_mixture
+# a report lists the probe's residual spread per output up to this many outputs, else a summary
+RESIDUAL_LIST_MAX = 64
 
 
 def _gaussian_mixture(model, inputs, target, loss_fn, mean, sigma, k: int) -> torch.Tensor:
@@ -771,6 +773,14 @@ def headroom(
                 _, _, y = _probe_arrays(held, task)
                 info["residual_std"] = ((y - probe_out) ** 2).mean(0).sqrt().tolist()
             sigma = torch.tensor(info["residual_std"])
+            if sigma.numel() > RESIDUAL_LIST_MAX:  # a wide output (a waveform, an image): the
+                del info["residual_std"]  # report keeps a summary, not one value per element
+                info["residual_std_summary"] = {
+                    "outputs": sigma.numel(),
+                    "mean": float(sigma.mean()),
+                    "min": float(sigma.min()),
+                    "max": float(sigma.max()),
+                }
             info["mixture_points"] = REGRESSION_POINTS if mixture_classes > 0 else 0
         mix_k = info.get("mixture_classes", info.get("mixture_points", 0))
         scored = _score_all(model, held, loss_fn, task, probe_out, mix_k, sigma)

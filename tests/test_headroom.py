@@ -312,3 +312,16 @@ def test_regression_mixture_is_the_probe_delta_when_the_probe_is_certain() -> No
     torch.testing.assert_close(certain, towards, rtol=1e-5, atol=1e-8)
     unsure = _gaussian_mixture(model, x, target, _mse, mean, torch.full((1,), 50.0), 8)
     assert float(unsure.norm()) < 0.5 * float(towards.norm())
+
+
+def test_a_wide_regression_output_keeps_a_summary_of_the_residual_spread() -> None:
+    """A waveform or an image has one residual spread per element: the report keeps a summary,
+    so a benchmark JSON does not grow by one number per output element."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 100))
+    x, y = torch.randn(40, 5), torch.randn(40, 100)
+    model = ocdwrap.wrap(net.eval(), layer="2", config=ocdwrap.OCDConfig(overfit_lr=1e-2))
+    rep = headroom(model, _loader(x, y, bs=20), _mse, mixture_classes=0)
+    summary = rep.probe["residual_std_summary"]
+    assert "residual_std" not in rep.probe and summary["outputs"] == 100
+    assert 0 < summary["min"] <= summary["mean"] <= summary["max"]
