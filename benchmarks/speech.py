@@ -1,7 +1,8 @@
 """Speech separation: the paper's Table 5 (Libri5Mix, SI-SDRi) on synthesised mixtures.
 
-    python -m benchmarks.speech --json runs/speech.json                  # CPU default: 2 speakers, seed 0
+    python benchmarks/speech.py --json runs/speech.json                  # CPU default: 2 speakers, seed 0
     python -m benchmarks.speech --speakers 2 5 --seeds 0 1 2 --json runs/speech_3x2.json
+    python -m benchmarks.speech --merge a.json b.json --json runs/speech.json   # runs done apart
     python -m benchmarks.speech --smoke                                  # seconds; checks the plumbing
 
 Data (``benchmarks.speech_data``): LibriSpeech / Libri5Mix are not available offline, so speech
@@ -35,8 +36,11 @@ SI-SDR of the mixture, against the sources) on the test mixtures (seen speakers)
 unseen-speaker test mixtures: base; base + compute-matched (trained further, Adam 1e-4, for OCD's
 collection + fit wall time); OCD (1 draw); OCD(K); no scaling (global rho); the regression
 generator; nearest neighbour (the stored delta of the training mixture whose mean log spectrum is
-closest, L2); overfit on the test mixture (true sources; upper bound). ``select_layer``'s ranking
-of the separator's Linear layers is stored beside them. The paper's Table 5 (Libri5Mix) stands
+closest, L2); overfit on the test mixture (true sources; upper bound) and its delta truncated to
+rank r (what a rank-r generator could hold at best); the paper's "alternative layer" ablation on
+the layer ``select_layer`` ranks first (other than ``proj``): OCD (1 draw) and that layer's own
+overfit bound. ``ocdwrap.headroom`` runs on ``--headroom-samples`` validation mixtures before
+anything is collected (``--headroom-only`` stops there). The paper's Table 5 (Libri5Mix) stands
 beside the 5-speaker table.
 """
 
