@@ -174,7 +174,11 @@ def test_smoke_run_reports_every_row(smoke) -> None:
     assert rows["overfit"]["mse"] <= rows["overfit_rank"]["mse"] * 1.0001
     assert part["rows"]["base"]["paper"] == {"mse": ".076"}
     info = part["info"]["0"]
-    assert info["ocd"]["collect_summary"]["count"] == 4  # every training view collected
+    assert info["ocd"]["collect_summary"]["count"] == 10  # every training view collected
+    hr = info["headroom"]  # ocdwrap.headroom on the test views, probe fitted on the training views
+    assert hr["task"] == "regression" and hr["n"] == 2 and hr["layer"] == "fc1"
+    assert {"base", "overfit_on_test", "probe", "probe_mixture"} <= set(hr["rows"])
+    assert hr["probe"]["residual_std_summary"]["outputs"] == 32 * 32 * 3  # one image per view
     assert set(info["ocd"]["true_delta_rank_energy"]) == {"1", "2", "4", "8", "16"}
     assert info["compute_matched"]["iterations"] > 0
     assert 0 < info["peak_rss_mb"] < 8 * 1024  # recorded; the bound is 8 GiB
