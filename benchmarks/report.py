@@ -197,6 +197,8 @@ def headroom_table(pairs: Sequence[tuple[str, str]]) -> str:
         with open(headroom_path) as f:
             d = json.load(f)
         for key, part in parts(d):
+            if key not in outcome:  # a headroom run over several parts, paired part by part
+                continue
             out = outcome[key]
             have = list(out["rows"]["base"]["metrics"])  # a share is the same in any affine
             metric = next(m for m in ("loss", "mse", *have) if m in have)  # form of the loss
