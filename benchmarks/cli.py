@@ -272,6 +272,7 @@ def merge_runs(
         "merged_from": {p: d["command"] for p, d in zip(paths, loaded)},
         "settings": settings,
         "seconds": sum(d.get("seconds", 0.0) for d in loaded),
+        "run_seconds": [d.get("seconds", 0.0) for d in loaded],  # the processes may have overlapped
         "datasets": {},
     }
     peaks = [d["peak_rss_mb"] for d in loaded if "peak_rss_mb" in d]

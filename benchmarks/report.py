@@ -49,10 +49,19 @@ def render(path: str, section: str | None = None) -> str:
         out.append(
             f"{head}Command: `{d['command']}`  \n"
             f"Seeds {seeds}; {d.get('machine', part.get('machine'))}; torch {part['torch']}, "
-            f"{part['threads']} thread(s); {part['date']}; whole run {d.get('seconds', 0) / 60:.0f} min\n\n"
+            f"{part['threads']} thread(s); {part['date']}; {_duration(d)}\n\n"
             f"{part['table']}\n\n" + "\n".join(f"- {n}" for n in part["notes"]) + "\n"
         )
     return "\n".join(out)
+
+
+def _duration(d: dict[str, Any]) -> str:
+    """'whole run N min', or for a JSON merged from several runs (which may have run side by
+    side) each run's minutes."""
+    runs = d.get("run_seconds") or []
+    if len(runs) > 1:
+        return "runs of " + " + ".join(f"{s / 60:.0f}" for s in runs) + " min (merged)"
+    return f"whole run {d.get('seconds', 0) / 60:.0f} min"
 
 
 LABEL_FREE = (

@@ -51,11 +51,11 @@ import copy
 import os
 import sys
 import time
+from typing import Any
 
 if __name__ == "__main__" and not __package__:  # run as a file: python benchmarks/speech.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "benchmarks"
-from typing import Any
 
 import torch
 from torch import nn
@@ -168,6 +168,12 @@ def split_tensors(
     return out
 
 
+def collected(splits: dict, args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training mixtures and sources OCD learns from (the first ``--collect``): collection,
+    the alternative layer's collection and the headroom probe all use these."""
+    return tuple(t[: args.collect] for t in splits["train"])  # type: ignore[return-value]
+
+
 def ocd_rows(
     args: Any, seed: int, S: int, base: Separator, splits: dict, out_dir: str
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, torch.Tensor]]:
@@ -179,7 +185,7 @@ def ocd_rows(
         for s, k in (("test", "sisdri"), ("test_unseen", "sisdri_unseen"))
     }
     loaders = {s: tensor_loader(*splits[s], args.batch) for s in ("test", "test_unseen")}
-    collect = tuple(t[: args.collect] for t in splits["train"])
+    collect = collected(splits, args)
     train_loader = tensor_loader(*collect, args.batch)
     rows = ["ocd", "ocd_k", "global", "nn", "overfit"]
     info: dict[str, Any] = {"layer": LAYER, "config": cfg.to_dict(), "agreement": {}, "row_s": {}}
@@ -251,7 +257,7 @@ def alt_rows(
     ``proj`` is, and that layer overfitted on each test mixture (its own upper bound).
     ``info["alt"]`` gets the layer and the run's info."""
     cfg = speech_config(args, seed)
-    collect = tuple(t[: args.collect] for t in splits["train"])
+    collect = collected(splits, args)
     alt: dict[str, Any] = {"layer": layer, "config": cfg.to_dict(), "agreement": {}}
     info["alt"] = alt
     rows: dict[str, dict[str, float]] = {"alt": {}, "alt_overfit": {}}
@@ -436,7 +442,7 @@ def run_seed(args: Any, seed: int, S: int, data: SpeechData, res: Results, workd
     headroom_info(
         res, seed, base, LAYER, speech_config(args, seed), tensor_loader(*splits["val"], args.batch),
         val_task, max_samples=args.headroom_samples,
-        train_loader=tensor_loader(*(t[: args.collect] for t in splits["train"]), args.batch),
+        train_loader=tensor_loader(*collected(splits, args), args.batch),
         max_train_samples=None,
     )  # fmt: skip
     if args.headroom_only:

@@ -150,18 +150,18 @@ def top_singular_energy(
     B = delta.shape[0]
     mats = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, in)
     total = mats.square().sum((1, 2))  # (vector_norm's float32 sum is less exact here)
+    first_image = None  # (Δv)ᵀ of the normalised start, when the caller has Δ·start
     if start is None:
         rows = torch.linalg.vector_norm(mats, dim=2).argmax(1)  # (B,)
         v = mats[torch.arange(B, device=mats.device), rows].unsqueeze(1)  # (B, 1, in), row vectors
     else:
-        v = start.float().unsqueeze(1)
-        v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
+        norm = start.float().norm(dim=1, keepdim=True).clamp_min(1e-30)  # (B, 1)
+        v = (start.float() / norm).unsqueeze(1)
+        if start_image is not None:
+            first_image = (start_image.float() / norm).unsqueeze(1)  # (B, 1, out)
     for i in range(iters):
-        if i == 0 and start is not None and start_image is not None:
-            image = start_image.float().unsqueeze(1) / start.float().norm(dim=1).view(
-                B, 1, 1
-            ).clamp_min(1e-30)
-        else:
+        image = first_image if i == 0 else None
+        if image is None:
             image = torch.bmm(mats, v.transpose(1, 2)).transpose(1, 2)  # (Δv)ᵀ, (B, 1, out)
         v = torch.bmm(image, mats)  # vᵀΔᵀΔ
         v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)

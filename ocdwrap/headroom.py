@@ -509,7 +509,7 @@ def _fit_probe(task, held: _Split, train: _Split | None, folds: int, seed: int):
         source += "; no fitted probe predicted the labels better than the base, so it is the base"
     info = {"kind": kind, "source": source, "l2": None if l2 == math.inf else l2, "folds": folds}
     if task == "regression":  # out-of-fold residual spread, for the regression mixture
-        info["residual_std"] = ((ref[0] - ref[1]) ** 2).mean(0).sqrt().tolist()
+        info["residual_std"] = ((ref[0] - ref[1]) ** 2).mean(0).sqrt()  # a tensor until reported
     return out, info
 
 
@@ -771,10 +771,11 @@ def headroom(
         else:  # the probe's residual spread: out of fold, or (a given probe) on the held-out
             if "residual_std" not in info:
                 _, _, y = _probe_arrays(held, task)
-                info["residual_std"] = ((y - probe_out) ** 2).mean(0).sqrt().tolist()
-            sigma = torch.tensor(info["residual_std"])
-            if sigma.numel() > RESIDUAL_LIST_MAX:  # a wide output (a waveform, an image): the
-                del info["residual_std"]  # report keeps a summary, not one value per element
+                info["residual_std"] = ((y - probe_out) ** 2).mean(0).sqrt()
+            sigma = torch.as_tensor(info.pop("residual_std")).float()
+            if sigma.numel() <= RESIDUAL_LIST_MAX:
+                info["residual_std"] = sigma.tolist()
+            else:  # a wide output (a waveform, an image): a summary, not one value per element
                 info["residual_std_summary"] = {
                     "outputs": sigma.numel(),
                     "mean": float(sigma.mean()),

@@ -189,11 +189,6 @@ def padded_shape(shape: tuple[int, ...], mult: int) -> tuple[int, ...]:
     return tuple(-(-int(s) // mult) * mult for s in shape)
 
 
-def pad_to_multiple(x: torch.Tensor, mult: int) -> torch.Tensor:
-    """Zero-pad the last two dims of ``x`` up to multiples of ``mult`` (with :func:`pad_to`)."""
-    return pad_to(x, padded_shape(tuple(x.shape[-2:]), mult))
-
-
 def crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Crop the last two dims of ``x`` back to ``shape``."""
     return x[..., : shape[0], : shape[1]]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ocdwrap.layer import DynamicLayer, FullDelta, LayerState, Rank1Delta
-from ocdwrap.networks import UNetDenoiser, crop, pad_to_multiple
+from ocdwrap.networks import UNetDenoiser, crop, pad_to, padded_shape
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # (rtol, atol): bfloat16 keeps 8 bits of mantissa, and W + delta is rounded differently from
@@ -158,9 +158,9 @@ def test_zero_delta_and_no_delta_are_the_base_layer_exactly(conv, batch, dtype, 
     mult=st.sampled_from([1, 2, 4, 8, 16, 32]),
     dtype=st.sampled_from(DTYPES),
 )
-def test_pad_to_multiple_then_crop_is_the_identity(lead, h, w, mult, dtype) -> None:
+def test_pad_to_padded_shape_then_crop_is_the_identity(lead, h, w, mult, dtype) -> None:
     x = (torch.randn(*lead, h, w) + 1).to(dtype)
-    p = pad_to_multiple(x, mult)
+    p = pad_to(x, padded_shape((h, w), mult))  # what UNetDenoiser pads its input to
     H, W = p.shape[-2:]
     assert p.shape[:-2] == x.shape[:-2] and p.dtype == dtype
     assert H % mult == 0 and W % mult == 0  # a size the UNet accepts
