@@ -25,11 +25,11 @@ from .deltas import (
     rank1_factors,
     top_singular_energy,
 )
-from .errors import NonFiniteError, UnsupportedLayerError
-from .io import tensor_fingerprint
+from .errors import EmptyDataError, NonFiniteError, UnsupportedLayerError
+from .io import directory_lock, tensor_fingerprint
 from .model import OCDModel
 from .overfit import OverfitResult, overfit_batch, overfit_one
-from .store import DeltaStore, StoreWriter, remove
+from .store import STOPPED_END, STOPPED_MAX, DeltaStore, StoreWriter, remove
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
@@ -159,14 +159,31 @@ def collect(
 ) -> DeltaStore:
     """Overfit the target layer on every training sample and store the deltas on disk.
 
+    What is already in ``out_dir`` is reused, never passed off as more than it is:
+
+    - an interrupted collection is resumed after its last intact shard (a shard that is missing
+      or fails its checksum is rebuilt, with every shard after it);
+    - a collection stopped at ``max_samples=m`` holds the first m samples: a later call with a
+      larger ``max_samples``, or with none, *continues* it from sample m to the new limit or to
+      the end of the data; a call with ``max_samples <= m`` returns it at once (holding m);
+    - a collection of the whole data is returned at once, whatever ``max_samples`` asks;
+    - a collection written by ocdwrap 0.1.0 (which did not record whether ``max_samples``
+      stopped it) is continued as far as the data goes, which re-reads the data but overfits
+      only samples it does not hold.
+
+    ``store.stopped`` says which: ``"end_of_data"`` or ``"max_samples"``. Every call reads the
+    first batch and refuses a directory collected from other data (or another base model or
+    config) unless ``overwrite=True``. While a call runs, the directory is locked: another
+    process collecting into it is refused at once (:class:`~ocdwrap.errors.CollectionBusyError`).
+
     Args:
         model: an :class:`OCDModel` (see :func:`ocdwrap.wrap`).
         data: batches ``(inputs, target)`` or HF dicts with ``"labels"``, in a fixed order
             (do not shuffle: resumption skips the samples already stored).
         loss_fn: ``loss_fn(prediction, target)`` -> per-sample losses (B,) or their sum.
-        out_dir: collection directory. An interrupted collection there is resumed; one from
-            another base model or config is refused unless ``overwrite=True``.
-        max_samples: stop after this many samples.
+        out_dir: collection directory (see above for what it may already hold).
+        overwrite: replace a collection of other data, base model or config.
+        max_samples: collect the first ``max_samples`` samples only.
 
     Returns:
         a :class:`DeltaStore` over ``out_dir``.
@@ -177,26 +194,46 @@ def collect(
     cfg = model.config
     # a delta_rank the layer cannot have fails here, before any sample is overfitted
     rank = cfg.lowrank_rank(model.weight_shape, model.layer_name) if _maybe_lowrank(cfg) else 0
-    writer = StoreWriter.open(
-        out_dir, _identity(model, cfg), shard_size=cfg.shard_size, overwrite=overwrite
-    )
-    if writer.complete and (max_samples is None or writer.stored >= max_samples):
-        return writer.store()
-    done = writer.done
-    bar = tqdm(
-        total=_dataset_size(data, max_samples),
-        initial=done,
-        desc="ocdwrap collect",
-        unit="sample",
-        disable=not progress,
-    )
+    out_dir = os.fspath(out_dir)
+    with directory_lock(out_dir):
+        writer = StoreWriter.open(
+            out_dir, _identity(model, cfg), shard_size=cfg.shard_size, overwrite=overwrite
+        )
+        return _collect(model, data, loss_fn, writer, cfg, rank, max_samples, progress)
+
+
+def _collect(
+    model: OCDModel,
+    data: Iterable,
+    loss_fn: LossFn,
+    writer: StoreWriter,
+    cfg: OCDConfig,
+    rank: int,
+    max_samples: int | None,
+    progress: bool,
+) -> DeltaStore:
+    bar = None
     checked_loss = False
+    stopped, end = STOPPED_END, 0
     for lo, inputs, target in _positioned(data, model.device):
         B = batch_size(inputs)
-        if lo == 0:
+        if lo == 0:  # refuses other data, also where the collection is complete
             writer.begin(_data_fingerprint(inputs), cfg.to_dict())
+            if writer.holds(max_samples):
+                return writer.store()
+            writer.reopen()  # continued past where a complete collection stopped
+            done = writer.done
+            bar = tqdm(
+                total=_dataset_size(data, max_samples),
+                initial=done,
+                desc="ocdwrap collect",
+                unit="sample",
+                disable=not progress,
+            )
         if max_samples is not None and lo >= max_samples:
+            stopped = STOPPED_MAX
             break
+        end = lo + B if max_samples is None else min(lo + B, max_samples)
         if lo + B <= done:
             continue
         keep = slice(max(done - lo, 0), B if max_samples is None else min(B, max_samples - lo))
@@ -226,9 +263,14 @@ def collect(
         writer.append(rows, skipped=bad)
         bar.update(keep.stop - keep.start)
         if max_samples is not None and lo + B >= max_samples:
+            stopped = STOPPED_MAX
             break
+    if bar is None:
+        raise EmptyDataError(
+            "collect() got no samples from the data loader; check that it is not empty."
+        )
     bar.close()
-    return writer.close()
+    return writer.close(positions=end, stopped=stopped)
 
 
 def clear_collection(out_dir: str | os.PathLike) -> None:

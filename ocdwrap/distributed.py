@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
 
-from .collect import collect
+from .batches import split_batch
+from .collect import _data_fingerprint, collect
 from .errors import CollectionExistsError, DistributedError, EmptyDataError
 from .fit import FitReport, fit
 from .io import MANIFEST_NAME, part_name
 from .model import OCDModel
 from .processes import Processes, run_everywhere
-from .store import DeltaStore, merge_parts, remove
+from .store import STOPPED_END, STOPPED_MAX, DeltaStore, merge_parts, remove
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
@@ -105,6 +106,13 @@ def collect_distributed(
     :func:`ocdwrap.collect` of the same data. ``out_dir`` must be on a file system every
     process sees. An interrupted run resumes each part (with the same number of processes).
 
+    What ``out_dir`` already holds is treated as :func:`ocdwrap.collect` treats it, with one
+    difference: a collection stopped at ``max_samples=m`` cannot be continued by several
+    processes (each part is cut from the number of samples, so the parts of m samples are not
+    the first parts of more). A later call asking for more than m is refused with an error that
+    says so (pass ``max_samples=m`` to use it, ``overwrite=True`` to collect again, or continue
+    it on one process with :func:`ocdwrap.collect`); a call asking for m or fewer returns it.
+
     Args:
         model: the :class:`OCDModel`, on this process's device (``model.to(accelerator.device)``).
         data: a DataLoader with a fixed order (``shuffle=False``), or a map-style Dataset with
@@ -132,18 +140,26 @@ def collect_distributed(
             progress=progress,
         )
     out_dir = os.fspath(out_dir)
-    dataset, bs, collate, workers, n = _as_dataset(data, batch_size, collate_fn)
-    if max_samples is not None:
-        n = min(n, max_samples)
+    dataset, bs, collate, workers, len_all = _as_dataset(data, batch_size, collate_fn)
+    n = len_all if max_samples is None else min(len_all, max_samples)
     if n == 0:
         raise EmptyDataError("collect_distributed got an empty dataset.")
+    stopped = STOPPED_MAX if n < len_all else STOPPED_END
     parts = partition(n, bs, procs.world)
 
-    def prepare() -> None:
-        if procs.is_main:
-            _clear_root(out_dir, procs.world, overwrite)
+    def first_batch_fingerprint() -> str:
+        loader = DataLoader(Subset(dataset, range(min(bs, n))), batch_size=bs, collate_fn=collate)
+        return _data_fingerprint(split_batch(next(iter(loader)))[0])
 
-    run_everywhere(procs, "Preparing the collection directory", prepare)
+    def prepare() -> bool:
+        if not procs.is_main:
+            return False
+        return _clear_root(out_dir, procs.world, overwrite, n, first_batch_fingerprint)
+
+    held = run_everywhere(procs, "Preparing the collection directory", prepare)
+    if procs.any(bool(held)):  # it already holds the n samples asked for (and maybe more)
+        procs.barrier()
+        return DeltaStore(out_dir)
     procs.barrier()
 
     lo, hi = parts[procs.rank]
@@ -168,19 +184,50 @@ def collect_distributed(
     run_everywhere(
         procs,
         "Merging the parts",
-        lambda: merge_parts(out_dir, parts, procs.world) if procs.is_main else None,
+        lambda: merge_parts(out_dir, parts, procs.world, stopped) if procs.is_main else None,
     )
     procs.barrier()
     return DeltaStore(out_dir)
 
 
-def _clear_root(out_dir: str, world: int, overwrite: bool) -> None:
-    """Make ``out_dir`` ready for a merged manifest of ``world`` parts."""
+def _clear_root(
+    out_dir: str, world: int, overwrite: bool, n: int, fingerprint: Callable[[], str]
+) -> bool:
+    """Make ``out_dir`` ready for a merged manifest of ``world`` parts covering ``n`` samples;
+    True when it already holds a complete collection of at least those samples (of the same
+    data: ``fingerprint()`` is its first batch's)."""
     if not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
-        return
-    manifest = DeltaStore(out_dir).manifest
+        return False
+    store = DeltaStore(out_dir)
+    manifest = store.manifest
+    if manifest.get("world_size") == world and not overwrite:
+        held = store.positions
+        if not store.complete or n == held:
+            return False  # our own merged manifest (a rerun or a resume): the parts decide
+        if n < held:  # holds more than asked, as ocdwrap.collect returns it
+            if fingerprint() != manifest["data_fingerprint"]:
+                raise CollectionExistsError(
+                    f"{out_dir} holds a collection made from different data (its first batch "
+                    "differs: a shuffled loader?); it was left untouched. Use another out_dir, "
+                    "or pass overwrite=True to replace it."
+                )
+            return True
+        if store.stopped != STOPPED_END:
+            why = (
+                "stopped at max_samples"
+                if store.stopped == STOPPED_MAX
+                else "written by ocdwrap 0.1.0, which did not record whether max_samples stopped it"
+            )
+            raise CollectionExistsError(
+                f"{out_dir} holds a collection of the first {held} samples by {world} processes "
+                f"({why}), and {n} were asked for. Several processes cannot continue it: each "
+                f"part is cut from the number of samples. Pass max_samples={held} to use it, "
+                "overwrite=True to collect the whole range again, or continue it on one process "
+                "with ocdwrap.collect(model, data, loss_fn, out_dir)."
+            )
+        return False  # more data than the whole collection saw: the parts refuse it
     if manifest.get("world_size") == world:
-        return  # our own merged manifest (a rerun or a resume): the parts decide
+        return False  # overwrite=True: each part replaces its own collection
     if not overwrite:
         raise CollectionExistsError(
             f"{out_dir} already holds a collection written by "

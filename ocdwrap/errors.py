@@ -95,3 +95,11 @@ class LabelMismatchError(OCDError, ValueError):
 
 class ProbeFitError(OCDError, ValueError):
     """The probe of the label cannot be fitted on the data given (e.g. a single class)."""
+
+
+class CollectionNotFoundError(OCDError, FileNotFoundError):
+    """A directory holds no delta collection (no manifest)."""
+
+
+class CollectionBusyError(OCDError, RuntimeError):
+    """Another process is collecting into the same directory right now."""

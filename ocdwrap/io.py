@@ -2,22 +2,43 @@
 
 Every write goes to a temporary file in the same directory, is flushed and fsync'ed, then
 renamed over the destination, so a crash leaves either the old file or the new one.
+
+Every file ocdwrap writes carries a checksum that is verified when the file is read, so a damaged
+byte is reported (:class:`~ocdwrap.errors.CorruptFileError`) instead of being trained on:
+
+- the JSON files that are commit points (a collection's manifest, a fit checkpoint, an adapter's
+  file list) hold a ``"checksum"`` of their own content (:func:`atomic_write_json` with
+  ``checksum=True``; :func:`read_json` verifies it);
+- a collection's shards are hashed per tensor (:func:`tensor_digests`: dtype, shape and raw bytes),
+  so reading some keys of a shard checks exactly what it reads;
+- an adapter's files and a checkpoint's tensors file are hashed whole (:func:`digest_bytes`).
+
+The hash is xxHash's XXH3 (64 bits): about 19 GB/s on one core of the machines ocdwrap is
+measured on, against 1.6 GB/s for SHA-256 and 3.7 GB/s for zlib's CRC-32; it detects damage,
+it is not a defence against someone who edits a file on purpose.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
-from .errors import CorruptFileError
+from .errors import CollectionBusyError, CorruptFileError
+
+try:  # POSIX advisory locks; elsewhere directories are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 # Every file name ocdwrap writes, in one place.
 CONFIG_NAME = "ocd_config.json"  # an adapter's OCDConfig
@@ -25,6 +46,10 @@ WEIGHTS_NAME = "ocd_model.safetensors"  # an adapter's hypernetwork
 MANIFEST_NAME = "manifest.json"  # a delta collection's manifest (its commit point)
 CHECKPOINT_JSON = "fit_checkpoint.json"  # a fit checkpoint's commit point
 CHECKPOINT_TENSORS = "fit_checkpoint.safetensors"  # its tensors (older checkpoints' fixed name)
+ADAPTER_FILES_NAME = "ocd_files.json"  # an adapter's commit point: its files and their hashes
+STAGED_SUFFIX = ".next"  # an adapter file written, not yet renamed into place
+
+DIGEST_ALGORITHM = "xxh3_64"
 
 
 def shard_name(i: int) -> str:
@@ -72,16 +97,54 @@ def atomic_write_text(path: str, text: str) -> None:
     _atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
+def digest_bytes(data: bytes | memoryview) -> str:
+    """The checksum of ``data``: ``"xxh3_64:<16 hex digits>"``."""
+    return f"{DIGEST_ALGORITHM}:{xxhash.xxh3_64_hexdigest(data)}"
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """The checksum of a tensor as it is stored: its dtype, shape and raw (little-endian) bytes.
+
+    Works for every dtype (bfloat16 and bool included) without converting the values.
+    """
+    t = t.detach().to("cpu").contiguous()
+    h = xxhash.xxh3_64()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
+
+
+def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """:func:`tensor_digest` of every tensor, by name."""
+    return {k: tensor_digest(t) for k, t in tensors.items()}
+
+
+def _json_checksum(obj: dict[str, Any]) -> str:
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return digest_bytes(canonical.encode("ascii"))
+
+
+def atomic_write_json(path: str, obj: Any, *, checksum: bool = False) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    With ``checksum=True`` the object gets a ``"checksum"`` of the rest of its content, which
+    :func:`read_json` verifies: a changed digit (a flipped bit on disk) is refused instead of
+    silently changing what the file says.
+    """
+    if checksum:
+        obj = {**obj, "checksum": _json_checksum(obj)}
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def read_json(path: str) -> Any:
+def read_json(path: str, *, what: str = "") -> Any:
     """Read a JSON object, turning a truncated or corrupted file into :class:`CorruptFileError`.
 
     Every JSON file ocdwrap writes (config, manifest, checkpoint) holds one object; anything
-    else (binary data, a list, a bare value) is reported as corrupted.
+    else (binary data, a list, a bare value) is reported as corrupted. An object with a
+    ``"checksum"`` (see :func:`atomic_write_json`) must match it. ``what`` names, for the error,
+    what the file is and how to recreate it.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -96,7 +159,52 @@ def read_json(path: str) -> Any:
             f"{path} holds a JSON {type(obj).__name__}, not the object ocdwrap wrote; the file is "
             "corrupted or not an ocdwrap file. Restore it from a backup, or delete it and recreate it."
         )
+    if "checksum" in obj and obj["checksum"] != _json_checksum(obj):
+        raise CorruptFileError(
+            f"{path} does not match the checksum ocdwrap recorded in it: a value in it changed "
+            f"after it was written (a damaged disk block, or an edit by hand). {what}".rstrip()
+        )
     return obj
+
+
+def read_verified(path: str, digest: str | None, *, what: str) -> bytes:
+    """The bytes of ``path``, checked against ``digest`` (from :func:`digest_bytes`) when one is
+    recorded; a mismatch is a :class:`CorruptFileError` naming the file and ``what`` it held
+    and how to recreate it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    with open(path, "rb") as f:
+        data = f.read()
+    if digest is not None and digest_bytes(data) != digest:
+        raise CorruptFileError(
+            f"{path} does not match its recorded checksum: the file was damaged after it was "
+            f"written. {what}"
+        )
+    return data
+
+
+def tensors_from_bytes(data: bytes, path: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes (read with :func:`read_verified`); a damaged file is a
+    :class:`CorruptFileError` naming ``path``."""
+    try:
+        return load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(
+            f"{path} could not be read as safetensors ({e}); the file is truncated or corrupted."
+        ) from e
+
+
+def safetensors_metadata(data: bytes, path: str) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (the header's string map; {} when none)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        meta = header.get("__metadata__") or {}
+    except (ValueError, AttributeError) as e:
+        raise CorruptFileError(f"{path} has a damaged safetensors header ({e}).") from e
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{path} has a damaged safetensors header (metadata not a map).")
+    return meta
 
 
 def atomic_save_tensors(
@@ -105,6 +213,15 @@ def atomic_save_tensors(
     """Save tensors as safetensors to ``path`` atomically (streamed to disk, not built in memory)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def file_digest(path: str) -> str:
+    """:func:`digest_bytes` of a file's content."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
 
 
 def load_tensors(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -132,3 +249,31 @@ def tensor_fingerprint(*tensors: torch.Tensor | None) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str, what: str = "collecting into") -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (created if missing) for the ``with`` block.
+
+    A second process (or a second call in this one) that asks for it while it is held gets a
+    :class:`~ocdwrap.errors.CollectionBusyError` at once; it does not wait. The lock is the
+    directory's own (``flock`` on it), so no lock file is left behind, and it is released when
+    the holder exits or is killed. On systems without ``fcntl`` nothing is locked.
+    """
+    os.makedirs(directory, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise CollectionBusyError(
+                f"Another process (or another call in this one) is {what} {directory} right now. "
+                "Wait for it to finish, then run again (a finished or interrupted collection is "
+                "reused or resumed), or use another directory."
+            ) from e
+        yield
+    finally:
+        os.close(fd)  # releases the lock

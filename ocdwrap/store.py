@@ -21,6 +21,17 @@ Layout of a collection directory::
 
 Shards are written atomically and listed in the manifest only once complete (the manifest is
 the commit point), so an interrupted collection resumes after the last listed shard.
+
+Integrity: each shard's entry records a checksum of every tensor in it (``"digests"``), and the
+manifest a checksum of its own content (``"checksum"``); both are verified whenever they are
+read, so a damaged byte is a :class:`~ocdwrap.errors.CorruptFileError` naming the shard and its
+samples, and :func:`ocdwrap.collect` run again rebuilds it. Collections written before checksums
+existed (ocdwrap 0.1.0) still load and resume, unverified (:attr:`DeltaStore.verified`).
+
+Why a collection stopped: a complete manifest records ``"stopped"``, ``"end_of_data"`` (the data
+ran out: it holds every sample) or ``"max_samples"`` (it holds the first ``"positions"`` samples
+and a later collect without that limit continues it). Manifests written by 0.1.0 do not say; they
+are read as "unknown": a later collect looks at the data to find out.
 """
 
 from __future__ import annotations
@@ -35,7 +46,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .errors import CollectionExistsError, CorruptFileError, DistributedError, EmptyDataError
+from .errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
+    CorruptFileError,
+    DistributedError,
+    EmptyDataError,
+)
 from .io import (
     MANIFEST_NAME,
     atomic_save_tensors,
@@ -44,6 +61,7 @@ from .io import (
     part_name,
     read_json,
     shard_name,
+    tensor_digests,
 )
 
 logger = logging.getLogger("ocdwrap")
@@ -68,11 +86,34 @@ __all__ = [
 ]
 
 
+STOPPED_END = "end_of_data"  # the data ran out: the collection holds every sample
+STOPPED_MAX = "max_samples"  # collect() was asked for the first max_samples samples only
+
+_REBUILD = "Run ocdwrap.collect again with the same data and out_dir: it rebuilds it."
+
+
 def _missing_shard(path: str) -> CorruptFileError:
-    return CorruptFileError(
-        f"Shard {path} listed in the manifest is missing; run ocdwrap.collect again with the "
-        "same data to rebuild it."
-    )
+    return CorruptFileError(f"Shard {path} listed in the manifest is missing. {_REBUILD}")
+
+
+def _shard_samples(shard: dict[str, Any]) -> str:
+    return f"samples {shard['start']}-{shard['stop'] - 1} of the data"
+
+
+def _check_digests(
+    path: str, shard: dict[str, Any], tensors: dict[str, torch.Tensor], keys: list[str]
+) -> None:
+    """Raise CorruptFileError when a loaded tensor does not match its recorded checksum."""
+    digests = shard.get("digests")
+    if not digests:
+        return  # written before checksums (0.1.0): unverified
+    found = tensor_digests({k: tensors[k] for k in keys if k in digests})
+    bad = [k for k, d in found.items() if d != digests[k]]
+    if bad:
+        raise CorruptFileError(
+            f"Shard {path} ({_shard_samples(shard)}) is damaged: {', '.join(bad)} do not match the "
+            f"checksums recorded when it was written. {_REBUILD}"
+        )
 
 
 class DeltaStore:
@@ -88,10 +129,14 @@ class DeltaStore:
         self.directory = os.fspath(directory)
         path = os.path.join(self.directory, MANIFEST_NAME)
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise CollectionNotFoundError(
                 f"{self.directory} holds no delta collection (no {MANIFEST_NAME}); run ocdwrap.collect first."
             )
-        self.manifest: dict[str, Any] = read_json(path)
+        self.manifest: dict[str, Any] = read_json(
+            path,
+            what="Delete the collection (ocdwrap.store.remove) and collect again, or restore the "
+            "manifest from a backup.",
+        )
         if self.manifest.get("format") != STORE_FORMAT:
             raise CorruptFileError(
                 f"{path} is not an ocdwrap delta manifest (format={self.manifest.get('format')!r})."
@@ -115,7 +160,31 @@ class DeltaStore:
 
     @property
     def complete(self) -> bool:
+        """The collection finished what it was asked (see :attr:`stopped` for how much)."""
         return bool(self.manifest.get("complete"))
+
+    @property
+    def stopped(self) -> str | None:
+        """Why a complete collection stopped: ``"end_of_data"`` (it holds every sample of the
+        data), ``"max_samples"`` (only the first :attr:`positions`), or None (still incomplete,
+        or written by ocdwrap 0.1.0, which did not record it)."""
+        return self.manifest.get("stopped") if self.complete else None
+
+    @property
+    def positions(self) -> int:
+        """Data positions the collection covers: stored samples plus skipped (NaN/Inf) ones."""
+        if self.complete and "positions" in self.manifest:
+            return int(self.manifest["positions"])
+        shards = self.manifest["shards"]
+        return int(shards[-1]["stop"]) if shards else 0
+
+    @property
+    def verified(self) -> bool:
+        """True when the manifest and every shard carry checksums (written by ocdwrap >= 0.2);
+        reads of a verified collection check every byte they use."""
+        return "checksum" in self.manifest and all(
+            s.get("digests") for s in self.manifest["shards"]
+        )
 
     @property
     def dims(self) -> dict[str, int]:
@@ -138,18 +207,18 @@ class DeltaStore:
         return [os.path.join(self.directory, s["file"]) for s in self.manifest["shards"]]
 
     def first_damaged_shard(self) -> int | None:
-        """Index of the first listed shard that is missing or whose header is unreadable, else None.
+        """Index of the first listed shard that is missing, unreadable or (where checksums were
+        recorded) does not match them, else None.
 
-        Reads only the shards' headers (cheap): a resumed collection rebuilds from the first
-        damaged shard on.
+        Reads every shard whole: a resumed collection rebuilds from the first damaged shard on.
         """
-        for i, path in enumerate(self.shard_paths()):
+        for i, (shard, path) in enumerate(zip(self.manifest["shards"], self.shard_paths())):
             try:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    n = f.get_slice("index").get_shape()[0]
-            except Exception:  # missing file or damaged header
+                tensors = load_tensors(path)
+                _check_digests(path, shard, tensors, list(tensors))
+            except (OSError, CorruptFileError):  # missing, unreadable or damaged
                 return i
-            if n != self.manifest["shards"][i]["count"]:
+            if tensors["index"].shape[0] != shard["count"]:
                 return i
         return None
 
@@ -173,6 +242,7 @@ class DeltaStore:
                 tensors = load_tensors(path, device)
             else:
                 tensors = self._load_some(path, keys, device)
+            _check_digests(path, shard, tensors, keys)
             if "index" in keys and shard.get("index_offset"):
                 # a per-process shard (ocdwrap.distributed) counts from its part's first sample
                 tensors["index"] = tensors["index"] + int(shard["index_offset"])
@@ -221,7 +291,10 @@ class DeltaStore:
         return summary
 
     def __repr__(self) -> str:
-        return f"DeltaStore({self.directory!r}, samples={len(self)}, layer={self.layer!r}, complete={self.complete})"
+        return (
+            f"DeltaStore({self.directory!r}, samples={len(self)}, layer={self.layer!r}, "
+            f"complete={self.complete}, stopped={self.stopped!r})"
+        )
 
 
 def _spread(e: torch.Tensor) -> dict[str, float]:
@@ -253,11 +326,11 @@ def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k not in _LAYOUT_KEYS}
 
 
-def remove(directory: str | os.PathLike) -> None:
+def remove(directory: str | os.PathLike, *, keep_directory: bool = False) -> None:
     """Delete the collection in ``directory``: its shards, per-process parts and manifest.
 
     Other files in the directory are left alone; the directory itself goes when nothing else
-    is in it.
+    is in it (unless ``keep_directory``).
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -278,7 +351,7 @@ def remove(directory: str | os.PathLike) -> None:
             shutil.rmtree(path)
     if os.path.exists(manifest_path):
         os.unlink(manifest_path)
-    if not os.listdir(directory):
+    if not keep_directory and not os.listdir(directory):
         os.rmdir(directory)
 
 
@@ -296,7 +369,7 @@ class StoreWriter:
         >>> writer.begin(fingerprint_of_first_batch, config.to_dict())
         >>> writer.describe(store_rank1=True, dims=dims, keys=list(rows))  # once
         >>> writer.append(rows, skipped=[17])   # rows: {key: (n, ...) tensors}, in data order
-        >>> store = writer.close()
+        >>> store = writer.close(positions=n, stopped="end_of_data")
     """
 
     def __init__(
@@ -309,10 +382,14 @@ class StoreWriter:
         self._buffer: dict[str, list[torch.Tensor]] = {}
         self._buffered = 0
         # skipped samples are counted per shard (those before its stop), so a resumed run that
-        # revisits samples after the last shard does not count them twice
+        # revisits samples after the last shard does not count them twice; a complete collection
+        # also counts those after its last shard, which a continued run does not revisit
         shards = manifest["shards"] if manifest else []
         self._skipped = sum(s.get("skipped", 0) for s in shards)
+        if manifest and manifest.get("complete"):
+            self._skipped = int(manifest.get("skipped", self._skipped))
         self._skipped_at: list[int] = []  # skipped positions not yet in a shard's count
+        self.overwrite = False  # begin() replaces a collection of other data (open(overwrite=))
 
     @property
     def _manifest_path(self) -> str:
@@ -353,7 +430,7 @@ class StoreWriter:
                     "it was left untouched. Use another out_dir, or pass overwrite=True to replace it."
                 )
             else:
-                remove(directory)
+                remove(directory, keep_directory=True)
         elif os.path.isdir(directory) and any(
             f.startswith("shard-") for f in os.listdir(directory)
         ):
@@ -362,9 +439,11 @@ class StoreWriter:
                     f"{directory} holds shard files but no manifest; refusing to overwrite them. "
                     "Use another out_dir, or pass overwrite=True."
                 )
-            remove(directory)
+            remove(directory, keep_directory=True)
         os.makedirs(directory, exist_ok=True)
-        return cls(directory, identity, manifest, shard_size)
+        writer = cls(directory, identity, manifest, shard_size)
+        writer.overwrite = overwrite
+        return writer
 
     # --- state -----------------------------------------------------------------------------------
     @property
@@ -374,14 +453,42 @@ class StoreWriter:
 
     @property
     def done(self) -> int:
-        """Data positions already covered by shards: where a resumed collection continues."""
-        if not self.manifest or not self.manifest["shards"]:
+        """Data positions already covered: where a resumed or continued collection goes on."""
+        if not self.manifest:
             return 0
-        return int(self.manifest["shards"][-1]["stop"])
+        return DeltaStore._in_memory(self.directory, self.manifest).positions
 
     @property
     def complete(self) -> bool:
         return bool(self.manifest and self.manifest.get("complete"))
+
+    def holds(self, max_samples: int | None) -> bool:
+        """Whether the collection already holds what a collect of ``max_samples`` (None: the
+        whole data) asks for; False when that is not known without reading the data."""
+        if not self.complete:
+            return False
+        stopped = self.manifest.get("stopped")
+        if stopped == STOPPED_END:
+            return True  # every sample: also the first max_samples
+        return max_samples is not None and self.done >= max_samples
+
+    def reopen(self) -> None:
+        """Mark a complete collection as being continued: incomplete until closed again.
+
+        Skipped samples after its last shard are attributed to that shard (its ``stop`` moves to
+        the positions covered), so the continuation neither revisits nor recounts them.
+        """
+        if not self.complete:
+            return
+        shards = self.manifest["shards"]
+        positions = self.done
+        if shards and positions > shards[-1]["stop"]:
+            tail = int(self.manifest.get("skipped", 0)) - sum(x.get("skipped", 0) for x in shards)
+            shards[-1]["stop"] = positions
+            shards[-1]["skipped"] = shards[-1].get("skipped", 0) + max(tail, 0)
+        self.manifest["complete"] = False
+        for key in ("stopped", "summary", "positions"):
+            self.manifest.pop(key, None)
 
     @property
     def described(self) -> bool:
@@ -393,6 +500,10 @@ class StoreWriter:
     # --- writing ---------------------------------------------------------------------------------
     def begin(self, data_fingerprint: str, config: dict[str, Any]) -> None:
         """Start a new manifest, or check that a resumed collection sees the same data."""
+        if self.manifest is not None and self.manifest["data_fingerprint"] != data_fingerprint:
+            if self.overwrite:  # the same base and config on other data: start again
+                remove(self.directory, keep_directory=True)
+                self.manifest, self._skipped, self._skipped_at = None, 0, []
         if self.manifest is None:
             self.manifest = _new_manifest(data_fingerprint, config)
         elif self.manifest["data_fingerprint"] != data_fingerprint:
@@ -435,18 +546,28 @@ class StoreWriter:
         stop = int(tensors["index"][-1]) + 1
         name = shard_name(len(shards))
         atomic_save_tensors(os.path.join(self.directory, name), tensors)
+        digests = tensor_digests(tensors)
         n_skipped = sum(p < stop for p in self._skipped_at)
         self._skipped_at = [p for p in self._skipped_at if p >= stop]
         self._skipped += n_skipped
         count = int(tensors["index"].shape[0])
         shards.append(
-            {"file": name, "count": count, "start": start, "stop": stop, "skipped": n_skipped}
+            {
+                "file": name,
+                "count": count,
+                "start": start,
+                "stop": stop,
+                "skipped": n_skipped,
+                "digests": digests,
+            }
         )
         self.manifest["skipped"] = self._skipped
-        atomic_write_json(self._manifest_path, self.manifest)
+        atomic_write_json(self._manifest_path, self.manifest, checksum=True)
 
-    def close(self) -> DeltaStore:
-        """Write what is buffered, the summary, and mark the collection complete."""
+    def close(self, positions: int, stopped: str) -> DeltaStore:
+        """Write what is buffered, the summary, and mark the collection complete: it covers the
+        first ``positions`` samples of the data and stopped for ``stopped`` (``"end_of_data"``
+        or ``"max_samples"``)."""
         if self.manifest is None or (not self.described and not self.manifest["shards"]):
             raise EmptyDataError(
                 "collect() got no samples from the data loader; check that it is not empty."
@@ -454,6 +575,8 @@ class StoreWriter:
         self._flush(final=True)
         self.manifest["skipped"] = self._skipped + len(self._skipped_at)
         self._skipped, self._skipped_at = self.manifest["skipped"], []
+        self.manifest["positions"] = max(int(positions), self.done)
+        self.manifest["stopped"] = stopped
         return _commit(self.directory, self.manifest)
 
 
@@ -461,17 +584,22 @@ def _commit(directory: str, manifest: dict[str, Any]) -> DeltaStore:
     """Add the summary, mark complete, and write the manifest: the collection's commit point."""
     manifest["summary"] = DeltaStore._in_memory(directory, manifest).summary()
     manifest["complete"] = True
-    atomic_write_json(os.path.join(directory, MANIFEST_NAME), manifest)
+    atomic_write_json(os.path.join(directory, MANIFEST_NAME), manifest, checksum=True)
     return DeltaStore(directory)
 
 
 def merge_parts(
-    out_dir: str | os.PathLike, parts: list[tuple[int, int]], world: int
+    out_dir: str | os.PathLike,
+    parts: list[tuple[int, int]],
+    world: int,
+    stopped: str = STOPPED_END,
 ) -> dict[str, Any]:
     """Write ``out_dir/manifest.json`` listing the shards of every part, in data order.
 
     ``parts[r]`` is the ``[start, stop)`` sample range process ``r`` collected into
-    ``out_dir/part-r-of-world/``. Returns the merged manifest.
+    ``out_dir/part-r-of-world/``; ``stopped`` says why the ranges end where they do
+    (``"max_samples"`` when they cover only the first samples of the data). Returns the merged
+    manifest.
     """
     out_dir = os.fspath(out_dir)
     merged: dict[str, Any] | None = None
@@ -512,10 +640,13 @@ def merge_parts(
                     "start": s["start"] + lo,
                     "stop": s["stop"] + lo,
                     "index_offset": lo,
+                    **({"digests": s["digests"]} if s.get("digests") else {}),
                 }
             )
         merged["skipped"] += int(part.get("skipped", 0))
         merged["parts"].append({"dir": name, "start": lo, "stop": hi})
     if merged is None:
         raise EmptyDataError(f"No part of {out_dir} holds any sample.")
+    merged["positions"] = max(hi for lo, hi in parts)
+    merged["stopped"] = stopped
     return _commit(out_dir, merged).manifest

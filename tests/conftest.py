@@ -193,3 +193,26 @@ def resnet_case(layer: str = "fc") -> Case:
         lambda b: torch.arange(b) % 10,
         _ce,
     )
+
+
+def flip_byte(path: str | os.PathLike, key: str | None = None, *, bit: int = 0x10) -> int:
+    """Flip one bit of a file in place and return the byte's offset.
+
+    With ``key`` the file is read as safetensors and the byte is the middle one of that tensor's
+    data (past the header), so the flip changes a value that a reader of ``key`` uses; without
+    it, the middle byte of the file.
+    """
+    import json
+
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    if key is None:
+        at = len(data) // 2
+    else:
+        n = int.from_bytes(data[:8], "little")
+        lo, hi = json.loads(data[8 : 8 + n])[key]["data_offsets"]
+        at = 8 + n + (lo + hi) // 2
+    data[at] ^= bit
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return at

@@ -10,7 +10,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import make_mlp
+from conftest import flip_byte, make_mlp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -77,10 +77,34 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == world
     model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
+    # a quick look first (max_samples), then the whole data into the same directory: several
+    # processes cannot continue the first 16 samples' parts, and say so on every process
+    partial = os.path.join(out, "partial")
+    store = collect_distributed(
+        model, loader(), ce, partial, accelerator=accelerator, progress=False, max_samples=16
+    )
+    outcome = {"partial": [len(store), store.stopped, store.positions]}
+    try:
+        collect_distributed(model, loader(), ce, partial, accelerator=accelerator, progress=False)
+    except (CollectionExistsError, ocdwrap.distributed.DistributedError) as e:
+        outcome["whole_after_partial"] = [type(e).__name__, str(e)]
     store = collect_distributed(
         model, loader(), ce, os.path.join(out, "deltas"), accelerator=accelerator, progress=False
     )
     assert len(store) == N
+    # the whole collection, asked for its first 16 samples: returned whole, at once
+    again = collect_distributed(
+        model,
+        loader(),
+        ce,
+        os.path.join(out, "deltas"),
+        accelerator=accelerator,
+        progress=False,
+        max_samples=16,
+    )
+    outcome["partial_after_whole"] = [len(again), again.stopped]
+    with open(os.path.join(out, f"outcome-{rank}.json"), "w") as f:
+        json.dump(outcome, f)
     # the one fit(), through the plain torch.distributed group that accelerate initialised;
     # checkpoints come from the main process only
     model.config = model.config.replace(checkpoint_every=3)
@@ -177,6 +201,43 @@ def test_single_process_fallbacks_equal_the_core_functions(tmp_path):
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
 
 
+def test_a_partial_collection_is_never_passed_off_as_the_whole(two_process_run):
+    for rank in range(WORLD):
+        with open(os.path.join(two_process_run, f"outcome-{rank}.json")) as f:
+            outcome = json.load(f)
+        assert outcome["partial"] == [16, "max_samples", 16]
+        # the main process names the directory, what it holds and the ways on; the other is
+        # told that a step failed on another process (no process hangs or goes on)
+        kind, message = outcome["whole_after_partial"]
+        if rank == 0:
+            assert kind == "CollectionExistsError"
+            assert "first 16 samples" in message and "max_samples=16" in message
+            assert "overwrite=True" in message and "ocdwrap.collect" in message
+        else:
+            assert kind == "DistributedError"
+        assert outcome["partial_after_whole"] == [N, "end_of_data"]
+    # the refused call left the partial collection as it was
+    store = ocdwrap.DeltaStore(os.path.join(two_process_run, "partial"))
+    assert len(store) == 16 and store.stopped == "max_samples"
+
+
+def test_a_flipped_byte_in_a_merged_collection_stops_fit(two_process_run, tmp_path):
+    import shutil
+
+    d = tmp_path / "merged"
+    shutil.copytree(os.path.join(two_process_run, "deltas"), d)
+    store = ocdwrap.DeltaStore(d)
+    assert store.verified
+    shard = store.manifest["shards"][3]
+    path = d / shard["file"]
+    flip_byte(path, "rho")  # a value fit reads, inside the tensor data, past the header
+    model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
+    with pytest.raises(ocdwrap.errors.CorruptFileError, match=shard["file"].split("/")[1]) as e:
+        ocdwrap.fit(model, d, progress=False, **FIT)
+    assert f"samples {shard['start']}-{shard['stop'] - 1}" in str(e.value)
+    assert "collect again" in str(e.value).lower() or "ocdwrap.collect again" in str(e.value)
+
+
 def test_merge_refuses_changed_data_and_foreign_collections(two_process_run, tmp_path):
     root = os.path.join(two_process_run, "deltas")
     with pytest.raises(ocdwrap.distributed.DistributedError, match="data changed"):
@@ -187,7 +248,11 @@ def test_merge_refuses_changed_data_and_foreign_collections(two_process_run, tmp
     ocdwrap.collect(
         ocdwrap.wrap(make_mlp(), layer="fc2", config=config()), loader(), ce, single, progress=False
     )
+
+    def fingerprint():
+        raise AssertionError("not needed for a collection of another process count")
+
     with pytest.raises(CollectionExistsError, match="overwrite=True"):
-        _clear_root(str(single), WORLD, overwrite=False)
-    _clear_root(str(single), WORLD, overwrite=True)
+        _clear_root(str(single), WORLD, False, N, fingerprint)
+    _clear_root(str(single), WORLD, True, N, fingerprint)
     assert not os.path.exists(single / "manifest.json")

@@ -290,6 +290,18 @@ def _copy_store(src: str, dst: Path) -> Path:
     return dst
 
 
+def _record_checksums(d: Path) -> None:
+    """Record the shards' current content in the manifest (checksums of what is there now)."""
+    from safetensors.torch import load_file
+
+    from ocdwrap.io import atomic_write_json, read_json, tensor_digests
+
+    manifest = read_json(str(d / "manifest.json"))
+    for shard in manifest["shards"]:
+        shard["digests"] = tensor_digests(load_file(d / shard["file"]))
+    atomic_write_json(str(d / "manifest.json"), manifest, checksum=True)
+
+
 def test_fit_leaves_out_or_refuses_poisoned_stored_rows(store_dir: str, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -298,6 +310,7 @@ def test_fit_leaves_out_or_refuses_poisoned_stored_rows(store_dir: str, tmp_path
     tensors = load_file(shard)
     tensors["delta"][2, 0, 0] = float("inf")
     save_file(tensors, shard)
+    _record_checksums(d)  # as if the collection had stored the Inf itself (not a damaged byte)
     m = _wrap(**SMALL, delta="full")  # the full path reads the poisoned matrix
     ocdwrap.fit(m, d, steps=5, progress=False)
     for k, v in m.hypernet.state_dict().items():
