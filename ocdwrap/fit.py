@@ -37,11 +37,12 @@ from .hypernet import OCDHyperNetwork, pack_lowrank
 from .io import (
     CHECKPOINT_JSON,
     CHECKPOINT_TENSORS,
-    atomic_save_tensors,
+    atomic_save_tensors_digest,
     atomic_write_json,
     checkpoint_tensors_name,
-    load_tensors,
     read_json,
+    read_verified,
+    tensors_from_bytes,
 )
 from .model import OCDModel
 from .processes import Processes
@@ -284,7 +285,8 @@ class _Checkpoint:
         """Load the saved state into the arguments; the step to continue from (0 when none)."""
         if not os.path.exists(self.json_path):
             return 0
-        meta = read_json(self.json_path)
+        fix = "Delete the checkpoint directory (or pass resume=False) and fit again."
+        meta = read_json(self.json_path, what=fix)
         if json.loads(json.dumps(self.run_id)) != meta.get("run_id"):
             raise BaseModelMismatchError(
                 f"The checkpoint in {self.directory} belongs to another fit (different collection, "
@@ -292,7 +294,10 @@ class _Checkpoint:
             )
         # the JSON names the tensors file written with it (older checkpoints: the fixed name)
         path = os.path.join(self.directory, str(meta.get("tensors", CHECKPOINT_TENSORS)))
-        tensors = load_tensors(path, gen.device)
+        # checkpoints written before checksums (0.1.0) carry none: read unverified
+        what = f"It held the fit state after step {meta.get('step')}. {fix}"
+        data = read_verified(path, meta.get("tensors_digest"), what=what)
+        tensors = {k: v.to(gen.device) for k, v in tensors_from_bytes(data, path).items()}
         if "rng" not in tensors:
             raise CorruptFileError(
                 f"{path} has no generator state; delete the checkpoint and fit again."
@@ -322,19 +327,33 @@ class _Checkpoint:
         _flatten_optimizer("opts", opt_scale, tensors, meta)
         tensors["rng"] = gen.get_state()
         name = checkpoint_tensors_name(step)
-        atomic_save_tensors(os.path.join(self.directory, name), tensors)
+        digest = atomic_save_tensors_digest(os.path.join(self.directory, name), tensors)
         meta.update(
             run_id=self.run_id,
             step=step,
             tensors=name,
+            tensors_digest=digest,
             losses=report.losses,
             scale_losses=report.scale_losses,
             skipped_steps=report.skipped_steps,
         )
-        atomic_write_json(self.json_path, meta)
+        atomic_write_json(self.json_path, meta, checksum=True)
         for f in os.listdir(self.directory):  # older tensors files, now unreferenced
             if f != name and f.startswith("fit_checkpoint") and f.endswith(".safetensors"):
                 os.unlink(os.path.join(self.directory, f))
+
+
+def remove_checkpoint(directory: str | os.PathLike) -> None:
+    """Delete the fit checkpoint in ``directory`` (its JSON and tensors files); other files stay,
+    and the directory goes when nothing else is in it."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return
+    for f in os.listdir(directory):
+        if f == CHECKPOINT_JSON or (f.startswith("fit_checkpoint") and f.endswith(".safetensors")):
+            os.unlink(os.path.join(directory, f))
+    if not os.listdir(directory):
+        os.rmdir(directory)
 
 
 def _run_id(

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import xxhash
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from .errors import CollectionBusyError, CorruptFileError
 
@@ -215,13 +215,16 @@ def atomic_save_tensors(
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def file_digest(path: str) -> str:
-    """:func:`digest_bytes` of a file's content."""
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
+def atomic_save_tensors_digest(
+    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> str:
+    """Save tensors as safetensors to ``path`` atomically and return the file's checksum
+    (:func:`digest_bytes` of exactly the bytes written; built in memory, for files that are
+    read whole: adapters and fit checkpoints)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = save(tensors, metadata=metadata)
+    _atomic_write_bytes(path, data)
+    return digest_bytes(data)
 
 
 def load_tensors(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -277,3 +280,105 @@ def directory_lock(directory: str, what: str = "collecting into") -> Iterator[No
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+# --- a set of files with one commit point (an adapter) ----------------------------------------
+
+
+def _staged(directory: str, name: str) -> str:
+    return os.path.join(directory, name + STAGED_SUFFIX)
+
+
+def _roll_forward(directory: str, listed: dict[str, Any]) -> None:
+    """Finish the renames of a committed save that was interrupted after its commit point."""
+    for name, entry in listed.items():
+        final, staged = os.path.join(directory, name), _staged(directory, name)
+        if os.path.exists(staged) and (
+            not os.path.exists(final) or file_digest(final) != entry["digest"]
+        ):
+            if file_digest(staged) == entry["digest"]:
+                os.replace(staged, final)
+
+
+def write_file_set(directory: str, files: dict[str, bytes], fmt: str) -> None:
+    """Write ``files`` (name -> bytes) into ``directory`` so that a crash at any moment leaves
+    the old set or the new one, never a mix.
+
+    Each file is first written beside its final name (``name.next``); then the commit point,
+    ``ocd_files.json``, names every file with its checksum; then each file is renamed into place.
+    :func:`read_file_set` reads a file from its final name when that matches the commit point,
+    else from the ``.next`` one. A save interrupted after its commit point is completed by the
+    next save before it writes anything.
+    """
+    index_path = os.path.join(directory, ADAPTER_FILES_NAME)
+    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(index_path):
+        try:
+            _roll_forward(directory, read_json(index_path).get("files", {}))
+        except CorruptFileError:
+            pass  # a damaged commit point: the new set replaces it below
+    for name, data in files.items():
+        _atomic_write_bytes(_staged(directory, name), data)
+    listed = {
+        name: {"digest": digest_bytes(data), "bytes": len(data)} for name, data in files.items()
+    }
+    atomic_write_json(index_path, {"format": fmt, "version": 1, "files": listed}, checksum=True)
+    for name in files:
+        os.replace(_staged(directory, name), os.path.join(directory, name))
+
+
+def file_digest(path: str) -> str:
+    """:func:`digest_bytes` of a file's content."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
+
+
+def read_file_set(directory: str, names: list[str], *, what: str) -> tuple[dict[str, bytes], bool]:
+    """The bytes of ``names`` in ``directory`` and whether they were verified.
+
+    Where a commit point (``ocd_files.json``, see :func:`write_file_set`) exists, each file must
+    match its checksum there, read from its final name or, after a save interrupted between its
+    commit point and its renames, from ``name.next``; a file that matches neither is a
+    :class:`~ocdwrap.errors.CorruptFileError` naming it, with ``what`` (what the set is and how
+    to recreate it). Without one (written by ocdwrap 0.1.0) the files are read unverified.
+    """
+    index_path = os.path.join(directory, ADAPTER_FILES_NAME)
+    if not os.path.exists(index_path):
+        out = {}
+        for name in names:
+            with open(os.path.join(directory, name), "rb") as f:
+                out[name] = f.read()
+        return out, False
+    listed = read_json(index_path, what=what).get("files", {})
+    out = {}
+    for name in names:
+        if name not in listed:
+            raise CorruptFileError(f"{index_path} does not list {name}. {what}")
+        digest = listed[name]["digest"]
+        for path in (os.path.join(directory, name), _staged(directory, name)):
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    data = f.read()
+                if digest_bytes(data) == digest:
+                    out[name] = data
+                    break
+        else:
+            raise CorruptFileError(
+                f"{os.path.join(directory, name)} does not match the checksum recorded when it "
+                f"was saved (in {ADAPTER_FILES_NAME}): the file was damaged or changed. {what}"
+            )
+    return out, True
+
+
+def json_from_bytes(data: bytes, path: str) -> dict[str, Any]:
+    """Parse a JSON object read with :func:`read_file_set`; damage is a CorruptFileError."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); the file is corrupted.") from e
+    if not isinstance(obj, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(obj).__name__}, not an object.")
+    return obj

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .batches import explain_device_dtype_errors, map_tensors, read_output, replace_output
@@ -46,7 +46,17 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .hypernet import OCDHyperNetwork
-from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_tensors, load_tensors, tensor_fingerprint
+from .io import (
+    ADAPTER_FILES_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    json_from_bytes,
+    read_file_set,
+    safetensors_metadata,
+    tensor_fingerprint,
+    tensors_from_bytes,
+    write_file_set,
+)
 from .layer import DeltaSpec, DynamicLayer, LayerState, layer_kind
 from .split import split_for
 
@@ -472,29 +482,36 @@ class OCDModel(nn.Module):
 
     # --- save / load -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
-        """Save the adapter (never the base model): ``ocd_config.json`` + ``ocd_model.safetensors``.
+        """Save the adapter (never the base model): ``ocd_config.json`` + ``ocd_model.safetensors``,
+        and ``ocd_files.json``, which names both with their checksums.
 
-        Refuses to replace an existing adapter unless ``overwrite=True``.
+        ``ocd_files.json`` is the commit point: a save killed at any moment leaves the adapter
+        that was there before or the new one (``from_pretrained`` loads whole adapters only),
+        and a damaged file is refused when loaded. Refuses to replace an existing adapter unless
+        ``overwrite=True``.
         """
         hypernet = self._require_hypernet()
         directory = os.fspath(directory)
-        weights = os.path.join(directory, WEIGHTS_NAME)
-        if not overwrite and (
-            os.path.exists(weights) or os.path.exists(os.path.join(directory, CONFIG_NAME))
+        if not overwrite and any(
+            os.path.exists(os.path.join(directory, f))
+            for f in (WEIGHTS_NAME, CONFIG_NAME, ADAPTER_FILES_NAME)
         ):
             raise AdapterExistsError(
                 f"{directory} already holds an OCD adapter; pass overwrite=True to replace it, or choose "
                 "another directory."
             )
-        os.makedirs(directory, exist_ok=True)
         meta = {
             "format": "ocdwrap-adapter",
             "layer": self.layer_name,
             "fingerprint": self.layer_fingerprint(),
             "hypernet": json.dumps(hypernet.spec()),
         }
-        atomic_save_tensors(weights, hypernet.state_dict(), metadata=meta)
-        self.config.save(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in hypernet.state_dict().items()}
+        files = {
+            WEIGHTS_NAME: safetensors_save(state, metadata=meta),
+            CONFIG_NAME: self.config.to_json_string().encode("utf-8"),
+        }
+        write_file_set(directory, files, fmt="ocdwrap-adapter")
         return directory
 
     @classmethod
@@ -512,11 +529,17 @@ class OCDModel(nn.Module):
         """
         directory = os.fspath(directory)
         _require_adapter_files(directory)
-        config = OCDConfig.load(directory)
         path = os.path.join(directory, WEIGHTS_NAME)
-        state = load_tensors(path)
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        files, _ = read_file_set(
+            directory,
+            [CONFIG_NAME, WEIGHTS_NAME],
+            what=f"The adapter in {directory} cannot be used; save it again with "
+            "OCDModel.save_pretrained (or restore it from a backup).",
+        )
+        config_path = os.path.join(directory, CONFIG_NAME)
+        config = OCDConfig.from_dict(json_from_bytes(files[CONFIG_NAME], config_path))
+        state = tensors_from_bytes(files[WEIGHTS_NAME], path)
+        meta = safetensors_metadata(files[WEIGHTS_NAME], path)
         if meta.get("format") != "ocdwrap-adapter" or not {"hypernet", "layer"} <= set(meta):
             raise CorruptFileError(
                 f"{path} is not an ocdwrap adapter (its metadata lacks the ocdwrap format stamp); "
@@ -587,6 +610,8 @@ def _renamed_rng(rng: torch.Generator | None, generator: torch.Generator | None)
 
 def _require_adapter_files(directory: str) -> None:
     """An :class:`AdapterNotFoundError` naming what is missing, before anything is read."""
+    if os.path.exists(os.path.join(directory, ADAPTER_FILES_NAME)):
+        return  # the commit point names the files; reading checks each of them
     missing = [
         f for f in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.exists(os.path.join(directory, f))
     ]

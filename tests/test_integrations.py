@@ -86,7 +86,11 @@ def test_trainer_callback_collects_fits_and_saves_only_the_adapter(tmp_path):
     trainer.train()
     adapter = tmp_path / "ocd_adapter"
     assert callback.adapter_dir == str(adapter)
-    assert sorted(os.listdir(adapter)) == ["ocd_config.json", "ocd_model.safetensors"]
+    assert sorted(os.listdir(adapter)) == [
+        "ocd_config.json",
+        "ocd_files.json",
+        "ocd_model.safetensors",
+    ]
     assert not (tmp_path / "ocd_deltas").exists()  # keep_deltas=False
     assert not (tmp_path / "ocd_fit_checkpoint").exists()
     # the Trainer's model is given back untouched: plain layer, trainable, same keys

@@ -384,7 +384,7 @@ def test_damaged_checkpoint_is_a_clear_error(store_dir: str, tmp_path) -> None:
     assert sorted(os.listdir(ckpt)) == sorted(["fit_checkpoint.json", meta["tensors"]])
     kept = tensors.read_bytes()
     _truncate(tensors)
-    with pytest.raises(CorruptFileError, match="truncated or corrupted"):
+    with pytest.raises(CorruptFileError, match=f"{meta['tensors']} does not match its recorded"):
         ocdwrap.fit(_wrap(**cfg), store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
     tensors.write_bytes(kept)
     _truncate(ckpt / "fit_checkpoint.json")
@@ -396,12 +396,23 @@ def test_damaged_adapter_is_a_clear_error(fitted: ocdwrap.OCDModel, tmp_path) ->
     d = tmp_path / "adapter"
     fitted.save_pretrained(d)
     weights, config = d / "ocd_model.safetensors", d / "ocd_config.json"
+    kept_config = config.read_bytes()
     kept = weights.read_bytes()
+    _truncate(weights, 0.9)
+    with pytest.raises(CorruptFileError, match="ocd_model.safetensors does not match the checksum"):
+        ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
+    weights.write_bytes(kept)
+    _truncate(config)
+    with pytest.raises(CorruptFileError, match="ocd_config.json does not match the checksum"):
+        ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
+    # an adapter without checksums (as 0.1.0 wrote them): damage is still found where it shows
+    config.write_bytes(kept_config)
+    os.unlink(d / "ocd_files.json")
+    from safetensors.torch import load_file, save_file
+
     _truncate(weights, 0.9)
     with pytest.raises(CorruptFileError, match="ocd_model.safetensors"):
         ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
-    from safetensors.torch import load_file, save_file
-
     weights.write_bytes(kept)
     state = load_file(weights)
     save_file({k: v for k, v in list(state.items())[1:]}, weights)  # valid file, no metadata
@@ -500,8 +511,10 @@ class _Crash(BaseException):
 def _crash_at(monkeypatch, module, k: int, after: bool) -> None:
     """Make the k-th file write of ``module`` (tensors or JSON) crash just before or after it."""
     count = {"n": 0}
-    for name in ("atomic_save_tensors", "atomic_write_json"):
-        original = getattr(module, name)
+    for name in ("atomic_save_tensors", "atomic_save_tensors_digest", "atomic_write_json"):
+        original = getattr(module, name, None)
+        if original is None:
+            continue
 
         def write(*a, _original=original, **kw):
             count["n"] += 1

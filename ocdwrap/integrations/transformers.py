@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +33,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..config import OCDConfig
 from ..distributed import collect_distributed
 from ..evaluation import evaluate_ocd
-from ..fit import FitReport, fit
+from ..fit import FitReport, fit, remove_checkpoint
 from ..model import OCDModel, wrap
 from ..processes import Processes
+from ..store import remove
 
 logger = logging.getLogger("ocdwrap")
 
@@ -240,8 +240,10 @@ class OCDTrainerCallback(TrainerCallback):
             ocd.unload()
             model.train(was_training)
         if not self.keep_deltas and procs.is_main:
-            shutil.rmtree(deltas_dir, ignore_errors=True)
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            # the collection's and the checkpoint's own files only: anything else a user put
+            # in those directories stays
+            remove(deltas_dir)
+            remove_checkpoint(checkpoint_dir)
 
     def _evaluate(
         self,
