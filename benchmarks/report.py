@@ -89,6 +89,8 @@ SHORT_NAMES = {
     "mnist": "MNIST / LeNet5",
     "tabular": "California Housing / MLP",
     "fashion_mnist": "Fashion-MNIST / ResNet-18",
+    "ltr": "Learning to rank / MLP",
+    "vit": "Fashion-MNIST / ViT",
 }
 
 

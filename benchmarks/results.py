@@ -30,6 +30,7 @@ METRIC_LABELS = {
     "psnr": "PSNR (dB)",
     "sisdri": "SI-SDRi (dB)",
     "sisdri_unseen": "SI-SDRi, unseen speakers (dB)",
+    "ndcg10": "NDCG@10",
 }
 
 
@@ -198,6 +199,45 @@ def write_json(path: str | None, data: dict[str, Any], indent: int = 1) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=indent, default=json_default)
     os.replace(tmp, path)
+
+
+MERGE_IGNORED = ("seeds", "json", "plots", "workdir", "progress", "merge")
+
+
+def merge_results(res: Results, paths: Sequence[str], command: str) -> dict[str, Any]:
+    """Fill ``res`` (one table) with every seed's rows and info from the JSONs at ``paths``
+    (runs of the same script with other seeds, e.g. one process per seed) and return the fields
+    its merged JSON carries beside them: the commands, the settings (seeds updated), the
+    summed and the per-run seconds. The runs must agree on every setting but ``--seeds`` and
+    where they wrote; a seed found in two runs is an error (no row is silently replaced)."""
+    loaded = []
+    for path in paths:
+        with open(path) as f:
+            loaded.append(json.load(f))
+
+    def same(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d["settings"].items() if k not in MERGE_IGNORED}
+
+    for path, d in zip(paths, loaded):
+        if same(d) != same(loaded[0]):
+            diff = sorted(k for k in same(d) if same(d)[k] != same(loaded[0]).get(k))
+            raise SystemExit(f"--merge: {path} was run with other settings than {paths[0]}: {diff}")
+        for seed, rows in d["per_seed"].items():
+            if int(seed) in res.per_seed:
+                raise SystemExit(f"--merge: seed {seed} is in two runs (again in {path})")
+            for key, metrics in rows.items():
+                res.add(int(seed), key, metrics)
+            res.info[int(seed)] = d["info"].get(seed, {})
+    res.per_seed = dict(sorted(res.per_seed.items()))
+    res.info = dict(sorted(res.info.items()))
+    settings = {**loaded[0]["settings"], "seeds": sorted(res.per_seed)}
+    return {
+        "command": " && ".join([*(d["command"] for d in loaded), command]),
+        "merged_from": {p: d["command"] for p, d in zip(paths, loaded)},
+        "settings": settings,
+        "seconds": sum(d.get("seconds", 0.0) for d in loaded),
+        "run_seconds": [d.get("seconds", 0.0) for d in loaded],
+    }
 
 
 def parts(d: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
