@@ -24,11 +24,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import CONFIG_NAME
+from .io import CHECKPOINT_JSON, CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
 
-ADAPTER_WEIGHTS = "ocd_model.safetensors"
-MANIFEST = "manifest.json"
-CHECKPOINT_JSON = "fit_checkpoint.json"
+UNVERIFIED = "none (written by ocdwrap 0.1.0): unverified"
 
 
 # --- info ------------------------------------------------------------------------------------------
@@ -52,16 +50,17 @@ def _human(n: float) -> str:
 
 def describe_adapter(directory: str) -> dict[str, Any]:
     """What a saved adapter holds (read from its files; nothing is built)."""
-    from safetensors import safe_open
+    from .io import json_from_bytes, read_file_set, safetensors_metadata, tensors_from_bytes
 
-    from .io import read_json
-
-    path = os.path.join(directory, ADAPTER_WEIGHTS)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-        dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
-    config = read_json(os.path.join(directory, CONFIG_NAME))
+    path = os.path.join(directory, WEIGHTS_NAME)
+    files, verified = read_file_set(
+        directory, [CONFIG_NAME, WEIGHTS_NAME], what="Save the adapter again."
+    )
+    meta = safetensors_metadata(files[WEIGHTS_NAME], path)
+    tensors = tensors_from_bytes(files[WEIGHTS_NAME], path)
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    config = json_from_bytes(files[CONFIG_NAME], os.path.join(directory, CONFIG_NAME))
     spec = json.loads(meta.get("hypernet", "{}"))
 
     def count(prefix: str) -> int:
@@ -102,6 +101,7 @@ def describe_adapter(directory: str) -> dict[str, Any]:
         },
         "dtypes": dtypes,
         "bytes": _dir_bytes(directory),
+        "checksums": "xxh3_64 per file: verified" if verified else UNVERIFIED,
     }
 
 
@@ -124,6 +124,9 @@ def describe_collection(directory: str) -> dict[str, Any]:
         "overfit": {k: ident[k] for k in ("overfit_optimizer", "overfit_lr", "overfit_steps")},
         "samples": n,
         "complete": store.complete,
+        "stopped": store.stopped,
+        "positions": store.positions,
+        "checksums": "xxh3_64 per tensor: checked when read" if store.verified else UNVERIFIED,
         "skipped_nonfinite": int(m.get("skipped", 0)),
         "shards": len(m["shards"]),
         "processes": int(m.get("world_size", 1)),
@@ -150,6 +153,7 @@ def describe_checkpoint(directory: str) -> dict[str, Any]:
         "steps": run.get("steps"),
         "samples": run.get("samples"),
         "last_loss": losses[-1] if losses else None,
+        "checksums": "xxh3_64: checked when resumed" if "tensors_digest" in meta else UNVERIFIED,
     }
 
 
@@ -157,9 +161,9 @@ def describe(directory: str) -> list[dict[str, Any]]:
     """Describe ``directory``: an adapter, a collection, a fit checkpoint, or a folder holding some
     of those one level down (a Trainer's output_dir). Raises FileNotFoundError if none."""
     found = []
-    if os.path.exists(os.path.join(directory, ADAPTER_WEIGHTS)):
+    if os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
         found.append(describe_adapter(directory))
-    if os.path.exists(os.path.join(directory, MANIFEST)):
+    if os.path.exists(os.path.join(directory, MANIFEST_NAME)):
         found.append(describe_collection(directory))
     if os.path.exists(os.path.join(directory, CHECKPOINT_JSON)):
         found.append(describe_checkpoint(directory))
@@ -168,15 +172,25 @@ def describe(directory: str) -> list[dict[str, Any]]:
             path = os.path.join(directory, sub)
             if os.path.isdir(path) and any(
                 os.path.exists(os.path.join(path, f))
-                for f in (ADAPTER_WEIGHTS, MANIFEST, CHECKPOINT_JSON)
+                for f in (WEIGHTS_NAME, MANIFEST_NAME, CHECKPOINT_JSON)
             ):
                 found.extend(describe(path))
     if not found:
         raise FileNotFoundError(
-            f"{directory} holds no ocdwrap adapter ({ADAPTER_WEIGHTS}), collection ({MANIFEST}) "
+            f"{directory} holds no ocdwrap adapter ({WEIGHTS_NAME}), collection ({MANIFEST_NAME}) "
             f"or fit checkpoint ({CHECKPOINT_JSON})."
         )
     return found
+
+
+def _collection_state(info: dict[str, Any]) -> str:
+    if not info["complete"]:
+        return "INCOMPLETE: run collect again to resume"
+    if info["stopped"] == "max_samples":
+        return f"the first {info['positions']:,} samples (stopped at max_samples)"
+    if info["stopped"] == "end_of_data":
+        return "complete: the whole data"
+    return "complete (written by ocdwrap 0.1.0: whether max_samples stopped it is not recorded)"
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -195,14 +209,12 @@ def _print_info(info: dict[str, Any]) -> None:
             ("parameters", ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items())),
             ("dtypes", ", ".join(info["dtypes"])),
             ("size on disk", _human(info["bytes"])),
+            ("checksums", info["checksums"]),
         ]
     elif info["kind"] == "collection":
         rows += [
             ("base fingerprint", info["fingerprint"]),
-            (
-                "samples",
-                f"{info['samples']:,} ({'complete' if info['complete'] else 'INCOMPLETE'})",
-            ),
+            ("samples", f"{info['samples']:,} ({_collection_state(info)})"),
             ("skipped (NaN/Inf)", info["skipped_nonfinite"]),
             ("shards", f"{info['shards']} written by {info['processes']} process(es)"),
             ("stored per sample", ", ".join(info["stored"] or [])),
@@ -213,6 +225,7 @@ def _print_info(info: dict[str, Any]) -> None:
                 "per sample",
                 _human(info["bytes_per_sample"]) if info["bytes_per_sample"] else "-",
             ),
+            ("checksums", info["checksums"]),
         ]
         summary = info.get("summary") or {}
         if summary.get("rho_mean") is not None:
@@ -229,6 +242,7 @@ def _print_info(info: dict[str, Any]) -> None:
             ("step", f"{info['step']} of {info['steps']}"),
             ("samples", info["samples"]),
             ("last loss", info["last_loss"]),
+            ("checksums", info["checksums"]),
         ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

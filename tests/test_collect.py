@@ -280,3 +280,117 @@ def test_rank1_energy_from_the_known_right_factor_equals_the_svd() -> None:
     torch.testing.assert_close(rank1_energy(delta, start), want, rtol=0, atol=2e-6)
     image = torch.bmm(delta, start.unsqueeze(2)).squeeze(2)  # Δv given: not computed again
     torch.testing.assert_close(rank1_energy(delta, start, image), want, rtol=0, atol=2e-6)
+
+
+# --- what a directory already holds: never passed off as more than it is ------------------------
+class _NoLen:
+    """A loader without len(): an iterable of batches."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _collect(d, loader, **kw) -> ocdwrap.DeltaStore:
+    cfg = ocdwrap.OCDConfig(delta="rank1", shard_size=16)
+    model = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
+    return ocdwrap.collect(model, loader, CE, d, progress=False, **kw)
+
+
+@pytest.mark.parametrize("with_len", [True, False], ids=["len", "no-len"])
+def test_partial_then_whole_continues_to_the_whole(tmp_path, with_len: bool) -> None:
+    def data():
+        return _loader(80, 16) if with_len else _NoLen(_loader(80, 16))
+
+    whole = _collect(tmp_path / "ref", data()).load()
+    part = _collect(tmp_path / "d", data(), max_samples=20)  # a quick look first
+    assert len(part) == 20 and part.complete
+    assert part.stopped == "max_samples" and part.positions == 20
+    more = _collect(tmp_path / "d", data(), max_samples=50)  # a larger limit: continued to it
+    assert len(more) == 50 and more.stopped == "max_samples"
+    store = _collect(tmp_path / "d", data())  # no limit: continued to the end of the data
+    assert len(store) == 80 and store.stopped == "end_of_data" and store.positions == 80
+    got = store.load()
+    for k, v in whole.items():  # equal to one uninterrupted collection, tensor for tensor
+        assert torch.equal(v, got[k]), k
+
+
+@pytest.mark.parametrize("with_len", [True, False], ids=["len", "no-len"])
+def test_whole_then_partial_returns_the_whole_at_once(tmp_path, with_len: bool) -> None:
+    def data():
+        return _loader(48, 16) if with_len else _NoLen(_loader(48, 16))
+
+    whole = _collect(tmp_path / "d", data())
+    manifest = json.dumps(whole.manifest, sort_keys=True)
+    seen = []
+
+    class Counting(_NoLen):
+        def __iter__(self):
+            for batch in self.loader:
+                seen.append(batch)
+                yield batch
+
+    again = _collect(tmp_path / "d", Counting(_loader(48, 16)), max_samples=20)
+    assert len(again) == 48 and again.stopped == "end_of_data"
+    assert json.dumps(again.manifest, sort_keys=True) == manifest  # nothing rewritten
+    assert len(seen) == 1  # only the first batch was read: to check it is the same data
+    # a smaller limit than a partial collection holds: returned as it is, holding more
+    part = _collect(tmp_path / "p", data(), max_samples=32)
+    assert len(_collect(tmp_path / "p", data(), max_samples=10)) == 32 == part.positions
+
+
+def test_positions_count_skipped_samples_not_stored_rows(tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 10, generator=g), torch.randint(0, 3, (48,), generator=g)
+    x[[5, 18, 19]] = float("nan")  # three samples skipped, two of them at the limit's edge
+
+    def data():
+        return DataLoader(TensorDataset(x, y), batch_size=8)
+
+    cfg = ocdwrap.OCDConfig(delta="rank1", shard_size=16, on_nonfinite="skip")
+
+    def collect(d, **kw):
+        model = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
+        return ocdwrap.collect(model, data(), CE, d, progress=False, **kw)
+
+    part = collect(tmp_path / "d", max_samples=20)
+    assert part.positions == 20 and len(part) == 17
+    assert part.manifest["summary"]["skipped_nonfinite"] == 3
+    assert len(collect(tmp_path / "d", max_samples=20)) == 17  # holds the 20 positions asked for
+    store = collect(tmp_path / "d")
+    whole = collect(tmp_path / "ref")
+    assert len(store) == len(whole) == 45 and store.positions == 48
+    assert store.manifest["skipped"] == whole.manifest["skipped"] == 3
+    a, b = store.load(), whole.load()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_complete_collection_of_other_data_is_refused(tmp_path) -> None:
+    _collect(tmp_path / "d", _loader(32, 16, seed=0))
+    with pytest.raises(CollectionExistsError, match="different data"):
+        _collect(tmp_path / "d", _loader(32, 16, seed=1))
+    # overwrite=True replaces it with the new data's collection
+    store = _collect(tmp_path / "d", _loader(32, 16, seed=1), overwrite=True)
+    fresh = _collect(tmp_path / "fresh", _loader(32, 16, seed=1))
+    assert torch.equal(store.load()["u"], fresh.load()["u"])
+
+
+def test_a_collection_directory_is_locked_while_collecting(tmp_path) -> None:
+    from ocdwrap.errors import CollectionBusyError
+    from ocdwrap.io import directory_lock
+
+    with directory_lock(str(tmp_path / "d")):  # as another process collecting into it would
+        with pytest.raises(CollectionBusyError, match="right now"):
+            _collect(tmp_path / "d", _loader(16, 16))
+    assert len(_collect(tmp_path / "d", _loader(16, 16))) == 16  # free again afterwards
+
+
+def test_store_without_manifest_is_an_ocd_error_and_a_file_not_found_error(tmp_path) -> None:
+    from ocdwrap.errors import CollectionNotFoundError
+
+    with pytest.raises(CollectionNotFoundError, match="run ocdwrap.collect first") as e:
+        ocdwrap.DeltaStore(tmp_path)
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, ocdwrap.OCDError)

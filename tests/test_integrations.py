@@ -343,7 +343,8 @@ def test_cli_collect_fit_evaluate_info(pipeline, tmp_path, capsys):
     assert info["parameters"]["generator"] > 0
     assert main(["info", deltas]) == 0
     text = capsys.readouterr().out
-    assert "collection" in text and "24 (complete)" in text
+    assert "collection" in text and "24 (complete: the whole data)" in text
+    assert "xxh3_64 per tensor" in text
     infos = describe(str(tmp_path))  # a folder holding both, one level down
     assert {i["kind"] for i in infos} == {"adapter", "collection"}
 
