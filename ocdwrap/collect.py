@@ -28,7 +28,7 @@ from .deltas import (
 from .errors import EmptyDataError, NonFiniteError, UnsupportedLayerError
 from .io import directory_lock, tensor_fingerprint
 from .model import OCDModel
-from .overfit import OverfitResult, overfit_batch, overfit_one
+from .overfit import ADAM_OUTER_FORMULA, OverfitResult, overfit_batch, overfit_one
 from .store import STOPPED_END, STOPPED_MAX, DeltaStore, StoreWriter, remove
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -55,6 +55,14 @@ def _identity(model: OCDModel, cfg: OCDConfig) -> dict[str, Any]:
         **({"delta": cfg.delta, "delta_rank": cfg.delta_rank} if _maybe_lowrank(cfg) else {}),
         # the conditioning's pooling, where it differs from the defaults (same reason)
         **{k: getattr(cfg, k) for k in _CAPTURE_KEYS if getattr(cfg, k) != getattr(_DEFAULT, k)},
+        # Adam on a Linear layer: the closed-form step rounds differently from the formula of
+        # earlier releases, so a collection made with the other is never resumed (marked for
+        # every Linear target: whether its input is one vector per sample shows only later)
+        **(
+            {"adam_outer_formula": ADAM_OUTER_FORMULA}
+            if model.layer_kind == "linear" and cfg.overfit_optimizer == "adam"
+            else {}
+        ),
     }
 
 

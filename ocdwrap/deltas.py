@@ -149,7 +149,8 @@ def top_singular_energy(
     """
     B = delta.shape[0]
     mats = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, in)
-    total = mats.square().sum((1, 2))  # (vector_norm's float32 sum is less exact here)
+    flat = mats.reshape(B, -1)
+    total = torch.linalg.vecdot(flat, flat)  # (vector_norm's float32 sum is less exact here)
     first_image = None  # (Δv)ᵀ of the normalised start, when the caller has Δ·start
     if start is None:
         rows = torch.linalg.vector_norm(mats, dim=2).argmax(1)  # (B,)
@@ -161,13 +162,13 @@ def top_singular_energy(
             first_image = (start_image.float() / norm).unsqueeze(1)  # (B, 1, out)
     for i in range(iters):
         image = first_image if i == 0 else None
-        if image is None:
-            image = torch.bmm(mats, v.transpose(1, 2)).transpose(1, 2)  # (Δv)ᵀ, (B, 1, out)
+        if image is None:  # row vectors throughout (see rank1_factors: the fast bmm form)
+            image = torch.bmm(v, mats.transpose(1, 2))  # (Δv)ᵀ, (B, 1, out)
         v = torch.bmm(image, mats)  # vᵀΔᵀΔ
         v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
-    w = torch.bmm(mats, v.transpose(1, 2))  # (B, out, 1)
+    w = torch.bmm(v, mats.transpose(1, 2))  # (Δv)ᵀ, (B, 1, out)
     a = w.square().sum((1, 2))
-    c = (torch.bmm(w.transpose(1, 2), mats) - a.view(B, 1, 1) * v).norm(dim=(1, 2))
+    c = (torch.bmm(w, mats) - a.view(B, 1, 1) * v).norm(dim=(1, 2))
     b = (total - a).clamp_min(0)
     upper = (a + b) / 2 + torch.sqrt(((a - b) / 2) ** 2 + c**2)
     frac = a / total.clamp_min(1e-30)
@@ -196,7 +197,9 @@ def rank1_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares u for delta ≈ u vᵀ given the right factor v; returns (u (B, out), v (B, in))."""
     v = rank1_right_factor(layer_input.float(), optimizer)
-    u = torch.bmm(delta.float(), v.unsqueeze(2)).squeeze(2)  # (B, out): Δ v
+    # (B, out): Δ v, as vᵀ Δᵀ: on CPU a row vector times a transposed matrix runs several
+    # times faster than bmm of the matrix with a column (measured 0.5 vs 3.2 ms at 256 x 84 x 120)
+    u = torch.bmm(v.unsqueeze(1), delta.float().transpose(1, 2)).squeeze(1)
     return u / (v * v).sum(1, keepdim=True).clamp_min(1e-30), v
 
 
