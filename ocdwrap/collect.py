@@ -28,17 +28,31 @@ from .deltas import (
 from .errors import EmptyDataError, NonFiniteError, UnsupportedLayerError
 from .io import directory_lock, tensor_fingerprint
 from .model import OCDModel
-from .overfit import ADAM_OUTER_FORMULA, OverfitResult, overfit_batch, overfit_one
-from .store import STOPPED_END, STOPPED_MAX, DeltaStore, StoreWriter, remove
+from .overfit import (
+    ADAM_OUTER_FORMULA,
+    ADAM_OUTER_FORMULA_V1,
+    OverfitResult,
+    overfit_batch,
+    overfit_one,
+)
+from .store import (
+    MANIFEST_NAME,
+    STOPPED_END,
+    STOPPED_MAX,
+    DeltaStore,
+    StoreWriter,
+    _comparable,
+    remove,
+)
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 __all__ = ["clear_collection", "collect", "overfit_batch", "overfit_one"]
 
 
-def _identity(model: OCDModel, cfg: OCDConfig) -> dict[str, Any]:
+def _identity(model: OCDModel, cfg: OCDConfig, out_dir: str | None = None) -> dict[str, Any]:
     """What a collection depends on: a stored one is resumed only when this is unchanged."""
-    return {
+    identity = {
         "layer": model.layer_name,
         "layer_kind": model.layer_kind,
         "weight_shape": list(model.weight_shape),
@@ -55,15 +69,26 @@ def _identity(model: OCDModel, cfg: OCDConfig) -> dict[str, Any]:
         **({"delta": cfg.delta, "delta_rank": cfg.delta_rank} if _maybe_lowrank(cfg) else {}),
         # the conditioning's pooling, where it differs from the defaults (same reason)
         **{k: getattr(cfg, k) for k in _CAPTURE_KEYS if getattr(cfg, k) != getattr(_DEFAULT, k)},
-        # Adam on a Linear layer: the closed-form step rounds differently from the formula of
-        # earlier releases, so a collection made with the other is never resumed (marked for
-        # every Linear target: whether its input is one vector per sample shows only later)
-        **(
-            {"adam_outer_formula": ADAM_OUTER_FORMULA}
-            if model.layer_kind == "linear" and cfg.overfit_optimizer == "adam"
-            else {}
-        ),
     }
+    # Adam on a Linear layer: the closed-form step rounds differently from 0.1.0's formula, so a
+    # collection records which one made it and is continued with that one, never a mix (recorded
+    # for every Linear target: whether its input is one vector per sample shows only later). A
+    # collection made by 0.1.0 records none: it is continued with 0.1.0's formula.
+    if model.layer_kind == "linear" and cfg.overfit_optimizer == "adam":
+        if not _made_by_0_1_0(out_dir, identity):
+            identity["adam_outer_formula"] = ADAM_OUTER_FORMULA
+    return identity
+
+
+def _made_by_0_1_0(out_dir: str | None, identity: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds a collection of ``identity`` that records no Adam formula."""
+    if out_dir is None or not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+        return False
+    try:
+        old = DeltaStore(out_dir).manifest.get("identity") or {}
+    except Exception:  # noqa: BLE001 - unreadable: StoreWriter.open reports it
+        return False
+    return "adam_outer_formula" not in old and _comparable(old) == _comparable(identity)
 
 
 # settings that change what the conditioning holds; a collection records the non-default ones
@@ -205,7 +230,7 @@ def collect(
     out_dir = os.fspath(out_dir)
     with directory_lock(out_dir):
         writer = StoreWriter.open(
-            out_dir, _identity(model, cfg), shard_size=cfg.shard_size, overwrite=overwrite
+            out_dir, _identity(model, cfg, out_dir), shard_size=cfg.shard_size, overwrite=overwrite
         )
         return _collect(model, data, loss_fn, writer, cfg, rank, max_samples, progress)
 
@@ -249,7 +274,15 @@ def _collect(
         # always the whole batch, even when only part of it is kept (a resume point or max_samples
         # inside it): kernels may round differently for another batch size, and a resumed
         # collection must store exactly what an uninterrupted one stores
-        res = overfit_batch(model, inputs, target, loss_fn, config=cfg, check_loss=not checked_loss)
+        res = overfit_batch(
+            model,
+            inputs,
+            target,
+            loss_fn,
+            config=cfg,
+            check_loss=not checked_loss,
+            adam_formula=writer.identity.get("adam_outer_formula", ADAM_OUTER_FORMULA_V1),
+        )
         checked_loss = True
         in_range = torch.zeros(B, dtype=torch.bool, device=res.finite.device)
         in_range[keep] = True

@@ -72,6 +72,13 @@ class OverfitResult:
         return LowRankDelta(u, s, v)
 
 
+# the closed-form Adam step of a Linear layer on vector inputs, as collect() records it in a
+# collection's identity; collections made by 0.1.0 carry no record and used ADAM_OUTER_FORMULA_V1
+ADAM_OUTER_FORMULA = "m/(sqrt(v)*sign(x)+eps/x)"
+ADAM_OUTER_FORMULA_V1 = "m*x/(sqrt(v)*|x|+eps)"
+_ADAM_OUTER_FORMULAS = (ADAM_OUTER_FORMULA, ADAM_OUTER_FORMULA_V1)
+
+
 def _adam_update(delta, grad, m, v, step, lr, betas, eps, denom=None) -> None:
     # mirrors torch.optim.Adam (no weight decay, no amsgrad), element-wise; ``denom`` is a
     # reusable buffer (fresh large tensors cost page faults on every step)
@@ -92,7 +99,9 @@ def _adam_update(delta, grad, m, v, step, lr, betas, eps, denom=None) -> None:
     delta.addcdiv_(m, denom, value=-lr / bc1)
 
 
-def _adam_outer_update(delta, outer, m, v, step, lr, betas, eps, buf) -> None:
+def _adam_outer_update(
+    delta, outer, m, v, step, lr, betas, eps, buf, formula=ADAM_OUTER_FORMULA
+) -> None:
     """Adam on per-sample deltas whose gradient is the outer product g xᵀ, in closed form.
 
     While only the layer trains its input x is fixed, so Adam's moments are m = M xᵀ and
@@ -106,7 +115,9 @@ def _adam_outer_update(delta, outer, m, v, step, lr, betas, eps, buf) -> None:
     so ``collect`` records it in the collection's identity (:data:`ADAM_OUTER_FORMULA`) and
     never resumes a collection made with the other. ``outer`` = (g (B, out), x (B, in)), with
     x's ``sign`` and ``eps / x`` precomputed when given as a third and fourth element; ``m``
-    and ``v`` hold M and V. eps = 0 (where eps / x would be 0 / 0) takes the general path.
+    and ``v`` hold M and V. eps = 0 (where eps / x would be 0 / 0), or ``formula`` =
+    :data:`ADAM_OUTER_FORMULA_V1` (to continue a collection made by 0.1.0), evaluates the step
+    as written, in the earlier rounding.
     """
     g, x = outer[:2]
     b1, b2 = betas
@@ -115,8 +126,8 @@ def _adam_outer_update(delta, outer, m, v, step, lr, betas, eps, buf) -> None:
     bc1 = 1 - b1**step
     bc2 = 1 - b2**step
     scale = v.sqrt().div_(math.sqrt(bc2))  # (B, out)
-    if eps <= 0:
-        torch.mul(scale.unsqueeze(2), x.abs().unsqueeze(1), out=buf)
+    if eps <= 0 or formula == ADAM_OUTER_FORMULA_V1:
+        torch.mul(scale.unsqueeze(2), x.abs().unsqueeze(1), out=buf).add_(eps)
         torch.div(x.unsqueeze(1), buf, out=buf)
         delta.addcmul_(buf, m.unsqueeze(2), value=-lr / bc1)
         return
@@ -130,11 +141,6 @@ def _input_terms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
     return x.sign(), torch.full_like(x, eps).div_(x)
 
 
-# what collect() records in a collection's identity: the formula of the closed-form Adam step
-# of a Linear layer on vector inputs (v1, the earlier rounding, is not marked)
-ADAM_OUTER_FORMULA = "m/(sqrt(v)*sign(x)+eps/x)"
-
-
 class _PerSampleOptimizer:
     """Adam or SGD on the stacked per-sample deltas (B, *weight.shape), element-wise.
 
@@ -142,8 +148,8 @@ class _PerSampleOptimizer:
     a Linear layer on one input vector per sample (never formed), or as the full (B, ...) tensor.
     """
 
-    def __init__(self, delta: torch.Tensor, cfg: OCDConfig) -> None:
-        self.delta, self.cfg = delta, cfg
+    def __init__(self, delta: torch.Tensor, cfg: OCDConfig, formula: str) -> None:
+        self.delta, self.cfg, self.formula = delta, cfg, formula
         self.m = self.v = self.buf = None  # made once the gradient's structure is known
         self.terms: tuple[torch.Tensor, torch.Tensor] | None = None  # sign(x), eps / x
 
@@ -168,7 +174,8 @@ class _PerSampleOptimizer:
             return
         if self.terms is None and cfg.adam_eps > 0:  # x is the same at every step
             self.terms = _input_terms(grad[1], cfg.adam_eps)
-        _adam_outer_update(delta, (*grad, *(self.terms or ())), self.m, self.v, step, *args)
+        outer_grad = (*grad, *(self.terms or ()))
+        _adam_outer_update(delta, outer_grad, self.m, self.v, step, *args, self.formula)
 
 
 def _linear_weight_gradient(
@@ -232,6 +239,7 @@ def overfit_batch(
     *,
     config: OCDConfig | None = None,
     check_loss: bool = True,
+    adam_formula: str = ADAM_OUTER_FORMULA,
 ) -> OverfitResult:
     """Overfit the target layer on each sample of one batch separately (vectorized).
 
@@ -241,12 +249,17 @@ def overfit_batch(
     batch mean would make every sample's step depend on the batch size) is a
     :class:`~ocdwrap.errors.LossShapeError` naming the fix (``check_loss=False`` skips the check,
     a few loss evaluations on four samples; ``collect`` runs it on its first batch only).
+    ``adam_formula``: how Adam's step on a Linear layer's outer-product gradient is evaluated
+    (:data:`ADAM_OUTER_FORMULA`, or :data:`ADAM_OUTER_FORMULA_V1` to continue a collection made
+    by 0.1.0: the same values up to rounding).
 
     Example:
         >>> res = overfit_batch(model, x, y, nn.CrossEntropyLoss(reduction="none"))
         >>> res.delta.shape      # (B, out, in)
     """
     cfg = config or model.config
+    if adam_formula not in _ADAM_OUTER_FORMULAS:
+        raise ConfigError(f"adam_formula={adam_formula!r}: use one of {_ADAM_OUTER_FORMULAS}.")
     layer = model.target_layer
     B = batch_size(inputs)
     # Linear: d loss / d output comes from a zero probe added to the layer's output, and the
@@ -255,7 +268,7 @@ def overfit_batch(
     probed = layer.kind == "linear"
     delta = torch.zeros((B, *layer.weight.shape), dtype=torch.float32, device=layer.weight.device)
     delta.requires_grad_(not probed)
-    optimizer = _PerSampleOptimizer(delta, cfg)
+    optimizer = _PerSampleOptimizer(delta, cfg, adam_formula)
     mask = attention_mask((inputs,), inputs if isinstance(inputs, dict) else {})
     was_training = model.base_model.training
     model.base_model.eval()

@@ -17,7 +17,13 @@ from conftest import mlp_case
 
 import ocdwrap
 from ocdwrap.errors import CollectionExistsError
-from ocdwrap.overfit import ADAM_OUTER_FORMULA, _adam_outer_update, _adam_update, _input_terms
+from ocdwrap.overfit import (
+    ADAM_OUTER_FORMULA,
+    ADAM_OUTER_FORMULA_V1,
+    _adam_outer_update,
+    _adam_update,
+    _input_terms,
+)
 
 CE = torch.nn.CrossEntropyLoss(reduction="none")
 collect_module = importlib.import_module("ocdwrap.collect")
@@ -77,17 +83,29 @@ def test_collection_identity_names_the_formula(tmp_path) -> None:
     assert "adam_outer_formula" not in collect_module._identity(m, sgd)
 
 
-def test_a_collection_made_with_the_other_formula_is_not_resumed(tmp_path, monkeypatch) -> None:
-    """A partial collection whose identity names another Adam formula (or none: made before the
-    closed form) is refused rather than continued with differently rounded deltas."""
+def test_a_collection_made_with_another_formula_is_not_resumed(tmp_path, monkeypatch) -> None:
+    """A partial collection whose identity names another Adam formula is refused rather than
+    continued with differently rounded deltas (one made by 0.1.0, which names none, continues
+    with 0.1.0's formula: tests/test_compat.py)."""
     case = mlp_case()
     x, y = case.inputs(40), case.targets(40)
     loader = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
     m = ocdwrap.wrap(case.make(), layer="fc2", config=ocdwrap.OCDConfig(shard_size=16))
-    monkeypatch.setattr(collect_module, "ADAM_OUTER_FORMULA", "an earlier formula")
+    monkeypatch.setattr(collect_module, "ADAM_OUTER_FORMULA", ADAM_OUTER_FORMULA_V1)
     ocdwrap.collect(m, loader, CE, tmp_path / "d", max_samples=16, progress=False)
     monkeypatch.undo()
     with pytest.raises(CollectionExistsError):
         ocdwrap.collect(m, loader, CE, tmp_path / "d", progress=False)
     store = ocdwrap.collect(m, loader, CE, tmp_path / "d", overwrite=True, progress=False)
     assert len(store) == 40
+
+
+def test_the_earlier_formula_gives_the_same_deltas_up_to_rounding() -> None:
+    case = mlp_case()
+    m = ocdwrap.wrap(case.make(), layer="fc2")
+    x, y = case.inputs(16), case.targets(16)
+    new = ocdwrap.overfit_batch(m, x, y, CE).delta
+    old = ocdwrap.overfit_batch(m, x, y, CE, adam_formula=ADAM_OUTER_FORMULA_V1).delta
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-5 * m.config.overfit_lr)
+    with pytest.raises(ocdwrap.errors.ConfigError):
+        ocdwrap.overfit_batch(m, x, y, CE, adam_formula="another")
