@@ -55,6 +55,7 @@ from .errors import (
 )
 from .io import (
     MANIFEST_NAME,
+    TEMP_PREFIX,
     atomic_save_tensors,
     atomic_write_json,
     load_tensors,
@@ -223,9 +224,18 @@ class DeltaStore:
         return None
 
     def load(
-        self, keys: list[str] | None = None, device: str | torch.device = "cpu"
+        self,
+        keys: list[str] | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        verify: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Concatenate ``keys`` (default: all) over every shard."""
+        """Concatenate ``keys`` (default: all) over every shard.
+
+        Every tensor read is checked against the checksum recorded when its shard was written
+        (a :class:`CorruptFileError` names the shard, its samples and the fix); ``verify=False``
+        skips that (what it costs is measured by ``benchmarks.integrity``).
+        """
         keys = keys or self.keys
         missing = [k for k in keys if k not in self.keys]
         if missing:
@@ -242,7 +252,8 @@ class DeltaStore:
                 tensors = load_tensors(path, device)
             else:
                 tensors = self._load_some(path, keys, device)
-            _check_digests(path, shard, tensors, keys)
+            if verify:
+                _check_digests(path, shard, tensors, keys)
             if "index" in keys and shard.get("index_offset"):
                 # a per-process shard (ocdwrap.distributed) counts from its part's first sample
                 tensors["index"] = tensors["index"] + int(shard["index_offset"])
@@ -345,7 +356,7 @@ def remove(directory: str | os.PathLike, *, keep_directory: bool = False) -> Non
             pass
     for f in os.listdir(directory):
         path = os.path.join(directory, f)
-        if f.startswith("shard-") and f.endswith(".safetensors"):
+        if (f.startswith("shard-") and f.endswith(".safetensors")) or f.startswith(TEMP_PREFIX):
             os.unlink(path)
         elif _PART_DIR.fullmatch(f) and os.path.isdir(path):
             shutil.rmtree(path)
@@ -353,6 +364,19 @@ def remove(directory: str | os.PathLike, *, keep_directory: bool = False) -> Non
         os.unlink(manifest_path)
     if not keep_directory and not os.listdir(directory):
         os.rmdir(directory)
+
+
+def _remove_temporaries(directory: str) -> None:
+    """Delete the temporary files (``.tmp-*``) of writes that a killed process left half done.
+
+    Only while the directory's lock is held (:func:`ocdwrap.io.directory_lock`, as ``collect``
+    holds it): then no other process is writing there.
+    """
+    for f in os.listdir(directory):
+        if f.startswith(TEMP_PREFIX):
+            path = os.path.join(directory, f)
+            if os.path.isfile(path):
+                os.unlink(path)
 
 
 class StoreWriter:
@@ -404,9 +428,15 @@ class StoreWriter:
         shard_size: int,
         overwrite: bool = False,
     ) -> StoreWriter:
-        """Prepare ``directory`` for a collection with ``identity`` (resume, refuse or replace)."""
+        """Prepare ``directory`` for a collection with ``identity`` (resume, refuse or replace).
+
+        The caller holds the directory's lock (:func:`ocdwrap.io.directory_lock`): temporary
+        files that a killed run left behind are deleted.
+        """
         directory = os.fspath(directory)
         manifest = None
+        if os.path.isdir(directory):
+            _remove_temporaries(directory)
         if os.path.exists(os.path.join(directory, MANIFEST_NAME)):
             store = DeltaStore(directory)
             old = store.manifest

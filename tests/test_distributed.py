@@ -221,6 +221,20 @@ def test_a_partial_collection_is_never_passed_off_as_the_whole(two_process_run):
     assert len(store) == 16 and store.stopped == "max_samples"
 
 
+def test_one_process_continues_a_partial_multi_process_collection(two_process_run, tmp_path):
+    import shutil
+
+    d = shutil.copytree(os.path.join(two_process_run, "partial"), tmp_path / "partial")
+    model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
+    store = ocdwrap.collect(model, loader(), ce, d, progress=False)
+    assert len(store) == N and store.stopped == "end_of_data" and store.verified
+    whole = ocdwrap.DeltaStore(os.path.join(two_process_run, "deltas")).load()
+    got = store.load()
+    assert torch.equal(got["index"], torch.arange(N))
+    for k, v in whole.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_a_flipped_byte_in_a_merged_collection_stops_fit(two_process_run, tmp_path):
     import shutil
 
