@@ -13,9 +13,10 @@ byte is reported (:class:`~ocdwrap.errors.CorruptFileError`) instead of being tr
   so reading some keys of a shard checks exactly what it reads;
 - an adapter's files and a checkpoint's tensors file are hashed whole (:func:`digest_bytes`).
 
-The hash is xxHash's XXH3 (64 bits): about 19 GB/s on one core of the machines ocdwrap is
-measured on, against 1.6 GB/s for SHA-256 and 3.7 GB/s for zlib's CRC-32; it detects damage,
-it is not a defence against someone who edits a file on purpose.
+The hash is xxHash's XXH3 (64 bits), several times faster than ``hashlib``'s SHA-256 or zlib's
+CRC-32 (``python -m benchmarks.integrity`` measures them and what checking costs ``fit``'s data
+loading; docs/reliability.md quotes the committed run). It detects damage; it is not a defence
+against someone who edits a file on purpose.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -48,6 +50,7 @@ CHECKPOINT_JSON = "fit_checkpoint.json"  # a fit checkpoint's commit point
 CHECKPOINT_TENSORS = "fit_checkpoint.safetensors"  # its tensors (older checkpoints' fixed name)
 ADAPTER_FILES_NAME = "ocd_files.json"  # an adapter's commit point: its files and their hashes
 STAGED_SUFFIX = ".next"  # an adapter file written, not yet renamed into place
+TEMP_PREFIX = ".tmp-"  # a file being written (renamed over its target once complete)
 
 DIGEST_ALGORITHM = "xxh3_64"
 
@@ -71,7 +74,7 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` for a temporary path beside ``path``, fsync it, then rename it over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     os.close(fd)
     try:
         write(tmp)
@@ -212,7 +215,22 @@ def atomic_save_tensors(
 ) -> None:
     """Save tensors as safetensors to ``path`` atomically (streamed to disk, not built in memory)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata, path))
+
+
+def _save_file(
+    tensors: dict[str, torch.Tensor], tmp: str, metadata: dict[str, str] | None, path: str
+) -> None:
+    """``save_file``, with a write the system refuses (disk full, file size limit) raised as the
+    ``OSError`` it is (safetensors reports it as a serialization error)."""
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, f"{os.strerror(code)}: could not write {path} ({e})", path) from e
 
 
 def atomic_save_tensors_digest(

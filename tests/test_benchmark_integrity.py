@@ -25,6 +25,7 @@ def test_integrity_benchmark_smoke(tmp_path, capsys) -> None:
     # the full layout stores the whole matrix: far more bytes to hash than rank one
     assert r["results"]["full"]["shard_bytes"] > 20 * r["results"]["rank1"]["shard_bytes"]
     assert "verification / fit's loading" in capsys.readouterr().out
+    assert r["hash_gb_per_s"]["xxh3_64 (xxhash)"] > 0 and "sha256 (hashlib)" in r["hash_gb_per_s"]
 
 
 def test_synthetic_collection_reads_like_a_collected_one(tmp_path) -> None:
