@@ -9,7 +9,7 @@ procedural stand-ins (``lego``, ``hotdog``, ``drums``): 100 training and 25 held
 upper hemisphere, focal 138.9 at 100 x 100 pixels (scaled with ``--size``), black background,
 cached in ``~/.cache/ocdwrap/scenes``.
 
-Model (the authors' TinyNeRF, DESIGN.md section 9): each 3-D point is positionally encoded to
+Model (the TinyNeRF of the paper's released code, docs/results.md section 5): each 3-D point is positionally encoded to
 63 values (the point and sin / cos of 10 octaves), then ``fc1`` 63 -> 128, ReLU, ``fc2`` 128 ->
 128, ReLU, ``out`` 128 -> 4 (RGB through a sigmoid; density through softplus(x - 1), as in
 mip-NeRF: with the authors' ReLU the base sat at the all-black image for all of a 3,000-iteration

@@ -19,7 +19,7 @@ pool for every draw), so our base is "frozen MiniLM + logistic regression", not 
 
 OCD layer: ``head``, the model's last (and only trained) Linear layer. It is the layer SetFit
 itself trains, its input is one vector per text (so the rank-one parameterisation is exact,
-DESIGN.md section 4), and with the encoder frozen the embeddings, hence OCD's conditioning, are
+docs/how-ocd-works.md), and with the encoder frozen the embeddings, hence OCD's conditioning, are
 computed once. OCD inside the encoder would need its token-sequence layers (higher-rank deltas,
 the full-matrix UNet) and re-encoding every text per draw. "Alternative layer" does not apply
 (the head is the only Linear layer outside the frozen encoder); "overfit all layers" overfits
