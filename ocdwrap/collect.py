@@ -248,6 +248,7 @@ def _collect(
     bar = None
     checked_loss = False
     stopped, end = STOPPED_END, 0
+    workspace: dict = {}  # overfit_batch's (B, out, in) buffers, reused batch after batch
     for lo, inputs, target in _positioned(data, model.device):
         B = batch_size(inputs)
         if lo == 0:  # refuses other data, also where the collection is complete
@@ -282,6 +283,7 @@ def _collect(
             config=cfg,
             check_loss=not checked_loss,
             adam_formula=writer.identity.get("adam_outer_formula", ADAM_OUTER_FORMULA_V1),
+            workspace=workspace,
         )
         checked_loss = True
         in_range = torch.zeros(B, dtype=torch.bool, device=res.finite.device)

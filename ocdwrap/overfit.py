@@ -141,6 +141,25 @@ def _input_terms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
     return x.sign(), torch.full_like(x, eps).div_(x)
 
 
+def _buffer(
+    workspace: dict | None, name: str, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """An uninitialised float32 tensor of ``shape``: the ``workspace``'s buffer ``name`` when
+    one is given (made on first use, reused while large enough), else a fresh one.
+
+    A fresh (B, out, in) tensor per batch costs a page fault per 4 KiB: glibc serves blocks
+    that large with ``mmap`` or trims them off the heap when they are freed, so every batch
+    faulted the same pages in again (LeNet5's fc2 at batch 256: 10 MB, 2,500 faults, per
+    tensor per batch). ``collect`` passes one workspace for its whole run.
+    """
+    if workspace is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    n, t = math.prod(shape), workspace.get(name)
+    if t is None or t.numel() < n or t.device != torch.device(device):
+        t = workspace[name] = torch.empty(n, dtype=torch.float32, device=device)
+    return t[:n].view(shape)
+
+
 class _PerSampleOptimizer:
     """Adam or SGD on the stacked per-sample deltas (B, *weight.shape), element-wise.
 
@@ -148,8 +167,10 @@ class _PerSampleOptimizer:
     a Linear layer on one input vector per sample (never formed), or as the full (B, ...) tensor.
     """
 
-    def __init__(self, delta: torch.Tensor, cfg: OCDConfig, formula: str) -> None:
-        self.delta, self.cfg, self.formula = delta, cfg, formula
+    def __init__(
+        self, delta: torch.Tensor, cfg: OCDConfig, formula: str, workspace: dict | None = None
+    ) -> None:
+        self.delta, self.cfg, self.formula, self.workspace = delta, cfg, formula, workspace
         self.m = self.v = self.buf = None  # made once the gradient's structure is known
         self.terms: tuple[torch.Tensor, torch.Tensor] | None = None  # sign(x), eps / x
 
@@ -164,7 +185,7 @@ class _PerSampleOptimizer:
                 delta.add_(grad, alpha=-cfg.overfit_lr)
             return
         if self.buf is None:
-            self.buf = torch.empty_like(delta)
+            self.buf = _buffer(self.workspace, "buf", delta.shape, delta.device)
             shape = grad[0].shape if outer else delta.shape
             self.m = torch.zeros(shape, dtype=torch.float32, device=delta.device)
             self.v = torch.zeros_like(self.m)
@@ -240,6 +261,7 @@ def overfit_batch(
     config: OCDConfig | None = None,
     check_loss: bool = True,
     adam_formula: str = ADAM_OUTER_FORMULA,
+    workspace: dict | None = None,
 ) -> OverfitResult:
     """Overfit the target layer on each sample of one batch separately (vectorized).
 
@@ -251,7 +273,10 @@ def overfit_batch(
     a few loss evaluations on four samples; ``collect`` runs it on its first batch only).
     ``adam_formula``: how Adam's step on a Linear layer's outer-product gradient is evaluated
     (:data:`ADAM_OUTER_FORMULA`, or :data:`ADAM_OUTER_FORMULA_V1` to continue a collection made
-    by 0.1.0: the same values up to rounding).
+    by 0.1.0: the same values up to rounding). ``workspace``: a dict the caller keeps across
+    calls, in which the (B, out, in) buffers of a Linear target are reused instead of made anew
+    per batch (page faults); the returned ``delta`` is then one of them, overwritten by the next
+    call with the same workspace (``collect`` stores each batch's rows before the next).
 
     Example:
         >>> res = overfit_batch(model, x, y, nn.CrossEntropyLoss(reduction="none"))
@@ -266,9 +291,13 @@ def overfit_batch(
     # weight gradient g xᵀ is built from it (for one input vector per sample, never formed: see
     # _adam_outer_update). Conv2d: autograd differentiates the stacked deltas directly.
     probed = layer.kind == "linear"
-    delta = torch.zeros((B, *layer.weight.shape), dtype=torch.float32, device=layer.weight.device)
+    shape, device = (B, *layer.weight.shape), layer.weight.device
+    if probed and workspace is not None:  # no autograd on the deltas themselves: reusable
+        delta = _buffer(workspace, "delta", shape, device).zero_()
+    else:
+        delta = torch.zeros(shape, dtype=torch.float32, device=device)
     delta.requires_grad_(not probed)
-    optimizer = _PerSampleOptimizer(delta, cfg, adam_formula)
+    optimizer = _PerSampleOptimizer(delta, cfg, adam_formula, workspace if probed else None)
     mask = attention_mask((inputs,), inputs if isinstance(inputs, dict) else {})
     was_training = model.base_model.training
     model.base_model.eval()

@@ -109,3 +109,17 @@ def test_the_earlier_formula_gives_the_same_deltas_up_to_rounding() -> None:
     torch.testing.assert_close(new, old, rtol=0, atol=1e-5 * m.config.overfit_lr)
     with pytest.raises(ocdwrap.errors.ConfigError):
         ocdwrap.overfit_batch(m, x, y, CE, adam_formula="another")
+
+
+def test_a_reused_workspace_gives_the_same_deltas() -> None:
+    """collect passes one workspace for its whole run: its buffers are reused batch after batch
+    (a smaller last batch uses part of them), with the same deltas as fresh buffers."""
+    case = mlp_case()
+    m = ocdwrap.wrap(case.make(), layer="fc2")
+    workspace: dict = {}
+    for B in (16, 16, 5):
+        x, y = case.inputs(B), case.targets(B)
+        fresh = ocdwrap.overfit_batch(m, x, y, CE).delta
+        reused = ocdwrap.overfit_batch(m, x, y, CE, workspace=workspace).delta
+        assert torch.equal(fresh, reused)
+    assert set(workspace) == {"delta", "buf"}
