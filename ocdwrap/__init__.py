@@ -15,20 +15,82 @@ The pipeline, one module each (docs/architecture.md has the whole map)::
     select_layer()  select.py     the paper's loss-entropy layer selection
 """
 
-from .capture import Conditioning
-from .collect import collect
-from .config import OCDConfig
-from .deltas import FullDelta, LowRankDelta, Rank1Delta
-from .errors import OCDError
-from .evaluation import evaluate_ocd
-from .fit import FitReport, fit
-from .headroom import HeadroomReport, headroom
-from .model import EnsembleOutput, OCDModel, wrap
-from .overfit import overfit_batch, overfit_one
-from .select import LayerScores, select_layer
-from .store import DeltaStore
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it; imported on first use (as transformers and
+# diffusers do), so ``import ocdwrap`` and inference load neither collection nor fitting
+_LAZY = {
+    "Conditioning": "capture",
+    "collect": "collect",
+    "OCDConfig": "config",
+    "FullDelta": "deltas",
+    "LowRankDelta": "deltas",
+    "Rank1Delta": "deltas",
+    "OCDError": "errors",
+    "evaluate_ocd": "evaluation",
+    "FitReport": "fit",
+    "fit": "fit",
+    "HeadroomReport": "headroom",
+    "headroom": "headroom",
+    "EnsembleOutput": "model",
+    "OCDModel": "model",
+    "wrap": "model",
+    "overfit_batch": "overfit",
+    "overfit_one": "overfit",
+    "LayerScores": "select",
+    "select_layer": "select",
+    "DeltaStore": "store",
+}
+# functions named like the module that defines them: ``ocdwrap.fit`` is the function, also after
+# the submodule ``ocdwrap.fit`` was imported (the import system would set the module there)
+_SHADOWED = {name for name, module in _LAZY.items() if name == module}
+
+if TYPE_CHECKING:  # what static tools see: the same names, eagerly
+    from .capture import Conditioning
+    from .collect import collect
+    from .config import OCDConfig
+    from .deltas import FullDelta, LowRankDelta, Rank1Delta
+    from .errors import OCDError
+    from .evaluation import evaluate_ocd
+    from .fit import FitReport, fit
+    from .headroom import HeadroomReport, headroom
+    from .model import EnsembleOutput, OCDModel, wrap
+    from .overfit import overfit_batch, overfit_one
+    from .select import LayerScores, select_layer
+    from .store import DeltaStore
+
+
+class _Package(types.ModuleType):
+    """The ``ocdwrap`` module: public names and submodules load when first used."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _LAZY:
+            value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            value = importlib.import_module(f".{name}", __name__)
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        setattr(self, name, value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(_LAZY))
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "Conditioning",

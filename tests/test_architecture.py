@@ -83,3 +83,85 @@ def test_functions_are_short() -> None:
                 if node.end_lineno - start + 1 > 85:
                     long.append(f"{path.name}:{node.lineno} {node.name}")
     assert not long, f"functions over 85 lines (without the docstring): {long}"
+
+
+def _fresh_modules(code: str) -> set[str]:
+    """The ocdwrap modules a fresh interpreter has loaded after running ``code``."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code + "\nimport json, sys\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('ocdwrap'))))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+HEAVY = {
+    "ocdwrap.collect",
+    "ocdwrap.fit",
+    "ocdwrap.store",
+    "ocdwrap.overfit",
+    "ocdwrap.select",
+    "ocdwrap.headroom",
+    "ocdwrap.distributed",
+}
+
+
+def test_import_and_inference_load_neither_collection_nor_fitting(tmp_path) -> None:
+    assert _fresh_modules("import ocdwrap") == {"ocdwrap"}
+    # an adapter saved, then loaded and used in a fresh process: the inference path alone
+    import torch
+    from conftest import make_mlp
+    from safetensors.torch import save_file
+
+    import ocdwrap
+
+    base = make_mlp()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    model = ocdwrap.wrap(base, layer="fc2", config=ocdwrap.OCDConfig(delta="rank1"))
+    store = ocdwrap.collect(
+        model,
+        [(torch.randn(8, 10), torch.randint(0, 3, (8,)))],
+        torch.nn.CrossEntropyLoss(reduction="none"),
+        tmp_path / "d",
+        progress=False,
+    )
+    ocdwrap.fit(model, store, steps=2, batch_size=8, progress=False)
+    model.save_pretrained(tmp_path / "a")
+    code = (
+        "import torch, ocdwrap\n"
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from conftest import make_mlp\n"
+        "base = make_mlp()\n"
+        "from safetensors.torch import load_file\n"
+        f"base.load_state_dict(load_file({str(tmp_path / 'base.safetensors')!r}))\n"
+        f"m = ocdwrap.OCDModel.from_pretrained(base, {str(tmp_path / 'a')!r})\n"
+        "with m.sampling(seed=0, num_draws=2):\n"
+        "    m(torch.randn(4, 10))\n"
+    )
+    loaded = _fresh_modules(code)
+    assert "ocdwrap.model" in loaded and "ocdwrap.hypernet" in loaded  # it did run
+    assert not loaded & HEAVY, sorted(loaded & HEAVY)
+
+
+def test_functions_named_like_their_modules_stay_functions() -> None:
+    import sys
+
+    import ocdwrap
+    import ocdwrap.distributed  # noqa: F401  imports the submodule ocdwrap.fit
+
+    for name in ("collect", "fit", "headroom"):
+        assert callable(getattr(ocdwrap, name)) and not isinstance(
+            getattr(ocdwrap, name), type(sys)
+        ), name
+    assert isinstance(ocdwrap.errors, type(sys))  # submodules are reachable as attributes
+    assert set(ocdwrap.__all__) <= set(dir(ocdwrap))
