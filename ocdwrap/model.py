@@ -15,6 +15,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -521,13 +522,30 @@ class OCDModel(nn.Module):
         directory: str | os.PathLike,
         *,
         device: str | torch.device | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
     ) -> OCDModel:
         """Wrap ``base`` and load a saved adapter into it (frozen, eval mode).
+
+        ``directory`` is a local directory written by :meth:`save_pretrained`, or the id of a
+        Hugging Face Hub repository holding one (``"owner/name"``, fetched with
+        ``huggingface_hub.snapshot_download`` with ``revision``, ``cache_dir``,
+        ``local_files_only`` and ``token``; ``HF_HUB_OFFLINE=1`` reads the local cache only). A
+        path that does not exist and is not of that form (``./adapter``, ``/abs/path``,
+        ``a/b/c``) is an :class:`AdapterNotFoundError` naming it, never a network call.
 
         Raises :class:`BaseModelMismatchError` when ``base``'s target layer is not the one the
         adapter was fitted on.
         """
-        directory = os.fspath(directory)
+        directory = _adapter_directory(
+            os.fspath(directory),
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
         _require_adapter_files(directory)
         path = os.path.join(directory, WEIGHTS_NAME)
         files, _ = read_file_set(
@@ -606,6 +624,27 @@ def _renamed_rng(rng: torch.Generator | None, generator: torch.Generator | None)
             "Pass the torch.Generator once, as rng= (generator= is its deprecated name)."
         )
     return generator
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _adapter_directory(name: str, **hub: Any) -> str:
+    """``name`` itself when it is a local directory, else the snapshot of the Hub repo it names."""
+    if os.path.exists(name) or not _HUB_ID.fullmatch(name) or name.startswith((".", "~")):
+        return name  # a local path (a missing one is reported by _require_adapter_files)
+    from huggingface_hub import snapshot_download
+
+    files = [CONFIG_NAME, WEIGHTS_NAME, ADAPTER_FILES_NAME, "README.md"]
+    try:
+        return snapshot_download(name, allow_patterns=files, **hub)
+    except Exception as e:  # offline, not found, no access: one error that names both readings
+        raise AdapterNotFoundError(
+            f"No OCD adapter to load: there is no directory {name!r} here, and the Hugging Face "
+            f"Hub repository {name!r} could not be fetched ({type(e).__name__}: {e}). Pass the "
+            "directory save_pretrained wrote, or a Hub repo id that holds one (online, or in "
+            "the local cache with local_files_only=True)."
+        ) from e
 
 
 def _require_adapter_files(directory: str) -> None:

@@ -12,6 +12,7 @@ from conftest import (
     bert_seq_case,
     lenet_conv_case,
     lenet_linear_case,
+    make_mlp,
     make_st,
     mlp_case,
     resnet_case,
@@ -200,3 +201,52 @@ def test_gradient_checkpointing_does_not_corrupt_capture() -> None:
     ref = ocdwrap.overfit_one(model, x, y, torch.nn.CrossEntropyLoss(reduction="none"))
     torch.testing.assert_close(res.delta, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(res.cond.layer_input, x)
+
+
+def _hub_cache(root, repo: str, adapter_dir) -> str:
+    """A Hugging Face Hub cache folder holding ``adapter_dir`` as ``repo``'s main revision."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    shutil.copytree(adapter_dir, repo_dir / "snapshots" / commit)
+    return str(root)
+
+
+def test_from_pretrained_reads_a_hub_repo_from_the_local_cache(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = make_mlp()
+    model = ocdwrap.wrap(base, layer="fc2", config=ocdwrap.OCDConfig(delta="rank1"))
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    store = ocdwrap.collect(model, [(x, y)], ce, tmp_path / "d", progress=False)
+    ocdwrap.fit(model, store, steps=2, batch_size=8, progress=False)
+    model.save_pretrained(tmp_path / "adapter")
+    with model.sampling(seed=0):
+        expected = model(x)
+    cache = _hub_cache(tmp_path / "hub", "someone/ocd-mlp", tmp_path / "adapter")
+    loaded = ocdwrap.OCDModel.from_pretrained(
+        model.unload(), "someone/ocd-mlp", cache_dir=cache, local_files_only=True
+    )
+    with loaded.sampling(seed=0):
+        torch.testing.assert_close(loaded(x), expected)
+    # not in the cache, and no network allowed: an error naming both readings of the name
+    with pytest.raises(ocdwrap.errors.AdapterNotFoundError, match="no directory 'someone/other'"):
+        ocdwrap.OCDModel.from_pretrained(
+            make_mlp(), "someone/other", cache_dir=cache, local_files_only=True
+        )
+
+
+@pytest.mark.parametrize("path", ["./adapter", "/no/such/adapter", "a/b/c", "~/adapter"])
+def test_a_missing_local_path_is_an_error_naming_it_not_a_hub_lookup(path, monkeypatch) -> None:
+    import huggingface_hub
+
+    def no_network(*a, **kw):
+        raise AssertionError("a local path was sent to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(ocdwrap.errors.AdapterNotFoundError, match="does not exist") as e:
+        ocdwrap.OCDModel.from_pretrained(make_mlp(), path)
+    assert path in str(e.value)
