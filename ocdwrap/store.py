@@ -571,7 +571,7 @@ class StoreWriter:
     def _write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
         shards = self.manifest["shards"]
         if not shards:  # a manifest first, so a crash never leaves shards without one
-            atomic_write_json(self._manifest_path, self.manifest)
+            atomic_write_json(self._manifest_path, self.manifest, checksum=True)
         start = shards[-1]["stop"] if shards else 0
         stop = int(tensors["index"][-1]) + 1
         name = shard_name(len(shards))

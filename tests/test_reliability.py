@@ -1,27 +1,31 @@
-"""Reliability and safety: clear errors, nothing lost on a crash, nothing unsafe loaded, threads.
+"""Reliability and safety: clear errors, nothing unsafe loaded, threads.
 
-The crash tests run the work in a subprocess (this file, run as a script: see ``_worker``),
-kill it with SIGKILL part way, resume in this process and compare with an uninterrupted run.
+What happens to ocdwrap's files when a process is killed, a write is refused, two processes
+write at once or a file is damaged is tested in test_faults.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import signal
-import subprocess
-import sys
 import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_mlp
-from torch.utils.data import DataLoader, TensorDataset
+from faults_util import (
+    CE,
+    FULL_STORE,
+    ROOT,
+    SMALL,
+    _copy_store,
+    _loader,
+    _one_thread,
+    _wrap,
+    _xy,
+)
 
 import ocdwrap
 from ocdwrap.batches import check_inputs
@@ -35,37 +39,6 @@ from ocdwrap.errors import (
     NonFiniteError,
     OCDError,
 )
-
-CE = torch.nn.CrossEntropyLoss(reduction="none")
-SMALL = dict(unet_channels=(8, 16), mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=16)
-FULL_STORE = dict(delta="full", shard_size=16)  # the shared store: full deltas, every key
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _xy(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-def _loader(n: int = 48, batch: int = 8, x=None, y=None) -> DataLoader:
-    if x is None:
-        x, y = _xy(n)
-    return DataLoader(TensorDataset(x, y), batch_size=batch)
-
-
-def _wrap(**cfg) -> ocdwrap.OCDModel:
-    return ocdwrap.wrap(make_mlp(), layer="fc2", config=ocdwrap.OCDConfig(**cfg))
-
-
-@contextmanager
-def _one_thread():
-    """Pin torch to one thread, as the worker subprocess is, so results match bit for bit."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -283,13 +256,6 @@ def test_fit_skips_or_refuses_nonfinite_steps(store_dir: str, monkeypatch) -> No
         ocdwrap.fit(_wrap(**SMALL, on_nonfinite="raise"), store_dir, steps=3, progress=False)
 
 
-def _copy_store(src: str, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
-
-
 def _record_checksums(d: Path) -> None:
     """Record the shards' current content in the manifest (checksums of what is there now)."""
     from safetensors.torch import load_file
@@ -328,112 +294,6 @@ def test_fit_on_an_all_skipped_collection_is_a_clear_error(tmp_path) -> None:
         ocdwrap.fit(_wrap(**SMALL), store, steps=2, progress=False)
 
 
-def _truncate(path: Path, keep: float = 0.5) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-
-
-def test_damaged_shard_is_reported_and_rebuilt(store_dir: str, tmp_path) -> None:
-    d = _copy_store(store_dir, tmp_path / "s")
-    with _one_thread():
-        reference = ocdwrap.DeltaStore(d).load()
-    _truncate(d / "shard-00001.safetensors")
-    for keys in (None, ["rho"]):  # both reading paths
-        with pytest.raises(CorruptFileError, match="shard-00001.*collect"):
-            ocdwrap.DeltaStore(d).load(keys)
-    with pytest.raises(CorruptFileError):
-        ocdwrap.fit(_wrap(**SMALL), d, steps=2, progress=False)
-    with _one_thread():
-        rebuilt = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False).load()
-    for k, v in reference.items():
-        assert torch.equal(v, rebuilt[k]), k
-    os.unlink(d / "shard-00002.safetensors")  # a missing shard too
-    with pytest.raises(CorruptFileError, match="missing"):
-        ocdwrap.DeltaStore(d).load()
-    with _one_thread():
-        rebuilt = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False).load()
-    assert torch.equal(reference["delta"], rebuilt["delta"])
-
-
-@pytest.mark.parametrize("damage", ["truncated", "binary", "a-list", "no-shards"])
-def test_damaged_manifest_is_a_clear_error(store_dir: str, tmp_path, damage: str) -> None:
-    d = _copy_store(store_dir, tmp_path / "s")
-    manifest = d / "manifest.json"
-    if damage == "truncated":
-        _truncate(manifest)
-    elif damage == "binary":
-        manifest.write_bytes(b"\x80\x04\x95\xff\xfe")
-    elif damage == "a-list":
-        manifest.write_text("[1, 2]")
-    else:
-        obj = json.loads(manifest.read_text())
-        del obj["shards"]
-        manifest.write_text(json.dumps(obj))
-    with pytest.raises(CorruptFileError, match="manifest.json"):
-        ocdwrap.DeltaStore(d)
-    with pytest.raises(CorruptFileError):
-        ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, d, progress=False)
-
-
-def test_damaged_checkpoint_is_a_clear_error(store_dir: str, tmp_path) -> None:
-    ckpt = tmp_path / "ckpt"
-    cfg = dict(**SMALL, checkpoint_every=5)
-    ocdwrap.fit(_wrap(**cfg), store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
-    meta = json.loads((ckpt / "fit_checkpoint.json").read_text())
-    tensors = ckpt / meta["tensors"]
-    assert sorted(os.listdir(ckpt)) == sorted(["fit_checkpoint.json", meta["tensors"]])
-    kept = tensors.read_bytes()
-    _truncate(tensors)
-    with pytest.raises(CorruptFileError, match=f"{meta['tensors']} does not match its recorded"):
-        ocdwrap.fit(_wrap(**cfg), store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
-    tensors.write_bytes(kept)
-    _truncate(ckpt / "fit_checkpoint.json")
-    with pytest.raises(CorruptFileError, match="not valid JSON"):
-        ocdwrap.fit(_wrap(**cfg), store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
-
-
-def test_damaged_adapter_is_a_clear_error(fitted: ocdwrap.OCDModel, tmp_path) -> None:
-    d = tmp_path / "adapter"
-    fitted.save_pretrained(d)
-    weights, config = d / "ocd_model.safetensors", d / "ocd_config.json"
-    kept_config = config.read_bytes()
-    kept = weights.read_bytes()
-    _truncate(weights, 0.9)
-    with pytest.raises(CorruptFileError, match="ocd_model.safetensors does not match the checksum"):
-        ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
-    weights.write_bytes(kept)
-    _truncate(config)
-    with pytest.raises(CorruptFileError, match="ocd_config.json does not match the checksum"):
-        ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
-    # an adapter without checksums (as 0.1.0 wrote them): damage is still found where it shows
-    config.write_bytes(kept_config)
-    os.unlink(d / "ocd_files.json")
-    from safetensors.torch import load_file, save_file
-
-    _truncate(weights, 0.9)
-    with pytest.raises(CorruptFileError, match="ocd_model.safetensors"):
-        ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
-    weights.write_bytes(kept)
-    state = load_file(weights)
-    save_file({k: v for k, v in list(state.items())[1:]}, weights)  # valid file, no metadata
-    with pytest.raises(CorruptFileError, match="not an ocdwrap adapter"):
-        ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
-    from safetensors import safe_open
-
-    weights.write_bytes(kept)
-    with safe_open(weights, framework="pt") as f:
-        meta = f.metadata()
-    save_file({k: v for k, v in list(state.items())[1:]}, weights, metadata=meta)
-    base = make_mlp()
-    with pytest.raises(CorruptFileError, match="do not match"):
-        ocdwrap.OCDModel.from_pretrained(base, d)
-    assert isinstance(base.fc2, torch.nn.Linear)  # the base is given back unwrapped
-    weights.write_bytes(kept)
-    _truncate(config)
-    with pytest.raises(CorruptFileError, match="ocd_config.json"):
-        ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
-
-
 def test_adapter_onto_a_base_without_its_layer(fitted: ocdwrap.OCDModel, tmp_path) -> None:
     fitted.save_pretrained(tmp_path / "a")
     other = torch.nn.Sequential(torch.nn.Linear(10, 3))
@@ -442,192 +302,7 @@ def test_adapter_onto_a_base_without_its_layer(fitted: ocdwrap.OCDModel, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. nothing lost: SIGKILL in the middle of collect / fit, then resume
-# ---------------------------------------------------------------------------------------------
-KILL_N, KILL_BATCH, KILL_SHARD, KILL_STEPS = 320, 8, 32, 60
-
-
-def _kill_data() -> DataLoader:
-    return _loader(KILL_N, KILL_BATCH)
-
-
-def _start_worker(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, __file__, *args],
-        env=env,
-        cwd=str(ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace")
-            pytest.fail(f"the {what} worker ended (rc {proc.returncode}) before the kill:\n{out}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the {what} worker made no progress in {timeout} s")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def test_collect_survives_sigkill(tmp_path) -> None:
-    part = tmp_path / "part"
-    proc = _start_worker("collect", str(part))
-    manifest = part / "manifest.json"
-    _kill_when(proc, lambda: len((_json(manifest) or {}).get("shards", [])) >= 1, "collect")
-    killed = _json(manifest)
-    assert not killed["complete"] and 1 <= len(killed["shards"]) < KILL_N // KILL_SHARD
-    with _one_thread():
-        cfg = dict(shard_size=KILL_SHARD)
-        resumed = ocdwrap.collect(_wrap(**cfg), _kill_data(), CE, part, progress=False)
-        full = ocdwrap.collect(_wrap(**cfg), _kill_data(), CE, tmp_path / "full", progress=False)
-    assert len(resumed) == len(full) == KILL_N and resumed.complete
-    a, b = full.load(), resumed.load()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert resumed.manifest["summary"] == full.manifest["summary"]
-
-
-class _Crash(BaseException):
-    """A crash at a chosen write (BaseException: nothing in ocdwrap may swallow it)."""
-
-
-def _crash_at(monkeypatch, module, k: int, after: bool) -> None:
-    """Make the k-th file write of ``module`` (tensors or JSON) crash just before or after it."""
-    count = {"n": 0}
-    for name in ("atomic_save_tensors", "atomic_save_tensors_digest", "atomic_write_json"):
-        original = getattr(module, name, None)
-        if original is None:
-            continue
-
-        def write(*a, _original=original, **kw):
-            count["n"] += 1
-            if count["n"] == k and not after:
-                raise _Crash
-            _original(*a, **kw)
-            if count["n"] == k:
-                raise _Crash
-
-        monkeypatch.setattr(module, name, write)
-
-
-@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
-def test_collect_resumes_after_a_crash_at_any_write(tmp_path, monkeypatch, after: bool) -> None:
-    collect_module = sys.modules["ocdwrap.store"]  # the store module makes every collection write
-    with _one_thread():
-        full = ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, tmp_path / "f", progress=False)
-        reference = full.load()
-        for k in range(1, 9):  # 48 samples in shards of 16: 8 writes (manifests and shards)
-            with monkeypatch.context() as mp:
-                _crash_at(mp, collect_module, k, after)
-                with pytest.raises(_Crash):
-                    ocdwrap.collect(
-                        _wrap(shard_size=16), _loader(), CE, tmp_path / str(k), progress=False
-                    )
-            store = ocdwrap.collect(
-                _wrap(shard_size=16), _loader(), CE, tmp_path / str(k), progress=False
-            )
-            got = store.load()
-            for key, v in reference.items():
-                assert torch.equal(v, got[key]), (k, key)
-            assert store.manifest["summary"] == full.manifest["summary"]
-            assert not [f for f in os.listdir(tmp_path / str(k)) if f.startswith(".tmp")]
-
-
-@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
-def test_fit_resumes_after_a_crash_at_any_write(
-    store_dir: str, tmp_path, monkeypatch, after: bool
-) -> None:
-    fit_module = sys.modules["ocdwrap.fit"]
-    cfg = dict(**SMALL, delta="rank1", checkpoint_every=4)
-    reference = _wrap(**cfg)
-    ocdwrap.fit(reference, store_dir, steps=10, progress=False)
-    for k in range(1, 5):  # two checkpoints (steps 4 and 8) of two files each
-        ckpt = tmp_path / str(k)
-        with monkeypatch.context() as mp:
-            _crash_at(mp, fit_module, k, after)
-            with pytest.raises(_Crash):
-                ocdwrap.fit(_wrap(**cfg), store_dir, steps=10, checkpoint_dir=ckpt, progress=False)
-        m = _wrap(**cfg)
-        ocdwrap.fit(m, store_dir, steps=10, checkpoint_dir=ckpt, progress=False)
-        for key, v in reference.hypernet.state_dict().items():
-            assert torch.equal(v, m.hypernet.state_dict()[key]), (k, key)
-
-
-def _fit_model() -> ocdwrap.OCDModel:
-    return _wrap(**SMALL, delta="rank1", checkpoint_every=5)
-
-
-def test_fit_survives_sigkill(store_dir: str, tmp_path) -> None:
-    ckpt = tmp_path / "ckpt"
-    proc = _start_worker("fit", store_dir, str(ckpt))
-    _kill_when(proc, lambda: (_json(ckpt / "fit_checkpoint.json") or {}).get("step", 0) >= 5, "fit")
-    killed_at = _json(ckpt / "fit_checkpoint.json")["step"]
-    assert 5 <= killed_at < KILL_STEPS
-    with _one_thread():
-        resumed = _fit_model()
-        report = ocdwrap.fit(
-            resumed, store_dir, steps=KILL_STEPS, checkpoint_dir=ckpt, progress=False
-        )
-        full = _fit_model()
-        reference = ocdwrap.fit(full, store_dir, steps=KILL_STEPS, progress=False)
-    assert report.resumed_from >= killed_at and report.losses == reference.losses
-    a, b = full.hypernet.state_dict(), resumed.hypernet.state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-STALL = 12  # the workers stop making progress here, so the kill lands mid-run on any machine
-
-
-def _worker(argv: list[str]) -> None:
-    """The subprocess side of the SIGKILL tests: slowed down so the kill can land anywhere, and
-    stalled after ``STALL`` batches or steps, so it always lands before the end however loaded
-    the machine is (the test kills it once the first shard or checkpoint exists)."""
-    torch.set_num_threads(1)
-    if argv[0] == "collect":
-
-        def slow():
-            for i, batch in enumerate(_kill_data()):
-                time.sleep(600 if i == STALL else 0.03)  # 12 batches: 3 shards of 32 written
-                yield batch
-
-        ocdwrap.collect(_wrap(shard_size=KILL_SHARD), slow(), CE, argv[1], progress=False)
-    elif argv[0] == "fit":
-        from ocdwrap.hypernet import OCDHyperNetwork
-
-        original = OCDHyperNetwork.update_ema
-        calls = {"n": 0}
-
-        def slow_ema(self, decay):
-            calls["n"] += 1
-            time.sleep(600 if calls["n"] == STALL else 0.03)  # checkpoints at 5 and 10 written
-            return original(self, decay)
-
-        OCDHyperNetwork.update_ema = slow_ema
-        ocdwrap.fit(_fit_model(), argv[1], steps=KILL_STEPS, checkpoint_dir=argv[2], progress=False)
-    else:
-        raise SystemExit(f"unknown worker task {argv[0]!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. nothing unsafe loaded
+# 2. nothing unsafe loaded
 # ---------------------------------------------------------------------------------------------
 class _Payload:
     """Unpickling this creates the file ``marker``: a stand-in for arbitrary code."""
@@ -714,7 +389,7 @@ def test_planted_pickles_are_never_executed(fitted: ocdwrap.OCDModel, tmp_path) 
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. concurrency: one OCDModel, several threads
+# 3. concurrency: one OCDModel, several threads
 # ---------------------------------------------------------------------------------------------
 def test_threads_get_the_outputs_of_sequential_calls(fitted: ocdwrap.OCDModel) -> None:
     g = torch.Generator().manual_seed(1)
@@ -755,7 +430,3 @@ def test_threads_get_the_outputs_of_sequential_calls(fitted: ocdwrap.OCDModel) -
     for name, outs in expected.items():
         for i, (want, got) in enumerate(zip(outs, results[name])):
             assert torch.equal(want, got), (name, i)
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1:])
