@@ -470,6 +470,33 @@ class OCDModel(nn.Module):
                 hyper.to(fn(probe.detach()[:0]).device)
         return self
 
+    # --- size ------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT's method of that name returns them.
+
+        Trainable: what :func:`ocdwrap.fit` trains, the hypernetwork's generator and scale model
+        (0 before a hypernetwork is fitted or loaded); all: those plus the frozen base model
+        (the generator's EMA copy, which sampling uses, is counted in neither: it is an average,
+        not trained).
+        """
+        base = sum(p.numel() for p in self.base_model.parameters())
+        if self.hypernet is None:
+            return 0, base
+        trainable = sum(
+            p.numel()
+            for part in (self.hypernet.net, self.hypernet.scale)
+            for p in part.parameters()
+        )
+        return trainable, base + trainable
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts of :meth:`get_nb_trainable_parameters`, as PEFT does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total if total else 0.0
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"
+        )
+
     # --- undo ------------------------------------------------------------------------------------
     def unload(self) -> nn.Module:
         """Remove ocdwrap from the base model and return it untouched (original layer, flags)."""

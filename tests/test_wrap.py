@@ -250,3 +250,22 @@ def test_a_missing_local_path_is_an_error_naming_it_not_a_hub_lookup(path, monke
     with pytest.raises(ocdwrap.errors.AdapterNotFoundError, match="does not exist") as e:
         ocdwrap.OCDModel.from_pretrained(make_mlp(), path)
     assert path in str(e.value)
+
+
+def test_trainable_parameters_are_the_hypernetwork_s(tmp_path, capsys) -> None:
+    base = make_mlp()
+    n_base = sum(p.numel() for p in base.parameters())
+    model = ocdwrap.wrap(base, layer="fc2", config=ocdwrap.OCDConfig(delta="rank1"))
+    assert model.get_nb_trainable_parameters() == (0, n_base)  # nothing fitted yet
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    store = ocdwrap.collect(model, [(x, y)], ce, tmp_path / "d", progress=False)
+    ocdwrap.fit(model, store, steps=1, batch_size=8, progress=False)
+    h = model.hypernet
+    expected = sum(p.numel() for p in h.net.parameters()) + sum(
+        p.numel() for p in h.scale.parameters()
+    )
+    assert model.get_nb_trainable_parameters() == (expected, n_base + expected)
+    model.print_trainable_parameters()
+    out = capsys.readouterr().out
+    assert f"trainable params: {expected:,} || all params: {n_base + expected:,}" in out
