@@ -155,20 +155,52 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], log: Path, timeout: flo
         time.sleep(0.002)
 
 
-def _kill_at_random(what: str, seed: int, span: float, tmp_path: Path, *args: str) -> float:
-    """Start the ``what`` worker, wait until it starts the work, kill it with SIGKILL a random
-    (seeded) time into it, and return that time."""
-    delay = random.Random(f"{what}-{seed}").uniform(0.0, span)
-    started, log = tmp_path / f"{what}-{seed}.started", tmp_path / f"{what}-{seed}.log"
-    proc = _start_worker(log, what, str(started), *args)
-    _wait_for(started, [proc], log)
-    time.sleep(delay)
-    if proc.poll() is not None:
-        pytest.fail(f"the {what} worker ended before the kill:\n" + log.read_text())
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return delay
+class _Doomed:
+    """The ``what`` workers of every kill seed, started at once (they load while the others
+    work), each waiting for its go file: :meth:`kill` starts one and kills it with SIGKILL a
+    random (seeded) time into its work. Any still running at the end are killed."""
+
+    def __init__(self, what: str, span: float, tmp_path: Path, args_of) -> None:
+        self.what, self.span, self.dir = what, span, tmp_path
+        self.procs = {}
+        for seed in KILL_SEEDS:
+            go, started, log = self._files(seed)
+            self.procs[seed] = _start_worker(log, what, str(go), str(started), *args_of(seed))
+
+    def _files(self, seed: int) -> tuple[Path, Path, Path]:
+        return tuple(self.dir / f"{self.what}-{seed}.{x}" for x in ("go", "started", "log"))
+
+    def __enter__(self) -> _Doomed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def kill(self, seed: int) -> float:
+        delay = random.Random(f"{self.what}-{seed}").uniform(0.0, self.span)
+        go, started, log = self._files(seed)
+        proc = self.procs[seed]
+        go.touch()
+        _wait_for(started, [proc], log)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            pytest.fail(f"the {self.what} worker ended before the kill:\n" + log.read_text())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        return delay
+
+
+def _await(go: Path, timeout: float = 600.0) -> None:
+    """The worker side of the go file (a worker nobody starts goes away by itself)."""
+    deadline = time.monotonic() + timeout
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no {go} after {timeout} s")
+        time.sleep(0.002)
 
 
 def _kill_data():
@@ -181,7 +213,9 @@ def _worker(argv: list[str]) -> None:
     the machine is."""
     torch.set_num_threads(1)
     task, args = argv[0], argv[1:]
-    if task == "collect":  # started, out_dir
+    if task in ("collect", "fit", "save"):  # go, started, ...: see _Doomed
+        go, started, args = Path(args[0]), Path(args[1]), args[2:]
+    if task == "collect":  # out_dir
         model = _wrap(shard_size=KILL_SHARD)
 
         def slow():
@@ -189,9 +223,10 @@ def _worker(argv: list[str]) -> None:
                 time.sleep(600 if i == STALL else 0.03)  # 12 batches: 3 shards of 32 written
                 yield batch
 
-        Path(args[0]).touch()
-        ocdwrap.collect(model, slow(), CE, args[1], progress=False)
-    elif task == "fit":  # started, store, checkpoint_dir
+        _await(go)
+        started.touch()
+        ocdwrap.collect(model, slow(), CE, args[0], progress=False)
+    elif task == "fit":  # store, checkpoint_dir
         from ocdwrap.hypernet import OCDHyperNetwork
 
         original = OCDHyperNetwork.update_ema
@@ -204,14 +239,16 @@ def _worker(argv: list[str]) -> None:
 
         OCDHyperNetwork.update_ema = slow_ema
         model = _wrap(**FIT_CFG)
-        Path(args[0]).touch()
-        ocdwrap.fit(model, args[1], steps=KILL_STEPS, checkpoint_dir=args[2], progress=False)
-    elif task == "save":  # started, old, new, target: save new and old over target, in turn
-        old, new = (ocdwrap.OCDModel.from_pretrained(make_mlp(), d) for d in args[1:3])
-        Path(args[0]).touch()
+        _await(go)
+        started.touch()
+        ocdwrap.fit(model, args[0], steps=KILL_STEPS, checkpoint_dir=args[1], progress=False)
+    elif task == "save":  # old, new, target: save new and old over target, in turn
+        old, new = (ocdwrap.OCDModel.from_pretrained(make_mlp(), d) for d in args[0:2])
+        _await(go)
+        started.touch()
         while True:
-            new.save_pretrained(args[3], overwrite=True)
-            old.save_pretrained(args[3], overwrite=True)
+            new.save_pretrained(args[2], overwrite=True)
+            old.save_pretrained(args[2], overwrite=True)
     elif task == "fsize":
         _refused_writes(Path(args[0]))
     elif task == "race":
@@ -229,16 +266,17 @@ def test_collect_killed_at_random_moments_resumes_to_the_same_collection(tmp_pat
         full = ocdwrap.collect(
             _wrap(shard_size=KILL_SHARD), _kill_data(), CE, tmp_path / "full", progress=False
         )
-    for seed in KILL_SEEDS:
-        part = tmp_path / f"killed-{seed}"
-        _kill_at_random("collect", seed, 0.6, tmp_path, str(part))
-        if (part / "manifest.json").exists():  # the commit point is never torn
-            assert not read_json(str(part / "manifest.json"))["complete"]
-        with _one_thread():
-            resumed = ocdwrap.collect(
-                _wrap(shard_size=KILL_SHARD), _kill_data(), CE, part, progress=False
-            )
-        _assert_same_collection(resumed, full)  # no temporary file of the killed write is left
+    with _Doomed("collect", 0.6, tmp_path, lambda seed: [str(tmp_path / f"killed-{seed}")]) as w:
+        for seed in KILL_SEEDS:
+            part = tmp_path / f"killed-{seed}"
+            w.kill(seed)
+            if (part / "manifest.json").exists():  # the commit point is never torn
+                assert not read_json(str(part / "manifest.json"))["complete"]
+            with _one_thread():
+                resumed = ocdwrap.collect(
+                    _wrap(shard_size=KILL_SHARD), _kill_data(), CE, part, progress=False
+                )
+            _assert_same_collection(resumed, full)  # no temporary file of a killed write is left
 
 
 @pytest.mark.slow
@@ -246,38 +284,46 @@ def test_fit_killed_at_random_moments_resumes_to_the_same_model(store_dir: str, 
     with _one_thread():
         full = _wrap(**FIT_CFG)
         reference = ocdwrap.fit(full, store_dir, steps=KILL_STEPS, progress=False)
-    for seed in KILL_SEEDS:
-        ckpt = tmp_path / f"ckpt-{seed}"
-        _kill_at_random("fit", seed, 1.5, tmp_path, store_dir, str(ckpt))
-        killed_at = 0
-        if (ckpt / "fit_checkpoint.json").exists():  # the commit point is never torn
-            killed_at = read_json(str(ckpt / "fit_checkpoint.json"))["step"]
-            assert killed_at < KILL_STEPS and killed_at % KILL_EVERY == 0
-        with _one_thread():
-            resumed = _wrap(**FIT_CFG)
-            report = ocdwrap.fit(
-                resumed, store_dir, steps=KILL_STEPS, checkpoint_dir=ckpt, progress=False
-            )
-        assert report.resumed_from == killed_at
-        assert report.losses == reference.losses
-        a, b = full.hypernet.state_dict(), resumed.hypernet.state_dict()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (seed, k)
+    with _Doomed(
+        "fit", 1.5, tmp_path, lambda seed: [store_dir, str(tmp_path / f"ckpt-{seed}")]
+    ) as w:
+        for seed in KILL_SEEDS:
+            ckpt = tmp_path / f"ckpt-{seed}"
+            w.kill(seed)
+            killed_at = 0
+            if (ckpt / "fit_checkpoint.json").exists():  # the commit point is never torn
+                killed_at = read_json(str(ckpt / "fit_checkpoint.json"))["step"]
+                assert killed_at < KILL_STEPS and killed_at % KILL_EVERY == 0
+            with _one_thread():
+                resumed = _wrap(**FIT_CFG)
+                report = ocdwrap.fit(
+                    resumed, store_dir, steps=KILL_STEPS, checkpoint_dir=ckpt, progress=False
+                )
+            assert report.resumed_from == killed_at
+            assert report.losses == reference.losses
+            a, b = full.hypernet.state_dict(), resumed.hypernet.state_dict()
+            for k in a:
+                assert torch.equal(a[k], b[k]), (seed, k)
 
 
 @pytest.mark.slow
 def test_adapter_save_killed_at_random_moments_leaves_the_old_or_the_new(
     adapters: Adapters, tmp_path
 ) -> None:
+    dirs = [str(adapters.dirs[n]) for n in ("old", "new")]
     for seed in KILL_SEEDS:
-        target = _copy_store(adapters.dirs["old"], tmp_path / f"adapter-{seed}")
-        dirs = [str(adapters.dirs[n]) for n in ("old", "new")]
-        _kill_at_random("save", seed, 0.3, tmp_path, *dirs, str(target))
-        assert _which(target, adapters) in ("old", "new")
-        # what the kill left does not stand in the way of the next saves
-        for name in ("new", "old"):
-            adapters.models[name].save_pretrained(target, overwrite=True)
-            assert _which(target, adapters) == name
+        _copy_store(adapters.dirs["old"], tmp_path / f"adapter-{seed}")
+    with _Doomed(
+        "save", 0.3, tmp_path, lambda seed: [*dirs, str(tmp_path / f"adapter-{seed}")]
+    ) as w:
+        for seed in KILL_SEEDS:
+            target = tmp_path / f"adapter-{seed}"
+            w.kill(seed)
+            assert _which(target, adapters) in ("old", "new")
+            # what the kill left does not stand in the way of the next saves
+            for name in ("new", "old"):
+                adapters.models[name].save_pretrained(target, overwrite=True)
+                assert _which(target, adapters) == name
 
 
 # ---------------------------------------------------------------------------------------------
