@@ -62,6 +62,14 @@ RACE_CFG = dict(shard_size=16)
 RACE_N = 48
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_on_one_thread():
+    """This file's work runs on one thread, as its subprocesses do: the results compare bit for
+    bit, and a crowded machine does not slow two threads down more than one."""
+    with _one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory) -> str:
     """A complete collection (full deltas: every key) of the 48 samples of ``_loader()``."""
