@@ -364,14 +364,15 @@ def table_notes(res: Results, args: Any, data: dict) -> list[str]:
     out += notes.agreement_note(res)
     out += notes.selection_note(res, LAYER, "256 validation documents", linear_only=True)
     tr, va, te = data["train"], data["val"], data["test"]
-    skipped = sorted({i.get("ndcg_queries_without_relevant_doc", 0) for i in res.info.values()})
+    skipped = [i.get("ndcg_queries_without_relevant_doc", 0) for i in res.info.values()]
+    left_out = "none here" if not any(skipped) else f"per seed {skipped}"
     out.append(
         f"data: {', '.join(os.path.relpath(f) for f in data['files'])}; split by query: train "
         f"{len(tr.y)} documents / {tr.queries} queries, validation {len(va.y)} / {va.queries}, "
         f"test {len(te.y)} / {te.queries}; {tr.x.shape[1]} features, standardised; relevance "
         f"{int(te.y.min())}-{int(max(tr.y.max(), te.y.max()))}. NDCG@{NDCG_AT}: mean over test "
         f"queries, gain 2^rel − 1, a query with < {NDCG_AT} documents over all of them, queries "
-        f"with no relevant document left out ({skipped} of them)"
+        f"with no relevant document left out ({left_out})"
     )
     out.append(
         f"settings: delta={args.delta} ({args.delta_normalization}-normalised), OCD on {LAYER}, "
