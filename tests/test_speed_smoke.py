@@ -37,6 +37,13 @@ def test_speed_smoke(tmp_path, capsys) -> None:
     ):
         assert c[key] > 0, key
     assert c["max_abs_diff_vs_loop"] < 1e-5  # the vectorized deltas are the loop's
+    # collect() against the epoch and the loop, within rounds
+    assert c["collect_rank1_vs_loop"] > 0 and len(c["collect_rounds"]) >= 1
+    for rnd in c["collect_rounds"]:
+        assert rnd["collect_rank1_epochs"] > 0 and len(rnd["epoch_seconds"]) == 2
+    # the docs' tables render from such a JSON (here the same run as before and after)
+    table = speed.doc_tables(str(out), str(out))
+    assert "| goal (issue 26) |" in table and ("missed" in table or "met" in table)
 
     inf = r["inference"]
     for key in ("rank1", "full", "full_small_unet"):
