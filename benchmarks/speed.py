@@ -962,6 +962,7 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
             )
         elif cm:
             lines[-1] += f" The wrapped model did not compile: {cm['error']}"
+    lines += ["", *detail_tables(a, after_path)]
     if memory_ab_path:
         with open(os.path.join(root, memory_ab_path)) as f:
             m = json.load(f)
@@ -977,6 +978,85 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
             runs = ", ".join(f"{x:.0f}" for x in v["host_peak_mb"])
             lines.append(f"| {label} | {len(v['host_peak_mb'])} | {runs} | {v['median_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def detail_tables(a: dict[str, Any], path: str) -> list[str]:
+    """The after run's figures against the paper's cost model: collection, inference at batch 1
+    and on the full path, the paper-size UNet pass, fitting, the full-path fit step, memory."""
+    c, inf, fit, mem = a["collection"], a["inference"], a["fitting"], a["memory"]
+    paper = a["paper_cost_model"]
+    out = [
+        f"The after run's other figures (`{path}`):",
+        "",
+        "| figure | paper's protocol | ocdwrap |",
+        "| --- | --- | --- |",
+        f"| overfitting, per training sample | {paper['overfit_steps_per_sample']} steps, one "
+        f"sample at a time | vectorized batch of {c['batch']}: "
+        f"{c['vectorized_samples_per_s']:,.0f} samples/s, {c['speedup_vs_loop']:.1f}x the "
+        f"one-at-a-time loop ({c['loop_samples_per_s']:,.0f}/s; "
+        f"{c['speedup_vs_loop_whole_passes']:.1f}x with the split forward off); deltas equal the "
+        f"loop's to {c['max_abs_diff_vs_loop']:.1e} |",
+        f"| whole collection (`collect()` of {c['train_samples']:,} samples, shards included) | "
+        f"— | rank one {c['collect_rank1_seconds']:.2f} s, full matrices "
+        f"{c['collect_full_seconds']:.2f} s; one epoch of base training {c['epoch_seconds']:.2f} s |",
+    ]
+    for key, label in (("rank1", "rank-one generator"), ("full", "full-matrix UNet")):
+        steps = PAPER_STEPS
+        for B, v in inf[key].items():
+            if not isinstance(v, dict):
+                continue
+            out.append(
+                f"| inference, batch {B}, {steps} sampling steps | {paper['unet_passes_per_test_sample']} "
+                f"UNet passes x {paper['unet_pass_ms']:.0f} ms ({paper['gpu']}) | {label}: "
+                f"{v['overhead']:,.1f}x the base forward, {v['ocd_ms_per_sample']:.3f} ms per "
+                f"sample, denoiser pass {v['denoiser_pass_ms']:.2f} ms |"
+            )
+    for v in inf["unet_pass"].values():
+        out.append(
+            f"| one UNet pass at batch 1, channels {v['channels']} ({v['params'] / 1e6:.2f} M "
+            f"params) | {paper['unet_pass_ms']:.0f} ms (the paper's UNet) | {v['pass_ms_batch1']:.1f} ms |"
+        )
+    for k, v in fit.items():
+        out.append(
+            f"| fitting, `delta={k!r}` | — | {v['samples_per_s']:,.1f} samples/s (batch "
+            f"{v['batch_size']}, {v['steps']} steps) |"
+        )
+    if mem:
+        st = mem["stored"]
+        out.append(
+            f"| stored per training sample | the full matrix | rank one: "
+            f"{st['delta_bytes_per_sample_rank1']:.0f} B of factors against "
+            f"{st['delta_bytes_per_sample_full']:.0f} B "
+            f"({st['delta_ratio_full_to_rank1']:.0f}x less); whole shards "
+            f"{st['rank1']['file_bytes_per_sample']:,.0f} against "
+            f"{st['full']['file_bytes_per_sample']:,.0f} B |"
+        )
+        for k in ("collect_full", "collect_rank1", "fit_full", "fit_rank1"):
+            if k in mem:
+                what, delta = k.split("_")
+                out.append(
+                    f"| peak memory above the start, `{what}`, `delta={delta!r}` | — | "
+                    f"{mem[k]['host_peak_mb']:.0f} MB (first, small call in the same fresh "
+                    f"process: {mem[k]['first_call_host_peak_mb']:.0f} MB) |"
+                )
+    fs = a.get("fit_step", {})
+    if "micro_batched" in fs:
+        out += [
+            "",
+            f"One `fit` step of the full path at the library's defaults ({fs['weight_shape'][0]} x "
+            f"{fs['weight_shape'][1]}, batch {fs['batch']}, UNet {tuple(fs['unet_channels'])}), "
+            "after run:",
+            "",
+            "| how | micro-batch | s/step (wall) | user s | kernel s | kernel share | minor faults |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *(
+                f"| {label.replace('_', ' ')} | {v['micro_batch']} | {v['seconds_per_step']:.2f} | "
+                f"{v['user_s']:.2f} | {v['kernel_s']:.2f} | {100 * v['kernel_share']:.0f} % | "
+                f"{v['minor_faults_per_step']:,.0f} |"
+                for label, v in _fit_step_variants(fs)
+            ),
+        ]
+    return out
 
 
 def update_doc(doc: str) -> int:
