@@ -208,7 +208,7 @@ def _await(go: Path, timeout: float = 600.0) -> None:
     while not go.exists():
         if time.monotonic() > deadline:
             raise SystemExit(f"no {go} after {timeout} s")
-        time.sleep(0.002)
+        time.sleep(0.001)
 
 
 def _kill_data():
@@ -652,11 +652,9 @@ def _race(workdir: Path, name: str) -> None:
                 yield batch
 
         (workdir / f"ready-{i}-{name}").touch()
-        while not (workdir / f"go-{i}").exists():
-            time.sleep(0.001)
+        _await(workdir / f"go-{i}")
         if trial["after"] and name == "b":  # the second starts once the first has finished
-            while not (workdir / f"result-{i}-a.json").exists():
-                time.sleep(0.001)
+            _await(workdir / f"result-{i}-a.json")
         try:
             store = ocdwrap.collect(model, slow(), CE, workdir / f"trial-{i}", progress=False)
             out = {"outcome": "ok", "samples": len(store), "complete": store.complete}
