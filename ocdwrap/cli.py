@@ -50,6 +50,7 @@ def _human(n: float) -> str:
 
 def describe_adapter(directory: str) -> dict[str, Any]:
     """What a saved adapter holds (read from its files; nothing is built)."""
+    from .card import read_card
     from .io import json_from_bytes, read_file_set, safetensors_metadata, tensors_from_bytes
 
     path = os.path.join(directory, WEIGHTS_NAME)
@@ -102,6 +103,7 @@ def describe_adapter(directory: str) -> dict[str, Any]:
         "dtypes": dtypes,
         "bytes": _dir_bytes(directory),
         "checksums": "xxh3_64 per file: verified" if verified else UNVERIFIED,
+        "model_card": read_card(directory),
     }
 
 
@@ -183,6 +185,19 @@ def describe(directory: str) -> list[dict[str, Any]]:
     return found
 
 
+def _card_line(card: dict[str, Any] | None) -> str:
+    if card is None:
+        return "none"
+    parts = [f"README.md: {card.get('title') or '(no title)'}"]
+    if card.get("base_model"):
+        parts.append(f"base model {card['base_model']}")
+    if card.get("library_version"):
+        parts.append(f"ocdwrap {card['library_version']}")
+    if card.get("sections"):
+        parts.append("sections: " + ", ".join(card["sections"]))
+    return "; ".join(parts)
+
+
 def _collection_state(info: dict[str, Any]) -> str:
     if not info["complete"]:
         return "INCOMPLETE: run collect again to resume"
@@ -210,6 +225,7 @@ def _print_info(info: dict[str, Any]) -> None:
             ("dtypes", ", ".join(info["dtypes"])),
             ("size on disk", _human(info["bytes"])),
             ("checksums", info["checksums"]),
+            ("model card", _card_line(info.get("model_card"))),
         ]
     elif info["kind"] == "collection":
         rows += [

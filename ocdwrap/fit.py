@@ -598,6 +598,7 @@ def fit(
     hyper.scale.requires_grad_(True)
     hyper.eval()
     model.hypernet = hyper
+    model.fit_report = report  # the model card reports it
     return report
 
 

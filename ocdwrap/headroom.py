@@ -787,7 +787,9 @@ def headroom(
         scored = _score_all(model, held, loss_fn, task, probe_out, mix_k, sigma)
     finally:
         model.base_model.train(was_training)
-    return _report(model, held, task, info, scored, time.perf_counter() - start)
+    report = _report(model, held, task, info, scored, time.perf_counter() - start)
+    model.headroom_report = report  # the model card reports it
+    return report
 
 
 def _score_all(model, held: _Split, loss_fn, task, probe_out, mix_k, sigma=None) -> dict:

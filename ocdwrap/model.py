@@ -34,6 +34,8 @@ from .capture import (
     build_conditioning,
     conditioning_options,
 )
+from .card import CARD_NAME, model_card
+from .card import is_ours as card_is_ours
 from .config import OCDConfig
 from .errors import (
     AdapterExistsError,
@@ -159,6 +161,9 @@ class OCDModel(nn.Module):
         setattr(parent, attr, dynamic)
         self._capture = LayerCapture(dynamic, self._state)
         self.hypernet: nn.Module | None = None
+        # what the model card reports: set by ocdwrap.fit and ocdwrap.headroom on this model
+        self.fit_report: Any = None
+        self.headroom_report: Any = None
 
     # --- the target layer --------------------------------------------------------------------
     @property
@@ -511,7 +516,12 @@ class OCDModel(nn.Module):
     # --- save / load -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
         """Save the adapter (never the base model): ``ocd_config.json`` + ``ocd_model.safetensors``,
-        and ``ocd_files.json``, which names both with their checksums.
+        a ``README.md`` model card, and ``ocd_files.json``, which names them with their checksums.
+
+        The card (:mod:`ocdwrap.card`) names the base model, the layer, the delta and generator,
+        the ocdwrap version, the fit and, when ``ocdwrap.headroom`` was run on this model, its
+        verdict. A ``README.md`` already in ``directory`` that ocdwrap did not write is left as
+        it is (the card is then not written).
 
         ``ocd_files.json`` is the commit point: a save killed at any moment leaves the adapter
         that was there before or the new one (``from_pretrained`` loads whole adapters only),
@@ -539,6 +549,17 @@ class OCDModel(nn.Module):
             WEIGHTS_NAME: safetensors_save(state, metadata=meta),
             CONFIG_NAME: self.config.to_json_string().encode("utf-8"),
         }
+        readme = os.path.join(directory, CARD_NAME)
+        if not os.path.exists(readme) or card_is_ours(readme):
+            from . import __version__
+
+            files[CARD_NAME] = model_card(self, __version__).encode("utf-8")
+        else:
+            logger.warning(
+                "ocdwrap: %s is not an ocdwrap model card; it was left as it is and no card was "
+                "written.",
+                readme,
+            )
         write_file_set(directory, files, fmt="ocdwrap-adapter")
         return directory
 

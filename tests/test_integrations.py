@@ -87,6 +87,7 @@ def test_trainer_callback_collects_fits_and_saves_only_the_adapter(tmp_path):
     adapter = tmp_path / "ocd_adapter"
     assert callback.adapter_dir == str(adapter)
     assert sorted(os.listdir(adapter)) == [
+        "README.md",
         "ocd_config.json",
         "ocd_files.json",
         "ocd_model.safetensors",

@@ -269,3 +269,37 @@ def test_trainable_parameters_are_the_hypernetwork_s(tmp_path, capsys) -> None:
     model.print_trainable_parameters()
     out = capsys.readouterr().out
     assert f"trainable params: {expected:,} || all params: {n_base + expected:,}" in out
+
+
+def test_save_pretrained_writes_a_model_card_that_info_reads_back(tmp_path, capsys) -> None:
+    from ocdwrap.cli import describe, main
+
+    base = make_mlp()
+    base.name_or_path = "someone/tiny-mlp"  # as Hugging Face models record where they came from
+    model = ocdwrap.wrap(base, layer="fc2", config=ocdwrap.OCDConfig(delta="rank1"))
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    store = ocdwrap.collect(model, [(x[:16], y[:16])], ce, tmp_path / "d", progress=False)
+    report = ocdwrap.fit(model, store, steps=3, batch_size=8, progress=False)
+    ocdwrap.headroom(model, [(x[16:], y[16:])], ce, train_loader=[(x[:16], y[:16])])
+    model.save_pretrained(tmp_path / "a")
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: ocdwrap\n")
+    assert 'base_model: "someone/tiny-mlp"' in card and "`fc2` (linear, weight 16 x 32)" in card
+    assert f"final denoising loss {report.final_loss:.4g}" in card
+    assert "## Can OCD help on this model?" in card and "overfit" in card
+    (info,) = describe(str(tmp_path / "a"))
+    assert info["model_card"]["base_model"] == "someone/tiny-mlp"
+    assert info["model_card"]["sections"] == [
+        "Fit",
+        "Can OCD help on this model? (`ocdwrap.headroom`)",
+    ]
+    assert main(["info", str(tmp_path / "a")]) == 0
+    assert "base model someone/tiny-mlp" in capsys.readouterr().out
+    # a README of the user's own is never replaced
+    own = tmp_path / "b"
+    own.mkdir()
+    (own / "README.md").write_text("# my notes\n")
+    model.save_pretrained(own)
+    assert (own / "README.md").read_text() == "# my notes\n"
+    assert ocdwrap.OCDModel.from_pretrained(make_mlp(), own).hypernet is not None
