@@ -42,6 +42,7 @@ from .io import (
     checkpoint_tensors_name,
     read_json,
     read_verified,
+    tensor_fingerprint,
     tensors_from_bytes,
 )
 from .model import OCDModel
@@ -267,6 +268,23 @@ def new_hypernetwork(
     hyper.set_statistics(cond, rho, target)
     hyper.ema.load_state_dict(hyper.net.state_dict())
     return hyper
+
+
+def _continued(
+    model: OCDModel, store: DeltaStore, target: torch.Tensor, cond: Conditioning, device
+) -> OCDHyperNetwork:
+    """The loaded hypernetwork, to be trained further, after checking it fits this collection."""
+    hyper = model.hypernet
+    dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
+    if tuple(hyper.dims) != dims or tuple(hyper.target_shape) != tuple(target.shape[1:]):
+        raise BaseModelMismatchError(
+            f"The loaded hypernetwork generates {tuple(hyper.target_shape)} deltas from "
+            f"conditioning of widths {tuple(hyper.dims)}, but the collection in {store.directory} "
+            f"holds {tuple(target.shape[1:])} deltas with conditioning widths {dims}. Continue "
+            "fitting on a collection made like the one it was fitted on, or fit a fresh one "
+            "(from_pretrained without is_trainable=True)."
+        )
+    return hyper.to(device)
 
 
 class _Checkpoint:
@@ -557,7 +575,10 @@ def fit(
     b = _global_batch(requested, N, procs)
     mine = slice(procs.rank * (b // procs.world), (procs.rank + 1) * (b // procs.world))
 
-    hyper = new_hypernetwork(model, target, rho, cond, seed, store=store)  # same on every process
+    if model.is_trainable and model.hypernet is not None:  # from_pretrained(is_trainable=True)
+        hyper = _continued(model, store, target, cond, device)
+    else:
+        hyper = new_hypernetwork(model, target, rho, cond, seed, store=store)  # same everywhere
     hyper.scale.requires_grad_(cfg.scale == "learned")
     opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)
     opt_scale = torch.optim.Adam(hyper.scale.parameters(), lr=cfg.scale_lr)
@@ -567,6 +588,8 @@ def fit(
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         run_id = _run_id(model, store, N, steps, requested, lr or cfg.fit_lr, seed)
+        if model.is_trainable and model.hypernet is not None:  # continued: from these weights
+            run_id["continued_from"] = tensor_fingerprint(*hyper.state_dict().values())
         checkpoint = _Checkpoint(checkpoint_dir, run_id)
     start = checkpoint.restore(hyper, opt, opt_scale, gen, report) if checkpoint and resume else 0
     objective = _data_parallel(hyper, procs, device)

@@ -161,6 +161,8 @@ class OCDModel(nn.Module):
         setattr(parent, attr, dynamic)
         self._capture = LayerCapture(dynamic, self._state)
         self.hypernet: nn.Module | None = None
+        # fit continues from the loaded hypernetwork (from_pretrained(is_trainable=True))
+        self.is_trainable = False
         # what the model card reports: set by ocdwrap.fit and ocdwrap.headroom on this model
         self.fit_report: Any = None
         self.headroom_report: Any = None
@@ -570,12 +572,21 @@ class OCDModel(nn.Module):
         directory: str | os.PathLike,
         *,
         device: str | torch.device | None = None,
+        is_trainable: bool = False,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
     ) -> OCDModel:
         """Wrap ``base`` and load a saved adapter into it (frozen, eval mode).
+
+        With ``is_trainable=True`` (PEFT's name) a later :func:`ocdwrap.fit` continues from the
+        loaded hypernetwork (its weights, EMA and the data statistics it was fitted with)
+        instead of starting a fresh one; ``steps`` then counts the steps of that call (extra
+        steps, as a new ``transformers.Trainer`` on a loaded model does). An adapter holds no
+        optimizer state (it would triple its size, and transformers keeps it in training
+        checkpoints, not in the model): Adam's moments start afresh. For an exact continuation
+        of an interrupted fit use ``fit(checkpoint_dir=...)``, whose checkpoints hold them.
 
         ``directory`` is a local directory written by :meth:`save_pretrained`, or the id of a
         Hugging Face Hub repository holding one (``"owner/name"``, fetched with
@@ -636,6 +647,7 @@ class OCDModel(nn.Module):
                 f"({e}). Save it again with OCDModel.save_pretrained."
             ) from e
         model.hypernet = hypernet.to(device or model.device).eval()
+        model.is_trainable = bool(is_trainable)
         return model
 
 

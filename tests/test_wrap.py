@@ -303,3 +303,45 @@ def test_save_pretrained_writes_a_model_card_that_info_reads_back(tmp_path, caps
     model.save_pretrained(own)
     assert (own / "README.md").read_text() == "# my notes\n"
     assert ocdwrap.OCDModel.from_pretrained(make_mlp(), own).hypernet is not None
+
+
+def test_fit_continues_from_an_adapter_loaded_with_is_trainable(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = make_mlp()
+    cfg = ocdwrap.OCDConfig(delta="rank1", cond_dim=16, mlp_hidden=32, mlp_layers=2, fit_lr=3e-3)
+    model = ocdwrap.wrap(base, layer="fc2", config=cfg)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g)
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    store = ocdwrap.collect(model, [(x, y)], ce, tmp_path / "d", progress=False)
+    first = ocdwrap.fit(model, store, steps=300, batch_size=32, progress=False)
+    model.save_pretrained(tmp_path / "a")
+    saved = {k: v.clone() for k, v in model.hypernet.state_dict().items()}
+    base = model.unload()
+
+    def first_losses(report) -> float:
+        return sum(report.losses[:20]) / 20
+
+    # is_trainable=True: fit goes on from the saved weights and statistics (steps are extra)
+    cont = ocdwrap.OCDModel.from_pretrained(base, tmp_path / "a", is_trainable=True)
+    loaded = cont.hypernet
+    report = ocdwrap.fit(cont, store, steps=20, batch_size=32, progress=False, seed=1)
+    assert cont.hypernet is loaded and report.steps == 20
+    for k in ("rho_mean", "target_mean", "target_scale"):  # the statistics it was fitted with
+        if k in saved:
+            torch.testing.assert_close(cont.hypernet.state_dict()[k], saved[k], msg=k)
+    base = cont.unload()
+    # without it, fit starts a fresh hypernetwork: its first losses are those of an untrained one
+    fresh = ocdwrap.OCDModel.from_pretrained(base, tmp_path / "a")
+    again = ocdwrap.fit(fresh, store, steps=20, batch_size=32, progress=False, seed=1)
+    assert first_losses(first) > 1.5 * first.final_loss  # the first fit did learn something
+    assert first_losses(report) < 0.5 * (first.final_loss + first_losses(first))
+    assert first_losses(again) > 0.5 * (first.final_loss + first_losses(first))
+    # a collection of another shape is refused, naming the fix
+    other = ocdwrap.wrap(make_mlp(), layer="fc1", config=cfg)
+    store1 = ocdwrap.collect(other, [(x, y)], ce, tmp_path / "d1", progress=False)
+    ocdwrap.fit(other, store1, steps=2, batch_size=32, progress=False)
+    other.is_trainable = True
+    other.hypernet = loaded
+    with pytest.raises(ocdwrap.errors.BaseModelMismatchError, match="is_trainable"):
+        ocdwrap.fit(other, store1, steps=2, batch_size=32, progress=False)
