@@ -42,12 +42,11 @@ from .store import (
     DeltaStore,
     StoreWriter,
     _comparable,
-    remove,
 )
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
-__all__ = ["clear_collection", "collect", "overfit_batch", "overfit_one"]
+__all__ = ["collect", "overfit_batch", "overfit_one"]
 
 
 def _identity(model: OCDModel, cfg: OCDConfig, out_dir: str | None = None) -> dict[str, Any]:
@@ -314,8 +313,3 @@ def _collect(
         )
     bar.close()
     return writer.close(positions=end, stopped=stopped)
-
-
-def clear_collection(out_dir: str | os.PathLike) -> None:
-    """Deprecated alias of :func:`ocdwrap.store.remove`."""
-    remove(out_dir)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSam
 from .batches import split_batch
 from .collect import _data_fingerprint, collect
 from .errors import CollectionExistsError, DistributedError, EmptyDataError
-from .fit import FitReport, fit
 from .io import MANIFEST_NAME, part_name
 from .model import OCDModel
 from .processes import Processes, run_everywhere
@@ -237,23 +235,6 @@ def _clear_root(
     remove(out_dir)
 
 
-def fit_distributed(
-    model: OCDModel,
-    store: DeltaStore | str | os.PathLike,
-    *,
-    accelerator: Any = None,
-    **kwargs: Any,
-) -> FitReport:
-    """Deprecated: :func:`ocdwrap.fit` takes ``accelerator=`` and runs on every process itself."""
-    warnings.warn(
-        "fit_distributed is deprecated; call ocdwrap.fit(model, store, accelerator=accelerator) "
-        "on every process (it also writes checkpoints).",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return fit(model, store, accelerator=accelerator, **kwargs)
-
-
 def is_distributed(accelerator: Any = None) -> bool:
     """True when more than one process takes part (an Accelerator's, or torch.distributed's)."""
     return Processes.current(accelerator).world > 1
@@ -263,7 +244,6 @@ __all__ = [
     "DistributedError",
     "Processes",
     "collect_distributed",
-    "fit_distributed",
     "is_distributed",
     "merge_parts",
     "part_name",

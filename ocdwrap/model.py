@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -316,14 +315,11 @@ class OCDModel(nn.Module):
         *,
         num_draws: int = 1,
         rng: torch.Generator | None = None,
-        generator: torch.Generator | None = None,
     ) -> DeltaSpec:
         """Per-sample deltas for conditioning ``cond``: ``num_draws`` per sample, sample-major.
 
-        ``rng`` (a ``torch.Generator``) fixes the initial noise; ``generator=`` is its former,
-        deprecated name.
+        ``rng`` (a ``torch.Generator``) fixes the initial noise.
         """
-        rng = _renamed_rng(rng, generator)
         hypernet = self._require_hypernet()
         expected = getattr(hypernet, "dims", None)
         if expected is not None and tuple(cond.dims) != tuple(expected):
@@ -416,7 +412,6 @@ class OCDModel(nn.Module):
         *args: Any,
         num_draws: int = 5,
         rng: torch.Generator | None = None,
-        generator: torch.Generator | None = None,
         align: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> EnsembleOutput:
@@ -424,7 +419,7 @@ class OCDModel(nn.Module):
 
         Classification averages probabilities; regression averages values. ``std`` and
         ``uncertainty`` give the spread between draws. ``rng`` (a ``torch.Generator``) fixes the
-        initial noise; ``generator=`` is its former, deprecated name.
+        initial noise.
 
         ``align``, for outputs with an order inside that the draws need not share (a
         separator's speakers): called with the draws' raw predictions (K, B, ...), it returns
@@ -435,7 +430,7 @@ class OCDModel(nn.Module):
             >>> ens = model.ensemble(images, num_draws=5, rng=torch.Generator().manual_seed(0))
             >>> ens.mean.argmax(1), ens.uncertainty
         """
-        out, B = self._draws(args, kwargs, num_draws, _renamed_rng(rng, generator))
+        out, B = self._draws(args, kwargs, num_draws, rng)
         pred = read_output(out)
         draws = pred.reshape(B, num_draws, *pred.shape[1:]).transpose(0, 1)  # (K, B, ...)
         if align is not None:
@@ -669,21 +664,6 @@ def _concat_outputs(outs: list, rows: int) -> Any:
     if isinstance(first, (tuple, list)):
         return type(first)(_concat_outputs(list(parts), rows) for parts in zip(*outs))
     return first
-
-
-def _renamed_rng(rng: torch.Generator | None, generator: torch.Generator | None):
-    if generator is None:
-        return rng
-    warnings.warn(
-        "generator= is deprecated (it read like config.generator); pass the torch.Generator as rng=.",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if rng is not None:
-        raise TypeError(
-            "Pass the torch.Generator once, as rng= (generator= is its deprecated name)."
-        )
-    return generator
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
