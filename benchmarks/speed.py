@@ -1446,6 +1446,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="where collections go (default: a temp dir)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument(
+        "--collection-only",
+        action="store_true",
+        help="only the collection figures (a few minutes; for repeated A/B runs of two versions)",
+    )
+    p.add_argument(
         "--jemalloc",
         default="auto",
         help="libjemalloc.so.2 to preload for a second measurement of the fit step "
@@ -1517,6 +1522,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("collection ...", file=sys.stderr, flush=True)
         collection = bench_collection(base, x, y, s, device, work)
         phases["collection"] = time.perf_counter() - start - sum(phases.values())
+        if args.collection_only:  # a short run: repeated to compare versions under one load
+            results = {
+                "command": command(MODULE, argv),
+                "date": datetime.date.today().isoformat(),
+                "machine": machine(device),
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "load_average_start": list(load0),
+                "load_average_end": list(os.getloadavg()),
+                "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+                "collection": collection,
+                "seconds": time.perf_counter() - start,
+            }
+            c = collection
+            print(
+                f"collect(rank1): {c['collect_rank1_epochs']:.2f} epochs "
+                f"[{c['collect_rank1_epochs_range'][0]:.2f}-{c['collect_rank1_epochs_range'][1]:.2f}],"
+                f" {c['collect_rank1_vs_loop']:.1f}x the loop; vectorized / loop "
+                f"{c['speedup_vs_loop']:.1f}x"
+            )
+            if args.json:
+                write_json(args.json, results, indent=2)
+            return results
         print("fitting and inference ...", file=sys.stderr, flush=True)
         inference, fitting = bench_inference(base, x, s, device, work)
         phases["fitting_inference"] = time.perf_counter() - start - sum(phases.values())
