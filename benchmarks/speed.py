@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import inspect
 import json
 import os
 import re
@@ -69,6 +70,9 @@ from .scoring import CE
 from .timing import log, machine, one_epoch_seconds, sync, timed
 
 MODULE = "benchmarks.speed"
+# overfit_batch's keyword arguments (a workspace exists from 0.2 on; the benchmark also runs
+# against earlier versions of the library)
+OVERFIT_PARAMS = set(inspect.signature(ocdwrap.overfit_batch).parameters)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYER = "fc2"
 PAPER_UNET_PASS_MS = 27.0  # the paper's figure, RTX 2060
@@ -247,6 +251,29 @@ def bench_collection(
     return out
 
 
+def prefix_only(model: ocdwrap.OCDModel, x: torch.Tensor, B: int) -> None:
+    """The base model up to the target layer on every batch (ocdwrap.split's prefix)."""
+    device = model.device
+    with torch.no_grad():
+        for i in range(0, len(x), B):
+            xb = x[i : i + B].to(device)
+            split = split_mod.split_for(model, (xb,), {}, lambda xb=xb: model.base_model(xb))
+            if split is None:  # not traceable: the whole forward stands in for it
+                model.base_model(xb)
+            else:
+                split.prefix((xb,), {})
+
+
+def overfit_only(model: ocdwrap.OCDModel, x: torch.Tensor, y: torch.Tensor, B: int) -> None:
+    """overfit_batch on every batch, as collect() calls it (one workspace), without the rows
+    and the shard writing."""
+    workspace: dict = {}
+    for i in range(0, len(y), B):
+        xb, yb = x[i : i + B].to(model.device), y[i : i + B].to(model.device)
+        kw = {"workspace": workspace} if "workspace" in OVERFIT_PARAMS else {}
+        ocdwrap.overfit_batch(model, xb, yb, CE, **kw)
+
+
 def collect_against_epochs(
     base: nn.Module,
     x: torch.Tensor,
@@ -287,13 +314,17 @@ def collect_against_epochs(
         r: dict[str, Any] = {"load_average": os.getloadavg()[0]}
         e0 = one_epoch_seconds(base_dev, train_loader, CE, device)
         r["collect_rank1_seconds"] = collect("rank1")
+        # where it goes: the part of the network upstream of the layer alone (run once per
+        # sample by any collection), and overfit_batch alone (no rows, no shards)
+        r["prefix_seconds"] = timed(lambda: prefix_only(models["rank1"], x, B), device)[1]
+        r["overfit_seconds"] = timed(lambda: overfit_only(models["rank1"], x, y, B), device)[1]
         r["loop_seconds"] = timed(loop, device)[1]
         r["collect_full_seconds"] = collect("full")
         e1 = one_epoch_seconds(base_dev, train_loader, CE, device)
         r["epoch_seconds"] = [e0, e1]
         epoch = (e0 + e1) / 2
-        for delta in ("full", "rank1"):
-            r[f"collect_{delta}_epochs"] = r[f"collect_{delta}_seconds"] / epoch
+        for what in ("collect_full", "collect_rank1", "prefix", "overfit"):
+            r[f"{what}_epochs"] = r[f"{what}_seconds"] / epoch
         # samples per second of collect(rank1) over samples per second of the loop
         r["collect_rank1_vs_loop"] = (N / r["collect_rank1_seconds"]) / (
             loop_samples / r["loop_seconds"]
@@ -312,6 +343,8 @@ def collect_against_epochs(
             max(r["collect_rank1_vs_loop"] for r in rounds),
         ],
     )
+    for what in ("prefix", "overfit"):
+        out[f"{what}_epochs"] = med(f"{what}_epochs")
     for delta in ("full", "rank1"):
         secs = med(f"collect_{delta}_seconds")
         out[f"collect_{delta}_seconds"] = secs
@@ -1059,8 +1092,40 @@ def detail_tables(a: dict[str, Any], path: str) -> list[str]:
     return out
 
 
+def collect_ab_table(paths: list[str]) -> str:
+    """``--collection-only`` runs of two versions, alternating (``LABEL=PATH`` each): every
+    run's medians, then each version's median over its runs."""
+    rows: list[str] = []
+    by_version: dict[str, list[dict[str, Any]]] = {}
+    for item in paths:
+        label, path = item.split("=", 1)
+        with open(os.path.join(ROOT, path)) as f:
+            c = json.load(f)
+        by_version.setdefault(label, []).append(c["collection"])
+        col = c["collection"]
+        rows.append(
+            f"| {label} | `{path}` | {c['load_average_start'][0]:.1f} | "
+            f"{_collect_cells(col, 'collect_rank1_epochs')} | {col['collect_rank1_vs_loop']:.1f}x | "
+            f"{col['speedup_vs_loop']:.1f}x |"
+        )
+    lines = [
+        "| version | run | load average at start | `collect()` rank one, epochs (median [range] of "
+        "5 rounds) | `collect()` / loop | vectorized overfit / loop |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+    for label, cols in by_version.items():
+        e = statistics.median(c["collect_rank1_epochs"] for c in cols)
+        v = statistics.median(c["collect_rank1_vs_loop"] for c in cols)
+        lines.append(
+            f"| **{label}, median of the {len(cols)} runs** | | | **{e:.2f}** | **{v:.1f}x** | |"
+        )
+    return "\n".join(lines)
+
+
 def update_doc(doc: str) -> int:
-    """Re-render every ``<!-- speed-doc: BEFORE AFTER [MEMORY_AB] -->`` block of ``doc``."""
+    """Re-render every ``<!-- speed-doc: BEFORE AFTER [MEMORY_AB] -->`` block of ``doc`` (and
+    ``<!-- speed-doc: collect-ab LABEL=PATH ... -->``: :func:`collect_ab_table`)."""
     with open(doc) as f:
         lines = f.read().split("\n")
     out, count, skipping = [], 0, False
@@ -1073,7 +1138,10 @@ def update_doc(doc: str) -> int:
         out.append(line)
         if line.startswith(DOC_START):
             paths = line[len(DOC_START) :].split("-->")[0].split()
-            out += ["", doc_tables(*paths), ""]
+            if paths[0] == "collect-ab":
+                out += ["", collect_ab_table(paths[1:]), ""]
+            else:
+                out += ["", doc_tables(*paths), ""]
             count += 1
             skipping = True
     if skipping:
@@ -1537,6 +1605,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             c = collection
             print(
+                f"prefix alone {c['prefix_epochs']:.2f}, overfit_batch alone "
+                f"{c['overfit_epochs']:.2f} epochs; "
                 f"collect(rank1): {c['collect_rank1_epochs']:.2f} epochs "
                 f"[{c['collect_rank1_epochs_range'][0]:.2f}-{c['collect_rank1_epochs_range'][1]:.2f}],"
                 f" {c['collect_rank1_vs_loop']:.1f}x the loop; vectorized / loop "
