@@ -1000,6 +1000,10 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
         elif cm:
             lines[-1] += f" The wrapped model did not compile: {cm['error']}"
     lines += ["", *detail_tables(a, after_path)]
+    if a.get("fit_step"):
+        lines += fit_step_table(a["fit_step"], "after run")
+    elif b.get("fit_step"):
+        lines += fit_step_table(b["fit_step"], f"before run (`{before_path}`)")
     if memory_ab_path:
         with open(os.path.join(root, memory_ab_path)) as f:
             m = json.load(f)
@@ -1076,13 +1080,18 @@ def detail_tables(a: dict[str, Any], path: str) -> list[str]:
                     f"{mem[k]['host_peak_mb']:.0f} MB (first, small call in the same fresh "
                     f"process: {mem[k]['first_call_host_peak_mb']:.0f} MB) |"
                 )
-    fs = a.get("fit_step", {})
+    return out
+
+
+def fit_step_table(fs: dict[str, Any], run: str) -> list[str]:
+    """The full-path fit step measured four ways (``fit_step`` of a run's JSON)."""
+    out: list[str] = []
     if "micro_batched" in fs:
         out += [
             "",
             f"One `fit` step of the full path at the library's defaults ({fs['weight_shape'][0]} x "
             f"{fs['weight_shape'][1]}, batch {fs['batch']}, UNet {tuple(fs['unet_channels'])}), "
-            "after run:",
+            f"{run}:",
             "",
             "| how | micro-batch | s/step (wall) | user s | kernel s | kernel share | minor faults |",
             "| --- | --- | --- | --- | --- | --- | --- |",
