@@ -909,8 +909,8 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
     )
     lines = [
         f"Before: `{before_path}`; after: `{after_path}` ({a['machine']}, {a['threads']} thread, "
-        f"torch {a['torch']}; the two runs side by side on a machine shared with other jobs, "
-        f"{loads}). Each ratio is taken within its run.",
+        f"torch {a['torch']}; a machine shared with other jobs, {loads}). Each ratio is taken "
+        "within its run.",
         "",
         "| goal (issue 26) | target | before | after | after vs target |",
         "| --- | --- | --- | --- | --- |",
@@ -1118,20 +1118,24 @@ def collect_ab_table(paths: list[str]) -> str:
         col = c["collection"]
         rows.append(
             f"| {label} | `{path}` | {c['load_average_start'][0]:.1f} | "
+            f"{col['prefix_epochs']:.2f} | {col['overfit_epochs']:.2f} | "
             f"{_collect_cells(col, 'collect_rank1_epochs')} | {col['collect_rank1_vs_loop']:.1f}x | "
             f"{col['speedup_vs_loop']:.1f}x |"
         )
     lines = [
-        "| version | run | load average at start | `collect()` rank one, epochs (median [range] of "
-        "5 rounds) | `collect()` / loop | vectorized overfit / loop |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| version | run | load average at start | prefix alone, epochs | `overfit_batch` alone, "
+        "epochs | `collect()` rank one, epochs (median [range] of the rounds) | `collect()` / "
+        "loop | vectorized overfit / loop |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
+    keys = ("prefix_epochs", "overfit_epochs", "collect_rank1_epochs", "collect_rank1_vs_loop")
     for label, cols in by_version.items():
-        e = statistics.median(c["collect_rank1_epochs"] for c in cols)
-        v = statistics.median(c["collect_rank1_vs_loop"] for c in cols)
+        m = {k: statistics.median(c[k] for c in cols) for k in keys}
         lines.append(
-            f"| **{label}, median of the {len(cols)} runs** | | | **{e:.2f}** | **{v:.1f}x** | |"
+            f"| **{label}, median of the {len(cols)} runs** | | | {m['prefix_epochs']:.2f} | "
+            f"{m['overfit_epochs']:.2f} | **{m['collect_rank1_epochs']:.2f}** | "
+            f"**{m['collect_rank1_vs_loop']:.1f}x** | |"
         )
     return "\n".join(lines)
 
