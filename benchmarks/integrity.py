@@ -87,7 +87,7 @@ def synthetic_collection(directory: str, n: int, delta: str, shard_size: int = 4
 
 
 def bench(delta: str, n: int, reps: int, work: str) -> dict[str, Any]:
-    directory = os.path.join(work, delta)
+    directory = os.path.join(work, f"integrity-{delta}")
     synthetic_collection(directory, n, delta)
     store = ocdwrap.DeltaStore(directory)
     model = ocdwrap.wrap(zoo.LeNet5(), layer="fc2", config=ocdwrap.OCDConfig(delta=delta))

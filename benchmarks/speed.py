@@ -1313,6 +1313,14 @@ def render(r: dict[str, Any]) -> str:
             f"whole shard files {st['full']['file_bytes_per_sample']:.0f} vs "
             f"{st['rank1']['file_bytes_per_sample']:.0f} B/sample",
         ]
+    if r.get("integrity"):
+        from .integrity import render as integrity_table
+
+        lines += [
+            "",
+            "## Checking checksums (share of fit's data loading; goal under 10 %)",
+            integrity_table({"results": r["integrity"], "hash_gb_per_s": {}}).split("\n\n")[0],
+        ]
     lines += ["", "## Goals", *(f"{k}: {'yes' if v else 'no'}" for k, v in r["goals"].items())]
     return "\n".join(lines)
 
@@ -1517,6 +1525,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-paper-unet", action="store_true", help="skip the paper-size UNet pass")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
+        "--no-integrity",
+        action="store_true",
+        help="skip the checksum-verification rows (benchmarks.integrity's, in this run)",
+    )
+    p.add_argument(
+        "--integrity-samples",
+        type=int,
+        default=20_000,
+        help="samples of the synthetic collections the verification is timed on (default 20000)",
+    )
+    p.add_argument(
         "--no-fit-step",
         action="store_true",
         help="skip the full-path fit step (its one-pass variant needs several GB at batch 128)",
@@ -1680,6 +1699,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.compile:
             print("torch.compile ...", file=sys.stderr, flush=True)
             results["compile"] = bench_compile(base, x, device, s["reps"])
+        if not args.no_integrity:  # what checking a collection's checksums costs fit's loading
+            from . import integrity
+
+            print("checksum verification ...", file=sys.stderr, flush=True)
+            n = 300 if args.smoke else args.integrity_samples
+            results["integrity"] = {
+                delta: integrity.bench(delta, n, 2 if args.smoke else integrity.REPS[delta], work)
+                for delta in ("rank1", "full")
+            }
         results["goals"] = goals(results, s)
         results["seconds"] = time.perf_counter() - start
         results["phase_seconds"] = phases

@@ -23,6 +23,11 @@ def test_speed_smoke(tmp_path, capsys) -> None:
     r = json.loads(out.read_text())
     assert r["command"].startswith("python -m benchmarks.speed --smoke")
     assert r["threads"] == 1 and r["device"] == "cpu"
+    # the checksum-verification rows (benchmarks.integrity's, measured in the same run)
+    for delta in ("rank1", "full"):
+        v = r["integrity"][delta]
+        assert v["samples"] == 300 and set(v["seconds"]) == {"load", "load_verified", "fit_loading"}
+        assert isinstance(v["verify_share_of_fit_loading"], float)
 
     c = r["collection"]
     for key in (
