@@ -82,7 +82,7 @@ class NearestNeighbour:
 
 def pseudo_label_spec(model: ocdwrap.OCDModel, x: Any, task: Task) -> FullDelta:
     """The overfit delta of each sample with the base model's own predicted class as label."""
-    with torch.no_grad(), model.disable_ocd():
+    with torch.no_grad(), model.disable_adapter():
         guess = read_output(model(x)).argmax(-1)
     return FullDelta(ocdwrap.overfit_batch(model, x, guess, task.loss_fn).delta)
 
@@ -116,7 +116,7 @@ class Agreement:
             res = ocdwrap.overfit_batch(model, x, y, task.loss_fn)
             correct = None
             if task.kind == "classification":
-                with torch.no_grad(), model.disable_ocd():
+                with torch.no_grad(), model.disable_adapter():
                     correct = read_output(model(x)).argmax(-1) == y
             self.items.append((x, y, res.cond, res.delta.reshape(take, -1).float(), correct, n))
             n += take

@@ -359,7 +359,7 @@ def first_view_renders(
 ) -> dict[str, torch.Tensor]:
     """Test view 0 rendered by the base, by OCD (one draw), by the overfit, and the truth."""
     pose = data.test_poses[:1].to(model.device)
-    with model.disable_ocd():
+    with model.disable_adapter():
         base = model(pose)
     with model.sampling(seed=seed):
         ocd = model(pose)

@@ -136,7 +136,7 @@ def overhead(model: ocdwrap.OCDModel, x: torch.Tensor, reps: int) -> float:
     with torch.no_grad():
         for i in range(reps + 1):
             _, t_ocd = timed(lambda: model(x))
-            with model.disable_ocd():
+            with model.disable_adapter():
                 _, t_base = timed(lambda: model(x))
             if i:  # the first pair warms up
                 ratios.append(t_ocd / t_base)

@@ -315,7 +315,7 @@ def aligned_ensemble(
     gen = torch.Generator(device=model.device).manual_seed(seed)
 
     def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with model.disable_ocd():
+        with model.disable_adapter():
             base = model(x)
         ens = model.ensemble(x, num_draws=draws, rng=gen, align=lambda d: to_order_of(d, base))
         return ens.mean
@@ -351,13 +351,13 @@ def inference_times(
         for i in range(0, len(mixtures), batch):
             model(mixtures[i : i + batch])
 
-    with model.disable_ocd():
+    with model.disable_adapter():
         _, base_s = timed(run)
     by_steps = {}
     for k in dict.fromkeys(steps):
         with model.sampling(seed=seed, sampling_steps=k):
             by_steps[k] = timed(run)[1]
-    with model.disable_ocd():
+    with model.disable_adapter():
         base_s = min(base_s, timed(run)[1])
     n = len(mixtures)
     out: dict[str, Any] = {"base": base_s / n}
@@ -375,7 +375,7 @@ def first_mixture_waves(
     """Test mixture 0: the mixture, its sources, and the base's, OCD's and the overfit's
     estimates, each put in the sources' order (best assignment)."""
     mix, src = test[0][:1], test[1][:1]
-    with model.disable_ocd():
+    with model.disable_adapter():
         base = model(mix)
     with model.sampling(seed=seed):
         ocd = model(mix)

@@ -411,7 +411,7 @@ def bench_inference_one(
         r = 1 if heavy else min(reps, 3) if m.config.delta == "full" else reps
 
         def base_call(xb=xb):
-            with m.disable_ocd():
+            with m.disable_adapter():
                 return m(xb)
 
         def ocd_call(xb=xb):
@@ -1484,7 +1484,7 @@ def bench_compile(base: nn.Module, x: torch.Tensor, device: str, reps: int) -> d
             model_compile_s = time.perf_counter() - start
 
             def base_call():
-                with m.disable_ocd():
+                with m.disable_adapter():
                     return m(xb)
 
             mt = interleaved(

@@ -2,7 +2,7 @@
 
 ``evaluate_ocd`` scores one of:
 
-* ``"base"``: the base model (``model.disable_ocd()``);
+* ``"base"``: the base model (``model.disable_adapter()``);
 * ``"ocd"``: generated weights, ``num_draws`` per input averaged (probabilities for
   classification, values for regression) — OCD (1 draw) and OCD(K);
 * ``"overfit"``: each test sample overfitted with its *true* label (the upper bound).
@@ -57,7 +57,7 @@ def evaluate_ocd(
         inputs, target = to_device(inputs, model.device), to_device(target, model.device)
         spread = None
         if mode == "base":
-            with model.disable_ocd():
+            with model.disable_adapter():
                 pred = read_output(call_model(model, inputs)).float()
         elif mode == "overfit":
             res = overfit_batch(model, inputs, target, loss_fn)

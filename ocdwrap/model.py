@@ -138,7 +138,7 @@ class OCDModel(nn.Module):
         >>> store = ocdwrap.collect(model, train_loader, loss_fn, out_dir="deltas/")
         >>> ocdwrap.fit(model, store)
         >>> logits = model(images)                      # same call as base(images)
-        >>> with model.disable_ocd():
+        >>> with model.disable_adapter():
         ...     base_logits = model(images)
     """
 
@@ -192,7 +192,7 @@ class OCDModel(nn.Module):
 
     # --- state switches ------------------------------------------------------------------------
     @contextmanager
-    def disable_ocd(self) -> Iterator[OCDModel]:
+    def disable_adapter(self) -> Iterator[OCDModel]:
         """Inside this context the model behaves exactly like the base model."""
         previous = self._state.disabled
         self._state.disabled = True
@@ -297,7 +297,7 @@ class OCDModel(nn.Module):
             raise NotFittedError(
                 "This OCDModel has no fitted hypernetwork yet: run ocdwrap.collect(...) and "
                 "ocdwrap.fit(model, store), or load one with OCDModel.from_pretrained(base, dir). "
-                "For the base model's behaviour use `with model.disable_ocd():`."
+                "For the base model's behaviour use `with model.disable_adapter():`."
             )
         return self.hypernet
 

@@ -362,7 +362,7 @@ def overfit_one(
     was_training = model.base_model.training
     model.base_model.eval()
     try:
-        with model.disable_ocd():
+        with model.disable_adapter():
             for b in range(B):
                 w0 = layer.weight.detach().clone()
                 w = torch.nn.Parameter(w0.clone())

@@ -37,7 +37,7 @@ def test_adapter_saved_by_v0_1_0_predicts_the_same(name: str) -> None:
         three = model(expected["input"])
     torch.testing.assert_close(one, expected["one_draw"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(three, expected["three_draws"], rtol=1e-5, atol=1e-6)
-    with model.disable_ocd():  # and the adapter changes the prediction (a non-trivial check)
+    with model.disable_adapter():  # and the adapter changes the prediction (a non-trivial check)
         assert not torch.allclose(model(expected["input"]), expected["one_draw"])
 
 

@@ -39,7 +39,7 @@ def test_compiled_wrapped_model_gives_the_eager_output() -> None:
     model, x = _wrapped("rank1")
     with torch.no_grad():
         eager = model(x)
-        with model.disable_ocd():
+        with model.disable_adapter():
             base = model(x)
         compiled = torch.compile(model, backend="aot_eager")
         out = compiled(x)

@@ -305,7 +305,7 @@ def test_regression_mixture_is_the_probe_delta_when_the_probe_is_certain() -> No
     net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
     model = ocdwrap.wrap(net.eval(), layer="2", config=ocdwrap.OCDConfig(overfit_lr=1e-2))
     x = torch.randn(6, 5)
-    with model.disable_ocd(), torch.no_grad():
+    with model.disable_adapter(), torch.no_grad():
         base = model(x)  # (6, 1)
     mean = base + 0.5
     target = mean.squeeze(1)

@@ -179,7 +179,7 @@ def test_conv2d_target_end_to_end_on_full_path(tmp_path) -> None:
     spec = m.generate(cond, rng=torch.Generator().manual_seed(0))
     assert spec.delta.shape == (3, 16, 6, 5, 5)
     out = m(x)
-    with m.disable_ocd():
+    with m.disable_adapter():
         base = m(x)
     assert out.shape == base.shape == (3, 10) and not torch.equal(out, base)
 

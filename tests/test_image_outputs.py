@@ -222,7 +222,7 @@ def test_overfit_result_spec_full_and_truncated(fitted) -> None:
     spec = res.spec()
     assert isinstance(spec, FullDelta) and torch.equal(spec.delta, res.delta)
     with torch.no_grad():
-        with fitted.disable_ocd():
+        with fitted.disable_adapter():
             base = image_mse(fitted(pose), img)
         with fitted.use_deltas(spec):
             over = image_mse(fitted(pose), img)

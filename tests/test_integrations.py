@@ -186,7 +186,7 @@ def test_sentence_classifier_through_ocd(tiny_st_dir, tmp_path):
     with route(ocd) as routed:
         assert routed is ocd
         got = clf.predict_proba(SENTENCES, batch_size=16)
-        with ocd.disable_ocd():
+        with ocd.disable_adapter():
             torch.testing.assert_close(clf.predict(SENTENCES), base_pred)
         # OCD's own calls are not routed twice
         torch.testing.assert_close(ocd(feats).softmax(-1), want)
@@ -213,7 +213,7 @@ def test_route_keeps_sentence_transformer_encode(tiny_st_dir, tmp_path):
     handle = route(ocd)
     try:
         got = st.encode(SENTENCES, convert_to_tensor=True, batch_size=16)
-        with ocd.disable_ocd():
+        with ocd.disable_adapter():
             torch.testing.assert_close(st.encode(SENTENCES, convert_to_tensor=True), base_emb)
         with pytest.raises(RuntimeError, match="already routed"):
             route(ocd)
@@ -250,7 +250,7 @@ def test_route_on_a_traceable_model(tmp_path):
     with route(ocd):  # routed before the model's first call
         direct = ocd(x)
         routed = base(x)
-        with ocd.disable_ocd():
+        with ocd.disable_adapter():
             torch.testing.assert_close(base(x), plain)
     torch.testing.assert_close(direct, want)
     torch.testing.assert_close(routed, want)
@@ -294,7 +294,7 @@ def test_torchvision_models_by_layer_name(name, layer, delta, tmp_path):
     ocdwrap.fit(model, store, progress=False)
     out = model(x)
     assert out.shape == ref.shape
-    with model.disable_ocd():
+    with model.disable_adapter():
         torch.testing.assert_close(model(x), ref)
 
 

@@ -119,7 +119,7 @@ def test_a_per_view_delta_changes_only_its_view() -> None:
     delta = torch.zeros(2, 128, 63)
     delta[1] = 0.5 * torch.randn(128, 63)
     with torch.no_grad():
-        with model.disable_ocd():
+        with model.disable_adapter():
             plain = model(poses)
         with model.use_deltas(FullDelta(delta)):
             moved = model(poses)

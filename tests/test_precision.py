@@ -55,7 +55,7 @@ def test_low_precision_base_end_to_end(make, layer, shape, delta, dtype, tmp_pat
     assert ocdwrap.DeltaStore(tmp_path / "deltas").load(["rho"])["rho"].dtype == torch.float32
     out = model(x)
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
-    with model.disable_ocd():
+    with model.disable_adapter():
         base_out = model(x)
     assert base_out.dtype == dtype
     ens = model.ensemble(x, num_draws=3, rng=torch.Generator().manual_seed(0))

@@ -101,7 +101,7 @@ def test_wrong_dtype_is_a_clear_error(tmp_path, fitted: ocdwrap.OCDModel, cast) 
         with pytest.raises(DeviceDtypeError, match="x.float()") as e:
             call()
         assert "float32 on cpu" in str(e.value) and isinstance(e.value, RuntimeError)
-    with fitted.disable_ocd(), pytest.raises(DeviceDtypeError):
+    with fitted.disable_adapter(), pytest.raises(DeviceDtypeError):
         fitted(bad)
     with pytest.raises(DeviceDtypeError, match=str(cast)[6:]):
         ocdwrap.collect(_wrap(), _loader(x=bad, y=y), CE, tmp_path / "c", progress=False)
@@ -404,7 +404,7 @@ def test_threads_get_the_outputs_of_sequential_calls(fitted: ocdwrap.OCDModel) -
         return out
 
     def run_base() -> list[torch.Tensor]:
-        with fitted.disable_ocd():
+        with fitted.disable_adapter():
             return [fitted(x) for x in inputs["a"]]
 
     expected = {"a": run("a"), "b": run("b"), "base": run_base()}

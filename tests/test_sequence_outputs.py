@@ -123,7 +123,7 @@ def test_fitted_on_one_length_predicts_another_and_reloads(fitted, tmp_path) -> 
     longer = torch.randn(3, 128)  # fitted on 64 samples: the conditioning is as wide
     with fitted.sampling(seed=0):
         one = fitted(longer)
-    with fitted.disable_ocd():
+    with fitted.disable_adapter():
         base = fitted(longer)
     assert one.shape == (3, 3, 128) and not torch.allclose(one, base)
     fitted.save_pretrained(tmp_path / "adapter")

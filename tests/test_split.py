@@ -169,7 +169,7 @@ def test_ocd_forward_with_and_without_split_agree(tmp_path) -> None:
         with torch.no_grad(), model.sampling(seed=0):
             fast = model(x)
             slow = _whole(model, lambda m=model, x=x: m(x))
-            with model.disable_ocd():
+            with model.disable_adapter():
                 base = model(x)
         assert split_mod._SPLITS[model] is not None and split_mod._SPLITS[model].verified
         assert torch.equal(fast, slow)

@@ -71,8 +71,8 @@ def _battery(make, layer: str, inputs) -> None:
             dict(manual.named_modules())[layer].weight.add_(deltas[b])
             want = _run(manual, index_batch(inputs, slice(b, b + 1)))
             torch.testing.assert_close(got[b : b + 1], want, rtol=1e-4, atol=1e-5)
-        # disable_ocd gives the base behaviour even with deltas set
-        with model.use_deltas(FullDelta(deltas)), model.disable_ocd():
+        # disable_adapter gives the base behaviour even with deltas set
+        with model.use_deltas(FullDelta(deltas)), model.disable_adapter():
             assert torch.equal(_run(model, inputs), expected)
     unloaded = model.unload()
     assert unloaded is base
@@ -127,7 +127,7 @@ def test_call_before_fit_is_a_clear_error() -> None:
     model = ocdwrap.wrap(mlp_case().make(), layer="fc2")
     with pytest.raises(NotFittedError, match="ocdwrap.fit"):
         model(torch.randn(2, 10))
-    with model.disable_ocd():
+    with model.disable_adapter():
         assert model(torch.randn(2, 10)).shape == (2, 3)
 
 

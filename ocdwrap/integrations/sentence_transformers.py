@@ -7,7 +7,7 @@ Two pieces:
   ``encode``, ``predict``, ``predict_proba`` and ``fit_head`` working on lists of sentences.
 * :func:`route`: after ``ocd = ocdwrap.wrap(model, ...)`` and fitting, makes every call of the
   wrapped ``SentenceClassifier`` or ``SentenceTransformer`` run through OCD, so the methods users
-  already call (``predict``, ``encode``) use the generated weights; ``ocd.disable_ocd()`` gives
+  already call (``predict``, ``encode``) use the generated weights; ``ocd.disable_adapter()`` gives
   the base behaviour back inside a ``with`` block.
 
 Example:
@@ -172,7 +172,7 @@ class route:  # used like a function and as a context manager, hence the lower-c
 
     ``model`` is a fitted :class:`~ocdwrap.OCDModel` wrapping a :class:`SentenceClassifier` or a
     ``SentenceTransformer``. While routed, ``clf.predict(...)`` / ``st.encode(...)`` (anything
-    that calls the module) returns OCD's output; inside ``model.disable_ocd()`` they return the
+    that calls the module) returns OCD's output; inside ``model.disable_adapter()`` they return the
     base output. OCD's own passes are not routed. For a ``SentenceTransformer`` (embeddings), an
     ensemble (``num_draws > 1``) averages embeddings as values unless the config names a task.
 
@@ -203,7 +203,7 @@ class route:  # used like a function and as a context manager, hence the lower-c
         embeddings = _is_sentence_transformer(base) and model.config.task == "auto"
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            # OCD's own passes (capture, per-sample deltas) and disable_ocd() reach the base
+            # OCD's own passes (capture, per-sample deltas) and disable_adapter() reach the base
             if state.disabled or state.delta is not None or state.capture is not None:
                 return original(*args, **kwargs)
             as_values = embeddings and "task" not in state.overrides
