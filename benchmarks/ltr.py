@@ -42,9 +42,8 @@ The paper's numbers (MLP .7470, ResNet .7480, overfit .7410, OCD no scale .7490,
 stand beside our RMSE: they sit in the same table and column as its California Housing
 numbers, which ``benchmarks.tabular`` reads as RMSE (Gorishniy et al.'s 0.499), and they match
 what Gorishniy et al. report for their "Microsoft" data set (MSLR-WEB10K). Neither the data nor
-the scale is ours (the issue that asked for this benchmark expects LETOR 4.0, relevance 0-2; ours
-is 0-4, with other features and 15 docs per query), so only the share of the base -> overfit
-gap compares.
+the scale is ours (LETOR 4.0's relevance is 0-2, ours 0-4, with other features and 15 documents
+per query), so only the share of the base -> overfit gap compares.
 """
 
 from __future__ import annotations
