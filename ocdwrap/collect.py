@@ -36,12 +36,10 @@ from .overfit import (
     overfit_one,
 )
 from .store import (
-    MANIFEST_NAME,
     STOPPED_END,
     STOPPED_MAX,
     DeltaStore,
     StoreWriter,
-    _comparable,
 )
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -49,7 +47,7 @@ LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 __all__ = ["collect", "overfit_batch", "overfit_one"]
 
 
-def _identity(model: OCDModel, cfg: OCDConfig, out_dir: str | None = None) -> dict[str, Any]:
+def _identity(model: OCDModel, cfg: OCDConfig) -> dict[str, Any]:
     """What a collection depends on: a stored one is resumed only when this is unchanged."""
     identity = {
         "layer": model.layer_name,
@@ -72,22 +70,11 @@ def _identity(model: OCDModel, cfg: OCDConfig, out_dir: str | None = None) -> di
     # Adam on a Linear layer: the closed-form step rounds differently from 0.1.0's formula, so a
     # collection records which one made it and is continued with that one, never a mix (recorded
     # for every Linear target: whether its input is one vector per sample shows only later). A
-    # collection made by 0.1.0 records none: it is continued with 0.1.0's formula.
+    # collection made by 0.1.0 records none: StoreWriter.open leaves the key out when it resumes
+    # one, and it is continued with 0.1.0's formula.
     if model.layer_kind == "linear" and cfg.overfit_optimizer == "adam":
-        if not _made_by_0_1_0(out_dir, identity):
-            identity["adam_outer_formula"] = ADAM_OUTER_FORMULA
+        identity["adam_outer_formula"] = ADAM_OUTER_FORMULA
     return identity
-
-
-def _made_by_0_1_0(out_dir: str | None, identity: dict[str, Any]) -> bool:
-    """Whether ``out_dir`` holds a collection of ``identity`` that records no Adam formula."""
-    if out_dir is None or not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
-        return False
-    try:
-        old = DeltaStore(out_dir).manifest.get("identity") or {}
-    except Exception:  # noqa: BLE001 - unreadable: StoreWriter.open reports it
-        return False
-    return "adam_outer_formula" not in old and _comparable(old) == _comparable(identity)
 
 
 # settings that change what the conditioning holds; a collection records the non-default ones
@@ -229,7 +216,7 @@ def collect(
     out_dir = os.fspath(out_dir)
     with directory_lock(out_dir):
         writer = StoreWriter.open(
-            out_dir, _identity(model, cfg, out_dir), shard_size=cfg.shard_size, overwrite=overwrite
+            out_dir, _identity(model, cfg), shard_size=cfg.shard_size, overwrite=overwrite
         )
         return _collect(model, data, loss_fn, writer, cfg, rank, max_samples, progress)
 

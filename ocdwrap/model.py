@@ -671,7 +671,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 def _adapter_directory(name: str, **hub: Any) -> str:
     """``name`` itself when it is a local directory, else the snapshot of the Hub repo it names."""
-    if os.path.exists(name) or not _HUB_ID.fullmatch(name) or name.startswith((".", "~")):
+    if os.path.exists(name) or not _HUB_ID.fullmatch(name):  # ./x, ~/x, /x, a/b/c: local
         return name  # a local path (a missing one is reported by _require_adapter_files)
     from huggingface_hub import snapshot_download
 

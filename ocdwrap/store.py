@@ -71,6 +71,10 @@ STORE_FORMAT = "ocdwrap-deltas"
 STORE_VERSION = 1
 # identity keys added after the first stores were written, with the value those stores used
 _IDENTITY_DEFAULTS = {"delta_normalization": "std"}
+# identity keys added later that older stores lack because they were made the earlier way: a
+# store without such a key is resumed the way it was made (the key is left out of the writer's
+# identity, so the caller sees which way); a store with another value is refused
+_IDENTITY_ADOPTED = ("adam_outer_formula",)
 # identity keys known only once the first batch is overfitted (not compared when resuming)
 _LAYOUT_KEYS = ("store_rank1",)
 _PART_DIR = re.compile(r"part-\d{5}-of-\d{5}")
@@ -397,7 +401,12 @@ class StoreWriter:
     """
 
     def __init__(
-        self, directory: str, identity: dict[str, Any], manifest: dict | None, shard_size: int
+        self,
+        directory: str,
+        identity: dict[str, Any],
+        manifest: dict | None,
+        shard_size: int,
+        overwrite: bool = False,
     ) -> None:
         self.directory = directory
         self.identity = identity
@@ -413,7 +422,7 @@ class StoreWriter:
         if manifest and manifest.get("complete"):
             self._skipped = int(manifest.get("skipped", self._skipped))
         self._skipped_at: list[int] = []  # skipped positions not yet in a shard's count
-        self.overwrite = False  # begin() replaces a collection of other data (open(overwrite=))
+        self.overwrite = overwrite  # begin() replaces a collection of other data
 
     @property
     def _manifest_path(self) -> str:
@@ -440,8 +449,12 @@ class StoreWriter:
         if os.path.exists(os.path.join(directory, MANIFEST_NAME)):
             store = DeltaStore(directory)
             old = store.manifest
-            if _comparable(old["identity"] or {}) == _comparable(identity):
-                manifest = old
+            stored = old["identity"] or {}
+            adopted = {
+                k: v for k, v in identity.items() if k not in _IDENTITY_ADOPTED or k in stored
+            }
+            if _comparable(stored) == _comparable(adopted):
+                manifest, identity = old, adopted
                 damaged = store.first_damaged_shard()
                 if damaged is not None:  # rebuild from the first missing or damaged shard on
                     logger.warning(
@@ -471,9 +484,7 @@ class StoreWriter:
                 )
             remove(directory, keep_directory=True)
         os.makedirs(directory, exist_ok=True)
-        writer = cls(directory, identity, manifest, shard_size)
-        writer.overwrite = overwrite
-        return writer
+        return cls(directory, identity, manifest, shard_size, overwrite)
 
     # --- state -----------------------------------------------------------------------------------
     @property
