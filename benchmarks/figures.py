@@ -21,7 +21,7 @@ def plot_json(d: dict[str, Any], out_dir: str) -> list[str]:
     """Draw each table of a benchmark JSON: every row's mean ± sd over seeds, one panel per
     metric, the paper's value beside ours where it has one. Writes
     ``results-<benchmark>[-<data set>].png`` under ``out_dir``; returns the paths."""
-    from ocdwrap.analysis import plots
+    from examples.results_chart import plot_results
 
     paths = []
     for key, part in parts(d):
@@ -44,7 +44,7 @@ def plot_json(d: dict[str, Any], out_dir: str) -> list[str]:
         name = d.get("benchmark", part["benchmark"]) + (f"-{key}" if key else "")
         seeds = sorted(int(s) for s in part["per_seed"])
         path = os.path.join(out_dir, f"results-{name}.png")
-        plots.plot_results(
+        plot_results(
             values,
             metrics=list(names.values()),
             paper=paper,

@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_plots(directory: str, pipe: Pipeline, *, seed: int = 0, samples: int = 4) -> list[str]:
     """fit_losses.png, deltas.png and results.png into ``directory``; returns their paths."""
+    from examples.results_chart import plot_results
     from ocdwrap.analysis import plots
 
     os.makedirs(directory, exist_ok=True)
@@ -322,7 +323,7 @@ def write_plots(directory: str, pipe: Pipeline, *, seed: int = 0, samples: int =
         for k in pipe.rows
     }
     paths.append(os.path.join(directory, "results.png"))
-    plots.plot_results(
+    plot_results(
         {k: {"loss": v["loss"], "accuracy": v["accuracy"]} for k, v in pipe.rows.items()},
         paper=PAPER,
         labels=labels,

@@ -13,6 +13,7 @@ from conftest import mlp_case
 from torch.utils.data import DataLoader, TensorDataset
 
 import ocdwrap
+from examples.results_chart import plot_results
 from ocdwrap.analysis import plots
 from ocdwrap.analysis.uncertainty import (
     auroc,
@@ -154,10 +155,10 @@ def test_plot_results_with_seeds_and_paper_values(tmp_path) -> None:
         "overfit_on_test": {"loss": 0.027, "accuracy": 0.992},
     }
     paper = {"base": ("0.080 ± 0.009", "99.2 ± 0.1"), "ocd": {"loss": 0.010}, "x": "—"}
-    fig = plots.plot_results(rows, paper=paper, labels={"ocd": "OCD"}, path=tmp_path / "r.png")
+    fig = plot_results(rows, paper=paper, labels={"ocd": "OCD"}, path=tmp_path / "r.png")
     _png(tmp_path / "r.png")
     assert len(fig.axes) == 2
-    plots.plot_results({"a": 0.5, "b": [0.4, 0.45]}, metrics=["mse"], path=tmp_path / "r2.png")
+    plot_results({"a": 0.5, "b": [0.4, 0.45]}, metrics=["mse"], path=tmp_path / "r2.png")
     _png(tmp_path / "r2.png")
 
 
