@@ -23,14 +23,16 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> the module that defines it; imported on first use (as transformers and
 # diffusers do), so ``import ocdwrap`` and inference load neither collection nor fitting
 _LAZY = {
     "Conditioning": "capture",
     "collect": "collect",
+    "FitArgs": "config",
     "OCDConfig": "config",
+    "SamplingConfig": "config",
     "FullDelta": "deltas",
     "LowRankDelta": "deltas",
     "Rank1Delta": "deltas",
@@ -56,7 +58,7 @@ _SHADOWED = {name for name, module in _LAZY.items() if name == module}
 if TYPE_CHECKING:  # what static tools see: the same names, eagerly
     from .capture import Conditioning
     from .collect import collect
-    from .config import OCDConfig
+    from .config import FitArgs, OCDConfig, SamplingConfig
     from .deltas import FullDelta, LowRankDelta, Rank1Delta
     from .errors import OCDError
     from .evaluation import evaluate_ocd
@@ -96,6 +98,7 @@ __all__ = [
     "Conditioning",
     "DeltaStore",
     "EnsembleOutput",
+    "FitArgs",
     "FitReport",
     "FullDelta",
     "HeadroomReport",
@@ -105,6 +108,7 @@ __all__ = [
     "OCDError",
     "OCDModel",
     "Rank1Delta",
+    "SamplingConfig",
     "__version__",
     "collect",
     "evaluate_ocd",

@@ -37,6 +37,11 @@ def is_ours(path: str) -> bool:
     return head.startswith("---") and CARD_MARK in head.split("---", 2)[1]
 
 
+def _sampling(s: Any) -> str:
+    draws = f"{s.num_draws} draw(s)" + (f", seed {s.seed}" if s.seed is not None else "")
+    return f"{s.sampler}, {s.sampling_steps} steps, {draws}"
+
+
 def model_card(model: Any, version: str) -> str:
     """The card of ``model`` (an :class:`~ocdwrap.model.OCDModel` with a hypernetwork)."""
     cfg = model.config
@@ -52,7 +57,7 @@ def model_card(model: Any, version: str) -> str:
         ("base fingerprint", f"`{model.layer_fingerprint()}`"),
         ("delta", cfg.delta + (f" (rank {cfg.delta_rank})" if cfg.delta == "lowrank" else "")),
         ("generator", f"{cfg.generator}, scale {cfg.scale}"),
-        ("sampler", f"{cfg.sampler}, {cfg.sampling_steps} steps, {cfg.num_draws} draw(s)"),
+        ("sampling", _sampling(model.sampling_config)),
         (
             "per-sample overfit",
             f"{cfg.overfit_optimizer} lr {cfg.overfit_lr} x {cfg.overfit_steps} steps",

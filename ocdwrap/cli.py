@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .io import CHECKPOINT_JSON, CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
+from .io import CHECKPOINT_JSON, CONFIG_NAME, MANIFEST_NAME, SAMPLING_NAME, WEIGHTS_NAME
 
 UNVERIFIED = "none (written by ocdwrap 0.1.0): unverified"
 
@@ -55,7 +55,10 @@ def describe_adapter(directory: str) -> dict[str, Any]:
 
     path = os.path.join(directory, WEIGHTS_NAME)
     files, verified = read_file_set(
-        directory, [CONFIG_NAME, WEIGHTS_NAME], what="Save the adapter again."
+        directory,
+        [CONFIG_NAME, WEIGHTS_NAME],
+        what="Save the adapter again.",
+        optional=(SAMPLING_NAME,),
     )
     meta = safetensors_metadata(files[WEIGHTS_NAME], path)
     tensors = tensors_from_bytes(files[WEIGHTS_NAME], path)
@@ -74,18 +77,24 @@ def describe_adapter(directory: str) -> dict[str, Any]:
                 total += n
         return total
 
+    from .settings import split_legacy
+
+    homes = split_legacy(config)  # a 0.1.0 config holds the sampling defaults itself
+    if SAMPLING_NAME in files:
+        homes["SamplingConfig"] = json_from_bytes(
+            files[SAMPLING_NAME], os.path.join(directory, SAMPLING_NAME)
+        )
     keys = (
+        "base_model_name_or_path",
+        "library_version",
         "delta",
         "generator",
         "scale",
-        "sampler",
-        "sampling_steps",
-        "num_draws",
         "overfit_optimizer",
         "overfit_lr",
         "overfit_steps",
-        "fit_steps",
     )
+    sampling = ("sampler", "sampling_steps", "num_draws")
     return {
         "kind": "adapter",
         "directory": directory,
@@ -94,7 +103,10 @@ def describe_adapter(directory: str) -> dict[str, Any]:
         "layer_kind": spec.get("kind"),
         "weight_shape": spec.get("weight_shape"),
         "conditioning_dims": spec.get("dims"),
-        "config": {k: config.get(k) for k in keys},
+        "config": {
+            **{k: config.get(k) for k in keys if config.get(k) is not None},
+            **{k: homes["SamplingConfig"].get(k) for k in sampling},
+        },
         "parameters": {
             "generator": count("net."),
             "generator_ema": count("ema."),
@@ -319,20 +331,26 @@ def _loss(name: str, model: Any) -> Callable:
 
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     from .config import OCDConfig
+    from .errors import ConfigError
+    from .settings import MOVED, _moved_message, split_legacy
 
-    d: dict[str, Any] = dict(base or {})
+    d: dict[str, Any] = split_legacy(base or {})["OCDConfig"]  # a 0.1.0 manifest's flat config
+    given: dict[str, Any] = {}
     if args.config:
         with open(args.config, encoding="utf-8") as f:
-            d.update(json.load(f))
+            given.update(json.load(f))
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes key=value, got {item!r}.")
         try:
-            d[key] = json.loads(value)
+            given[key] = json.loads(value)
         except json.JSONDecodeError:
-            d[key] = value  # a bare string such as rank1
-    return OCDConfig.from_dict(d)
+            given[key] = value  # a bare string such as rank1
+    moved = [k for k in given if k in MOVED]
+    if moved:
+        raise ConfigError(_moved_message(moved) + " On the command line: ocdwrap fit --help.")
+    return OCDConfig.from_dict({**d, **given})
 
 
 def _model(args: argparse.Namespace):
@@ -389,6 +407,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         accelerator=accelerator,
         max_samples=args.max_samples,
         overwrite=args.overwrite,
+        shard_size=args.shard_size,
     )
     if accelerator is None or accelerator.is_main_process:
         _print_info(describe_collection(store.directory))
@@ -402,11 +421,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     store = ocdwrap.DeltaStore(args.deltas)
     config = _config(args, base=store.manifest.get("config"))
     model = ocdwrap.OCDModel(_model(args), store.layer, config)
-    kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    given = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    fit_args = ocdwrap.FitArgs(**{k: v for k, v in given.items() if v is not None})
     if accelerator is not None:
         model.to(accelerator.device)
     report = ocdwrap.fit(
-        model, store, accelerator=accelerator, checkpoint_dir=args.checkpoint_dir, **kw
+        model, store, fit_args, accelerator=accelerator, checkpoint_dir=args.checkpoint_dir
     )
     if accelerator is None or accelerator.is_main_process:
         model.save_pretrained(args.out, overwrite=args.overwrite)
@@ -511,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--calibration", help="import path of calibration data for --layer auto")
     col.add_argument("--out", required=True, help="collection directory")
     col.add_argument("--max-samples", type=int)
+    col.add_argument("--shard-size", type=int, default=4096, help="samples per shard")
     col.add_argument("--overwrite", action="store_true")
     col.set_defaults(func=cmd_collect)
 
@@ -519,9 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     configurable(fit)
     fit.add_argument("--deltas", required=True, help="collection directory")
     fit.add_argument("--out", required=True, help="adapter directory")
-    fit.add_argument("--steps", type=int)
-    fit.add_argument("--batch-size", type=int)
-    fit.add_argument("--lr", type=float)
+    fit.add_argument("--steps", type=int, help="FitArgs.steps (default 2000)")
+    fit.add_argument("--batch-size", type=int, help="FitArgs.batch_size (default 128)")
+    fit.add_argument("--lr", type=float, help="FitArgs.lr (default 1e-4)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--checkpoint-dir", help="resumable checkpoints (single process)")
     fit.add_argument("--overwrite", action="store_true", help="replace an adapter in --out")

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import batch_size, check_inputs, map_tensors, split_batch, to_device
-from .config import OCDConfig
+from .config import OCDConfig, collection_identity
 from .deltas import (
     LOWRANK_KEYS,
     delta_scale,
@@ -25,7 +25,7 @@ from .deltas import (
     rank1_factors,
     top_singular_energy,
 )
-from .errors import EmptyDataError, NonFiniteError, UnsupportedLayerError
+from .errors import ConfigError, EmptyDataError, NonFiniteError, UnsupportedLayerError
 from .io import directory_lock, tensor_fingerprint
 from .model import OCDModel
 from .overfit import (
@@ -47,25 +47,17 @@ LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 __all__ = ["collect", "overfit_batch", "overfit_one"]
 
 
-def _identity(model: OCDModel, cfg: OCDConfig) -> dict[str, Any]:
-    """What a collection depends on: a stored one is resumed only when this is unchanged."""
+def _identity(model: OCDModel, cfg: OCDConfig, shard_size: int) -> dict[str, Any]:
+    """What a collection depends on: a stored one is resumed only when this is unchanged (the
+    config's part is what its fields' ``collection`` metadata names)."""
     identity = {
         "layer": model.layer_name,
         "layer_kind": model.layer_kind,
         "weight_shape": list(model.weight_shape),
         "fingerprint": model.layer_fingerprint(),
-        "overfit_steps": cfg.overfit_steps,
-        "overfit_optimizer": cfg.overfit_optimizer,
-        "overfit_lr": cfg.overfit_lr,
-        "adam_betas": list(cfg.adam_betas),
-        "adam_eps": cfg.adam_eps,
-        "delta_normalization": cfg.delta_normalization,
+        **collection_identity(cfg),
         "store_full": cfg.delta == "full",
-        "shard_size": cfg.shard_size,
-        # only for the parameterisations added later, so that older collections still resume
-        **({"delta": cfg.delta, "delta_rank": cfg.delta_rank} if _maybe_lowrank(cfg) else {}),
-        # the conditioning's pooling, where it differs from the defaults (same reason)
-        **{k: getattr(cfg, k) for k in _CAPTURE_KEYS if getattr(cfg, k) != getattr(_DEFAULT, k)},
+        "shard_size": shard_size,
     }
     # Adam on a Linear layer: the closed-form step rounds differently from 0.1.0's formula, so a
     # collection records which one made it and is continued with that one, never a mix (recorded
@@ -75,11 +67,6 @@ def _identity(model: OCDModel, cfg: OCDConfig) -> dict[str, Any]:
     if model.layer_kind == "linear" and cfg.overfit_optimizer == "adam":
         identity["adam_outer_formula"] = ADAM_OUTER_FORMULA
     return identity
-
-
-# settings that change what the conditioning holds; a collection records the non-default ones
-_CAPTURE_KEYS = ("output_layout", "output_grid", "layer_calls")
-_DEFAULT = OCDConfig()
 
 
 def _maybe_lowrank(cfg: OCDConfig) -> bool:
@@ -175,6 +162,8 @@ def collect(
     overwrite: bool = False,
     max_samples: int | None = None,
     progress: bool = True,
+    shard_size: int = 4096,
+    on_nonfinite: str = "skip",
 ) -> DeltaStore:
     """Overfit the target layer on every training sample and store the deltas on disk.
 
@@ -203,6 +192,10 @@ def collect(
         out_dir: collection directory (see above for what it may already hold).
         overwrite: replace a collection of other data, base model or config.
         max_samples: collect the first ``max_samples`` samples only.
+        shard_size: samples per safetensors shard; a shard is the unit of resumption (part of
+            the collection's identity: continue a collection with the size it was made with).
+        on_nonfinite: samples with NaN/Inf in inputs, losses or deltas: ``"skip"`` them (the
+            manifest counts them) or ``"raise"``.
 
     Returns:
         a :class:`DeltaStore` over ``out_dir``.
@@ -211,14 +204,22 @@ def collect(
         >>> store = ocdwrap.collect(model, train_loader, nn.CrossEntropyLoss(reduction="none"), "deltas/")
     """
     cfg = model.config
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ConfigError(
+            f"collect(shard_size={shard_size!r}): the samples per shard, an int >= 1."
+        )
+    if on_nonfinite not in ("skip", "raise"):
+        raise ConfigError(f"collect(on_nonfinite={on_nonfinite!r}): choose 'skip' or 'raise'.")
     # a delta_rank the layer cannot have fails here, before any sample is overfitted
     rank = cfg.lowrank_rank(model.weight_shape, model.layer_name) if _maybe_lowrank(cfg) else 0
     out_dir = os.fspath(out_dir)
     with directory_lock(out_dir):
         writer = StoreWriter.open(
-            out_dir, _identity(model, cfg), shard_size=cfg.shard_size, overwrite=overwrite
+            out_dir, _identity(model, cfg, shard_size), shard_size=shard_size, overwrite=overwrite
         )
-        return _collect(model, data, loss_fn, writer, cfg, rank, max_samples, progress)
+        return _collect(
+            model, data, loss_fn, writer, cfg, rank, max_samples, progress, on_nonfinite
+        )
 
 
 def _collect(
@@ -230,6 +231,7 @@ def _collect(
     rank: int,
     max_samples: int | None,
     progress: bool,
+    on_nonfinite: str,
 ) -> DeltaStore:
     bar = None
     checked_loss = False
@@ -275,10 +277,10 @@ def _collect(
         in_range = torch.zeros(B, dtype=torch.bool, device=res.finite.device)
         in_range[keep] = True
         bad = (~res.finite & in_range).nonzero().flatten().add(lo).tolist()
-        if bad and cfg.on_nonfinite == "raise":
+        if bad and on_nonfinite == "raise":
             raise NonFiniteError(
                 f"NaN/Inf in inputs, losses or deltas for samples {bad[:10]}; fix the data or pass "
-                "OCDConfig(on_nonfinite='skip') to skip and count them."
+                "collect(..., on_nonfinite='skip') to skip and count them."
             )
         if not writer.described:
             layout = _layout(model, cfg, res)

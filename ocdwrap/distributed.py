@@ -95,6 +95,8 @@ def collect_distributed(
     max_samples: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    shard_size: int = 4096,
+    on_nonfinite: str = "skip",
 ) -> DeltaStore:
     """Collect with every process of the group, each on its own contiguous part of ``data``.
 
@@ -120,6 +122,7 @@ def collect_distributed(
         accelerator: an ``accelerate.Accelerator``; None uses torch.distributed when initialised.
         max_samples: collect the first ``max_samples`` samples only.
         overwrite: replace a different collection found in ``out_dir`` or in a part.
+        shard_size, on_nonfinite: as in :func:`ocdwrap.collect`.
 
     Example:
         >>> accelerator = Accelerator()
@@ -136,6 +139,8 @@ def collect_distributed(
             overwrite=overwrite,
             max_samples=max_samples,
             progress=progress,
+            shard_size=shard_size,
+            on_nonfinite=on_nonfinite,
         )
     out_dir = os.fspath(out_dir)
     dataset, bs, collate, workers, len_all = _as_dataset(data, batch_size, collate_fn)
@@ -175,6 +180,8 @@ def collect_distributed(
             os.path.join(out_dir, part_name(procs.rank, procs.world)),
             overwrite=overwrite,
             progress=progress and procs.is_main,
+            shard_size=shard_size,
+            on_nonfinite=on_nonfinite,
         )
 
     run_everywhere(procs, "Collection", collect_part)

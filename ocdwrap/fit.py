@@ -4,7 +4,7 @@ Each step draws a minibatch of stored samples, a timestep t ~ U{0..T-1} and Gaus
 minimises the epsilon-prediction MSE (or, for the regressor, the MSE of the normalised delta),
 plus the scale model's relative dB loss (both computed by the hypernetwork's ``forward``).
 Gradients are clipped, an EMA of the generator is kept and used for sampling. A checkpoint
-(safetensors + JSON) is written every ``config.checkpoint_every`` steps; ``fit`` resumes from it
+(safetensors + JSON) is written every ``args.checkpoint_every`` steps; ``fit`` resumes from it
 and continues exactly where it stopped.
 
 One loop serves one process and several (``accelerate launch``, ``torchrun``): with W > 1
@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import Conditioning
-from .config import OCDConfig
+from .config import FitArgs, OCDConfig, results_fields
 from .deltas import LOWRANK_KEYS
 from .errors import BaseModelMismatchError, CorruptFileError, EmptyDataError, NonFiniteError
 from .hypernet import OCDHyperNetwork, pack_lowrank
@@ -64,6 +64,7 @@ class FitReport:
     samples_per_second: float = 0.0
     skipped_steps: int = 0
     resumed_from: int = 0
+    args: dict[str, Any] = field(default_factory=dict)  # the FitArgs of this fit
 
     @property
     def final_loss(self) -> float:
@@ -190,7 +191,7 @@ def _training_targets(
 
 
 def load_training_data(
-    model: OCDModel, store: DeltaStore, device: torch.device
+    model: OCDModel, store: DeltaStore, device: torch.device, on_nonfinite: str = "skip"
 ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     """The fit targets, rho and conditioning, finite rows only.
 
@@ -200,7 +201,6 @@ def load_training_data(
     Example:
         >>> target, rho, cond = load_training_data(model, DeltaStore("deltas/"), torch.device("cpu"))
     """
-    cfg = model.config
     target, rho, size, data = _training_targets(model, store, device)
     cond = Conditioning.from_dict(data)
     finite = torch.isfinite(target.reshape(target.shape[0], -1)).all(1) & torch.isfinite(rho)
@@ -208,10 +208,10 @@ def load_training_data(
         finite &= torch.isfinite(t).all(1)
     if not bool(finite.all()):  # collect() never stores these; a damaged or edited store
         bad = (~finite).nonzero().flatten().tolist()
-        if cfg.on_nonfinite == "raise" or not bool(finite.any()):
+        if on_nonfinite == "raise" or not bool(finite.any()):
             raise NonFiniteError(
                 f"The collection in {store.directory} holds NaN/Inf for stored rows {bad[:10]} "
-                f"({len(bad)} in all); collect again, or pass OCDConfig(on_nonfinite='skip') to leave them out."
+                f"({len(bad)} in all); collect again, or pass FitArgs(on_nonfinite='skip') to leave them out."
             )
         logger.warning("ocdwrap fit: leaving out %d stored rows with NaN/Inf.", len(bad))
         target, rho, cond, size = target[finite], rho[finite], cond.index(finite), size[finite]
@@ -227,8 +227,8 @@ def load_training_data(
             f"(RMS up to {float(size.max()):.3g}); this happens in small layers. Collect with "
             "OCDConfig(delta_normalization='rms')"
         )
-        if cfg.on_nonfinite == "raise" or bool(degenerate.all()):
-            raise NonFiniteError(msg + ", or pass on_nonfinite='skip' to leave them out.")
+        if on_nonfinite == "raise" or bool(degenerate.all()):
+            raise NonFiniteError(msg + ", or pass FitArgs(on_nonfinite='skip') to leave them out.")
         logger.warning("ocdwrap fit: leaving out rows %s. %s.", bad[:10], msg)
         keep = ~degenerate
         target, rho, cond = target[keep], rho[keep], cond.index(keep)
@@ -305,7 +305,8 @@ class _Checkpoint:
             return 0
         fix = "Delete the checkpoint directory (or pass resume=False) and fit again."
         meta = read_json(self.json_path, what=fix)
-        if json.loads(json.dumps(self.run_id)) != meta.get("run_id"):
+        stored, mine = meta.get("run_id") or {}, json.loads(json.dumps(self.run_id))
+        if stored != mine and ("format" in stored or not _matches_legacy(stored, mine)):
             raise BaseModelMismatchError(
                 f"The checkpoint in {self.directory} belongs to another fit (different collection, "
                 "config, steps or seed); it was left untouched. Use another checkpoint_dir or resume=False."
@@ -374,21 +375,39 @@ def remove_checkpoint(directory: str | os.PathLike) -> None:
         os.rmdir(directory)
 
 
-def _run_id(
-    model: OCDModel, store: DeltaStore, samples: int, steps: int, bs: int, lr: float, seed: int
-) -> dict[str, Any]:
-    """What a checkpoint belongs to: it is resumed only by a fit with the same."""
-    # settings that do not change what a step computes (beyond float rounding)
-    skip = ("num_draws", "seed", "task", "checkpoint_every", "fit_micro_batch_size")
+RUN_ID_FORMAT = 2  # 0.1.0's run ids had none: every setting in one flat config
+
+
+def _run_id(model: OCDModel, store: DeltaStore, samples: int, args: FitArgs) -> dict[str, Any]:
+    """What a checkpoint belongs to: it is resumed only by a fit with the same (the adapter's
+    and the fit's settings that change what a step computes, as their metadata says)."""
     return {
+        "format": RUN_ID_FORMAT,
         "store": store.manifest["identity"],
         "samples": samples,
-        "config": {k: v for k, v in model.config.to_dict().items() if k not in skip},
-        "steps": steps,
-        "batch_size": bs,
-        "lr": lr,
-        "seed": seed,
+        "config": results_fields(model.config),
+        "args": results_fields(args),
     }
+
+
+def _matches_legacy(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a 0.1.0 checkpoint's run id (every setting in one flat config, steps, batch
+    size, lr and seed beside it) names the fit ``current`` describes: its flat config is read
+    into today's homes and compared on the fields that change a result (a field 0.1.0 did not
+    have counts as its default)."""
+    from .settings import split_legacy
+
+    homes = split_legacy(stored.get("config") or {})
+    old_args = {
+        **homes["FitArgs"],
+        **{k: stored.get(k) for k in ("steps", "batch_size", "lr", "seed")},
+    }
+    defaults = {"config": results_fields(OCDConfig()), "args": results_fields(FitArgs())}
+    for part, old in (("config", homes["OCDConfig"]), ("args", old_args)):
+        for k, v in current[part].items():
+            if old.get(k, defaults[part].get(k)) != v:
+                return False
+    return stored.get("store") == current["store"] and stored.get("samples") == current["samples"]
 
 
 def _global_batch(requested: int, samples: int, procs: Processes) -> int:
@@ -445,7 +464,7 @@ class _Minibatches:
 MICRO_BATCH_BYTES = 16 << 20  # largest activation of one micro-batch (see _micro_batch)
 
 
-def _micro_batch(hyper: OCDHyperNetwork, per_process: int) -> int:
+def _micro_batch(hyper: OCDHyperNetwork, per_process: int, micro_batch_size: int | None) -> int:
     """Samples per forward/backward pass within a step.
 
     glibc serves allocations above 32 MiB with mmap and unmaps them on free, and PyTorch's CPU
@@ -453,8 +472,8 @@ def _micro_batch(hyper: OCDHyperNetwork, per_process: int) -> int:
     on every step (on LeNet5's 84 x 120 layer at batch 128: 10 M page faults and more kernel
     than user time per step). Micro-batches whose largest activation stays under 16 MiB avoid it.
     """
-    if hyper.config.fit_micro_batch_size is not None:
-        return min(int(hyper.config.fit_micro_batch_size), per_process)
+    if micro_batch_size is not None:
+        return min(int(micro_batch_size), per_process)
     per_sample = getattr(hyper.net.net, "activation_bytes", lambda: 0)()
     if per_sample == 0:
         return per_process
@@ -496,9 +515,9 @@ def _train_step(
     report: FitReport,
     step: int,
     micro: int,
+    args: FitArgs,
 ) -> bool:
     """One optimisation step; False when it was skipped (non-finite loss or gradient)."""
-    cfg = hyper.config
     opt, opt_scale = opts
     opt.zero_grad(set_to_none=True)
     opt_scale.zero_grad(set_to_none=True)
@@ -507,19 +526,19 @@ def _train_step(
     means = procs.all_mean(torch.stack([loss, sloss]))
     if not bool(torch.isfinite(means).all()):  # the same decision on every process
         _nonfinite(
-            cfg, report, f"non-finite loss ({float(means[0])}, scale {float(means[1])})", step
+            args, report, f"non-finite loss ({float(means[0])}, scale {float(means[1])})", step
         )
         return False
-    gnorm = torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), cfg.grad_clip)
-    snorm = torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), cfg.grad_clip)
+    gnorm = torch.nn.utils.clip_grad_norm_(hyper.net.parameters(), args.grad_clip)
+    snorm = torch.nn.utils.clip_grad_norm_(hyper.scale.parameters(), args.grad_clip)
     if not (torch.isfinite(gnorm) and torch.isfinite(snorm)):  # would poison the weights
         what = f"non-finite gradient (norm {float(gnorm)}, scale {float(snorm)})"
-        _nonfinite(cfg, report, what, step)
+        _nonfinite(args, report, what, step)
         return False
     opt.step()
-    if cfg.scale == "learned":
+    if hyper.config.scale == "learned":
         opt_scale.step()
-    hyper.update_ema(cfg.ema_decay)
+    hyper.update_ema(args.ema_decay)
     report.losses.append(float(means[0]))
     report.scale_losses.append(float(means[1]))
     return True
@@ -528,67 +547,79 @@ def _train_step(
 def fit(
     model: OCDModel,
     store: DeltaStore | str | os.PathLike,
+    args: FitArgs | None = None,
     *,
     accelerator: Any = None,
-    steps: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
     device: str | torch.device | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
-    seed: int = 0,
     progress: bool = True,
+    **moved: Any,
 ) -> FitReport:
     """Train the OCD hypernetwork of ``model`` on a collection; ``model`` is ready to predict after.
 
     Args:
         model: the :class:`OCDModel` the collection was made with.
         store: a :class:`DeltaStore` or its directory.
+        args: a :class:`~ocdwrap.FitArgs` (steps, batch size, learning rates, EMA, clipping,
+            checkpoint interval, seed); ``FitArgs()`` when not given. Recorded in the report
+            (``report.args``) and the checkpoint. On a model loaded with
+            ``from_pretrained(is_trainable=True)`` the fit continues from the loaded
+            hypernetwork and ``args.steps`` counts the extra steps.
         accelerator: an ``accelerate.Accelerator`` when several processes take part (None: the
             torch.distributed group when one is initialised, else this process alone). Call
-            ``fit`` on every process with the same arguments; ``batch_size`` is then the global
-            minibatch (rounded down to a multiple of the process count).
-        steps, batch_size, lr: override ``config.fit_steps``, ``fit_batch_size``, ``fit_lr``.
+            ``fit`` on every process with the same arguments; ``args.batch_size`` is then the
+            global minibatch (rounded down to a multiple of the process count).
         device: where to train (default: the base model's device).
-        checkpoint_dir: write resumable checkpoints there every ``config.checkpoint_every`` steps
+        checkpoint_dir: write resumable checkpoints there every ``args.checkpoint_every`` steps
             (from the main process); with ``resume=True`` an existing checkpoint from the same
             setup is continued.
-        seed: seeds the initial weights, minibatch order, timesteps and noise (dropout, off by
-            default, draws from torch's global generator).
 
     Returns:
         a :class:`FitReport` with the loss curves.
 
     Example:
-        >>> report = ocdwrap.fit(model, store, steps=2000)
+        >>> report = ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=2000, seed=0))
         >>> report.final_loss
     """
+    if moved:
+        names = ", ".join(f"{k}=" for k in moved)
+        raise TypeError(
+            f"fit() got {names}: since ocdwrap 0.2.0 the fit settings are a FitArgs, e.g. "
+            "fit(model, store, FitArgs(steps=500, batch_size=64, lr=1e-4, seed=0))."
+        )
+    args = args if args is not None else FitArgs()
+    if not isinstance(args, FitArgs):
+        raise TypeError(f"fit(args=...) takes an ocdwrap.FitArgs, got {type(args).__name__}.")
     procs = Processes.current(accelerator)
     store = store if isinstance(store, DeltaStore) else DeltaStore(store)
     _check_store(model, store)
-    cfg = model.config
-    steps = int(steps or cfg.fit_steps)
-    requested = int(batch_size or cfg.fit_batch_size)
+    steps = args.steps
     device = torch.device(device) if device is not None else model.device
-    target, rho, cond = load_training_data(model, store, device)
+    target, rho, cond = load_training_data(model, store, device, args.on_nonfinite)
     N = target.shape[0]
-    b = _global_batch(requested, N, procs)
+    b = _global_batch(args.batch_size, N, procs)
     mine = slice(procs.rank * (b // procs.world), (procs.rank + 1) * (b // procs.world))
 
-    if model.is_trainable and model.hypernet is not None:  # from_pretrained(is_trainable=True)
+    continued = (
+        model.is_trainable and model.hypernet is not None
+    )  # from_pretrained(is_trainable=True)
+    if continued:
         hyper = _continued(model, store, target, cond, device)
     else:
-        hyper = new_hypernetwork(model, target, rho, cond, seed, store=store)  # same everywhere
-    hyper.scale.requires_grad_(cfg.scale == "learned")
-    opt = torch.optim.Adam(hyper.net.parameters(), lr=lr or cfg.fit_lr)
-    opt_scale = torch.optim.Adam(hyper.scale.parameters(), lr=cfg.scale_lr)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    report = FitReport(steps=steps, samples=N)
+        hyper = new_hypernetwork(
+            model, target, rho, cond, args.seed, store=store
+        )  # same everywhere
+    hyper.scale.requires_grad_(model.config.scale == "learned")
+    opt = torch.optim.Adam(hyper.net.parameters(), lr=args.lr)
+    opt_scale = torch.optim.Adam(hyper.scale.parameters(), lr=args.scale_lr)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    report = FitReport(steps=steps, samples=N, args=args.to_dict())
     checkpoint = None
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        run_id = _run_id(model, store, N, steps, requested, lr or cfg.fit_lr, seed)
-        if model.is_trainable and model.hypernet is not None:  # continued: from these weights
+        run_id = _run_id(model, store, N, args)
+        if continued:  # continued: from these weights
             run_id["continued_from"] = tensor_fingerprint(*hyper.state_dict().values())
         checkpoint = _Checkpoint(checkpoint_dir, run_id)
     start = checkpoint.restore(hyper, opt, opt_scale, gen, report) if checkpoint and resume else 0
@@ -600,11 +631,13 @@ def fit(
     bar = tqdm(
         range(start, steps), desc="ocdwrap fit", disable=not show, initial=start, total=steps
     )
-    draw = _Minibatches(target, rho, cond, b, mine, gen, cfg.num_train_timesteps)
-    micro = _micro_batch(hyper, b // procs.world)
+    draw = _Minibatches(target, rho, cond, b, mine, gen, model.config.num_train_timesteps)
+    micro = _micro_batch(hyper, b // procs.world, args.micro_batch_size)
     for step in bar:
         t_step = time.perf_counter()
-        if not _train_step(objective, hyper, (opt, opt_scale), draw(), procs, report, step, micro):
+        if not _train_step(
+            objective, hyper, (opt, opt_scale), draw(), procs, report, step, micro, args
+        ):
             continue
         if step == start and procs.is_main:
             _warn_if_slow(hyper, device, time.perf_counter() - t_step, steps - start)
@@ -612,7 +645,7 @@ def fit(
             bar.set_postfix(
                 loss=f"{report.losses[-1]:.4f}", scale_dB=f"{report.scale_losses[-1]:.1f}"
             )
-        every = cfg.checkpoint_every
+        every = args.checkpoint_every
         if checkpoint and procs.is_main and every and (step + 1) % every == 0:
             checkpoint.save(step + 1, hyper, opt, opt_scale, gen, report)
     bar.close()
@@ -656,11 +689,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} hours"
 
 
-def _nonfinite(cfg, report: FitReport, what: str, step: int) -> None:
-    """Raise, or count the skipped step, as ``config.on_nonfinite`` says."""
-    if cfg.on_nonfinite == "raise":
+def _nonfinite(args: FitArgs, report: FitReport, what: str, step: int) -> None:
+    """Raise, or count the skipped step, as ``args.on_nonfinite`` says."""
+    if args.on_nonfinite == "raise":
         raise NonFiniteError(
             f"fit step {step}: {what}; lower the learning rate, or pass "
-            "OCDConfig(on_nonfinite='skip') to skip such steps."
+            "FitArgs(on_nonfinite='skip') to skip such steps."
         )
     report.skipped_steps += 1

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .capture import Conditioning
-from .config import OCDConfig
+from .config import OCDConfig, SamplingConfig
 from .deltas import DeltaSpec, FullDelta, LowRankDelta, Rank1Delta, rank1_right_factor
 from .errors import ConfigError
 from .networks import ConditionalNet, ScaleModel
@@ -51,6 +51,9 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = True
 
 
+_SAMPLING = SamplingConfig()  # the sampling defaults
+
+
 def make_scheduler(config: OCDConfig, sampler: str | None = None):
     """A fresh diffusers scheduler for ``sampler`` ('ddim' or 'ddpm') with the config's schedule."""
     # imported here: diffusers takes seconds to import, and `import ocdwrap` (the CLI) need not
@@ -64,7 +67,7 @@ def make_scheduler(config: OCDConfig, sampler: str | None = None):
         clip_sample=config.clip_sample,
         prediction_type="epsilon",
     )
-    sampler = sampler or config.sampler
+    sampler = sampler or _SAMPLING.sampler
     if sampler == "ddim":
         return DDIMScheduler(**kw, set_alpha_to_one=True, timestep_spacing="leading")
     if sampler == "ddpm":
@@ -298,16 +301,17 @@ class OCDHyperNetwork(nn.Module):
         steps: int | None = None,
         eta: float | None = None,
     ) -> torch.Tensor:
-        """Normalised deltas (B*num_draws, *target_shape), sample-major, from the EMA network."""
+        """Normalised deltas (B*num_draws, *target_shape), sample-major, from the EMA network
+        (``sampler``, ``steps``, ``eta``: :class:`~ocdwrap.SamplingConfig`'s defaults when None)."""
         with _eval_mode(self):  # no dropout while sampling
             feats = tuple(f.repeat_interleave(num_draws, 0) for f in self.features(cond))
             c = self.ema.embed(feats)  # once per sample, not once per step
             n = c.shape[0]
             if self.config.generator == "regression":
                 return self._from_unit(self.ema(None, None, c))
-            sampler = sampler or self.config.sampler
-            steps = steps or self.config.sampling_steps
-            eta = self.config.eta if eta is None else eta
+            sampler = sampler or _SAMPLING.sampler
+            steps = steps or _SAMPLING.sampling_steps
+            eta = _SAMPLING.eta if eta is None else eta
             x = torch.randn((n, *self.target_shape), generator=rng, device=c.device, dtype=c.dtype)
             if sampler == "ddim" and eta == 0 and not self.config.clip_sample:
                 cfg = self.config

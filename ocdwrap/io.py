@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - Windows
 # Every file name ocdwrap writes, in one place.
 CONFIG_NAME = "ocd_config.json"  # an adapter's OCDConfig
 WEIGHTS_NAME = "ocd_model.safetensors"  # an adapter's hypernetwork
+SAMPLING_NAME = "ocd_sampling.json"  # an adapter's SamplingConfig: its sampling defaults
 MANIFEST_NAME = "manifest.json"  # a delta collection's manifest (its commit point)
 CHECKPOINT_JSON = "fit_checkpoint.json"  # a fit checkpoint's commit point
 CHECKPOINT_TENSORS = "fit_checkpoint.safetensors"  # its tensors (older checkpoints' fixed name)
@@ -354,8 +355,11 @@ def file_digest(path: str) -> str:
     return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
 
 
-def read_file_set(directory: str, names: list[str], *, what: str) -> tuple[dict[str, bytes], bool]:
-    """The bytes of ``names`` in ``directory`` and whether they were verified.
+def read_file_set(
+    directory: str, names: list[str], *, what: str, optional: tuple[str, ...] = ()
+) -> tuple[dict[str, bytes], bool]:
+    """The bytes of ``names`` in ``directory`` and whether they were verified; each of
+    ``optional`` is read too where the set holds it (a file a later version added).
 
     Where a commit point (``ocd_files.json``, see :func:`write_file_set`) exists, each file must
     match its checksum there, read from its final name or, after a save interrupted between its
@@ -366,13 +370,15 @@ def read_file_set(directory: str, names: list[str], *, what: str) -> tuple[dict[
     index_path = os.path.join(directory, ADAPTER_FILES_NAME)
     if not os.path.exists(index_path):
         out = {}
-        for name in names:
+        for name in [*names, *optional]:
+            if name in optional and not os.path.exists(os.path.join(directory, name)):
+                continue
             with open(os.path.join(directory, name), "rb") as f:
                 out[name] = f.read()
         return out, False
     listed = read_json(index_path, what=what).get("files", {})
     out = {}
-    for name in names:
+    for name in [*names, *(n for n in optional if n in listed)]:
         if name not in listed:
             raise CorruptFileError(f"{index_path} does not list {name}. {what}")
         digest = listed[name]["digest"]

@@ -11,6 +11,7 @@ type. Under the hood one call is two passes over the base model:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -33,9 +34,9 @@ from .capture import (
     build_conditioning,
     conditioning_options,
 )
-from .card import CARD_NAME, model_card
+from .card import CARD_NAME, base_model_name, model_card
 from .card import is_ours as card_is_ours
-from .config import OCDConfig
+from .config import OCDConfig, SamplingConfig, split_legacy
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -51,6 +52,7 @@ from .hypernet import OCDHyperNetwork
 from .io import (
     ADAPTER_FILES_NAME,
     CONFIG_NAME,
+    SAMPLING_NAME,
     WEIGHTS_NAME,
     json_from_bytes,
     read_file_set,
@@ -142,13 +144,33 @@ class OCDModel(nn.Module):
         ...     base_logits = model(images)
     """
 
-    def __init__(self, base: nn.Module, layer: str, config: OCDConfig | None = None) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        layer: str,
+        config: OCDConfig | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
         super().__init__()
-        config = (config or OCDConfig()).replace(layer=layer)
+        config = config or OCDConfig()
+        if not isinstance(config, OCDConfig):
+            raise TypeError(f"config must be an ocdwrap.OCDConfig, got {type(config).__name__}.")
+        config = config.replace(
+            layer=layer,
+            base_model_class=config.base_model_class or type(base).__name__,
+            base_model_name_or_path=config.base_model_name_or_path or base_model_name(base),
+        )
+        sampling = sampling or SamplingConfig()
+        if not isinstance(sampling, SamplingConfig):
+            raise TypeError(
+                f"sampling must be an ocdwrap.SamplingConfig, got {type(sampling).__name__}."
+            )
+        sampling.check_schedule(config)
         original = resolve_layer(base, layer)
         if config.delta == "lowrank":  # a rank the layer cannot have: say so now, not at collect
             config.lowrank_rank(tuple(original.weight.shape), layer)
         self.config = config
+        self.sampling_config = sampling  # the defaults model.sampling(...) overrides
         self.layer_name = layer
         self._state = LayerState()
         self._requires_grad = {n: p.requires_grad for n, p in base.named_parameters()}
@@ -215,8 +237,9 @@ class OCDModel(nn.Module):
     def sampling(self, **overrides: Any) -> Iterator[OCDModel]:
         """Temporarily change sampling settings for calls in this thread.
 
-        Accepts ``num_draws``, ``seed``, ``sampler``, ``sampling_steps``, ``eta``, ``task``,
-        ``scale`` (``"global"``: the training set's mean rho instead of the scale model's
+        Accepts the fields of :class:`~ocdwrap.SamplingConfig` (the defaults, saved with the
+        adapter as ``model.sampling_config``): ``num_draws``, ``seed``, ``sampler``,
+        ``sampling_steps``, ``eta``, ``task``, ``scale`` (``"global"``: the training set's mean rho instead of the scale model's
         rho(I(x)), the paper's "no scaling" ablation; ``"learned"``: the scale model) and
         ``max_pass_batch`` (the most rows one prediction pass takes: K draws of B inputs run
         K x B rows, in consecutive passes above it; the result is the same).
@@ -229,24 +252,14 @@ class OCDModel(nn.Module):
             >>> with model.sampling(num_draws=5, max_pass_batch=64):
             ...     images = model(poses)    # 5 x B renders, at most 64 per pass
         """
-        allowed = {
-            "num_draws",
-            "seed",
-            "sampler",
-            "sampling_steps",
-            "eta",
-            "task",
-            "scale",
-            "max_pass_batch",
-        }
+        allowed = {f.name for f in dataclasses.fields(SamplingConfig)}
         bad = set(overrides) - allowed
         if bad:
             raise TypeError(
-                f"sampling() got unknown settings {sorted(bad)}; allowed: {sorted(allowed)}."
+                f"sampling() got unknown settings {sorted(bad)}; allowed: {sorted(allowed)} "
+                "(the fields of ocdwrap.SamplingConfig)."
             )
-        self.config.replace(
-            **{k: v for k, v in overrides.items() if k != "seed" or v is not None}
-        )  # validate
+        self.sampling_config.replace(**overrides).check_schedule(self.config)  # validate
         previous = self._state.overrides
         self._state.overrides = {**previous, **overrides}
         try:
@@ -255,7 +268,7 @@ class OCDModel(nn.Module):
             self._state.overrides = previous
 
     def _setting(self, name: str) -> Any:
-        return self._state.overrides.get(name, getattr(self.config, name))
+        return self._state.overrides.get(name, getattr(self.sampling_config, name))
 
     # --- passes --------------------------------------------------------------------------------
     def _call_base(self, args: tuple, kwargs: dict) -> Any:
@@ -338,7 +351,7 @@ class OCDModel(nn.Module):
                 sampler=self._setting("sampler"),
                 steps=self._setting("sampling_steps"),
                 eta=self._setting("eta"),
-                scale=self._state.overrides.get("scale"),  # else the hypernetwork's config
+                scale=self._setting("scale"),  # None: the adapter's (OCDConfig.scale)
             )
 
     def _draws(self, args: tuple, kwargs: dict, num_draws: int, rng: torch.Generator | None):
@@ -512,8 +525,10 @@ class OCDModel(nn.Module):
 
     # --- save / load -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
-        """Save the adapter (never the base model): ``ocd_config.json`` + ``ocd_model.safetensors``,
-        a ``README.md`` model card, and ``ocd_files.json``, which names them with their checksums.
+        """Save the adapter (never the base model): ``ocd_config.json`` (the adapter's
+        :class:`OCDConfig`, with the ocdwrap version and the base model's class and name),
+        ``ocd_model.safetensors``, ``ocd_sampling.json`` (its :class:`SamplingConfig`), a
+        ``README.md`` model card, and ``ocd_files.json``, which names them with their checksums.
 
         The card (:mod:`ocdwrap.card`) names the base model, the layer, the delta and generator,
         the ocdwrap version, the fit and, when ``ocdwrap.headroom`` was run on this model, its
@@ -542,14 +557,16 @@ class OCDModel(nn.Module):
             "hypernet": json.dumps(hypernet.spec()),
         }
         state = {k: v.detach().contiguous().cpu() for k, v in hypernet.state_dict().items()}
+        from . import __version__
+
+        config = self.config.replace(library_version=__version__)
         files = {
             WEIGHTS_NAME: safetensors_save(state, metadata=meta),
-            CONFIG_NAME: self.config.to_json_string().encode("utf-8"),
+            CONFIG_NAME: config.to_json_string().encode("utf-8"),
+            SAMPLING_NAME: self.sampling_config.to_json_string().encode("utf-8"),
         }
         readme = os.path.join(directory, CARD_NAME)
         if not os.path.exists(readme) or card_is_ours(readme):
-            from . import __version__
-
             files[CARD_NAME] = model_card(self, __version__).encode("utf-8")
         else:
             logger.warning(
@@ -607,9 +624,16 @@ class OCDModel(nn.Module):
             [CONFIG_NAME, WEIGHTS_NAME],
             what=f"The adapter in {directory} cannot be used; save it again with "
             "OCDModel.save_pretrained (or restore it from a backup).",
+            optional=(SAMPLING_NAME,),
         )
         config_path = os.path.join(directory, CONFIG_NAME)
-        config = OCDConfig.from_dict(json_from_bytes(files[CONFIG_NAME], config_path))
+        stored = json_from_bytes(files[CONFIG_NAME], config_path)
+        config = OCDConfig.from_dict(stored)
+        if SAMPLING_NAME in files:
+            path = os.path.join(directory, SAMPLING_NAME)
+            sampling = SamplingConfig.from_dict(json_from_bytes(files[SAMPLING_NAME], path))
+        else:  # saved by 0.1.0: the sampling defaults were fields of ocd_config.json
+            sampling = SamplingConfig.from_dict(split_legacy(stored)["SamplingConfig"])
         state = tensors_from_bytes(files[WEIGHTS_NAME], path)
         meta = safetensors_metadata(files[WEIGHTS_NAME], path)
         if meta.get("format") != "ocdwrap-adapter" or not {"hypernet", "layer"} <= set(meta):
@@ -618,7 +642,7 @@ class OCDModel(nn.Module):
                 "save the adapter again with OCDModel.save_pretrained."
             )
         try:
-            model = cls(base, meta["layer"], config)
+            model = cls(base, meta["layer"], config, sampling)
         except (LayerNotFoundError, UnsupportedLayerError) as e:
             raise BaseModelMismatchError(
                 f"The adapter in {directory} was fitted on layer {meta['layer']!r}, which this base model "
@@ -675,7 +699,7 @@ def _adapter_directory(name: str, **hub: Any) -> str:
         return name  # a local path (a missing one is reported by _require_adapter_files)
     from huggingface_hub import snapshot_download
 
-    files = [CONFIG_NAME, WEIGHTS_NAME, ADAPTER_FILES_NAME, "README.md"]
+    files = [CONFIG_NAME, WEIGHTS_NAME, SAMPLING_NAME, ADAPTER_FILES_NAME, "README.md"]
     try:
         return snapshot_download(name, allow_patterns=files, **hub)
     except Exception as e:  # offline, not found, no access: one error that names both readings
@@ -722,6 +746,8 @@ def wrap(
     config: OCDConfig | None = None,
     calibration: Any = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    *,
+    sampling: SamplingConfig | None = None,
     **select_kwargs: Any,
 ) -> OCDModel:
     """Wrap ``base`` for OCD on one layer; the base's parameters are frozen.
@@ -730,15 +756,17 @@ def wrap(
         base: the trained base model.
         layer: a module name (``"fc2"``, ``"classifier.out_proj"``) or ``"auto"`` to pick it
             with the paper's loss-entropy criterion on ``calibration`` data.
-        config: an :class:`OCDConfig`; defaults to ``OCDConfig()``.
+        config: an :class:`OCDConfig` (what defines the adapter); defaults to ``OCDConfig()``.
         calibration: batches for ``layer="auto"`` (see :mod:`ocdwrap.batches`).
         loss_fn: per-sample loss ``loss_fn(output, target)``, needed for ``layer="auto"``.
-        select_kwargs: passed to :func:`ocdwrap.select_layer`.
+        sampling: the sampling defaults, a :class:`SamplingConfig` (saved with the adapter).
+        select_kwargs: the layer selection's settings, passed to :func:`ocdwrap.select_layer`
+            (``perturbation``, ``draws``, ``noise_scale``, ``candidates``, ``max_samples``, ...).
 
     Example:
         >>> model = ocdwrap.wrap(lenet, layer="fc2")
         >>> model = ocdwrap.wrap(lenet, layer="auto", calibration=val_loader,
-        ...                      loss_fn=nn.CrossEntropyLoss(reduction="none"))
+        ...                      loss_fn=nn.CrossEntropyLoss(reduction="none"), draws=16)
     """
     config = config or OCDConfig()
     if layer == "auto":
@@ -750,14 +778,13 @@ def wrap(
             )
         from .select import select_layer
 
-        kw = dict(
-            perturbation=config.perturbation,
-            draws=config.selection_draws,
-            noise_scale=config.noise_scale,
-        )
-        kw.update(select_kwargs)
-        scores = select_layer(base, calibration, loss_fn, **kw)
+        scores = select_layer(base, calibration, loss_fn, **select_kwargs)
         layer = scores.best
         config = config.replace(layer_ranking=scores.to_list())
         logger.info("ocdwrap: layer='auto' chose %r (highest loss entropy)\n%s", layer, scores)
-    return OCDModel(base, layer, config)
+    elif select_kwargs:
+        raise TypeError(
+            f"wrap() got {sorted(select_kwargs)}: layer-selection settings apply to "
+            f'layer="auto" only (layer={layer!r} names the layer).'
+        )
+    return OCDModel(base, layer, config, sampling)

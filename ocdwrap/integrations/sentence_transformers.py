@@ -200,7 +200,7 @@ class route:  # used like a function and as a context manager, hence the lower-c
         self._previous = base.__dict__.get("forward")
         original = base.forward  # bound: the class's forward, or one set on the instance before
         state = model._state
-        embeddings = _is_sentence_transformer(base) and model.config.task == "auto"
+        embeddings = _is_sentence_transformer(base) and model.sampling_config.task == "auto"
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             # OCD's own passes (capture, per-sample deltas) and disable_adapter() reach the base

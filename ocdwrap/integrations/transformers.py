@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..config import OCDConfig
+from ..config import FitArgs, OCDConfig, SamplingConfig
 from ..distributed import collect_distributed
 from ..evaluation import evaluate_ocd
 from ..fit import FitReport, fit, remove_checkpoint
@@ -111,7 +111,8 @@ class OCDTrainerCallback(TrainerCallback):
         max_samples: collect the first ``max_samples`` training samples only.
         eval_dataset: if given, the base model and OCD are scored on it after fitting; the
             numbers go to ``metrics`` and to the Trainer's log history.
-        fit_kwargs: passed to :func:`ocdwrap.fit` (``steps``, ``batch_size``, ``lr``, ``seed``).
+        fit_args: the :class:`~ocdwrap.FitArgs` of :func:`ocdwrap.fit` (default ``FitArgs()``).
+        sampling: the adapter's sampling defaults, a :class:`~ocdwrap.SamplingConfig`.
         progress: show progress bars.
 
     After training: ``adapter_dir`` (the saved adapter), ``layer`` (the target layer, also when
@@ -138,7 +139,8 @@ class OCDTrainerCallback(TrainerCallback):
         max_samples: int | None = None,
         calibration_samples: int = 256,
         eval_dataset: Dataset | None = None,
-        fit_kwargs: dict[str, Any] | None = None,
+        fit_args: FitArgs | None = None,
+        sampling: SamplingConfig | None = None,
         progress: bool = True,
     ) -> None:
         self.layer = layer
@@ -153,7 +155,8 @@ class OCDTrainerCallback(TrainerCallback):
         self.max_samples = max_samples
         self.calibration_samples = calibration_samples
         self.eval_dataset = eval_dataset
-        self.fit_kwargs = dict(fit_kwargs or {})
+        self.fit_args = fit_args
+        self.sampling = sampling
         self.progress = progress
         self.adapter_dir: str | None = None
         self.report: FitReport | None = None
@@ -204,6 +207,7 @@ class OCDTrainerCallback(TrainerCallback):
             config=self.config,
             calibration=loader if self.layer == "auto" else None,
             loss_fn=loss_fn,
+            sampling=self.sampling,
             **(select if self.layer == "auto" else {}),
         )
         self.layer = ocd.layer_name
@@ -219,7 +223,7 @@ class OCDTrainerCallback(TrainerCallback):
                 progress=show,
             )
             self.report = fit(
-                ocd, store, checkpoint_dir=checkpoint_dir, progress=show, **self.fit_kwargs
+                ocd, store, self.fit_args, checkpoint_dir=checkpoint_dir, progress=show
             )
             record: dict[str, Any] = {
                 "ocd_layer": ocd.layer_name,
