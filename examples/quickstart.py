@@ -5,7 +5,7 @@
     python -m examples.quickstart --paper         # the paper's sizes (for a GPU)
     python -m examples.quickstart --smoke         # tiny sizes, seconds: checks the pipeline runs
 
-Run from the repository root (the data loaders and LeNet5 live in ``benchmarks/``).
+Run from the repository root (the data loader and LeNet5 live in ``examples/data.py``).
 
 Steps: train LeNet5 to convergence (early stopping on a validation split), wrap its fc2 layer
 (120 -> 84, the paper's choice), overfit fc2 on each of N training samples alone (collect),
@@ -34,8 +34,7 @@ import torch
 from torch import nn
 
 import ocdwrap
-from benchmarks.datasets import load_mnist, tensor_loader
-from benchmarks.zoo import LeNet5, train_base
+from examples.data import LeNet5, load_mnist, tensor_loader, train_base
 
 # Lutati & Wolf (ICLR 2023), Table 1, MNIST / LeNet5: (test loss, accuracy %)
 PAPER = {

@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 import ocdwrap
-from benchmarks.datasets import tensor_loader
-from benchmarks.zoo import LeNet5
+from examples.data import LeNet5, tensor_loader
 
 CE = nn.CrossEntropyLoss(reduction="none")
 

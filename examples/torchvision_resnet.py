@@ -5,7 +5,7 @@
     python -m examples.torchvision_resnet --train-samples 55000 --epochs 10 --device cuda
     python -m examples.torchvision_resnet --smoke                # 64 images, one epoch: seconds
 
-Run from the repository root (the data loader and training loop live in ``benchmarks/``).
+Run from the repository root (the data loader and training loop live in ``examples/data.py``).
 
 torchvision models need no adapter: ocdwrap wraps any nn.Linear or nn.Conv2d by its module name
 (``fc``, ``classifier.1``, ``layer4.1.conv2``). Steps: train torchvision's ResNet-18 (random init;
@@ -27,8 +27,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 import ocdwrap
-from benchmarks.datasets import load_fashion_mnist, tensor_loader
-from benchmarks.zoo import train_base
+from examples.data import load_fashion_mnist, tensor_loader, train_base
 
 CE = nn.CrossEntropyLoss(reduction="none")
 

@@ -33,8 +33,8 @@ import time
 import torch
 
 import ocdwrap
-from benchmarks.datasets import tensor_loader
 from examples import quickstart  # its steps (train, collect, fit, evaluate) are reused
+from examples.data import tensor_loader
 from ocdwrap.analysis import plots
 from ocdwrap.analysis.uncertainty import misclassification_report
 

@@ -165,3 +165,22 @@ def test_functions_named_like_their_modules_stay_functions() -> None:
         ), name
     assert isinstance(ocdwrap.errors, type(sys))  # submodules are reachable as attributes
     assert set(ocdwrap.__all__) <= set(dir(ocdwrap))
+
+
+def test_examples_do_not_import_the_benchmarks() -> None:
+    """The examples run on the package and their own examples/data.py, never on benchmarks/."""
+    examples = PACKAGE.parent / "examples"
+    found = []
+    for path in sorted(examples.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found += [
+                f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "benchmarks"
+            ]
+    assert len(list(examples.rglob("*.py"))) > 3  # the check would pass vacuously on no files
+    assert not found, found
