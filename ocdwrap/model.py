@@ -630,8 +630,8 @@ class OCDModel(nn.Module):
         stored = json_from_bytes(files[CONFIG_NAME], config_path)
         config = OCDConfig.from_dict(stored)
         if SAMPLING_NAME in files:
-            path = os.path.join(directory, SAMPLING_NAME)
-            sampling = SamplingConfig.from_dict(json_from_bytes(files[SAMPLING_NAME], path))
+            where = os.path.join(directory, SAMPLING_NAME)
+            sampling = SamplingConfig.from_dict(json_from_bytes(files[SAMPLING_NAME], where))
         else:  # saved by 0.1.0: the sampling defaults were fields of ocd_config.json
             sampling = SamplingConfig.from_dict(split_legacy(stored)["SamplingConfig"])
         state = tensors_from_bytes(files[WEIGHTS_NAME], path)

@@ -17,8 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import ocdwrap
 
 CE = torch.nn.CrossEntropyLoss(reduction="none")
-SMALL = dict(unet_channels=(8, 16), mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=16)
-FULL_STORE = dict(delta="full", shard_size=16)  # the shared store: full deltas, every key
+SMALL = dict(unet_channels=(8, 16), mlp_hidden=32, cond_dim=32, mlp_layers=2)
+FIT = dict(batch_size=16)  # FitArgs of the small hypernetworks
+FULL_STORE = dict(delta="full")  # the shared store: full deltas, every key ...
+SHARD = dict(shard_size=16)  # ... collected in shards of 16
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -56,10 +56,14 @@ def _store_tensors(store: ocdwrap.DeltaStore) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_collect_batch16_equals_batch1(tmp_path, optimizer: str) -> None:
-    cfg = ocdwrap.OCDConfig(overfit_optimizer=optimizer, shard_size=16)
+    cfg = ocdwrap.OCDConfig(overfit_optimizer=optimizer)
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
-    a = ocdwrap.collect(m, _loader(batch=16), CE, tmp_path / "a", progress=False).load()
-    b = ocdwrap.collect(m, _loader(batch=1), CE, tmp_path / "b", progress=False).load()
+    a = ocdwrap.collect(
+        m, _loader(batch=16), CE, tmp_path / "a", progress=False, shard_size=16
+    ).load()
+    b = ocdwrap.collect(
+        m, _loader(batch=1), CE, tmp_path / "b", progress=False, shard_size=16
+    ).load()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape
@@ -67,9 +71,9 @@ def test_collect_batch16_equals_batch1(tmp_path, optimizer: str) -> None:
 
 
 def test_collect_writes_manifest_and_shards(tmp_path) -> None:
-    cfg = ocdwrap.OCDConfig(delta="full", shard_size=16, overfit_optimizer="sgd", overfit_lr=0.05)
+    cfg = ocdwrap.OCDConfig(delta="full", overfit_optimizer="sgd", overfit_lr=0.05)
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
-    store = ocdwrap.collect(m, _loader(), CE, tmp_path / "c", progress=False)
+    store = ocdwrap.collect(m, _loader(), CE, tmp_path / "c", progress=False, shard_size=16)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert [s["count"] for s in manifest["shards"]] == [16, 16, 8]
     assert manifest["complete"] and len(store) == 40
@@ -103,31 +107,42 @@ def _interrupting(loader: DataLoader, after: int):
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path) -> None:
-    cfg = ocdwrap.OCDConfig(shard_size=16)
+    cfg = ocdwrap.OCDConfig()
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
-    full = ocdwrap.collect(m, _loader(batch=8), CE, tmp_path / "full", progress=False).load()
+    full = ocdwrap.collect(
+        m, _loader(batch=8), CE, tmp_path / "full", progress=False, shard_size=16
+    ).load()
     with pytest.raises(_Interrupted):
         ocdwrap.collect(
-            m, _interrupting(_loader(batch=8), after=3), CE, tmp_path / "part", progress=False
+            m,
+            _interrupting(_loader(batch=8), after=3),
+            CE,
+            tmp_path / "part",
+            progress=False,
+            shard_size=16,
         )
     partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
     assert (
         not partial["complete"] and len(partial["shards"]) == 1
     )  # 24 samples seen, one full shard
-    resumed = ocdwrap.collect(m, _loader(batch=8), CE, tmp_path / "part", progress=False).load()
+    resumed = ocdwrap.collect(
+        m, _loader(batch=8), CE, tmp_path / "part", progress=False, shard_size=16
+    ).load()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
 
 
 def test_refuses_other_collection_unless_overwrite(tmp_path) -> None:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
-    ocdwrap.collect(m, _loader(), CE, tmp_path / "d", progress=False)
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "d", progress=False, shard_size=16)
     before = (tmp_path / "d" / "manifest.json").read_text()
     other = ocdwrap.wrap(mlp_case().make(), layer="fc1")
     with pytest.raises(CollectionExistsError, match="overwrite=True"):
-        ocdwrap.collect(other, _loader(), CE, tmp_path / "d", progress=False)
+        ocdwrap.collect(other, _loader(), CE, tmp_path / "d", progress=False, shard_size=16)
     assert (tmp_path / "d" / "manifest.json").read_text() == before
-    store = ocdwrap.collect(other, _loader(), CE, tmp_path / "d", overwrite=True, progress=False)
+    store = ocdwrap.collect(
+        other, _loader(), CE, tmp_path / "d", overwrite=True, progress=False, shard_size=16
+    )
     assert store.layer == "fc1"
 
 
@@ -136,30 +151,39 @@ def test_refuses_a_collection_made_with_other_conditioning_pooling(tmp_path) -> 
     collection made with other values is refused (a default config's identity is unchanged, so
     collections made before these settings existed still resume)."""
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
-    ocdwrap.collect(m, _loader(), CE, tmp_path / "d", progress=False)
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "d", progress=False, shard_size=16)
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert "output_grid" not in manifest["identity"]
     other = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(output_grid=2))
     with pytest.raises(CollectionExistsError, match="overwrite=True"):
-        ocdwrap.collect(other, _loader(), CE, tmp_path / "d", progress=False)
-    ocdwrap.collect(m, _loader(), CE, tmp_path / "d", progress=False)  # same settings: resumes
+        ocdwrap.collect(other, _loader(), CE, tmp_path / "d", progress=False, shard_size=16)
+    ocdwrap.collect(
+        m, _loader(), CE, tmp_path / "d", progress=False, shard_size=16
+    )  # same settings: resumes
 
 
 def test_refuses_reordered_data_on_resume(tmp_path) -> None:
-    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(shard_size=16))
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig())
     with pytest.raises(_Interrupted):
         ocdwrap.collect(
-            m, _interrupting(_loader(batch=8), after=3), CE, tmp_path / "p", progress=False
+            m,
+            _interrupting(_loader(batch=8), after=3),
+            CE,
+            tmp_path / "p",
+            progress=False,
+            shard_size=16,
         )
     with pytest.raises(CollectionExistsError, match="different data"):
-        ocdwrap.collect(m, _loader(batch=8, seed=1), CE, tmp_path / "p", progress=False)
+        ocdwrap.collect(
+            m, _loader(batch=8, seed=1), CE, tmp_path / "p", progress=False, shard_size=16
+        )
 
 
 def test_complete_collection_is_reused(tmp_path) -> None:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
-    ocdwrap.collect(m, _loader(), CE, tmp_path / "r", progress=False)
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "r", progress=False, shard_size=16)
     mtime = os.path.getmtime(tmp_path / "r" / "manifest.json")
-    ocdwrap.collect(m, _loader(), CE, tmp_path / "r", progress=False)
+    ocdwrap.collect(m, _loader(), CE, tmp_path / "r", progress=False, shard_size=16)
     assert os.path.getmtime(tmp_path / "r" / "manifest.json") == mtime
 
 
@@ -167,7 +191,7 @@ def test_conv_target_stores_full_matrix(tmp_path) -> None:
     case = lenet_conv_case()
     m = ocdwrap.wrap(case.make(), layer="conv2", config=ocdwrap.OCDConfig(delta="full"))
     loader = DataLoader(TensorDataset(case.inputs(6), case.targets(6)), batch_size=3)
-    store = ocdwrap.collect(m, loader, CE, tmp_path / "conv", progress=False)
+    store = ocdwrap.collect(m, loader, CE, tmp_path / "conv", progress=False, shard_size=16)
     assert store.load(["delta"])["delta"].shape == (6, 16, 6 * 5 * 5)
     assert "u" not in store.keys and "energy" not in store.keys
 
@@ -177,28 +201,35 @@ def test_rank1_on_conv_is_a_clear_error(tmp_path) -> None:
     m = ocdwrap.wrap(case.make(), layer="conv2", config=ocdwrap.OCDConfig(delta="rank1"))
     loader = DataLoader(TensorDataset(case.inputs(2), case.targets(2)), batch_size=2)
     with pytest.raises(UnsupportedLayerError, match="higher rank"):
-        ocdwrap.collect(m, loader, CE, tmp_path / "x", progress=False)
+        ocdwrap.collect(m, loader, CE, tmp_path / "x", progress=False, shard_size=16)
 
 
 def test_mean_loss_is_refused(tmp_path) -> None:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
     with pytest.raises(LossShapeError, match="reduction='none'"):
-        ocdwrap.collect(m, _loader(), torch.nn.CrossEntropyLoss(), tmp_path / "m", progress=False)
+        ocdwrap.collect(
+            m, _loader(), torch.nn.CrossEntropyLoss(), tmp_path / "m", progress=False, shard_size=16
+        )
 
 
 def test_sum_loss_is_accepted(tmp_path) -> None:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(delta="full"))
     a = ocdwrap.collect(
-        m, _loader(), torch.nn.CrossEntropyLoss(reduction="sum"), tmp_path / "s", progress=False
+        m,
+        _loader(),
+        torch.nn.CrossEntropyLoss(reduction="sum"),
+        tmp_path / "s",
+        progress=False,
+        shard_size=16,
     )
-    b = ocdwrap.collect(m, _loader(), CE, tmp_path / "n", progress=False)
+    b = ocdwrap.collect(m, _loader(), CE, tmp_path / "n", progress=False, shard_size=16)
     assert (a.load()["delta"] - b.load()["delta"]).abs().max() < 1e-5
 
 
 def test_empty_loader_is_a_clear_error(tmp_path) -> None:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
     with pytest.raises(EmptyDataError, match="no samples"):
-        ocdwrap.collect(m, [], CE, tmp_path / "e", progress=False)
+        ocdwrap.collect(m, [], CE, tmp_path / "e", progress=False, shard_size=16)
 
 
 class _Regressor(torch.nn.Module):
@@ -226,9 +257,11 @@ def _one_output_loader(positive: int, mixed: int) -> DataLoader:
 
 @pytest.mark.parametrize("delta", ["rank1", "full"])
 def test_rms_normalisation_has_unit_size(tmp_path, delta: str) -> None:
-    cfg = ocdwrap.OCDConfig(delta=delta, delta_normalization="rms", task="regression")
+    cfg = ocdwrap.OCDConfig(delta=delta, delta_normalization="rms")
     model = ocdwrap.wrap(_Regressor(), layer="head", config=cfg)
-    store = ocdwrap.collect(model, _one_output_loader(8, 8), _mse, tmp_path, progress=False)
+    store = ocdwrap.collect(
+        model, _one_output_loader(8, 8), _mse, tmp_path, progress=False, shard_size=16
+    )
     assert store.manifest["identity"]["delta_normalization"] == "rms"
     t = store.load()
     if delta == "rank1":
@@ -240,11 +273,13 @@ def test_rms_normalisation_has_unit_size(tmp_path, delta: str) -> None:
 
 
 def test_constant_deltas_under_std_normalisation_are_named_and_left_out(tmp_path, caplog) -> None:
-    cfg = ocdwrap.OCDConfig(delta="rank1", task="regression", fit_steps=5, checkpoint_every=0)
+    cfg = ocdwrap.OCDConfig(delta="rank1")
     model = ocdwrap.wrap(_Regressor(), layer="head", config=cfg)
-    store = ocdwrap.collect(model, _one_output_loader(8, 24), _mse, tmp_path / "a", progress=False)
+    store = ocdwrap.collect(
+        model, _one_output_loader(8, 24), _mse, tmp_path / "a", progress=False, shard_size=16
+    )
     with caplog.at_level("WARNING", logger="ocdwrap"):
-        ocdwrap.fit(model, store, progress=False)
+        ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=5), progress=False)
     assert "8 of 32 deltas" in caplog.text and "delta_normalization='rms'" in caplog.text
     assert model.hypernet.target_std < 10  # the constant rows did not set the target scale
     cond_delta = model.generate(
@@ -254,10 +289,12 @@ def test_constant_deltas_under_std_normalisation_are_named_and_left_out(tmp_path
     )
     assert torch.isfinite(cond_delta.u).all() and cond_delta.u.abs().max() < 1.0
 
-    strict = ocdwrap.wrap(_Regressor(), layer="head", config=cfg.replace(on_nonfinite="raise"))
-    store = ocdwrap.collect(strict, _one_output_loader(8, 24), _mse, tmp_path / "b", progress=False)
+    strict = ocdwrap.wrap(_Regressor(), layer="head", config=cfg)
+    store = ocdwrap.collect(
+        strict, _one_output_loader(8, 24), _mse, tmp_path / "b", progress=False, shard_size=16
+    )
     with pytest.raises(ocdwrap.errors.NonFiniteError, match="delta_normalization='rms'"):
-        ocdwrap.fit(strict, store, progress=False)
+        ocdwrap.fit(strict, store, ocdwrap.FitArgs(steps=5, on_nonfinite="raise"), progress=False)
 
 
 def test_rank1_energy_from_the_known_right_factor_equals_the_svd() -> None:
@@ -294,9 +331,9 @@ class _NoLen:
 
 
 def _collect(d, loader, **kw) -> ocdwrap.DeltaStore:
-    cfg = ocdwrap.OCDConfig(delta="rank1", shard_size=16)
+    cfg = ocdwrap.OCDConfig(delta="rank1")
     model = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
-    return ocdwrap.collect(model, loader, CE, d, progress=False, **kw)
+    return ocdwrap.collect(model, loader, CE, d, progress=False, shard_size=16, **kw)
 
 
 @pytest.mark.parametrize("with_len", [True, False], ids=["len", "no-len"])
@@ -349,11 +386,11 @@ def test_positions_count_skipped_samples_not_stored_rows(tmp_path) -> None:
     def data():
         return DataLoader(TensorDataset(x, y), batch_size=8)
 
-    cfg = ocdwrap.OCDConfig(delta="rank1", shard_size=16, on_nonfinite="skip")
+    cfg = ocdwrap.OCDConfig(delta="rank1")
 
     def collect(d, **kw):
         model = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=cfg)
-        return ocdwrap.collect(model, data(), CE, d, progress=False, **kw)
+        return ocdwrap.collect(model, data(), CE, d, progress=False, shard_size=16, **kw)
 
     part = collect(tmp_path / "d", max_samples=20)
     assert part.positions == 20 and len(part) == 17

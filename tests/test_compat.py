@@ -87,10 +87,11 @@ def _fixture_loader(n: int = 40) -> torch.utils.data.DataLoader:
 
 
 SETTINGS = {
-    "rank1": ("fc2", dict(delta="rank1", shard_size=16)),
-    "full": ("fc2", dict(delta="full", shard_size=16)),
-    "lowrank": ("conv", dict(delta="lowrank", delta_rank=2, shard_size=16)),
+    "rank1": ("fc2", dict(delta="rank1")),
+    "full": ("fc2", dict(delta="full")),
+    "lowrank": ("conv", dict(delta="lowrank", delta_rank=2)),
 }
+SHARD = 16  # the fixtures' shard size (a collection's identity holds it)
 
 
 def _copy(name: str, tmp_path) -> str:
@@ -109,13 +110,15 @@ def test_collection_written_by_v0_1_0_loads_unverified_and_is_reused(name: str, 
     layer, cfg = SETTINGS[name]
     model = ocdwrap.wrap(_net(), layer=layer, config=ocdwrap.OCDConfig(**cfg))
     # the same data again: nothing is overfitted anew, and now the manifest knows it is whole
-    store = ocdwrap.collect(model, _fixture_loader(), _ce, d, progress=False)
+    store = ocdwrap.collect(model, _fixture_loader(), _ce, d, progress=False, shard_size=SHARD)
     assert store.stopped == "end_of_data" and store.positions == 40 and len(store) == 40
     after = store.load()
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
     # and what today's code collects from scratch is the same (the format did not drift)
-    fresh = ocdwrap.collect(model, _fixture_loader(), _ce, tmp_path / "fresh", progress=False)
+    fresh = ocdwrap.collect(
+        model, _fixture_loader(), _ce, tmp_path / "fresh", progress=False, shard_size=SHARD
+    )
     assert fresh.verified and fresh.keys == old.keys
     new = fresh.load()
     for k, v in before.items():
@@ -128,7 +131,7 @@ def test_interrupted_collection_written_by_v0_1_0_resumes_to_the_whole(tmp_path)
     assert not part.complete and len(part) == 16
     layer, cfg = SETTINGS["rank1"]
     model = ocdwrap.wrap(_net(), layer=layer, config=ocdwrap.OCDConfig(**cfg))
-    store = ocdwrap.collect(model, _fixture_loader(), _ce, d, progress=False)
+    store = ocdwrap.collect(model, _fixture_loader(), _ce, d, progress=False, shard_size=SHARD)
     assert store.complete and store.stopped == "end_of_data"
     whole = ocdwrap.DeltaStore(os.path.join(COLLECTIONS, "v0.1.0-rank1")).load()
     got = store.load()
@@ -145,7 +148,9 @@ def test_collection_written_by_v0_1_0_continues_when_the_data_goes_further(tmp_p
     layer, cfg = SETTINGS["rank1"]
     model = ocdwrap.wrap(_net(), layer=layer, config=ocdwrap.OCDConfig(**cfg))
     # the first 32 of its 40 samples are asked for: it holds them, returned at once
-    store = ocdwrap.collect(model, _fixture_loader(), _ce, d, max_samples=32, progress=False)
+    store = ocdwrap.collect(
+        model, _fixture_loader(), _ce, d, max_samples=32, progress=False, shard_size=SHARD
+    )
     assert len(store) == 40 and store.stopped is None
     # a loader of 48 samples whose first 40 are the same: only the last 8 are overfitted
     g = torch.Generator().manual_seed(1)
@@ -154,7 +159,7 @@ def test_collection_written_by_v0_1_0_continues_when_the_data_goes_further(tmp_p
     x = torch.cat([x, torch.randn(8, 1, 6, 6, generator=g)])
     y = torch.cat([y, torch.randint(0, 3, (8,), generator=g)])
     more = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    store = ocdwrap.collect(model, more, _ce, d, progress=False)
+    store = ocdwrap.collect(model, more, _ce, d, progress=False, shard_size=SHARD)
     assert len(store) == 48 and store.stopped == "end_of_data"
     got = store.load()
     for k, v in full.items():
@@ -166,13 +171,15 @@ def test_fit_checkpoint_written_by_v0_1_0_resumes(tmp_path) -> None:
     import shutil
 
     ckpt = shutil.copytree(os.path.join(COLLECTIONS, "v0.1.0-fit-checkpoint"), tmp_path / "ckpt")
-    cfg = ocdwrap.OCDConfig(
-        delta="rank1", shard_size=16, cond_dim=16, mlp_hidden=16, mlp_layers=2, checkpoint_every=4
-    )
+    cfg = ocdwrap.OCDConfig(delta="rank1", cond_dim=16, mlp_hidden=16, mlp_layers=2)
     model = ocdwrap.wrap(_net(), layer="fc2", config=cfg)
     store = os.path.join(COLLECTIONS, "v0.1.0-rank1")
     report = ocdwrap.fit(
-        model, store, steps=8, batch_size=8, progress=False, seed=0, checkpoint_dir=ckpt
+        model,
+        store,
+        ocdwrap.FitArgs(steps=8, batch_size=8, seed=0, checkpoint_every=4),
+        progress=False,
+        checkpoint_dir=ckpt,
     )
     assert report.resumed_from == 4
     expected = load_file(os.path.join(COLLECTIONS, "fit_8_steps_expected.safetensors"))
@@ -190,6 +197,8 @@ def test_info_says_0_1_0_files_are_unverified(tmp_path, capsys) -> None:
     assert adapter["checksums"].startswith("none")
     layer, cfg = SETTINGS["rank1"]
     model = ocdwrap.wrap(_net(), layer=layer, config=ocdwrap.OCDConfig(**cfg))
-    store = ocdwrap.collect(model, _fixture_loader(), _ce, tmp_path / "new", progress=False)
+    store = ocdwrap.collect(
+        model, _fixture_loader(), _ce, tmp_path / "new", progress=False, shard_size=SHARD
+    )
     (new,) = describe(store.directory)
     assert new["checksums"].startswith("xxh3_64")

@@ -18,8 +18,10 @@ from ocdwrap.hypernet import OCDHyperNetwork
 
 def _wrapped(delta: str) -> tuple[ocdwrap.OCDModel, torch.Tensor]:
     case = mlp_case()
-    cfg = ocdwrap.OCDConfig(delta=delta, seed=0, mlp_hidden=32, cond_dim=16, unet_channels=(4, 8))
-    model = ocdwrap.wrap(case.make(), layer="fc2", config=cfg)
+    cfg = ocdwrap.OCDConfig(delta=delta, mlp_hidden=32, cond_dim=16, unet_channels=(4, 8))
+    model = ocdwrap.wrap(
+        case.make(), layer="fc2", config=cfg, sampling=ocdwrap.SamplingConfig(seed=0)
+    )
     x = case.inputs(8)
     cond, _ = model.conditioning(x)
     torch.manual_seed(0)

@@ -30,16 +30,15 @@ N, BATCH, WORLD = 44, 8, 2
 # its first matrix product (seen under pytest after earlier tests used torch)
 START = "spawn"
 FIT = dict(steps=6, batch_size=8, seed=0)
+SHARD = 5  # samples per shard of every collection here
 
 
 def config() -> ocdwrap.OCDConfig:
     return ocdwrap.OCDConfig(
         delta="full",  # stores every key: delta, u, v, energy, conditioning
-        shard_size=5,
         unet_channels=(8, 8),
         cond_dim=16,
         mlp_hidden=16,
-        checkpoint_every=0,
     )
 
 
@@ -80,15 +79,30 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     # processes cannot continue the first 16 samples' parts, and say so on every process
     partial = os.path.join(out, "partial")
     store = collect_distributed(
-        model, loader(), ce, partial, accelerator=accelerator, progress=False, max_samples=16
+        model,
+        loader(),
+        ce,
+        partial,
+        accelerator=accelerator,
+        progress=False,
+        max_samples=16,
+        shard_size=SHARD,
     )
     outcome = {"partial": [len(store), store.stopped, store.positions]}
     try:
-        collect_distributed(model, loader(), ce, partial, accelerator=accelerator, progress=False)
+        collect_distributed(
+            model, loader(), ce, partial, accelerator=accelerator, progress=False, shard_size=SHARD
+        )
     except (CollectionExistsError, ocdwrap.distributed.DistributedError) as e:
         outcome["whole_after_partial"] = [type(e).__name__, str(e)]
     store = collect_distributed(
-        model, loader(), ce, os.path.join(out, "deltas"), accelerator=accelerator, progress=False
+        model,
+        loader(),
+        ce,
+        os.path.join(out, "deltas"),
+        accelerator=accelerator,
+        progress=False,
+        shard_size=SHARD,
     )
     assert len(store) == N
     # the whole collection, asked for its first 16 samples: returned whole, at once
@@ -100,15 +114,21 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         accelerator=accelerator,
         progress=False,
         max_samples=16,
+        shard_size=SHARD,
     )
     outcome["partial_after_whole"] = [len(again), again.stopped]
     with open(os.path.join(out, f"outcome-{rank}.json"), "w") as f:
         json.dump(outcome, f)
     # the one fit(), through the plain torch.distributed group that accelerate initialised;
     # checkpoints come from the main process only
-    model.config = model.config.replace(checkpoint_every=3)
     ckpt = os.path.join(out, f"ckpt-{rank}")
-    report = ocdwrap.fit(model, store, progress=False, checkpoint_dir=ckpt, **FIT)
+    report = ocdwrap.fit(
+        model,
+        store,
+        ocdwrap.FitArgs(**FIT, checkpoint_every=3),
+        progress=False,
+        checkpoint_dir=ckpt,
+    )
     assert os.path.exists(os.path.join(ckpt, CHECKPOINT_JSON)) == (rank == 0)
     save_file(
         {k: v.contiguous() for k, v in model.hypernet.state_dict().items()},
@@ -146,6 +166,7 @@ def test_sharded_collection_equals_single_process(two_process_run, tmp_path):
         ce,
         tmp_path / "single",
         progress=False,
+        shard_size=SHARD,
     )
     assert len(merged) == len(single) == N
     assert merged.keys == single.keys and merged.dims == single.dims
@@ -158,7 +179,9 @@ def test_sharded_collection_equals_single_process(two_process_run, tmp_path):
         assert merged.manifest["summary"][k] == pytest.approx(single.manifest["summary"][k])
     # a merged collection is an ordinary one: collect() sees it complete, fit() reads it
     model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
-    again = ocdwrap.collect(model, loader(), ce, os.path.join(two_process_run, "deltas"))
+    again = ocdwrap.collect(
+        model, loader(), ce, os.path.join(two_process_run, "deltas"), shard_size=SHARD
+    )
     assert again.manifest == merged.manifest
 
 
@@ -168,7 +191,13 @@ def test_ddp_fit_equals_single_process_fit(two_process_run):
     for k in h0:  # every process holds the same weights
         torch.testing.assert_close(h0[k], h1[k], rtol=0, atol=0, msg=k)
     model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
-    report = ocdwrap.fit(model, os.path.join(two_process_run, "deltas"), progress=False, **FIT)
+    report = ocdwrap.fit(
+        model,
+        os.path.join(two_process_run, "deltas"),
+        ocdwrap.FitArgs(**FIT),
+        progress=False,
+        **FIT,
+    )
     with open(os.path.join(two_process_run, "losses-0.json")) as f:
         losses = json.load(f)
     assert losses == pytest.approx(report.losses, rel=1e-5)
@@ -191,13 +220,16 @@ def test_ddp_fit_equals_single_process_fit(two_process_run):
 
 def test_single_process_fallbacks_equal_the_core_functions(tmp_path):
     model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
-    store = collect_distributed(model, loader(), ce, tmp_path / "d", progress=False)
+    store = collect_distributed(
+        model, loader(), ce, tmp_path / "d", progress=False, shard_size=SHARD
+    )
     single = ocdwrap.collect(
         ocdwrap.wrap(make_mlp(), layer="fc2", config=config()),
         loader(),
         ce,
         tmp_path / "s",
         progress=False,
+        shard_size=SHARD,
     )
     a, b = store.load(), single.load()
     for k in a:
@@ -229,7 +261,7 @@ def test_one_process_continues_a_partial_multi_process_collection(two_process_ru
 
     d = shutil.copytree(os.path.join(two_process_run, "partial"), tmp_path / "partial")
     model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
-    store = ocdwrap.collect(model, loader(), ce, d, progress=False)
+    store = ocdwrap.collect(model, loader(), ce, d, progress=False, shard_size=SHARD)
     assert len(store) == N and store.stopped == "end_of_data" and store.verified
     whole = ocdwrap.DeltaStore(os.path.join(two_process_run, "deltas")).load()
     got = store.load()
@@ -250,7 +282,7 @@ def test_a_flipped_byte_in_a_merged_collection_stops_fit(two_process_run, tmp_pa
     flip_byte(path, "rho")  # a value fit reads, inside the tensor data, past the header
     model = ocdwrap.wrap(make_mlp(), layer="fc2", config=config())
     with pytest.raises(ocdwrap.errors.CorruptFileError, match=shard["file"].split("/")[1]) as e:
-        ocdwrap.fit(model, d, progress=False, **FIT)
+        ocdwrap.fit(model, d, ocdwrap.FitArgs(), progress=False)
     assert f"samples {shard['start']}-{shard['stop'] - 1}" in str(e.value)
     assert "collect again" in str(e.value).lower() or "ocdwrap.collect again" in str(e.value)
 
@@ -263,7 +295,12 @@ def test_merge_refuses_changed_data_and_foreign_collections(two_process_run, tmp
 
     single = tmp_path / "single"
     ocdwrap.collect(
-        ocdwrap.wrap(make_mlp(), layer="fc2", config=config()), loader(), ce, single, progress=False
+        ocdwrap.wrap(make_mlp(), layer="fc2", config=config()),
+        loader(),
+        ce,
+        single,
+        progress=False,
+        shard_size=SHARD,
     )
 
     def fingerprint():

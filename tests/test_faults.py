@@ -37,8 +37,10 @@ import torch
 from conftest import flip_byte, make_mlp
 from faults_util import (
     CE,
+    FIT,
     FULL_STORE,
     ROOT,
+    SHARD,
     SMALL,
     _copy_store,
     _loader,
@@ -51,13 +53,14 @@ from safetensors import safe_open
 
 import ocdwrap
 from ocdwrap.errors import CollectionBusyError, CollectionExistsError, CorruptFileError
-from ocdwrap.io import ADAPTER_FILES_NAME, CONFIG_NAME, WEIGHTS_NAME, read_json
+from ocdwrap.io import ADAPTER_FILES_NAME, CONFIG_NAME, SAMPLING_NAME, WEIGHTS_NAME, read_json
 
 KILL_SEEDS = (0, 1, 2)  # three random moments per kind of work
 KILL_N, KILL_BATCH, KILL_SHARD = 320, 8, 32
 KILL_STEPS, KILL_EVERY = 24, 3  # fit steps, checkpoint every 3
 STALL = 12  # the workers stop making progress here, so a kill always lands before the end
-FIT_CFG = dict(**SMALL, delta="rank1", checkpoint_every=KILL_EVERY)
+FIT_CFG = dict(**SMALL, delta="rank1")
+FIT_KILL = dict(**FIT, checkpoint_every=KILL_EVERY)  # the FitArgs of FIT_CFG's fits
 RACE_CFG = dict(shard_size=16)
 RACE_N = 48
 
@@ -75,7 +78,7 @@ def store_dir(tmp_path_factory) -> str:
     """A complete collection (full deltas: every key) of the 48 samples of ``_loader()``."""
     d = tmp_path_factory.mktemp("faults-store")
     with _one_thread():
-        ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False)
+        ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, **SHARD, progress=False)
     return str(d)
 
 
@@ -110,7 +113,7 @@ def adapters(store_dir: str, tmp_path_factory) -> Adapters:
     ad = Adapters({}, {}, {}, {"old": 16, "new": 24}, x)
     for name, hidden in ad.hidden.items():
         m = _wrap(**{**FIT_CFG, "mlp_hidden": hidden})
-        ocdwrap.fit(m, store_dir, steps=2, progress=False)
+        ocdwrap.fit(m, store_dir, ocdwrap.FitArgs(**FIT, steps=2), progress=False)
         ad.dirs[name] = Path(m.save_pretrained(root / name))
         ad.models[name] = ocdwrap.OCDModel.from_pretrained(make_mlp(), ad.dirs[name])
         with ad.models[name].sampling(seed=0):
@@ -224,7 +227,7 @@ def _worker(argv: list[str]) -> None:
     if task in ("collect", "fit", "save"):  # go, started, ...: see _Doomed
         go, started, args = Path(args[0]), Path(args[1]), args[2:]
     if task == "collect":  # out_dir
-        model = _wrap(shard_size=KILL_SHARD)
+        model = _wrap()
 
         def slow():
             for i, batch in enumerate(_kill_data()):
@@ -233,7 +236,7 @@ def _worker(argv: list[str]) -> None:
 
         _await(go)
         started.touch()
-        ocdwrap.collect(model, slow(), CE, args[0], progress=False)
+        ocdwrap.collect(model, slow(), CE, args[0], shard_size=KILL_SHARD, progress=False)
     elif task == "fit":  # store, checkpoint_dir
         from ocdwrap.hypernet import OCDHyperNetwork
 
@@ -249,7 +252,13 @@ def _worker(argv: list[str]) -> None:
         model = _wrap(**FIT_CFG)
         _await(go)
         started.touch()
-        ocdwrap.fit(model, args[0], steps=KILL_STEPS, checkpoint_dir=args[1], progress=False)
+        ocdwrap.fit(
+            model,
+            args[0],
+            ocdwrap.FitArgs(**FIT_KILL, steps=KILL_STEPS),
+            checkpoint_dir=args[1],
+            progress=False,
+        )
     elif task == "save":  # old, new, target: save new and old over target, in turn
         old, new = (ocdwrap.OCDModel.from_pretrained(make_mlp(), d) for d in args[0:2])
         _await(go)
@@ -272,7 +281,7 @@ def _worker(argv: list[str]) -> None:
 def test_collect_killed_at_random_moments_resumes_to_the_same_collection(tmp_path) -> None:
     with _one_thread():
         full = ocdwrap.collect(
-            _wrap(shard_size=KILL_SHARD), _kill_data(), CE, tmp_path / "full", progress=False
+            _wrap(), _kill_data(), CE, tmp_path / "full", progress=False, shard_size=KILL_SHARD
         )
     with _Doomed("collect", 0.6, tmp_path, lambda seed: [str(tmp_path / f"killed-{seed}")]) as w:
         for seed in KILL_SEEDS:
@@ -282,7 +291,7 @@ def test_collect_killed_at_random_moments_resumes_to_the_same_collection(tmp_pat
                 assert not read_json(str(part / "manifest.json"))["complete"]
             with _one_thread():
                 resumed = ocdwrap.collect(
-                    _wrap(shard_size=KILL_SHARD), _kill_data(), CE, part, progress=False
+                    _wrap(), _kill_data(), CE, part, progress=False, shard_size=KILL_SHARD
                 )
             _assert_same_collection(resumed, full)  # no temporary file of a killed write is left
 
@@ -291,7 +300,9 @@ def test_collect_killed_at_random_moments_resumes_to_the_same_collection(tmp_pat
 def test_fit_killed_at_random_moments_resumes_to_the_same_model(store_dir: str, tmp_path) -> None:
     with _one_thread():
         full = _wrap(**FIT_CFG)
-        reference = ocdwrap.fit(full, store_dir, steps=KILL_STEPS, progress=False)
+        reference = ocdwrap.fit(
+            full, store_dir, ocdwrap.FitArgs(**FIT_KILL, steps=KILL_STEPS), progress=False
+        )
     with _Doomed(
         "fit", 1.5, tmp_path, lambda seed: [store_dir, str(tmp_path / f"ckpt-{seed}")]
     ) as w:
@@ -305,7 +316,11 @@ def test_fit_killed_at_random_moments_resumes_to_the_same_model(store_dir: str, 
             with _one_thread():
                 resumed = _wrap(**FIT_CFG)
                 report = ocdwrap.fit(
-                    resumed, store_dir, steps=KILL_STEPS, checkpoint_dir=ckpt, progress=False
+                    resumed,
+                    store_dir,
+                    ocdwrap.FitArgs(**FIT_KILL, steps=KILL_STEPS),
+                    checkpoint_dir=ckpt,
+                    progress=False,
                 )
             assert report.resumed_from == killed_at
             assert report.losses == reference.losses
@@ -364,14 +379,16 @@ def _crash_at(monkeypatch, module, k: int, after: bool) -> None:
 def test_collect_resumes_after_a_crash_at_any_write(tmp_path, monkeypatch, after: bool) -> None:
     collect_module = importlib.import_module("ocdwrap.store")  # it makes every collection write
     with _one_thread():
-        full = ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, tmp_path / "f", progress=False)
+        full = ocdwrap.collect(
+            _wrap(), _loader(), CE, tmp_path / "f", progress=False, shard_size=16
+        )
         reference = full.load()
         for k in range(1, 9):  # 48 samples in shards of 16: 8 writes (manifests and shards)
             with monkeypatch.context() as mp:
                 _crash_at(mp, collect_module, k, after)
                 with pytest.raises(_Crash):
                     ocdwrap.collect(
-                        _wrap(shard_size=16), _loader(), CE, tmp_path / str(k), progress=False
+                        _wrap(), _loader(), CE, tmp_path / str(k), progress=False, shard_size=16
                     )
             manifest = tmp_path / str(k) / "manifest.json"
             if manifest.exists():  # every manifest written, the first included, is checked
@@ -379,7 +396,7 @@ def test_collect_resumes_after_a_crash_at_any_write(tmp_path, monkeypatch, after
             # what a kill in the middle of a write leaves (a crash cleans it up, a kill cannot)
             (tmp_path / str(k) / ".tmp-killed").write_bytes(b"half a shard")
             store = ocdwrap.collect(
-                _wrap(shard_size=16), _loader(), CE, tmp_path / str(k), progress=False
+                _wrap(), _loader(), CE, tmp_path / str(k), progress=False, shard_size=16
             )
             got = store.load()
             for key, v in reference.items():
@@ -393,17 +410,27 @@ def test_fit_resumes_after_a_crash_at_any_write(
     store_dir: str, tmp_path, monkeypatch, after: bool
 ) -> None:
     fit_module = importlib.import_module("ocdwrap.fit")
-    cfg = dict(**SMALL, delta="rank1", checkpoint_every=2)
+    cfg = dict(**SMALL, delta="rank1")
     reference = _wrap(**cfg)
-    ocdwrap.fit(reference, store_dir, steps=5, progress=False)
+    ocdwrap.fit(
+        reference, store_dir, ocdwrap.FitArgs(**FIT, checkpoint_every=2, steps=5), progress=False
+    )
     for k in range(1, 5):  # two checkpoints (steps 2 and 4) of two files each
         ckpt = tmp_path / str(k)
         with monkeypatch.context() as mp:
             _crash_at(mp, fit_module, k, after)
             with pytest.raises(_Crash):
-                ocdwrap.fit(_wrap(**cfg), store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
+                ocdwrap.fit(
+                    _wrap(**cfg),
+                    store_dir,
+                    ocdwrap.FitArgs(**FIT, checkpoint_every=2, steps=5),
+                    checkpoint_dir=ckpt,
+                    progress=False,
+                )
         m = _wrap(**cfg)
-        ocdwrap.fit(m, store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
+        ocdwrap.fit(
+            m, store_dir, ocdwrap.FitArgs(**FIT, steps=5), checkpoint_dir=ckpt, progress=False
+        )
         for key, v in reference.hypernet.state_dict().items():
             assert torch.equal(v, m.hypernet.state_dict()[key]), (k, key)
 
@@ -536,7 +563,14 @@ def _refused_writes(workdir: Path) -> None:
             if new is not None:
                 new.save_pretrained(task["dir"], overwrite=True)
             else:
-                ocdwrap.collect(_wrap(**task["config"]), _loader(), CE, task["dir"], progress=False)
+                ocdwrap.collect(
+                    _wrap(**task["config"]),
+                    _loader(),
+                    CE,
+                    task["dir"],
+                    progress=False,
+                    **task["io"],
+                )
             results[name] = {"error": None}
         except Exception as e:
             results[name] = {
@@ -572,10 +606,16 @@ def refused(store_dir: str, adapters: Adapters, tmp_path_factory) -> Refused:
     refs = {"shard": ocdwrap.DeltaStore(store_dir)}
     with _one_thread():
         ocdwrap.collect(
-            _wrap(**FULL_STORE), _loader(), CE, dirs["shard"], max_samples=16, progress=False
+            _wrap(**FULL_STORE),
+            _loader(),
+            CE,
+            dirs["shard"],
+            max_samples=16,
+            **SHARD,
+            progress=False,
         )
         refs["manifest"] = ocdwrap.collect(
-            _wrap(**MANIFEST_CFG), _loader(), CE, root / "manifest-ref", progress=False
+            _wrap(), _loader(), CE, root / "manifest-ref", **MANIFEST_CFG, progress=False
         )
     shard_bytes = os.path.getsize(dirs["shard"] / "shard-00000.safetensors")
     small = max(os.path.getsize(p) for p in refs["manifest"].shard_paths())
@@ -584,8 +624,10 @@ def refused(store_dir: str, adapters: Adapters, tmp_path_factory) -> Refused:
     _copy_store(adapters.dirs["old"], dirs["adapter"])
     weights = os.path.getsize(adapters.dirs["new"] / WEIGHTS_NAME)
     plan = {
-        "shard": dict(kind="collect", config=FULL_STORE, limit=shard_bytes // 2),
-        "manifest": dict(kind="collect", config=MANIFEST_CFG, limit=(small + manifest_bytes) // 2),
+        "shard": dict(kind="collect", config=FULL_STORE, io=SHARD, limit=shard_bytes // 2),
+        "manifest": dict(
+            kind="collect", config={}, io=MANIFEST_CFG, limit=(small + manifest_bytes) // 2
+        ),
         "adapter": dict(kind="save", new=str(adapters.dirs["new"]), limit=weights // 2),
     }
     for name, task in plan.items():
@@ -613,7 +655,7 @@ def test_a_refused_shard_write_loses_nothing(refused: Refused) -> None:
         assert torch.equal(v, kept.load()[k]), k
     assert not [f for f in os.listdir(d) if f.startswith(".tmp")]
     with _one_thread():
-        resumed = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False)
+        resumed = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, **SHARD, progress=False)
     _assert_same_collection(resumed, refused.references["shard"])
 
 
@@ -623,7 +665,7 @@ def test_a_refused_manifest_write_loses_nothing(refused: Refused) -> None:
     partial = ocdwrap.DeltaStore(d)  # the last manifest written whole
     assert not partial.complete and len(partial.manifest["shards"]) >= 1
     with _one_thread():
-        resumed = ocdwrap.collect(_wrap(**MANIFEST_CFG), _loader(), CE, d, progress=False)
+        resumed = ocdwrap.collect(_wrap(), _loader(), CE, d, **MANIFEST_CFG, progress=False)
     _assert_same_collection(resumed, refused.references["manifest"])
 
 
@@ -645,7 +687,7 @@ def _race(workdir: Path, name: str) -> None:
     the trial's data (seed ``trial[name]``) into its directory and write what happened."""
     plan = json.loads((workdir / "plan.json").read_text())
     for i, trial in enumerate(plan):
-        model = _wrap(**RACE_CFG)
+        model = _wrap()
         x, y = _xy(RACE_N, trial[name])
 
         def slow(x=x, y=y):  # holds the directory ~0.3 s: the other process arrives meanwhile
@@ -658,7 +700,9 @@ def _race(workdir: Path, name: str) -> None:
         if trial["after"] and name == "b":  # the second starts once the first has finished
             _await(workdir / f"result-{i}-a.json")
         try:
-            store = ocdwrap.collect(model, slow(), CE, workdir / f"trial-{i}", progress=False)
+            store = ocdwrap.collect(
+                model, slow(), CE, workdir / f"trial-{i}", **RACE_CFG, progress=False
+            )
             out = {"outcome": "ok", "samples": len(store), "complete": store.complete}
         except CollectionBusyError:
             out = {"outcome": "busy"}
@@ -694,10 +738,11 @@ def race(tmp_path_factory) -> Race:
         for seed in (0, 1):
             x, y = _xy(RACE_N, seed)
             references[seed] = ocdwrap.collect(
-                _wrap(**RACE_CFG),
+                _wrap(),
                 _loader(RACE_N, 8, x, y),
                 CE,
                 root / f"ref-{seed}",
+                **RACE_CFG,
                 progress=False,
             )
     procs = [_start_worker(root / f"{n}.log", "race", str(root), n) for n in ("a", "b")]
@@ -777,7 +822,7 @@ def test_a_flipped_byte_in_a_shard_stops_fit_and_collect_rebuilds_it(
     shard = ocdwrap.DeltaStore(d).manifest["shards"][1]
     flip_byte(d / shard["file"], key)  # inside the tensor's data, past the header
     with pytest.raises(CorruptFileError) as e:
-        ocdwrap.fit(_wrap(**SMALL, delta=delta), d, steps=2, progress=False)
+        ocdwrap.fit(_wrap(**SMALL, delta=delta), d, ocdwrap.FitArgs(**FIT, steps=2), progress=False)
     message = str(e.value)
     assert shard["file"] in message and f"damaged: {key} do not match" in message
     assert f"samples {shard['start']}-{shard['stop'] - 1}" in message
@@ -786,7 +831,7 @@ def test_a_flipped_byte_in_a_shard_stops_fit_and_collect_rebuilds_it(
     others = [k for k in ("index", "cond_in") if k != key]
     assert torch.equal(ocdwrap.DeltaStore(d).load(others)["cond_in"], reference["cond_in"])
     with _one_thread():
-        rebuilt = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False)
+        rebuilt = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, **SHARD, progress=False)
     _assert_same_collection(rebuilt, ocdwrap.DeltaStore(store_dir))
 
 
@@ -802,7 +847,7 @@ def merged_dir(tmp_path_factory) -> str:
         for rank, (lo, hi) in enumerate(((0, 24), (24, 48))):
             part = d / part_name(rank, 2)
             loader = _loader(x=x[lo:hi], y=y[lo:hi])
-            ocdwrap.collect(_wrap(shard_size=8), loader, CE, part, progress=False)
+            ocdwrap.collect(_wrap(), loader, CE, part, progress=False, shard_size=8)
     merge_parts(d, [(0, 24), (24, 48)], 2)
     return str(d)
 
@@ -824,14 +869,14 @@ def test_a_changed_value_in_a_manifest_is_refused(
         _change_digit(manifest, field)
     for call in (
         lambda: ocdwrap.DeltaStore(d),
-        lambda: ocdwrap.fit(_wrap(**SMALL), d, steps=2, progress=False),
-        lambda: ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False),
+        lambda: ocdwrap.fit(_wrap(**SMALL), d, ocdwrap.FitArgs(**FIT, steps=2), progress=False),
+        lambda: ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, **SHARD, progress=False),
     ):
         with pytest.raises(CorruptFileError, match=r"manifest\.json does not match the checksum"):
             call()
 
 
-@pytest.mark.parametrize("what", ["weights", "config"])
+@pytest.mark.parametrize("what", ["weights", "config", "sampling"])
 def test_a_flipped_byte_in_an_adapter_is_refused(adapters: Adapters, tmp_path, what: str) -> None:
     d = _copy_store(adapters.dirs["old"], tmp_path / "a")
     if what == "weights":
@@ -839,9 +884,12 @@ def test_a_flipped_byte_in_an_adapter_is_refused(adapters: Adapters, tmp_path, w
         with safe_open(d / name, framework="pt") as f:
             key = max(f.keys(), key=lambda k: math.prod(f.get_slice(k).get_shape()))
         flip_byte(d / name, key)
-    else:
+    elif what == "config":
         name = CONFIG_NAME
-        _change_digit(d / name, "sampling_steps")  # a config that would predict otherwise
+        _change_digit(d / name, "num_train_timesteps")  # a config that would predict otherwise
+    else:
+        name = SAMPLING_NAME
+        _change_digit(d / name, "sampling_steps")  # sampling defaults that would predict otherwise
     with pytest.raises(CorruptFileError, match=re.escape(name)) as e:
         ocdwrap.OCDModel.from_pretrained(make_mlp(), d)
     assert "save_pretrained" in str(e.value)
@@ -867,7 +915,13 @@ def test_a_flipped_byte_in_a_fit_checkpoint_is_refused(
     store_dir: str, tmp_path, damage: str
 ) -> None:
     ckpt = tmp_path / "ckpt"
-    ocdwrap.fit(_wrap(**FIT_CFG), store_dir, steps=3, checkpoint_dir=ckpt, progress=False)
+    ocdwrap.fit(
+        _wrap(**FIT_CFG),
+        store_dir,
+        ocdwrap.FitArgs(**FIT_KILL, steps=3),
+        checkpoint_dir=ckpt,
+        progress=False,
+    )
     meta = json.loads((ckpt / "fit_checkpoint.json").read_text())
     if damage == "tensors":
         name = meta["tensors"]
@@ -878,7 +932,13 @@ def test_a_flipped_byte_in_a_fit_checkpoint_is_refused(
         name = "fit_checkpoint.json"
         _change_digit(ckpt / name, damage)
     with pytest.raises(CorruptFileError, match=re.escape(name)) as e:
-        ocdwrap.fit(_wrap(**FIT_CFG), store_dir, steps=3, checkpoint_dir=ckpt, progress=False)
+        ocdwrap.fit(
+            _wrap(**FIT_CFG),
+            store_dir,
+            ocdwrap.FitArgs(**FIT_KILL, steps=3),
+            checkpoint_dir=ckpt,
+            progress=False,
+        )
     assert "fit again" in str(e.value)
 
 
@@ -892,16 +952,20 @@ def test_damaged_shard_is_reported_and_rebuilt(store_dir: str, tmp_path) -> None
         with pytest.raises(CorruptFileError, match="shard-00001.*collect"):
             ocdwrap.DeltaStore(d).load(keys)
     with pytest.raises(CorruptFileError):
-        ocdwrap.fit(_wrap(**SMALL), d, steps=2, progress=False)
+        ocdwrap.fit(_wrap(**SMALL), d, ocdwrap.FitArgs(**FIT, steps=2), progress=False)
     with _one_thread():
-        rebuilt = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False).load()
+        rebuilt = ocdwrap.collect(
+            _wrap(**FULL_STORE), _loader(), CE, d, **SHARD, progress=False
+        ).load()
     for k, v in reference.items():
         assert torch.equal(v, rebuilt[k]), k
     os.unlink(d / "shard-00002.safetensors")  # a missing shard too
     with pytest.raises(CorruptFileError, match="missing"):
         ocdwrap.DeltaStore(d).load()
     with _one_thread():
-        rebuilt = ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False).load()
+        rebuilt = ocdwrap.collect(
+            _wrap(**FULL_STORE), _loader(), CE, d, **SHARD, progress=False
+        ).load()
     assert torch.equal(reference["delta"], rebuilt["delta"])
 
 
@@ -922,24 +986,42 @@ def test_damaged_manifest_is_a_clear_error(store_dir: str, tmp_path, damage: str
     with pytest.raises(CorruptFileError, match="manifest.json"):
         ocdwrap.DeltaStore(d)
     with pytest.raises(CorruptFileError):
-        ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, d, progress=False)
+        ocdwrap.collect(_wrap(), _loader(), CE, d, progress=False, shard_size=16)
 
 
 def test_damaged_checkpoint_is_a_clear_error(store_dir: str, tmp_path) -> None:
     ckpt = tmp_path / "ckpt"
-    cfg = dict(**SMALL, checkpoint_every=5)
-    ocdwrap.fit(_wrap(**cfg), store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
+    cfg = dict(**SMALL)
+    ocdwrap.fit(
+        _wrap(**cfg),
+        store_dir,
+        ocdwrap.FitArgs(**FIT, checkpoint_every=5, steps=5),
+        checkpoint_dir=ckpt,
+        progress=False,
+    )
     meta = json.loads((ckpt / "fit_checkpoint.json").read_text())
     tensors = ckpt / meta["tensors"]
     assert sorted(os.listdir(ckpt)) == sorted(["fit_checkpoint.json", meta["tensors"]])
     kept = tensors.read_bytes()
     _truncate(tensors)
     with pytest.raises(CorruptFileError, match=f"{meta['tensors']} does not match its recorded"):
-        ocdwrap.fit(_wrap(**cfg), store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
+        ocdwrap.fit(
+            _wrap(**cfg),
+            store_dir,
+            ocdwrap.FitArgs(**FIT, checkpoint_every=5, steps=5),
+            checkpoint_dir=ckpt,
+            progress=False,
+        )
     tensors.write_bytes(kept)
     _truncate(ckpt / "fit_checkpoint.json")
     with pytest.raises(CorruptFileError, match="not valid JSON"):
-        ocdwrap.fit(_wrap(**cfg), store_dir, steps=5, checkpoint_dir=ckpt, progress=False)
+        ocdwrap.fit(
+            _wrap(**cfg),
+            store_dir,
+            ocdwrap.FitArgs(**FIT, steps=5),
+            checkpoint_dir=ckpt,
+            progress=False,
+        )
 
 
 def test_damaged_adapter_is_a_clear_error(adapters: Adapters, tmp_path) -> None:

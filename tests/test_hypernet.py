@@ -19,8 +19,8 @@ SMALL = dict(
     mlp_hidden=32,
     cond_dim=32,
     mlp_layers=2,
-    fit_batch_size=16,
 )
+FIT = dict(batch_size=16)  # the FitArgs of these tests
 
 
 def _data(n: int = 48) -> DataLoader:
@@ -42,7 +42,7 @@ def store_dir(tmp_path_factory) -> str:
 
 def _fitted(store_dir: str, steps: int = 60, **cfg) -> ocdwrap.OCDModel:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(**{**SMALL, **cfg}))
-    ocdwrap.fit(m, store_dir, steps=steps, progress=False)
+    ocdwrap.fit(m, store_dir, ocdwrap.FitArgs(**FIT, steps=steps), progress=False)
     return m
 
 
@@ -57,10 +57,8 @@ def _fitted(store_dir: str, steps: int = 60, **cfg) -> ocdwrap.OCDModel:
     ids=["full", "rank1", "full-regression", "rank1-regression"],
 )
 def test_fit_lowers_the_loss(store_dir: str, cfg: dict) -> None:
-    m = ocdwrap.wrap(
-        mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(**{**SMALL, **cfg}, fit_lr=1e-3)
-    )
-    report = ocdwrap.fit(m, store_dir, steps=120, progress=False)
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(**{**SMALL, **cfg}))
+    report = ocdwrap.fit(m, store_dir, ocdwrap.FitArgs(**FIT, steps=120, lr=1e-3), progress=False)
     first, last = sum(report.losses[:10]) / 10, sum(report.losses[-10:]) / 10
     assert last < 0.9 * first, (first, last)
     assert report.scale_losses[-1] < report.scale_losses[0]
@@ -157,7 +155,7 @@ def test_fit_refuses_a_store_from_another_base(store_dir: str) -> None:
         other.fc2.weight.mul_(2)
     m = ocdwrap.wrap(other, layer="fc2")
     with pytest.raises(BaseModelMismatchError, match="Collect again"):
-        ocdwrap.fit(m, store_dir, steps=1, progress=False)
+        ocdwrap.fit(m, store_dir, ocdwrap.FitArgs(**FIT, steps=1), progress=False)
 
 
 def test_generate_before_fit_is_a_clear_error() -> None:
@@ -172,7 +170,7 @@ def test_conv2d_target_end_to_end_on_full_path(tmp_path) -> None:
     m = ocdwrap.wrap(case.make(), layer="conv2", config=ocdwrap.OCDConfig(**SMALL))
     loader = DataLoader(TensorDataset(case.inputs(8), case.targets(8)), batch_size=4)
     store = ocdwrap.collect(m, loader, CE, tmp_path / "conv", progress=False)
-    report = ocdwrap.fit(m, store, steps=3, progress=False)
+    report = ocdwrap.fit(m, store, ocdwrap.FitArgs(**FIT, steps=3), progress=False)
     assert len(report.losses) == 3
     x = case.inputs(3)
     cond, _ = m.conditioning(x)
@@ -262,9 +260,9 @@ def test_sampling_is_in_eval_mode(store_dir: str) -> None:
 
 
 def test_fit_resumes_from_its_checkpoint(store_dir: str, tmp_path, monkeypatch) -> None:
-    cfg = dict(checkpoint_every=10)
-    full = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(**SMALL, **cfg))
-    ocdwrap.fit(full, store_dir, steps=30, checkpoint_dir=tmp_path / "a", progress=False)
+    args = ocdwrap.FitArgs(**FIT, steps=30, checkpoint_every=10)
+    full = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(**SMALL))
+    ocdwrap.fit(full, store_dir, args, checkpoint_dir=tmp_path / "a", progress=False)
 
     from ocdwrap.hypernet import OCDHyperNetwork
 
@@ -277,12 +275,12 @@ def test_fit_resumes_from_its_checkpoint(store_dir: str, tmp_path, monkeypatch) 
             raise KeyboardInterrupt
         return original(self, decay)
 
-    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(**SMALL, **cfg))
+    m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(**SMALL))
     monkeypatch.setattr(OCDHyperNetwork, "update_ema", crash_at_25)
     with pytest.raises(KeyboardInterrupt):
-        ocdwrap.fit(m, store_dir, steps=30, checkpoint_dir=tmp_path / "b", progress=False)
+        ocdwrap.fit(m, store_dir, args, checkpoint_dir=tmp_path / "b", progress=False)
     monkeypatch.setattr(OCDHyperNetwork, "update_ema", original)
-    report = ocdwrap.fit(m, store_dir, steps=30, checkpoint_dir=tmp_path / "b", progress=False)
+    report = ocdwrap.fit(m, store_dir, args, checkpoint_dir=tmp_path / "b", progress=False)
     assert report.resumed_from == 20 and len(report.losses) == 30
     for (k, a), b in zip(full.hypernet.state_dict().items(), m.hypernet.state_dict().values()):
         assert torch.equal(a, b), k
@@ -329,12 +327,12 @@ def test_automatic_micro_batch_keeps_unet_activations_small() -> None:
     hyper = OCDHyperNetwork(cfg, kind="linear", weight_shape=(84, 120), dims=(120, 84, 10))
     per_sample = 32 * 84 * 120 * 4  # the first level, full resolution
     assert hyper.net.net.activation_bytes() == per_sample
-    micro = _micro_batch(hyper, 128)
+    micro = _micro_batch(hyper, 128, None)
     assert micro == MICRO_BATCH_BYTES // per_sample and micro * per_sample <= MICRO_BATCH_BYTES
     rank1 = OCDHyperNetwork(
         ocdwrap.OCDConfig(delta="rank1"), kind="linear", weight_shape=(84, 120), dims=(120, 84, 10)
     )
-    assert _micro_batch(rank1, 128) == 128  # the MLP path runs in one pass
+    assert _micro_batch(rank1, 128, None) == 128  # the MLP path runs in one pass
 
 
 def test_fit_says_how_long_a_full_matrix_fit_on_a_cpu_will_take(

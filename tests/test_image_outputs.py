@@ -18,7 +18,8 @@ from ocdwrap.capture import pool_model_output
 from ocdwrap.errors import ConfigError, LayerReachError, LossShapeError
 from ocdwrap.layer import FullDelta, LowRankDelta
 
-SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=16, fit_lr=1e-3)
+SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2)
+FIT = dict(batch_size=16, lr=1e-3)  # the FitArgs of these tests
 
 
 class Renderer(nn.Module):
@@ -93,10 +94,10 @@ def test_wrapped_renderer_conditions_on_colour_cells() -> None:
 
 def test_configs_without_the_new_fields_load_as_before(tmp_path) -> None:
     old = ocdwrap.OCDConfig().to_dict()
-    for key in ("output_layout", "output_grid", "layer_calls", "max_pass_batch"):
+    for key in ("output_layout", "output_grid", "layer_calls"):
         old.pop(key)
     cfg = ocdwrap.OCDConfig.from_dict(old)
-    assert (cfg.output_layout, cfg.output_grid, cfg.layer_calls, cfg.max_pass_batch) == (
+    assert (cfg.output_layout, cfg.output_grid, cfg.layer_calls) == (
         "channels_first",
         1,
         "once",
@@ -172,15 +173,13 @@ def test_overfit_batch_called_directly_refuses_a_batch_mean_too() -> None:
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> ocdwrap.OCDModel:
     pose, img = _data(16)
-    cfg = ocdwrap.OCDConfig(
-        delta="lowrank", delta_rank=2, output_layout="channels_last", fit_steps=5, **SMALL
-    )
+    cfg = ocdwrap.OCDConfig(delta="lowrank", delta_rank=2, output_layout="channels_last", **SMALL)
     model = ocdwrap.wrap(_renderer(), layer="fc1", config=cfg)
     store = ocdwrap.collect(
         model, DataLoader(TensorDataset(pose, img), batch_size=8), image_mse,
         tmp_path_factory.mktemp("store"),
     )  # fmt: skip
-    ocdwrap.fit(model, store, seed=0, progress=False)
+    ocdwrap.fit(model, store, ocdwrap.FitArgs(**FIT, steps=5, seed=0), progress=False)
     model.store = store
     return model
 
@@ -210,7 +209,7 @@ def test_ensemble_in_passes_equals_one_pass(fitted) -> None:
 
 def test_max_pass_batch_below_one_is_refused(fitted) -> None:
     with pytest.raises(ConfigError, match="max_pass_batch=0"):
-        ocdwrap.OCDConfig(max_pass_batch=0)
+        ocdwrap.SamplingConfig(max_pass_batch=0)
     with pytest.raises(ConfigError, match="max_pass_batch"), fitted.sampling(max_pass_batch=-1):
         pass
 

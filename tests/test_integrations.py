@@ -21,19 +21,12 @@ CE = nn.CrossEntropyLoss(reduction="none")
 
 
 def tiny(**kw) -> ocdwrap.OCDConfig:
-    base = dict(
-        delta="rank1",
-        fit_steps=4,
-        fit_batch_size=8,
-        unet_channels=(8, 8),
-        mlp_hidden=16,
-        cond_dim=16,
-        seed=0,
-        selection_draws=4,
-        checkpoint_every=2,
-    )
+    base = dict(delta="rank1", unet_channels=(8, 8), mlp_hidden=16, cond_dim=16)
     base.update(kw)
     return ocdwrap.OCDConfig(**base)
+
+
+FIT = ocdwrap.FitArgs(steps=4, batch_size=8, checkpoint_every=2)  # with tiny()'s adapters
 
 
 # --- Hugging Face Trainer ------------------------------------------------------------------------
@@ -80,7 +73,12 @@ def test_trainer_callback_collects_fits_and_saves_only_the_adapter(tmp_path):
 
     model = make_bert().train()
     callback = OCDTrainerCallback(
-        layer="classifier", config=tiny(), eval_dataset=DictDataset(8, seed=1), progress=False
+        layer="classifier",
+        config=tiny(),
+        fit_args=FIT,
+        sampling=ocdwrap.SamplingConfig(seed=0),
+        eval_dataset=DictDataset(8, seed=1),
+        progress=False,
     )
     trainer = _trainer(model, tmp_path, callback)
     trainer.train()
@@ -91,6 +89,7 @@ def test_trainer_callback_collects_fits_and_saves_only_the_adapter(tmp_path):
         "ocd_config.json",
         "ocd_files.json",
         "ocd_model.safetensors",
+        "ocd_sampling.json",
     ]
     assert not (tmp_path / "ocd_deltas").exists()  # keep_deltas=False
     assert not (tmp_path / "ocd_fit_checkpoint").exists()
@@ -116,6 +115,8 @@ def test_trainer_callback_auto_layer_and_kept_deltas(tmp_path):
     callback = OCDTrainerCallback(
         layer="auto",
         config=tiny(delta="full", generator="regression"),
+        fit_args=FIT,
+        selection={"draws": 4},
         keep_deltas=True,
         calibration_samples=8,
         max_samples=16,
@@ -180,7 +181,7 @@ def test_sentence_classifier_through_ocd(tiny_st_dir, tmp_path):
     ocd = ocdwrap.wrap(clf, layer="head", config=tiny(generator="regression"))
     store = ocdwrap.collect(ocd, clf.batches(SENTENCES, LABELS, 8), CE, tmp_path / "d")
     assert len(store) == 16
-    ocdwrap.fit(ocd, store, progress=False)
+    ocdwrap.fit(ocd, store, FIT, progress=False)
     feats = clf.tokenize(SENTENCES)
     want = ocd(feats).softmax(-1)
     with route(ocd) as routed:
@@ -207,7 +208,7 @@ def test_route_keeps_sentence_transformer_encode(tiny_st_dir, tmp_path):
         (st_inputs(st, 8), torch.arange(8) % 3),
         (st_inputs(st, 8), torch.arange(8) % 3),
     ]
-    ocdwrap.fit(ocd, ocdwrap.collect(ocd, batches, CE, tmp_path / "d"), progress=False)
+    ocdwrap.fit(ocd, ocdwrap.collect(ocd, batches, CE, tmp_path / "d"), FIT, progress=False)
     feats = dict(st.tokenize(SENTENCES))
     want = ocd(dict(feats))["sentence_embedding"]
     handle = route(ocd)
@@ -239,7 +240,12 @@ def test_route_on_a_traceable_model(tmp_path):
 
     x, y = torch.randn(8, 6), torch.arange(8) % 3
     fitted = ocdwrap.wrap(make(), layer="2", config=tiny(generator="regression"))
-    ocdwrap.fit(fitted, ocdwrap.collect(fitted, [(x, y)], CE, tmp_path / "d"), progress=False)
+    ocdwrap.fit(
+        fitted,
+        ocdwrap.collect(fitted, [(x, y)], CE, tmp_path / "d"),
+        FIT,
+        progress=False,
+    )
     fitted.save_pretrained(tmp_path / "adapter")
     want = fitted(x)
 
@@ -291,7 +297,7 @@ def test_torchvision_models_by_layer_name(name, layer, delta, tmp_path):
     model = ocdwrap.wrap(base, layer=layer, config=tiny(delta=delta, generator="regression"))
     store = ocdwrap.collect(model, [(x, y)], CE, tmp_path / "d")
     assert store.weight_shape == tuple(dict(base.named_modules())[layer].base_layer.weight.shape)
-    ocdwrap.fit(model, store, progress=False)
+    ocdwrap.fit(model, store, FIT, progress=False)
     out = model(x)
     assert out.shape == ref.shape
     with model.disable_adapter():
@@ -328,9 +334,9 @@ def test_cli_collect_fit_evaluate_info(pipeline, tmp_path, capsys):
     deltas, adapter = str(tmp_path / "deltas"), str(tmp_path / "adapter")
     m, d = f"{pipeline}:model", f"{pipeline}:data"
     assert main(["collect", "--model", m, "--data", d, "--layer", "2", "--out", deltas,
-                 "--set", "delta=rank1", "fit_steps=3", "mlp_hidden=16", "cond_dim=16"]) == 0  # fmt: skip
+                 "--set", "delta=rank1", "mlp_hidden=16", "cond_dim=16"]) == 0  # fmt: skip
     assert "samples" in capsys.readouterr().out
-    assert main(["fit", "--model", m, "--deltas", deltas, "--out", adapter]) == 0
+    assert main(["fit", "--model", m, "--deltas", deltas, "--out", adapter, "--steps", "3"]) == 0
     assert "adapter saved" in capsys.readouterr().out
     assert main(["evaluate", "--model", m, "--data", d, "--adapter", adapter, "--json",
                  "--modes", "base,ocd,overfit", "--num-draws", "2"]) == 0  # fmt: skip
@@ -340,7 +346,8 @@ def test_cli_collect_fit_evaluate_info(pipeline, tmp_path, capsys):
     assert main(["info", adapter, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "adapter" and info["layer"] == "2"
-    assert info["config"]["delta"] == "rank1" and info["config"]["fit_steps"] == 3
+    assert info["config"]["delta"] == "rank1" and info["config"]["library_version"]
+    assert "3 steps" in info["model_card"]["fit"]  # the fit report, read back from the card
     assert info["parameters"]["generator"] > 0
     assert main(["info", deltas]) == 0
     text = capsys.readouterr().out

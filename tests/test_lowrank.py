@@ -24,7 +24,8 @@ from ocdwrap.layer import DynamicLayer, FullDelta, LayerState
 from ocdwrap.store import merge_parts
 
 CE = nn.CrossEntropyLoss(reduction="none")
-SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=16, fit_lr=1e-3)
+SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2)
+FIT = dict(batch_size=16, lr=1e-3)  # the FitArgs of these tests
 
 
 # --- small models ------------------------------------------------------------------------------
@@ -183,10 +184,14 @@ def test_token_layer_delta_of_rank_at_most_t_is_reproduced(tmp_path) -> None:
 # --- batched = one at a time -----------------------------------------------------------------------
 def test_collect_batch_equals_one_at_a_time(tmp_path) -> None:
     """A collected batch = the SVD of each sample's own delta from the reference loop."""
-    cfg = _cfg(delta="lowrank", delta_rank=3, shard_size=8)
+    cfg = _cfg(delta="lowrank", delta_rank=3)
     m = ocdwrap.wrap(lenet_conv_case().make(), layer="conv2", config=cfg)
-    a = ocdwrap.collect(m, _lenet_data(8, 8), CE, tmp_path / "a", progress=False).load()
-    b = ocdwrap.collect(m, _lenet_data(8, 1), CE, tmp_path / "b", progress=False).load()
+    a = ocdwrap.collect(
+        m, _lenet_data(8, 8), CE, tmp_path / "a", progress=False, shard_size=8
+    ).load()
+    b = ocdwrap.collect(
+        m, _lenet_data(8, 1), CE, tmp_path / "b", progress=False, shard_size=8
+    ).load()
     assert a.keys() == b.keys()
     for k in a:  # float32 rounding of the different batch sizes, nothing more
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
@@ -216,20 +221,29 @@ def _interrupting(loader: DataLoader, after: int):
 
 def test_resumed_and_merged_collections_equal_one_uninterrupted(tmp_path) -> None:
     """Per-sample factors need nothing from other samples: resuming and merging parts are exact."""
-    m = ocdwrap.wrap(
-        lenet_conv_case().make(), layer="conv2", config=_cfg(delta="auto", shard_size=8)
-    )
-    one = ocdwrap.collect(m, _lenet_data(24, 4), CE, tmp_path / "one", progress=False)
+    m = ocdwrap.wrap(lenet_conv_case().make(), layer="conv2", config=_cfg(delta="auto"))
+    one = ocdwrap.collect(m, _lenet_data(24, 4), CE, tmp_path / "one", progress=False, shard_size=8)
     with pytest.raises(_Interrupted):
-        ocdwrap.collect(m, _interrupting(_lenet_data(24, 4), 3), CE, tmp_path / "r", progress=False)
+        ocdwrap.collect(
+            m,
+            _interrupting(_lenet_data(24, 4), 3),
+            CE,
+            tmp_path / "r",
+            progress=False,
+            shard_size=8,
+        )
     assert not json.loads((tmp_path / "r" / "manifest.json").read_text())["complete"]
-    resumed = ocdwrap.collect(m, _lenet_data(24, 4), CE, tmp_path / "r", progress=False)
+    resumed = ocdwrap.collect(
+        m, _lenet_data(24, 4), CE, tmp_path / "r", progress=False, shard_size=8
+    )
     # two processes' parts, as collect_distributed writes them, merged into one collection
     case = lenet_conv_case()
     x, y = case.inputs(24), case.targets(24)
     for rank, (lo, hi) in enumerate([(0, 12), (12, 24)]):
         part = DataLoader(TensorDataset(x[lo:hi], y[lo:hi]), batch_size=4)
-        ocdwrap.collect(m, part, CE, tmp_path / "m" / part_name(rank, 2), progress=False)
+        ocdwrap.collect(
+            m, part, CE, tmp_path / "m" / part_name(rank, 2), progress=False, shard_size=8
+        )
     merge_parts(tmp_path / "m", [(0, 12), (12, 24)], 2)
     merged = ocdwrap.DeltaStore(tmp_path / "m")
     want = one.load()
@@ -240,7 +254,9 @@ def test_resumed_and_merged_collections_equal_one_uninterrupted(tmp_path) -> Non
             assert torch.equal(got[k], want[k]), k
         assert other.manifest["summary"] == one.manifest["summary"]
     assert one.manifest["summary"]["lowrank_energy"]["rank"] == 4
-    ocdwrap.fit(m, merged, steps=2, progress=False)  # the merged manifest resolves "auto"
+    ocdwrap.fit(
+        m, merged, ocdwrap.FitArgs(**FIT, steps=2), progress=False
+    )  # the merged manifest resolves "auto"
     assert m.hypernet.delta == "lowrank"
 
 
@@ -297,7 +313,7 @@ def test_auto_picks_rank_one_on_vectors_and_lowrank_elsewhere(tmp_path) -> None:
     vec = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=_cfg(delta="auto"))
     store = ocdwrap.collect(vec, _vectors(), CE, tmp_path / "v", progress=False)
     assert {"u", "v"} <= set(store.keys) and "lowrank_u" not in store.keys
-    ocdwrap.fit(vec, store, steps=2, progress=False)
+    ocdwrap.fit(vec, store, ocdwrap.FitArgs(**FIT, steps=2), progress=False)
     assert vec.hypernet.delta == "rank1"
     # conv1 of LeNet5 is 6 x 25: the default rank is capped at 6 under "auto"
     conv = ocdwrap.wrap(
@@ -306,7 +322,7 @@ def test_auto_picks_rank_one_on_vectors_and_lowrank_elsewhere(tmp_path) -> None:
     store = ocdwrap.collect(conv, _lenet_data(), CE, tmp_path / "c", progress=False)
     assert "lowrank_u" in store.keys and "u" not in store.keys
     assert store.load(["lowrank_s"])["lowrank_s"].shape == (16, 6)
-    ocdwrap.fit(conv, store, steps=2, progress=False)
+    ocdwrap.fit(conv, store, ocdwrap.FitArgs(**FIT, steps=2), progress=False)
     assert conv.hypernet.delta == "lowrank" and conv.hypernet.rank == 6
     assert isinstance(conv.generate(conv.conditioning(torch.randn(2, 1, 28, 28))[0]), LowRankDelta)
 
@@ -317,7 +333,7 @@ def test_image_output_model_with_flattened_points(tmp_path) -> None:
     store = ocdwrap.collect(m, _images(), _image_mse, tmp_path / "img", progress=False)
     assert "lowrank_u" in store.keys and "u" not in store.keys
     assert not store.manifest["identity"]["store_rank1"]
-    report = ocdwrap.fit(m, store, steps=30, progress=False)
+    report = ocdwrap.fit(m, store, ocdwrap.FitArgs(**FIT, steps=30), progress=False)
     assert m.hypernet.delta == "lowrank" and report.losses[-1] < report.losses[0]
     out = m(torch.randn(5, 6))
     assert out.shape == (5, 4, 4, 3) and torch.isfinite(out).all()
@@ -329,7 +345,7 @@ def test_fit_lowers_the_loss_and_generates_factors(tmp_path) -> None:
     cfg = _cfg(delta="lowrank", delta_rank=2, mlp_hidden=256)
     m = ocdwrap.wrap(lenet_conv_case().make(), layer="conv2", config=cfg)
     store = ocdwrap.collect(m, _lenet_data(32, 16), CE, tmp_path / "c", progress=False)
-    report = ocdwrap.fit(m, store, steps=150, progress=False)
+    report = ocdwrap.fit(m, store, ocdwrap.FitArgs(**FIT, steps=150), progress=False)
     first, last = sum(report.losses[:10]) / 10, sum(report.losses[-10:]) / 10
     assert last < 0.9 * first, (first, last)
     cond, _ = m.conditioning(torch.randn(3, 1, 28, 28))
@@ -352,7 +368,7 @@ def test_save_load_round_trip(tmp_path, delta: str) -> None:
     ocdwrap.fit(
         m,
         ocdwrap.collect(m, _lenet_data(), CE, tmp_path / "c", progress=False),
-        steps=20,
+        ocdwrap.FitArgs(**FIT, steps=20),
         progress=False,
     )
     x = torch.randn(4, 1, 28, 28)
@@ -442,7 +458,7 @@ def test_collection_of_another_delta_is_refused(
 ) -> None:
     m = ocdwrap.wrap(lenet_conv_case().make(), layer="conv2", config=_cfg(**cfg))
     with pytest.raises(BaseModelMismatchError, match=says):
-        ocdwrap.fit(m, conv_stores[store], steps=1, progress=False)
+        ocdwrap.fit(m, conv_stores[store], ocdwrap.FitArgs(**FIT, steps=1), progress=False)
     assert m.hypernet is None
 
 
@@ -453,7 +469,7 @@ def test_rank_one_collection_is_refused_for_lowrank(tmp_path) -> None:
     with pytest.raises(
         BaseModelMismatchError, match=r"holds rank1 deltas.*OCDConfig\(delta='rank1'\)"
     ):
-        ocdwrap.fit(other, store, steps=1, progress=False)
+        ocdwrap.fit(other, store, ocdwrap.FitArgs(**FIT, steps=1), progress=False)
 
 
 def test_resuming_with_another_rank_is_refused(conv_stores) -> None:

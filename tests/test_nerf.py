@@ -114,7 +114,7 @@ def test_a_per_view_delta_changes_only_its_view() -> None:
     """ocdwrap's dynamic fc1 gives each view of a batch its own weight."""
     torch.manual_seed(0)
     base = TinyNeRF(8, 11.1, samples=4).eval()
-    model = ocdwrap.wrap(base, layer="fc1", config=ocdwrap.OCDConfig(task="regression"))
+    model = ocdwrap.wrap(base, layer="fc1", sampling=ocdwrap.SamplingConfig(task="regression"))
     poses = scenes.hemisphere_poses(2, seed=2)
     delta = torch.zeros(2, 128, 63)
     delta[1] = 0.5 * torch.randn(128, 63)
@@ -226,11 +226,11 @@ def test_tinynerf_takes_the_split_forward(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(split.suffix(split.prefix((poses,), {})), base(poses))
     cfg = ocdwrap.OCDConfig(
-        delta="lowrank", delta_rank=2, output_layout="channels_last", overfit_steps=1, fit_steps=1
+        delta="lowrank", delta_rank=2, output_layout="channels_last", overfit_steps=1
     )
     m = ocdwrap.wrap(base, layer="fc1", config=cfg)
     store = ocdwrap.collect(m, [(poses, torch.rand(3, 8, 8, 3))], image_mse, str(tmp_path / "c"))
-    ocdwrap.fit(m, store, progress=False)
+    ocdwrap.fit(m, store, ocdwrap.FitArgs(steps=1), progress=False)
     with torch.no_grad():
         m(poses)
     assert split_mod._SPLITS.get(m) is not None and split_mod._SPLITS[m].verified

@@ -90,7 +90,7 @@ def test_a_collection_made_with_another_formula_is_not_resumed(tmp_path, monkeyp
     case = mlp_case()
     x, y = case.inputs(40), case.targets(40)
     loader = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
-    m = ocdwrap.wrap(case.make(), layer="fc2", config=ocdwrap.OCDConfig(shard_size=16))
+    m = ocdwrap.wrap(case.make(), layer="fc2", config=ocdwrap.OCDConfig())
     monkeypatch.setattr(collect_module, "ADAM_OUTER_FORMULA", ADAM_OUTER_FORMULA_V1)
     ocdwrap.collect(m, loader, CE, tmp_path / "d", max_samples=16, progress=False)
     monkeypatch.undo()

@@ -28,7 +28,8 @@ from ocdwrap.analysis.uncertainty import (
 pytest.importorskip("matplotlib")
 
 CE = torch.nn.CrossEntropyLoss(reduction="none")
-SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=16, unet_channels=(8, 16))
+SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2, unet_channels=(8, 16))
+FIT = dict(batch_size=16)  # the FitArgs of these tests
 
 
 # --------------------------------------------------------------------------- AUROC / ECE by hand
@@ -100,7 +101,7 @@ def fitted(request, tmp_path_factory):
         config=ocdwrap.OCDConfig(**SMALL, delta=request.param),
     )
     store = ocdwrap.collect(m, _loader(), CE, tmp_path_factory.mktemp("st"), progress=False)
-    report = ocdwrap.fit(m, store, steps=40, progress=False)
+    report = ocdwrap.fit(m, store, ocdwrap.FitArgs(**FIT, steps=40), progress=False)
     return m, report
 
 

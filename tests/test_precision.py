@@ -18,9 +18,7 @@ def ce(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def tiny(**kw) -> ocdwrap.OCDConfig:
-    base = dict(
-        fit_steps=4, fit_batch_size=8, unet_channels=(8, 8), mlp_hidden=16, cond_dim=16, seed=0
-    )
+    base = dict(unet_channels=(8, 8), mlp_hidden=16, cond_dim=16)
     base.update(kw)
     return ocdwrap.OCDConfig(**base)
 
@@ -32,7 +30,7 @@ def hyper_dtypes(model: ocdwrap.OCDModel) -> set[torch.dtype]:
 def fitted(make, layer, x, y, tmp_path, dtype, **cfg) -> ocdwrap.OCDModel:
     model = ocdwrap.wrap(make().to(dtype), layer=layer, config=tiny(**cfg))
     store = ocdwrap.collect(model, [(x, y)], ce, tmp_path / "deltas", progress=False)
-    ocdwrap.fit(model, store, progress=False)
+    ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=4, batch_size=8), progress=False)
     return model
 
 
@@ -131,7 +129,7 @@ def test_bf16_hugging_face_classifier(tmp_path):
     y = torch.arange(6) % 3
     model = ocdwrap.wrap(make_bert().to(torch.bfloat16), layer="classifier", config=tiny())
     store = ocdwrap.collect(model, [({**inputs, "labels": y})], ce, tmp_path / "d", progress=False)
-    ocdwrap.fit(model, store, progress=False)
+    ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=4, batch_size=8), progress=False)
     out = model(**inputs)
     assert out.logits.dtype == torch.bfloat16
     assert hyper_dtypes(model) == {torch.float32}
@@ -151,7 +149,7 @@ def test_follows_the_base_device(tmp_path):
     store = ocdwrap.collect(
         model, [(x.bfloat16(), y)], ce, tmp_path / "gpu", overwrite=True, progress=False
     )
-    ocdwrap.fit(model, store, progress=False)
+    ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=4, batch_size=8), progress=False)
     assert next(model.hypernet.parameters()).device.type == "cuda"
     model.save_pretrained(tmp_path / "adapter")
     again = ocdwrap.OCDModel.from_pretrained(

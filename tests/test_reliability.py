@@ -17,8 +17,10 @@ import torch
 from conftest import make_mlp
 from faults_util import (
     CE,
+    FIT,
     FULL_STORE,
     ROOT,
+    SHARD,
     SMALL,
     _copy_store,
     _loader,
@@ -45,14 +47,14 @@ from ocdwrap.errors import (
 def store_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("rel-store")
     with _one_thread():
-        ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, progress=False)
+        ocdwrap.collect(_wrap(**FULL_STORE), _loader(), CE, d, **SHARD, progress=False)
     return str(d)
 
 
 @pytest.fixture(scope="module")
 def fitted(store_dir: str) -> ocdwrap.OCDModel:
     m = _wrap(**SMALL)
-    ocdwrap.fit(m, store_dir, steps=20, progress=False)
+    ocdwrap.fit(m, store_dir, ocdwrap.FitArgs(**FIT, steps=20), progress=False)
     return m
 
 
@@ -163,7 +165,7 @@ def _poisoned(n: int = 48):
 def test_nonfinite_samples_are_skipped_and_counted(tmp_path) -> None:
     x, t, loss, bad = _poisoned()
     store = ocdwrap.collect(
-        _wrap(shard_size=16), _loader(x=x, y=t), loss, tmp_path / "c", progress=False
+        _wrap(), _loader(x=x, y=t), loss, tmp_path / "c", progress=False, shard_size=16
     )
     data = store.load()
     assert len(store) == 45 and store.manifest["summary"]["skipped_nonfinite"] == 3
@@ -176,20 +178,24 @@ def test_nonfinite_samples_raise_when_asked(tmp_path) -> None:
     x, t, loss, _ = _poisoned()
     with pytest.raises(NonFiniteError, match=r"\[3\].*on_nonfinite='skip'"):
         ocdwrap.collect(
-            _wrap(shard_size=2, on_nonfinite="raise"),
+            _wrap(),
             _loader(x=x, y=t, batch=2),
             loss,
             tmp_path / "c",
             progress=False,
+            shard_size=2,
+            on_nonfinite="raise",
         )
     x[3, 2] = 0.0  # fix sample 3; sample 17 is next, after the shards written so far
     with pytest.raises(NonFiniteError, match=r"\[17\]"):
         ocdwrap.collect(
-            _wrap(shard_size=2, on_nonfinite="raise"),
+            _wrap(),
             _loader(x=x, y=t, batch=2),
             loss,
             tmp_path / "c",
             progress=False,
+            shard_size=2,
+            on_nonfinite="raise",
         )
     assert len(ocdwrap.DeltaStore(tmp_path / "c")) == 16  # what came before is kept
 
@@ -208,19 +214,20 @@ def _interrupting(loader, after: int):
 def test_skip_count_is_not_doubled_by_a_resume(tmp_path) -> None:
     x, t, loss, _ = _poisoned()
     full = ocdwrap.collect(
-        _wrap(shard_size=16), _loader(x=x, y=t), loss, tmp_path / "a", progress=False
+        _wrap(), _loader(x=x, y=t), loss, tmp_path / "a", progress=False, shard_size=16
     )
     # interrupted after 40 samples: shard 1 stops at 33, and 36 was skipped after it
     with pytest.raises(_Interrupted):
         ocdwrap.collect(
-            _wrap(shard_size=16),
+            _wrap(),
             _interrupting(_loader(x=x, y=t), 5),
             loss,
             tmp_path / "b",
             progress=False,
+            shard_size=16,
         )
     resumed = ocdwrap.collect(
-        _wrap(shard_size=16), _loader(x=x, y=t), loss, tmp_path / "b", progress=False
+        _wrap(), _loader(x=x, y=t), loss, tmp_path / "b", progress=False, shard_size=16
     )
     assert resumed.manifest["summary"]["skipped_nonfinite"] == 3
     for k, v in full.load().items():
@@ -241,19 +248,29 @@ def test_fit_skips_or_refuses_nonfinite_steps(store_dir: str, monkeypatch) -> No
 
     monkeypatch.setattr(OCDHyperNetwork, "generator_loss", nan_gradient_every_third)
     m = _wrap(**SMALL)
-    report = ocdwrap.fit(m, store_dir, steps=12, progress=False)
+    report = ocdwrap.fit(m, store_dir, ocdwrap.FitArgs(**FIT, steps=12), progress=False)
     assert report.skipped_steps == 4 and len(report.losses) == 8
     for k, v in m.hypernet.state_dict().items():
         assert torch.isfinite(v).all(), k
     with pytest.raises(NonFiniteError, match="gradient.*on_nonfinite='skip'"):
-        ocdwrap.fit(_wrap(**SMALL, on_nonfinite="raise"), store_dir, steps=12, progress=False)
+        ocdwrap.fit(
+            _wrap(**SMALL),
+            store_dir,
+            ocdwrap.FitArgs(**FIT, steps=12, on_nonfinite="raise"),
+            progress=False,
+        )
 
     def nan_loss(self, *a, **k):
         return original(self, *a, **k) * float("nan")
 
     monkeypatch.setattr(OCDHyperNetwork, "generator_loss", nan_loss)
     with pytest.raises(NonFiniteError, match="non-finite loss"):
-        ocdwrap.fit(_wrap(**SMALL, on_nonfinite="raise"), store_dir, steps=3, progress=False)
+        ocdwrap.fit(
+            _wrap(**SMALL),
+            store_dir,
+            ocdwrap.FitArgs(**FIT, steps=3, on_nonfinite="raise"),
+            progress=False,
+        )
 
 
 def _record_checksums(d: Path) -> None:
@@ -278,11 +295,16 @@ def test_fit_leaves_out_or_refuses_poisoned_stored_rows(store_dir: str, tmp_path
     save_file(tensors, shard)
     _record_checksums(d)  # as if the collection had stored the Inf itself (not a damaged byte)
     m = _wrap(**SMALL, delta="full")  # the full path reads the poisoned matrix
-    ocdwrap.fit(m, d, steps=5, progress=False)
+    ocdwrap.fit(m, d, ocdwrap.FitArgs(**FIT, steps=5), progress=False)
     for k, v in m.hypernet.state_dict().items():
         assert torch.isfinite(v).all(), k
     with pytest.raises(NonFiniteError, match=r"rows \[18\]"):
-        ocdwrap.fit(_wrap(**SMALL, delta="full", on_nonfinite="raise"), d, steps=5, progress=False)
+        ocdwrap.fit(
+            _wrap(**SMALL, delta="full"),
+            d,
+            ocdwrap.FitArgs(**FIT, steps=5, on_nonfinite="raise"),
+            progress=False,
+        )
 
 
 def test_fit_on_an_all_skipped_collection_is_a_clear_error(tmp_path) -> None:
@@ -291,7 +313,7 @@ def test_fit_on_an_all_skipped_collection_is_a_clear_error(tmp_path) -> None:
     store = ocdwrap.collect(_wrap(), _loader(x=x, y=y), CE, tmp_path / "c", progress=False)
     assert len(store) == 0 and store.manifest["summary"]["skipped_nonfinite"] == 8
     with pytest.raises(EmptyDataError, match="non-finite"):
-        ocdwrap.fit(_wrap(**SMALL), store, steps=2, progress=False)
+        ocdwrap.fit(_wrap(**SMALL), store, ocdwrap.FitArgs(**FIT, steps=2), progress=False)
 
 
 def test_adapter_onto_a_base_without_its_layer(fitted: ocdwrap.OCDModel, tmp_path) -> None:
@@ -365,22 +387,34 @@ def test_planted_pickles_are_never_executed(fitted: ocdwrap.OCDModel, tmp_path) 
         ocdwrap.OCDModel.from_pretrained(make_mlp(), adapter)
 
     store = tmp_path / "store"
-    ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, store, progress=False)
+    ocdwrap.collect(_wrap(), _loader(), CE, store, progress=False, shard_size=16)
     _plant(store, payload, marker, ["shard-00000.pt", "shard-00000.bin", "deltas.pkl"])
     assert len(ocdwrap.DeltaStore(store).load()["rho"]) == 48
     (store / "shard-00001.safetensors").write_bytes(payload)
     with pytest.raises(CorruptFileError):
         ocdwrap.DeltaStore(store).load()
-    ocdwrap.collect(_wrap(shard_size=16), _loader(), CE, store, progress=False)  # rebuilt
+    ocdwrap.collect(_wrap(), _loader(), CE, store, progress=False, shard_size=16)  # rebuilt
 
     ckpt = tmp_path / "ckpt"
-    cfg = dict(**SMALL, checkpoint_every=2)
-    ocdwrap.fit(_wrap(**cfg), store, steps=2, checkpoint_dir=ckpt, progress=False)
+    cfg = dict(**SMALL)
+    ocdwrap.fit(
+        _wrap(**cfg),
+        store,
+        ocdwrap.FitArgs(**FIT, checkpoint_every=2, steps=2),
+        checkpoint_dir=ckpt,
+        progress=False,
+    )
     meta = json.loads((ckpt / "fit_checkpoint.json").read_text())
     (ckpt / meta["tensors"]).write_bytes(payload)
     _plant(ckpt, payload, marker, ["fit_checkpoint.pt", "fit_checkpoint.bin"])
     with pytest.raises(CorruptFileError):
-        ocdwrap.fit(_wrap(**cfg), store, steps=2, checkpoint_dir=ckpt, progress=False)
+        ocdwrap.fit(
+            _wrap(**cfg),
+            store,
+            ocdwrap.FitArgs(**FIT, checkpoint_every=2, steps=2),
+            checkpoint_dir=ckpt,
+            progress=False,
+        )
 
     (store / "manifest.json").write_bytes(payload)
     with pytest.raises(CorruptFileError):

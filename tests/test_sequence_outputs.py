@@ -15,7 +15,8 @@ import ocdwrap
 from ocdwrap.capture import pool_model_output
 from ocdwrap.errors import BaseModelMismatchError, ConfigError
 
-SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2, fit_batch_size=8, fit_lr=1e-3)
+SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2)
+FIT = dict(batch_size=8, lr=1e-3)  # the FitArgs of these tests
 
 
 class ToySeparator(nn.Module):
@@ -96,7 +97,9 @@ def test_sequence_layouts_name_the_problem_and_the_fix() -> None:
 # --- a wrapped separator -------------------------------------------------------------------------
 def test_wrapped_separator_conditions_on_speaker_cells_at_any_length() -> None:
     cfg = ocdwrap.OCDConfig(output_layout="sequence_channels_first", output_grid=4)
-    model = ocdwrap.wrap(_separator(), layer="proj", config=cfg)
+    model = ocdwrap.wrap(
+        _separator(), layer="proj", config=cfg, sampling=ocdwrap.SamplingConfig(task="regression")
+    )
     for T in (64, 96):
         cond, out = model.conditioning(torch.randn(2, T))
         assert out.shape == (2, 3, T) and cond.dims == (8, 24, 12)
@@ -109,13 +112,15 @@ def fitted(tmp_path_factory) -> ocdwrap.OCDModel:
     mix, src = torch.randn(16, 64, generator=g), torch.randn(16, 3, 64, generator=g)
     cfg = ocdwrap.OCDConfig(
         delta="lowrank", delta_rank=2, output_layout="sequence_channels_first", output_grid=4,
-        overfit_steps=3, overfit_lr=1e-2, task="regression", fit_steps=5, **SMALL,
+        overfit_steps=3, overfit_lr=1e-2, **SMALL,
     )  # fmt: skip
-    model = ocdwrap.wrap(_separator(), layer="proj", config=cfg)
+    model = ocdwrap.wrap(
+        _separator(), layer="proj", config=cfg, sampling=ocdwrap.SamplingConfig(task="regression")
+    )
     loader = DataLoader(TensorDataset(mix, src), batch_size=8)
     store = ocdwrap.collect(model, loader, source_mse, tmp_path_factory.mktemp("store"))
     assert store.load(["cond_out"])["cond_out"].shape == (16, 12)  # the pooled cells
-    ocdwrap.fit(model, store, seed=0, progress=False)
+    ocdwrap.fit(model, store, ocdwrap.FitArgs(**FIT, steps=5, seed=0), progress=False)
     return model
 
 

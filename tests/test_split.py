@@ -49,12 +49,8 @@ class Branchy(nn.Module):
 
 
 def _whole(model: ocdwrap.OCDModel, fn):
-    previous = split_mod.ENABLED
-    split_mod.ENABLED = False
-    try:
+    with split_mod.whole_passes():
         return fn()
-    finally:
-        split_mod.ENABLED = previous
 
 
 @pytest.mark.parametrize(
@@ -124,6 +120,27 @@ def test_no_split_in_training_mode_with_root_hooks_or_a_patched_forward() -> Non
     assert split_mod.split_for(model, (x,), {}, call) is not None
 
 
+def test_whole_passes_block_nests_and_stays_in_its_thread() -> None:
+    import threading
+
+    case = mlp_case()
+    model = ocdwrap.wrap(case.make(), layer="fc2")
+    x = case.inputs(3)
+    call = lambda: model.base_model(x)  # noqa: E731
+    seen = []
+    other = threading.Thread(target=lambda: seen.append(split_mod.split_for(model, (x,), {}, call)))
+    with split_mod.whole_passes():
+        assert split_mod.split_for(model, (x,), {}, call) is None
+        with split_mod.whole_passes():
+            assert split_mod.split_for(model, (x,), {}, call) is None
+        assert split_mod.split_for(model, (x,), {}, call) is None  # still inside the outer block
+        other.start()
+        other.join()
+    assert seen[0] is not None  # another thread keeps the split
+    assert split_mod.split_for(model, (x,), {}, call) is not None
+    assert not hasattr(split_mod, "ENABLED")
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize(
     "case", [mlp_case(), lenet_linear_case(), lenet_conv_case()], ids=lambda c: c.name
@@ -159,12 +176,12 @@ def test_ocd_forward_with_and_without_split_agree(tmp_path) -> None:
     xs, ys = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=16)
     for delta in ("rank1", "full"):
-        cfg = ocdwrap.OCDConfig(
-            delta=delta, unet_channels=(8, 16), mlp_hidden=32, cond_dim=32, fit_batch_size=16
-        )
+        cfg = ocdwrap.OCDConfig(delta=delta, unet_channels=(8, 16), mlp_hidden=32, cond_dim=32)
         model = ocdwrap.wrap(case.make(), layer="fc2", config=cfg)
         ocdwrap.collect(model, loader, CE, tmp_path / delta, progress=False)
-        ocdwrap.fit(model, tmp_path / delta, steps=3, progress=False)
+        ocdwrap.fit(
+            model, tmp_path / delta, ocdwrap.FitArgs(steps=3, batch_size=16), progress=False
+        )
         x = xs[:5]
         with torch.no_grad(), model.sampling(seed=0):
             fast = model(x)

@@ -222,7 +222,7 @@ def test_from_pretrained_reads_a_hub_repo_from_the_local_cache(tmp_path) -> None
     x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
     ce = torch.nn.CrossEntropyLoss(reduction="none")
     store = ocdwrap.collect(model, [(x, y)], ce, tmp_path / "d", progress=False)
-    ocdwrap.fit(model, store, steps=2, batch_size=8, progress=False)
+    ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=2, batch_size=8), progress=False)
     model.save_pretrained(tmp_path / "adapter")
     with model.sampling(seed=0):
         expected = model(x)
@@ -260,7 +260,7 @@ def test_trainable_parameters_are_the_hypernetwork_s(tmp_path, capsys) -> None:
     x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
     ce = torch.nn.CrossEntropyLoss(reduction="none")
     store = ocdwrap.collect(model, [(x, y)], ce, tmp_path / "d", progress=False)
-    ocdwrap.fit(model, store, steps=1, batch_size=8, progress=False)
+    ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=1, batch_size=8), progress=False)
     h = model.hypernet
     expected = sum(p.numel() for p in h.net.parameters()) + sum(
         p.numel() for p in h.scale.parameters()
@@ -280,7 +280,7 @@ def test_save_pretrained_writes_a_model_card_that_info_reads_back(tmp_path, caps
     x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
     ce = torch.nn.CrossEntropyLoss(reduction="none")
     store = ocdwrap.collect(model, [(x[:16], y[:16])], ce, tmp_path / "d", progress=False)
-    report = ocdwrap.fit(model, store, steps=3, batch_size=8, progress=False)
+    report = ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=3, batch_size=8), progress=False)
     ocdwrap.headroom(model, [(x[16:], y[16:])], ce, train_loader=[(x[:16], y[:16])])
     model.save_pretrained(tmp_path / "a")
     card = (tmp_path / "a" / "README.md").read_text()
@@ -308,13 +308,15 @@ def test_save_pretrained_writes_a_model_card_that_info_reads_back(tmp_path, caps
 def test_fit_continues_from_an_adapter_loaded_with_is_trainable(tmp_path) -> None:
     torch.manual_seed(0)
     base = make_mlp()
-    cfg = ocdwrap.OCDConfig(delta="rank1", cond_dim=16, mlp_hidden=32, mlp_layers=2, fit_lr=3e-3)
+    cfg = ocdwrap.OCDConfig(delta="rank1", cond_dim=16, mlp_hidden=32, mlp_layers=2)
     model = ocdwrap.wrap(base, layer="fc2", config=cfg)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g)
     ce = torch.nn.CrossEntropyLoss(reduction="none")
     store = ocdwrap.collect(model, [(x, y)], ce, tmp_path / "d", progress=False)
-    first = ocdwrap.fit(model, store, steps=300, batch_size=32, progress=False)
+    first = ocdwrap.fit(
+        model, store, ocdwrap.FitArgs(steps=300, batch_size=32, lr=3e-3), progress=False
+    )
     model.save_pretrained(tmp_path / "a")
     saved = {k: v.clone() for k, v in model.hypernet.state_dict().items()}
     base = model.unload()
@@ -325,7 +327,9 @@ def test_fit_continues_from_an_adapter_loaded_with_is_trainable(tmp_path) -> Non
     # is_trainable=True: fit goes on from the saved weights and statistics (steps are extra)
     cont = ocdwrap.OCDModel.from_pretrained(base, tmp_path / "a", is_trainable=True)
     loaded = cont.hypernet
-    report = ocdwrap.fit(cont, store, steps=20, batch_size=32, progress=False, seed=1)
+    report = ocdwrap.fit(
+        cont, store, ocdwrap.FitArgs(steps=20, batch_size=32, lr=3e-3, seed=1), progress=False
+    )
     assert cont.hypernet is loaded and report.steps == 20
     for k in ("rho_mean", "target_mean", "target_scale"):  # the statistics it was fitted with
         if k in saved:
@@ -333,15 +337,17 @@ def test_fit_continues_from_an_adapter_loaded_with_is_trainable(tmp_path) -> Non
     base = cont.unload()
     # without it, fit starts a fresh hypernetwork: its first losses are those of an untrained one
     fresh = ocdwrap.OCDModel.from_pretrained(base, tmp_path / "a")
-    again = ocdwrap.fit(fresh, store, steps=20, batch_size=32, progress=False, seed=1)
+    again = ocdwrap.fit(
+        fresh, store, ocdwrap.FitArgs(steps=20, batch_size=32, lr=3e-3, seed=1), progress=False
+    )
     assert first_losses(first) > 1.5 * first.final_loss  # the first fit did learn something
     assert first_losses(report) < 0.5 * (first.final_loss + first_losses(first))
     assert first_losses(again) > 0.5 * (first.final_loss + first_losses(first))
     # a collection of another shape is refused, naming the fix
     other = ocdwrap.wrap(make_mlp(), layer="fc1", config=cfg)
     store1 = ocdwrap.collect(other, [(x, y)], ce, tmp_path / "d1", progress=False)
-    ocdwrap.fit(other, store1, steps=2, batch_size=32, progress=False)
+    ocdwrap.fit(other, store1, ocdwrap.FitArgs(steps=2, batch_size=32), progress=False)
     other.is_trainable = True
     other.hypernet = loaded
     with pytest.raises(ocdwrap.errors.BaseModelMismatchError, match="is_trainable"):
-        ocdwrap.fit(other, store1, steps=2, batch_size=32, progress=False)
+        ocdwrap.fit(other, store1, ocdwrap.FitArgs(steps=2, batch_size=32), progress=False)

@@ -113,6 +113,8 @@ class OCDTrainerCallback(TrainerCallback):
             numbers go to ``metrics`` and to the Trainer's log history.
         fit_args: the :class:`~ocdwrap.FitArgs` of :func:`ocdwrap.fit` (default ``FitArgs()``).
         sampling: the adapter's sampling defaults, a :class:`~ocdwrap.SamplingConfig`.
+        selection: for ``layer="auto"``, settings of :func:`ocdwrap.select_layer` (``draws``,
+            ``perturbation``, ``noise_scale``, ...).
         progress: show progress bars.
 
     After training: ``adapter_dir`` (the saved adapter), ``layer`` (the target layer, also when
@@ -141,6 +143,7 @@ class OCDTrainerCallback(TrainerCallback):
         eval_dataset: Dataset | None = None,
         fit_args: FitArgs | None = None,
         sampling: SamplingConfig | None = None,
+        selection: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
         self.layer = layer
@@ -157,6 +160,7 @@ class OCDTrainerCallback(TrainerCallback):
         self.eval_dataset = eval_dataset
         self.fit_args = fit_args
         self.sampling = sampling
+        self.selection = dict(selection or {})
         self.progress = progress
         self.adapter_dir: str | None = None
         self.report: FitReport | None = None
@@ -200,7 +204,7 @@ class OCDTrainerCallback(TrainerCallback):
         show = self.progress and procs.is_main
 
         was_training = model.training
-        select = {"max_samples": self.calibration_samples, "progress": show}
+        select = {"max_samples": self.calibration_samples, "progress": show, **self.selection}
         ocd = wrap(
             model,
             layer=self.layer,
