@@ -236,6 +236,32 @@ def per_sample_loss(
     )
 
 
+def sample_losses(
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+    prediction: torch.Tensor,
+    target: Any,
+    n: int,
+) -> torch.Tensor:
+    """Per-sample losses (n,) as float, calling ``loss_fn`` once per sample when it returns
+    only their sum (a scalar). Gradients flow; detach the result where none are needed.
+
+    Example:
+        >>> sample_losses(nn.CrossEntropyLoss(reduction="sum"), logits, labels, 4).shape
+        torch.Size([4])
+    """
+    loss = per_sample_loss(loss_fn, prediction, target, n)
+    if loss.dim() == 0 and n > 1:
+        loss = torch.stack(
+            [
+                per_sample_loss(
+                    loss_fn, prediction[i : i + 1], index_batch(target, slice(i, i + 1)), 1
+                ).reshape(())
+                for i in range(n)
+            ]
+        )
+    return loss.reshape(n).float()
+
+
 def check_loss_is_sum(
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
     prediction: torch.Tensor,

@@ -9,19 +9,35 @@
 
 It returns the mean loss, the accuracy (classification) and, when asked, the per-sample
 predictions and the spread between draws (for uncertainty studies).
+
+``read_labelled`` is the one base pass over a labelled loader that ``headroom`` and ``compare``
+start from: the conditioning, the base's predictions and per-sample losses, the labels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .batches import call_model, read_output, split_batch, to_device
+from .batches import (
+    batch_size,
+    call_model,
+    index_batch,
+    read_output,
+    sample_losses,
+    split_batch,
+    to_device,
+)
+from .capture import Conditioning
 from .deltas import FullDelta
+from .errors import BatchFormatError, EmptyDataError, LabelMismatchError, OCDError
 from .model import OCDModel
 from .overfit import overfit_batch
+
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
 @torch.no_grad()
@@ -90,3 +106,136 @@ def evaluate_ocd(
         if spreads:
             out["spread"] = torch.cat(spreads)
     return out
+
+
+# --- reading the data: one base pass per batch -----------------------------------------------------
+
+
+@dataclass
+class LabelledSplit:
+    """One base pass over a labelled loader: its batches (kept only when asked for, to overfit
+    them later), the conditioning, the base's predictions, the labels, the base's losses."""
+
+    batches: list[tuple[Any, Any]]
+    cond: Conditioning
+    pred: torch.Tensor  # (N, ...) base prediction
+    target: torch.Tensor  # (N, ...) labels
+    loss: torch.Tensor  # (N,) base per-sample loss
+
+    @property
+    def features(self) -> torch.Tensor:
+        return torch.cat([self.cond.layer_input, self.cond.layer_output, self.cond.model_output], 1)
+
+    @property
+    def n(self) -> int:
+        return int(self.loss.shape[0])
+
+
+def _check_labels(pred: torch.Tensor, target: Any, task: str, loss_fn: LossFn, role: str) -> None:
+    """Raise :class:`LabelMismatchError` when ``target`` cannot be this task's labels."""
+    if not isinstance(target, torch.Tensor):
+        raise LabelMismatchError(
+            f"The {role} loader's labels are a {type(target).__name__}, not a tensor; yield "
+            "(inputs, target) with a target tensor (class indices or regression targets)."
+        )
+    if task != "classification":
+        return
+    C = pred.shape[-1]
+    if target.is_floating_point() or target.shape != pred.shape[:1]:
+        raise LabelMismatchError(
+            f"task='classification' needs one integer class index per sample, shape ({pred.shape[0]},); "
+            f"the {role} loader's labels are {target.dtype} of shape {tuple(target.shape)}. Yield "
+            "class indices (e.g. y.long()), or pass task='regression' for real-valued targets."
+        )
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= C):
+        raise LabelMismatchError(
+            f"The {role} loader has labels in [{int(target.min())}, {int(target.max())}] but the "
+            f"model predicts {C} classes (labels 0..{C - 1}). Map the labels to 0..{C - 1} or use a "
+            "model head with as many outputs as classes."
+        )
+
+
+def _base_pass(model: OCDModel, inputs: Any, target: Any, loss_fn: LossFn, task: str, role: str):
+    with torch.no_grad():
+        kwargs = inputs if isinstance(inputs, Mapping) else {}
+        cond, out = model._conditioning(
+            (inputs,), kwargs, lambda: call_model(model.base_model, inputs)
+        )
+        pred = read_output(out).detach().float()
+    if task == "auto":
+        is_cls = pred.dim() == 2 and pred.shape[1] > 1 and pred.is_floating_point()
+        is_cls = is_cls and isinstance(target, torch.Tensor) and not target.is_floating_point()
+        task = "classification" if is_cls else "regression"
+    _check_labels(pred, target, task, loss_fn, role)
+    try:
+        with torch.no_grad():
+            losses = sample_losses(loss_fn, pred, target, pred.shape[0]).detach()
+    except OCDError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        raise LabelMismatchError(
+            f"loss_fn could not score the {role} loader's labels ({target.dtype}, shape "
+            f"{tuple(target.shape)}) against predictions of shape {tuple(pred.shape)}: {e}. Yield "
+            "the labels this loss expects (class indices for cross-entropy, float targets shaped "
+            "like the prediction for MSE), or pass the loss that fits your labels."
+        ) from e
+    return cond, pred, losses, task
+
+
+def read_labelled(
+    model: OCDModel,
+    loader: Iterable,
+    loss_fn: LossFn,
+    *,
+    max_samples: int | None = None,
+    task: str = "auto",
+    role: str = "held-out",
+    who: str = "headroom",
+    keep_batches: bool = True,
+) -> tuple[LabelledSplit, str]:
+    """One base pass over ``loader`` (at most ``max_samples`` samples) and the task it shows.
+
+    ``task="auto"`` reads classification for (B, C) outputs with integer labels. A loader
+    without labels is a :class:`BatchFormatError` naming ``who`` needs them; labels that do not
+    fit the task or the loss, a :class:`LabelMismatchError`; an empty loader, an
+    :class:`EmptyDataError`. ``keep_batches=False`` keeps only the per-sample tensors.
+    """
+    batches, conds, preds, targets, losses = [], [], [], [], []
+    n = 0
+    for batch in loader:
+        if max_samples is not None and n >= max_samples:
+            break  # max_samples <= 0
+        try:
+            inputs, target = split_batch(batch)
+        except BatchFormatError as e:
+            raise BatchFormatError(
+                f"{who} needs a labelled {role} loader (the upper bound and the probe use the "
+                f"labels): {e}"
+            ) from e
+        inputs, target = to_device(inputs, model.device), to_device(target, model.device)
+        B = batch_size(inputs)
+        if max_samples is not None and n + B > max_samples:
+            keep = slice(0, max_samples - n)
+            inputs, target, B = index_batch(inputs, keep), index_batch(target, keep), keep.stop
+        if B == 0:
+            continue
+        cond, pred, loss, task = _base_pass(model, inputs, target, loss_fn, task, role)
+        if keep_batches:
+            batches.append((inputs, target))
+        conds.append(cond)
+        preds.append(pred)
+        targets.append(target.detach())
+        losses.append(loss)
+        n += B
+        if max_samples is not None and n >= max_samples:
+            break
+    if not conds:
+        raise EmptyDataError(f"{who} got a {role} loader that yielded no samples.")
+    cond = Conditioning(
+        *(
+            torch.cat([getattr(c, k) for c in conds])
+            for k in ("layer_input", "layer_output", "model_output")
+        )
+    )
+    split = LabelledSplit(batches, cond, torch.cat(preds), torch.cat(targets), torch.cat(losses))
+    return split, task

@@ -46,8 +46,6 @@ explains how to read the report.
 
 from __future__ import annotations
 
-import functools
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -56,28 +54,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .batches import (
-    batch_size,
-    call_model,
-    index_batch,
-    per_sample_loss,
-    read_output,
-    split_batch,
-    to_device,
-)
+from .batches import batch_size, call_model, read_output, sample_losses
 from .capture import Conditioning
 from .deltas import FullDelta
-from .errors import (
-    BatchFormatError,
-    EmptyDataError,
-    LabelMismatchError,
-    NonFiniteError,
-    NotWrappedError,
-    OCDError,
-    ProbeFitError,
-)
+from .errors import LabelMismatchError, NonFiniteError, NotWrappedError, ProbeFitError
+from .evaluation import LabelledSplit, read_labelled
 from .model import OCDModel
 from .overfit import overfit_batch
+from .probe import gaussian_mixture, label_mixture, probe_step, soft_cross_entropy
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 ProbeFn = Callable[[Conditioning, torch.Tensor], torch.Tensor]
@@ -94,7 +78,7 @@ __all__ = [
 
 ROWS = ("base", "overfit_on_test", "own_label", "probe", "probe_mixture")
 LABEL_FREE = ("own_label", "probe", "probe_mixture")
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+LABEL_ROWS = ROWS[1:]  # the rows that overfit the layer on each held-out sample
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -187,401 +171,21 @@ class HeadroomReport:
         return "\n".join(lines)
 
 
-# --- the soft cross-entropy ------------------------------------------------------------------------
-
-
-class _SoftCE(torch.autograd.Function):
-    """-sum q log softmax(z), with the gradient written as softmax(z) - q.
-
-    q is taken as a distribution (rows summing to 1). Autograd's log_softmax backward computes
-    ``softmax * sum(q) - q``, which leaves rounding noise when q == softmax(z) (sum(q) is 1 only
-    up to rounding); Adam divides by the gradient's own size, so that noise would become a step.
-    Written this way the gradient is exactly zero when q equals the model's softmax bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(z, q)
-        return -(q * torch.log_softmax(z, dim=-1)).sum(-1)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        z, q = ctx.saved_tensors
-        return grad.unsqueeze(-1) * (torch.softmax(z, dim=-1) - q), None
-
-
-def soft_cross_entropy(pred: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy of logits ``pred`` (B, C) towards distributions ``q`` (B, C)."""
-    return _SoftCE.apply(pred.float(), q.float())
-
-
-# --- reading the data: one base pass per batch -----------------------------------------------------
-
-
-@dataclass
-class _Split:
-    """The base pass over a loader: batches, conditioning features, base predictions, targets."""
-
-    batches: list[tuple[Any, Any]]
-    cond: Conditioning
-    pred: torch.Tensor  # (N, ...) base prediction
-    target: torch.Tensor  # (N, ...) labels
-    loss: torch.Tensor  # (N,) base per-sample loss
-
-    @property
-    def features(self) -> torch.Tensor:
-        return torch.cat([self.cond.layer_input, self.cond.layer_output, self.cond.model_output], 1)
-
-
-def _sample_losses(loss_fn: LossFn, pred: torch.Tensor, target: Any, n: int) -> torch.Tensor:
-    losses = per_sample_loss(loss_fn, pred, target, n)
-    if losses.dim() == 0:  # a summed loss: one call per sample
-        losses = torch.stack(
-            [
-                per_sample_loss(loss_fn, pred[i : i + 1], index_batch(target, slice(i, i + 1)), 1)
-                for i in range(n)
-            ]
-        ).reshape(n)
-    return losses.detach().float()
-
-
-def _check_labels(pred: torch.Tensor, target: Any, task: str, loss_fn: LossFn, role: str) -> None:
-    """Raise :class:`LabelMismatchError` when ``target`` cannot be this task's labels."""
-    if not isinstance(target, torch.Tensor):
-        raise LabelMismatchError(
-            f"The {role} loader's labels are a {type(target).__name__}, not a tensor; yield "
-            "(inputs, target) with a target tensor (class indices or regression targets)."
-        )
-    if task != "classification":
-        return
-    C = pred.shape[-1]
-    if target.is_floating_point() or target.shape != pred.shape[:1]:
-        raise LabelMismatchError(
-            f"task='classification' needs one integer class index per sample, shape ({pred.shape[0]},); "
-            f"the {role} loader's labels are {target.dtype} of shape {tuple(target.shape)}. Yield "
-            "class indices (e.g. y.long()), or pass task='regression' for real-valued targets."
-        )
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= C):
-        raise LabelMismatchError(
-            f"The {role} loader has labels in [{int(target.min())}, {int(target.max())}] but the "
-            f"model predicts {C} classes (labels 0..{C - 1}). Map the labels to 0..{C - 1} or use a "
-            "model head with as many outputs as classes."
-        )
-
-
-def _base_pass(model: OCDModel, inputs: Any, target: Any, loss_fn: LossFn, task: str, role: str):
-    with torch.no_grad():
-        kwargs = inputs if isinstance(inputs, Mapping) else {}
-        cond, out = model._conditioning(
-            (inputs,), kwargs, lambda: call_model(model.base_model, inputs)
-        )
-        pred = read_output(out).detach().float()
-    if task == "auto":
-        is_cls = pred.dim() == 2 and pred.shape[1] > 1 and pred.is_floating_point()
-        is_cls = is_cls and isinstance(target, torch.Tensor) and not target.is_floating_point()
-        task = "classification" if is_cls else "regression"
-    _check_labels(pred, target, task, loss_fn, role)
-    try:
-        with torch.no_grad():
-            losses = _sample_losses(loss_fn, pred, target, pred.shape[0])
-    except OCDError:
-        raise
-    except (RuntimeError, IndexError, ValueError, TypeError) as e:
-        raise LabelMismatchError(
-            f"loss_fn could not score the {role} loader's labels ({target.dtype}, shape "
-            f"{tuple(target.shape)}) against predictions of shape {tuple(pred.shape)}: {e}. Yield "
-            "the labels this loss expects (class indices for cross-entropy, float targets shaped "
-            "like the prediction for MSE), or pass the loss that fits your labels."
-        ) from e
-    return cond, pred, losses, task
-
-
-def _read(model, loader, loss_fn, max_samples, task, role) -> tuple[_Split, str]:
-    batches, conds, preds, targets, losses = [], [], [], [], []
-    n = 0
-    for batch in loader:
-        if max_samples is not None and n >= max_samples:
-            break  # max_samples <= 0
-        try:
-            inputs, target = split_batch(batch)
-        except BatchFormatError as e:
-            raise BatchFormatError(
-                f"headroom needs a labelled {role} loader (the upper bound and the probe use the "
-                f"labels): {e}"
-            ) from e
-        inputs, target = to_device(inputs, model.device), to_device(target, model.device)
-        B = batch_size(inputs)
-        if max_samples is not None and n + B > max_samples:
-            keep = slice(0, max_samples - n)
-            inputs, target, B = index_batch(inputs, keep), index_batch(target, keep), keep.stop
-        if B == 0:
-            continue
-        cond, pred, loss, task = _base_pass(model, inputs, target, loss_fn, task, role)
-        batches.append((inputs, target))
-        conds.append(cond)
-        preds.append(pred)
-        targets.append(target.detach())
-        losses.append(loss)
-        n += B
-        if max_samples is not None and n >= max_samples:
-            break
-    if not batches:
-        raise EmptyDataError(f"headroom got a {role} loader that yielded no samples.")
-    cond = Conditioning(
-        *(
-            torch.cat([getattr(c, k) for c in conds])
-            for k in ("layer_input", "layer_output", "model_output")
-        )
-    )
-    split = _Split(batches, cond, torch.cat(preds), torch.cat(targets), torch.cat(losses))
-    return split, task
-
-
-# --- the probe -------------------------------------------------------------------------------------
-
-
-def _standardizer(phi: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    mean, std = phi.mean(0), phi.std(0)
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))
-    return lambda x: (x - mean) / std
-
-
-RANDOM_FEATURES = 256  # random Fourier features appended to the standardised conditioning
-
-
-def _lift(x: torch.Tensor) -> torch.Tensor:
-    """Standardised features (N, d) and random Fourier features of them (N, d + D), so the
-    (linear) probes can also fit smooth non-linear functions of I(x): the residual of a linear
-    base is uncorrelated with any linear function of its own input, so a linear probe could never
-    see it. An RBF kernel of width sqrt(d) (the typical distance of standardised vectors); the
-    projection is fixed (seed 0), the same for every fold and split."""
-    W, b = _projection(x.shape[1], x.dtype)
-    rff = math.sqrt(2.0) * torch.cos(x @ W.to(x.device) + b.to(x.device))  # unit variance each
-    return torch.cat([x, rff], dim=1)
-
-
-@functools.lru_cache(maxsize=8)
-def _projection(d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed random projection of :func:`_lift` for width ``d``, built once (read-only)."""
-    gen = torch.Generator().manual_seed(0)
-    W = torch.randn(d, RANDOM_FEATURES, generator=gen, dtype=dtype) / math.sqrt(d)
-    b = torch.rand(RANDOM_FEATURES, generator=gen, dtype=dtype) * (2 * math.pi)
-    return W, b
-
-
-def _fit_logistic(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float, init=None):
-    """Logits z + standardised(phi) W + b, W with an L2 penalty, fitted by L-BFGS.
-
-    Returns the predictor (phi, z) -> label distribution and (W, b), a warm start for the next
-    strength (the cross-fit goes from strong to weak penalties, each a few L-BFGS steps on).
-    """
-    scale = _standardizer(phi)
-    x = _lift(scale(phi))
-    if init is None:
-        init = (x.new_zeros(x.shape[1], z.shape[1]), x.new_zeros(z.shape[1]))
-    W, b = (t.clone().requires_grad_(True) for t in init)
-    opt = torch.optim.LBFGS(
-        [W, b],
-        lr=1.0,
-        max_iter=50,
-        history_size=20,
-        tolerance_grad=1e-5,
-        tolerance_change=1e-7,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z + x @ W + b, y) + 0.5 * l2 * (W * W).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    W, b = W.detach(), b.detach()
-    return (lambda phi_, z_: torch.softmax(z_ + _lift(scale(phi_)) @ W + b, dim=-1)), (W, b)
-
-
-def _fit_ridge(phi: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l2: float, init=None):
-    """The target as z + standardised(phi) w + b: a ridge regression of the base's residual."""
-    scale = _standardizer(phi)
-    x = _lift(scale(phi)).double()
-    r = (y - z).double()
-    b = r.mean(0)
-    xc = x - x.mean(0)
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    w = torch.linalg.solve(xc.T @ xc + l2 * x.shape[0] * eye, xc.T @ (r - b))
-    w, b = w.float(), (b - x.mean(0) @ w).float()
-    return (lambda phi_, z_: z_ + _lift(scale(phi_)) @ w + b), None
-
-
-def _probe_loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if task == "classification":
-        return F.nll_loss(out.clamp_min(1e-12).log(), y, reduction="none")
-    return ((out - y) ** 2).mean(1)
-
-
-def _base_prediction(task: str, z: torch.Tensor) -> torch.Tensor:
-    """The probe that learns nothing: the base's own softmax (or prediction)."""
-    return torch.softmax(z, dim=-1) if task == "classification" else z.clone()
-
-
-def _crossfit(task, phi, z, y, folds, seed, l2s=L2_GRID):
-    """Out-of-fold predictions for each L2 strength; the strength with the lowest loss wins.
-
-    Infinite strength is a candidate too: the base's own prediction. When no fitted probe
-    predicts the held-out labels better than the base does, the probe *is* the base (and its
-    row equals the base row: zero gradient).
-    """
-    N = phi.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    fold = (torch.randperm(N, generator=gen) % folds).to(phi.device)
-    fit = _fit_logistic if task == "classification" else _fit_ridge
-    l2s = sorted(l2s, reverse=True)
-    oof = {l2: torch.empty_like(z) for l2 in l2s}
-    for f in range(folds):
-        test, init = fold == f, None
-        for l2 in l2s:
-            predict, init = fit(phi[~test], z[~test], y[~test], l2, init)
-            oof[l2][test] = predict(phi[test], z[test])
-    oof[math.inf] = _base_prediction(task, z)
-    loss = {l2: float(_probe_loss(task, out, y).mean()) for l2, out in oof.items()}
-    best = min(oof, key=lambda l2: loss[l2])
-    return oof[best], best
-
-
-def _probe_arrays(split: _Split, task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features, base output, labels) as the probe sees them: (N, d), (N, k), (N,) or (N, k)."""
-    N = split.pred.shape[0]
-    z = split.pred.reshape(N, -1).float()
-    if task == "classification":
-        return split.features, z, split.target.long()
-    y = split.target.reshape(N, -1).float()
-    if y.shape != z.shape:
-        raise ProbeFitError(
-            f"The regression probe predicts the target from the base's prediction; the labels have "
-            f"{y.shape[1]} values per sample but the prediction {z.shape[1]}. Yield targets shaped "
-            "like the model's output, or pass probe= a function that predicts them."
-        )
-    return split.features, z, y
-
-
-def _check_fittable(task: str, y: torch.Tensor, folds: int, role: str) -> None:
-    if folds < 2:
-        raise ProbeFitError(f"folds={folds}; cross-fitting needs folds >= 2 (default 5).")
-    if y.shape[0] < 2 * folds:
-        raise ProbeFitError(
-            f"The probe is fitted with {folds}-fold cross-validation on the {role} samples, but there "
-            f"are only {y.shape[0]}; use at least {2 * folds} samples (raise max_samples) or lower folds."
-        )
-    if task == "classification" and y.unique().numel() < 2:
-        raise ProbeFitError(
-            f"Every {role} sample has the label {int(y[0])}: a probe of the label needs at least two "
-            "classes. Use a held-out loader with samples of several classes (not one sorted by label "
-            "and cut by max_samples), or pass train_loader= with the training split."
-        )
-
-
-def _fit_probe(task, held: _Split, train: _Split | None, folds: int, seed: int):
-    """The probe's output on the held-out samples, and what to report about it."""
-    phi, z, y = _probe_arrays(held, task)
-    kind = (
-        f"logistic regression on the base logits + I(x) ({phi.shape[1]} features and "
-        f"{RANDOM_FEATURES} random Fourier features of them)"
-        if task == "classification"
-        else f"ridge regression of the base's residual on I(x) ({phi.shape[1]} features and "
-        f"{RANDOM_FEATURES} random Fourier features of them)"
-    )
-    if train is None:
-        _check_fittable(task, y, folds, "held-out")
-        out, l2 = _crossfit(task, phi, z, y, folds, seed)
-        source = f"cross-fitted ({folds} folds) on the held-out samples themselves"
-        ref = (y, out)
-    else:
-        tphi, tz, ty = _probe_arrays(train, task)
-        _check_fittable(task, ty, folds, "train_loader")
-        train_oof, l2 = _crossfit(task, tphi, tz, ty, folds, seed)
-        ref = (ty, train_oof)
-        fit = _fit_logistic if task == "classification" else _fit_ridge
-        out = _base_prediction(task, z) if l2 == math.inf else fit(tphi, tz, ty, l2)[0](phi, z)
-        source = f"fitted on train_loader's conditioning ({ty.shape[0]:,} samples)"
-    if l2 == math.inf:
-        source += "; no fitted probe predicted the labels better than the base, so it is the base"
-    info = {"kind": kind, "source": source, "l2": None if l2 == math.inf else l2, "folds": folds}
-    if task == "regression":  # out-of-fold residual spread, for the regression mixture
-        info["residual_std"] = ((ref[0] - ref[1]) ** 2).mean(0).sqrt()  # a tensor until reported
-    return out, info
-
-
-def _probe_quality(task: str, out: torch.Tensor, held: _Split) -> tuple[float, float | None]:
-    """The probe's own loss (cross-entropy of q, or MSE) and accuracy against the true labels."""
-    if task == "classification":
-        y = held.target.long()
-        return float(_probe_loss(task, out, y).mean()), float((out.argmax(-1) == y).float().mean())
-    y = held.target.reshape(out.shape[0], -1).float()
-    return float(_probe_loss(task, out.reshape(y.shape), y).mean()), None
-
-
-def _user_probe(probe: ProbeFn, held: _Split, task: str) -> torch.Tensor:
-    N = held.pred.shape[0]
-    out = probe(held.cond, held.pred)
-    if not isinstance(out, torch.Tensor) or out.shape[0] != N:
-        raise ProbeFitError(
-            f"probe(cond, base_prediction) must return a tensor with one row per held-out sample "
-            f"({N}); got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}."
-        )
-    out = out.detach().float().reshape(N, -1).to(held.pred.device)
-    if task == "classification":
-        ok = out.shape[1] == held.pred.shape[1] and bool((out >= 0).all())
-        if not ok or not torch.allclose(out.sum(1), torch.ones(N, device=out.device), atol=1e-3):
-            raise ProbeFitError(
-                f"For classification probe(...) must return label distributions (N, "
-                f"{held.pred.shape[1]}) with non-negative rows summing to 1 (e.g. logits.softmax(-1))."
-            )
-    return out
-
-
 # --- the rows: every sample of a batch overfitted towards each target --------------------------------
 
 
-def _mixture(model, inputs, loss_fn, q: torch.Tensor, k: int) -> torch.Tensor:
-    """sum_y q(y) delta_y over each sample's k most likely labels (renormalised)."""
-    qk, labels = q.topk(min(k, q.shape[1]), dim=1)
-    qk = qk / qk.sum(1, keepdim=True).clamp_min(1e-12)
-    mix = None
-    for j in range(qk.shape[1]):
-        d = overfit_batch(model, inputs, labels[:, j], loss_fn).delta
-        w = qk[:, j].view(-1, *([1] * (d.dim() - 1)))
-        mix = d.mul_(w) if mix is None else mix.add_(d.mul_(w))
-    return mix
+def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, rows, mix_k, sigma):
+    """The true-label delta and each asked-for label-free row's delta for one batch, and the
+    seconds each took."""
+    seconds: dict[str, float] = {}
 
+    def timed(name: str, make: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = make()
+        seconds[name] = time.perf_counter() - start
+        return out
 
-REGRESSION_POINTS = 8  # quantile points of the regression probe_mixture
-# a report lists the probe's residual spread per output up to this many outputs, else a summary
-RESIDUAL_LIST_MAX = 64
-
-
-def _gaussian_mixture(model, inputs, target, loss_fn, mean, sigma, k: int) -> torch.Tensor:
-    """E over y ~ N(mean, sigma²) of delta_y, averaged over ``k`` equally likely quantiles of y.
-
-    The regression analogue of the label mixture: where the probe is unsure (sigma large next to
-    |mean - base|) the deltas towards targets on either side of the base cancel, so the mixed
-    step is small, as a generator trained with MSE on the deltas would make it. Quantile points,
-    not Gauss-Hermite: Adam's delta is close to a step function of the target (its sign), which
-    a few Gauss-Hermite points (one of them with half the weight at the mean) average badly.
-    """
-    nodes = torch.special.ndtri((torch.arange(k, dtype=torch.float64) + 0.5) / k)
-    mix = None
-    for t, w in zip(nodes.tolist(), [1.0 / k] * k):
-        y = (mean + t * sigma.to(mean)).reshape(target.shape).to(target.dtype)  # (B, ...)
-        d = overfit_batch(model, inputs, y, loss_fn).delta.mul_(w)
-        mix = d if mix is None else mix.add_(d)
-    return mix
-
-
-def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k, sigma=None):
-    """The true-label delta and each label-free row's delta for one batch."""
-    true = overfit_batch(model, inputs, target, loss_fn)
+    true = timed("overfit_on_test", lambda: overfit_batch(model, inputs, target, loss_fn))
     if not bool(true.finite.all()):
         bad = (~true.finite).nonzero().flatten().tolist()[:10]
         raise NonFiniteError(
@@ -589,35 +193,89 @@ def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_
             "the model's overfit_lr."
         )
     deltas = {"overfit_on_test": true.delta}
+    make: dict[str, Callable[[], torch.Tensor]] = {}
     if task == "classification":
         own = base_pred.argmax(-1)
-        deltas["own_label"] = overfit_batch(model, inputs, own, loss_fn).delta
-        deltas["probe"] = overfit_batch(model, inputs, probe_out, soft_cross_entropy).delta
+        make["own_label"] = lambda: overfit_batch(model, inputs, own, loss_fn).delta
+        make["probe"] = lambda: overfit_batch(model, inputs, probe_out, soft_cross_entropy).delta
         if mix_k > 0:
-            deltas["probe_mixture"] = _mixture(model, inputs, loss_fn, probe_out, mix_k)
+            make["probe_mixture"] = lambda: label_mixture(model, inputs, loss_fn, probe_out, mix_k)
     else:
-        yhat = probe_out.reshape(target.shape).to(target.dtype)
-        deltas["probe"] = overfit_batch(model, inputs, yhat, loss_fn).delta
+        if probe_out is not None:
+            yhat = probe_out.reshape(target.shape).to(target.dtype)
+            make["probe"] = lambda: overfit_batch(model, inputs, yhat, loss_fn).delta
         if mix_k > 0 and sigma is not None:
-            deltas["probe_mixture"] = _gaussian_mixture(
+            make["probe_mixture"] = lambda: gaussian_mixture(
                 model, inputs, target, loss_fn, probe_out, sigma, mix_k
             )
-    return deltas
+    for name, fn in make.items():
+        if name in rows:
+            deltas[name] = timed(name, fn)
+    return deltas, seconds
 
 
-def _score_batch(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k, sigma=None):
-    """Per-sample loss, correctness and cosine with the true delta, for every row's delta."""
-    deltas = _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, mix_k, sigma)
+def _score_batch(model, inputs, target, loss_fn, task, base_pred, probe_out, rows, mix_k, sigma):
+    """Per-sample loss, prediction, correctness and cosine with the true delta, and the seconds
+    spent, for every row's delta."""
+    deltas, seconds = _row_deltas(
+        model, inputs, target, loss_fn, task, base_pred, probe_out, rows, mix_k, sigma
+    )
     B = base_pred.shape[0]
     true = deltas["overfit_on_test"].reshape(B, -1)
     out = {}
     for name, delta in deltas.items():
+        start = time.perf_counter()
         with torch.no_grad(), model.use_deltas(FullDelta(delta)):
             pred = read_output(call_model(model, inputs)).float()
-            losses = _sample_losses(loss_fn, pred, target, B)
+        seconds[name] += time.perf_counter() - start
+        losses = sample_losses(loss_fn, pred, target, B).detach()
         cos = F.cosine_similarity(delta.reshape(B, -1), true, dim=1, eps=1e-30)
         correct = pred.argmax(-1) == target if task == "classification" else None
-        out[name] = {"loss": losses, "cos": cos, "correct": correct}
+        out[name] = {"loss": losses, "cos": cos, "correct": correct, "pred": pred}
+        out[name]["seconds"] = torch.tensor([seconds[name]], dtype=torch.float64)
+    return out
+
+
+def score_label_rows(
+    model: OCDModel,
+    held: LabelledSplit,
+    loss_fn: LossFn,
+    task: str,
+    probe_out: torch.Tensor | None,
+    *,
+    rows: Iterable[str] = LABEL_ROWS,
+    mix_k: int = 0,
+    sigma: torch.Tensor | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every held-out sample's layer overfitted alone towards each row's target, then scored.
+
+    ``rows``: any of own_label, probe, probe_mixture (overfit_on_test, the true label, is
+    always computed: the others are compared with it). Returns, per row, the per-sample
+    ``loss`` (N,), ``pred`` (N, ...), ``correct`` (N,) (classification, else None), ``cos``
+    (N,), the cosine of the row's delta with the true-label delta, and ``seconds`` (overfits
+    and prediction passes). The one implementation of these rows, for ``headroom`` and
+    ``ocdwrap.compare``.
+    """
+    rows = set(rows)
+    parts: dict[str, dict[str, list]] = {}
+    lo = 0
+    for inputs, target in held.batches:
+        B = batch_size(inputs)
+        sl = slice(lo, lo + B)
+        q = None if probe_out is None else probe_out[sl]
+        res = _score_batch(
+            model, inputs, target, loss_fn, task, held.pred[sl], q, rows, mix_k, sigma
+        )
+        for name, d in res.items():
+            for k, v in d.items():
+                parts.setdefault(name, {}).setdefault(k, []).append(v)
+        lo += B
+    out = {
+        name: {k: (torch.cat(v) if v[0] is not None else None) for k, v in d.items()}
+        for name, d in parts.items()
+    }
+    for d in out.values():
+        d["seconds"] = float(d["seconds"].sum())
     return out
 
 
@@ -636,7 +294,7 @@ _NOTES = {
 }
 
 
-def _rows(held: _Split, task: str, scored: dict[str, dict], right: torch.Tensor):
+def _rows(held: LabelledSplit, task: str, scored: dict[str, dict], right: torch.Tensor):
     """The report's rows from the per-sample numbers."""
     acc = (lambda c: float(c.float().mean())) if task == "classification" else (lambda c: None)
     base_correct = held.pred.argmax(-1) == held.target if task == "classification" else None
@@ -755,36 +413,25 @@ def headroom(
     was_training = model.base_model.training
     model.base_model.eval()
     try:
-        held, task = _read(model, loader, loss_fn, max_samples, task, "held-out")
+        held, task = read_labelled(model, loader, loss_fn, max_samples=max_samples, task=task)
         train = None
         if train_loader is not None and probe is None:
-            train, _ = _read(model, train_loader, loss_fn, max_train_samples, task, "train_loader")
-        if probe is not None:
-            probe_out, info = _user_probe(probe, held, task), {"kind": "user-supplied probe="}
-            info["source"] = "given by the caller"
-        else:
-            probe_out, info = _fit_probe(task, held, train, folds, seed)
-        info["loss"], info["accuracy"] = _probe_quality(task, probe_out, held)
-        sigma = None
-        if task == "classification":
-            info["mixture_classes"] = mixture_classes
-        else:  # the probe's residual spread: out of fold, or (a given probe) on the held-out
-            if "residual_std" not in info:
-                _, _, y = _probe_arrays(held, task)
-                info["residual_std"] = ((y - probe_out) ** 2).mean(0).sqrt()
-            sigma = torch.as_tensor(info.pop("residual_std")).float()
-            if sigma.numel() <= RESIDUAL_LIST_MAX:
-                info["residual_std"] = sigma.tolist()
-            else:  # a wide output (a waveform, an image): a summary, not one value per element
-                info["residual_std_summary"] = {
-                    "outputs": sigma.numel(),
-                    "mean": float(sigma.mean()),
-                    "min": float(sigma.min()),
-                    "max": float(sigma.max()),
-                }
-            info["mixture_points"] = REGRESSION_POINTS if mixture_classes > 0 else 0
+            train, _ = read_labelled(
+                model,
+                train_loader,
+                loss_fn,
+                max_samples=max_train_samples,
+                task=task,
+                role="train_loader",
+                keep_batches=False,
+            )
+        probe_out, info, sigma = probe_step(
+            held, train, task, probe=probe, folds=folds, seed=seed, mixture=mixture_classes
+        )
         mix_k = info.get("mixture_classes", info.get("mixture_points", 0))
-        scored = _score_all(model, held, loss_fn, task, probe_out, mix_k, sigma)
+        scored = score_label_rows(
+            model, held, loss_fn, task, probe_out, rows=LABEL_ROWS, mix_k=mix_k, sigma=sigma
+        )
     finally:
         model.base_model.train(was_training)
     report = _report(model, held, task, info, scored, time.perf_counter() - start)
@@ -792,27 +439,9 @@ def headroom(
     return report
 
 
-def _score_all(model, held: _Split, loss_fn, task, probe_out, mix_k, sigma=None) -> dict:
-    """:func:`_score_batch` over every held-out batch, concatenated per row."""
-    parts: dict[str, dict[str, list]] = {}
-    lo = 0
-    for inputs, target in held.batches:
-        B = batch_size(inputs)
-        sl = slice(lo, lo + B)
-        res = _score_batch(
-            model, inputs, target, loss_fn, task, held.pred[sl], probe_out[sl], mix_k, sigma
-        )
-        for name, d in res.items():
-            for k, v in d.items():
-                parts.setdefault(name, {}).setdefault(k, []).append(v)
-        lo += B
-    return {
-        name: {k: (torch.cat(v) if v[0] is not None else None) for k, v in d.items()}
-        for name, d in parts.items()
-    }
-
-
-def _report(model: OCDModel, held: _Split, task: str, info: dict, scored: dict, seconds: float):
+def _report(
+    model: OCDModel, held: LabelledSplit, task: str, info: dict, scored: dict, seconds: float
+):
     if task == "classification":
         right = held.pred.argmax(-1) == held.target
         split = "base argmax correct / wrong"

@@ -45,8 +45,8 @@ from .batches import (
     batch_size,
     call_model,
     index_batch,
-    per_sample_loss,
     read_output,
+    sample_losses,
     split_batch,
     to_device,
 )
@@ -306,21 +306,6 @@ class _Call(nn.Module):
         return read_output(call_model(self.base, inputs))
 
 
-def _losses(loss_fn: Callable, pred: torch.Tensor, target: Any, n: int) -> torch.Tensor:
-    """Per-sample losses (n,), slicing the batch when ``loss_fn`` returns only their sum."""
-    loss = per_sample_loss(loss_fn, pred, target, n)
-    if loss.dim() == 0 and n > 1:
-        loss = torch.stack(
-            [
-                per_sample_loss(loss_fn, pred[i : i + 1], index_batch(target, slice(i, i + 1)), 1)
-                .reshape(())
-                .float()
-                for i in range(n)
-            ]
-        )
-    return loss.reshape(n).float()
-
-
 def _draw_preds(call: _Call, pname: str, weights: torch.Tensor, inputs: Inputs, vmap: bool) -> Any:
     """Predictions (k, B, ...) of one batch under each of the k weights (k, *weight.shape)."""
     fcall = torch.func.functional_call
@@ -358,7 +343,7 @@ def _layer_losses(
                     error = f"{type(e).__name__}: {str(e)[:200]}"
             if preds is None:
                 preds = _draw_preds(call, pname, w, inputs, vmap=False)
-            per_batch.append(torch.stack([_losses(loss_fn, p, target, n) for p in preds]))
+            per_batch.append(torch.stack([sample_losses(loss_fn, p, target, n) for p in preds]))
         chunks.append(torch.cat(per_batch, dim=1))
     return torch.cat(chunks).T, error
 

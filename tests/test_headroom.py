@@ -298,7 +298,7 @@ def test_cli_headroom(tmp_path, capsys) -> None:
 def test_regression_mixture_is_the_probe_delta_when_the_probe_is_certain() -> None:
     """With no residual spread the quantile mixture is the delta towards the probe's target;
     with a spread wider than the residual, steps towards both sides of the base cancel."""
-    from ocdwrap.headroom import _gaussian_mixture
+    from ocdwrap.probe import gaussian_mixture
     from ocdwrap.overfit import overfit_batch
 
     torch.manual_seed(0)
@@ -309,10 +309,10 @@ def test_regression_mixture_is_the_probe_delta_when_the_probe_is_certain() -> No
         base = model(x)  # (6, 1)
     mean = base + 0.5
     target = mean.squeeze(1)
-    certain = _gaussian_mixture(model, x, target, _mse, mean, torch.zeros(1), 8)
+    certain = gaussian_mixture(model, x, target, _mse, mean, torch.zeros(1), 8)
     towards = overfit_batch(model, x, target, _mse).delta
     torch.testing.assert_close(certain, towards, rtol=1e-5, atol=1e-8)
-    unsure = _gaussian_mixture(model, x, target, _mse, mean, torch.full((1,), 50.0), 8)
+    unsure = gaussian_mixture(model, x, target, _mse, mean, torch.full((1,), 50.0), 8)
     assert float(unsure.norm()) < 0.5 * float(towards.norm())
 
 

@@ -195,23 +195,20 @@ def expected_calibration_error(probs: ArrayLike, targets: ArrayLike, n_bins: int
 
 
 def _fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4) -> torch.Tensor:
-    """Weights (d + 1,) of an L2-regularised logistic regression, fitted with L-BFGS."""
-    X = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-    w = torch.zeros(X.shape[1], dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+    """Weights (d + 1,) (the bias last) of a logistic regression with the penalty
+    ``l2 * ||w||²`` (:func:`ocdwrap.probe.fit_logistic`, L-BFGS to 200 iterations)."""
+    from ..probe import fit_logistic
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = (
-            torch.nn.functional.binary_cross_entropy_with_logits(X @ w, y)
-            + l2 * w[:-1].square().sum()
-        )
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach()
+    W, b = fit_logistic(
+        x,
+        y,
+        l2=2 * l2,
+        max_iter=200,
+        history_size=100,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-9,
+    )
+    return torch.cat([W, b.reshape(1)])
 
 
 def cross_validated_logistic_scores(
