@@ -20,17 +20,27 @@ only where it is safe:
   output; otherwise it is switched off for that model with a log message.
 
 Boundary values are cloned before each suffix pass when the suffix has in-place operations, so
-a pass cannot change what the next one reads. ``ocdwrap.split.ENABLED = False`` turns the split
-off everywhere (the speed benchmark compares both).
+a pass cannot change what the next one reads.
+
+To compare with (or rule out) the split, run whole passes for the calls inside a block::
+
+    from ocdwrap.split import whole_passes
+
+    with whole_passes():  # every pass runs the whole base model, as without the split
+        logits = model(x)
+
+The block applies to the calls made in its own thread (or asyncio task), and nests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import operator
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,7 +50,7 @@ from .layer import DynamicLayer
 
 logger = logging.getLogger("ocdwrap")
 
-ENABLED = True  # set to False to run whole passes everywhere
+_WHOLE_PASSES = contextvars.ContextVar("ocdwrap_whole_passes", default=False)
 
 _INPLACE_FUNCTIONS = {
     operator.iadd,
@@ -58,6 +68,25 @@ _INPLACE_FUNCTIONS = {
     operator.irshift,
     operator.setitem,
 }
+
+
+@contextlib.contextmanager
+def whole_passes() -> Iterator[None]:
+    """Run whole passes of the base model, without the split forward, for the calls inside.
+
+    For measuring what the split saves, or ruling it out when a model behaves unexpectedly. The
+    results are the same either way (up to floating-point rounding); only the time differs. Applies to this thread (or asyncio
+    task), like ``torch.no_grad``; blocks nest.
+
+    Example:
+        >>> with whole_passes():
+        ...     logits = model(x)  # doctest: +SKIP
+    """
+    token = _WHOLE_PASSES.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_PASSES.reset(token)
 
 
 class SplitError(Exception):
@@ -225,7 +254,7 @@ def split_for(model: Any, args: tuple, kwargs: dict, call: Callable[[], Any]) ->
     ``call()`` runs the whole base model on the same inputs; it is called once per model, to
     verify the split on its first use.
     """
-    if not ENABLED:
+    if _WHOLE_PASSES.get():
         return None
     base = model.base_model
     # (the dynamic layer itself behaves the same in both modes; its base layer is checked)
