@@ -37,6 +37,7 @@ pinned with ``--threads`` (default 1, reproducible on a shared machine). About 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import inspect
@@ -51,7 +52,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -201,11 +203,8 @@ def bench_collection(
             ocdwrap.overfit_batch(model, b[0], b[1], CE)
 
     def whole_passes() -> None:  # the same without the split forward (K+1 whole passes)
-        split_mod.ENABLED = False
-        try:
+        with split_mod.whole_passes():
             vectorized()
-        finally:
-            split_mod.ENABLED = True
 
     loop_ref: list[torch.Tensor] = []
     ocdwrap.overfit_batch(model, *batches[0], CE)  # warm-ups
@@ -418,11 +417,8 @@ def bench_inference_one(
             return m(xb)
 
         def whole_call(xb=xb):
-            split_mod.ENABLED = False
-            try:
+            with split_mod.whole_passes():
                 return m(xb)
-            finally:
-                split_mod.ENABLED = True
 
         with torch.no_grad():
             cond, _ = m.conditioning(xb)
@@ -1375,56 +1371,68 @@ def fit_step_with_allocator(args: argparse.Namespace, library: str) -> dict[str,
     return out
 
 
-def bench_fit_step(s: dict[str, Any], device: str) -> dict[str, Any]:
-    """One fit step of the full-matrix path at the library's defaults on LeNet5's 84 x 120 layer
-    (batch 128, the default UNet), in one pass ("one_pass", what fit did before micro-batching)
-    and in fit's automatic micro-batches: wall time, user and kernel CPU time, minor page faults.
-    Random targets and conditioning: the cost does not depend on the values. On a shared machine
-    the CPU time (user + kernel) is the figure to compare: wall time also counts waiting for a
-    core."""
-    from ocdwrap.fit import _accumulate, _micro_batch
+@contextlib.contextmanager
+def _conv_batches() -> Iterator[list[int]]:
+    """The batch size of every ``nn.Conv2d`` call inside the block (a global forward pre-hook)."""
+    seen: list[int] = []
 
-    shape, batch = s["fit_step_shape"], s["fit_step_batch"]
+    def record(module: nn.Module, inputs: tuple) -> None:
+        if isinstance(module, nn.Conv2d):
+            seen.append(int(inputs[0].shape[0]))
+
+    hook = nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def bench_fit_step(s: dict[str, Any], device: str) -> dict[str, Any]:
+    """One ``ocdwrap.fit`` step of the full-matrix path at the library's defaults on an 84 x 120
+    layer (LeNet5's fc2; batch 128, the default UNet), in one pass (``FitArgs(micro_batch_size=
+    128)``, what fit did before micro-batching) and in fit's automatic micro-batches
+    (``micro_batch_size=None``): wall time, user and kernel CPU time, minor page faults per step,
+    and the micro-batch the UNet was called with. Each is timed in a fit of ``fit_step_reps``
+    steps after a one-step warm-up fit; the wall time is the report's (the training loop), the
+    CPU time and faults are the whole call's (its setup is small next to a step). The collection
+    holds random inputs to a two-layer MLP with a layer of that shape: the cost does not depend
+    on the values. On a shared machine the CPU time (user + kernel) is the figure to compare:
+    wall time also counts waiting for a core."""
+    shape, batch, n = s["fit_step_shape"], s["fit_step_batch"], s["fit_step_reps"]
     cfg = ocdwrap.OCDConfig(delta="full", unet_channels=s["unet_default"] or PINNED_UNET)
     torch.manual_seed(0)
-    hyper = OCDHyperNetwork(
-        cfg, kind="linear", weight_shape=shape, dims=(shape[1], shape[0], 10)
-    ).to(device)
-    opt = torch.optim.Adam(hyper.net.parameters(), lr=cfg.fit_lr)
-    batch_t = (
-        torch.randn(batch, *shape), torch.randn(batch, shape[1]), torch.randn(batch, shape[0]),
-        torch.randn(batch, 10), torch.rand(batch) + 0.5, torch.randint(0, 1000, (batch,)),
-        torch.randn(batch, *shape),
-    )  # fmt: skip
-    batch_t = tuple(t.to(device) for t in batch_t)
+    layers = {
+        "layer": nn.Linear(shape[1], shape[0]),
+        "act": nn.ReLU(),
+        "head": nn.Linear(shape[0], 10),
+    }
+    base = nn.Sequential(OrderedDict(layers)).eval().to(device)
+    model = ocdwrap.wrap(base, layer="layer", config=cfg)
+    data = tensor_loader(torch.randn(batch, shape[1]), torch.randint(0, 10, (batch,)), batch)
     out: dict[str, Any] = {
         "weight_shape": list(shape),
         "batch": batch,
         "unet_channels": list(cfg.unet_channels),
     }
-    for name, micro in (("one_pass", batch), ("micro_batched", _micro_batch(hyper, batch))):
-
-        def step(micro: int = micro) -> None:
-            opt.zero_grad(set_to_none=True)
-            _accumulate(hyper, batch_t, micro)
-            opt.step()
-
-        step()  # warm-up
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        for _ in range(s["fit_step_reps"]):
-            step()
-        sync(device)
-        t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        n = s["fit_step_reps"]
-        user, system = (r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n
-        out[name] = {
-            "micro_batch": micro,
-            "seconds_per_step": (t1 - t0) / n,
-            "user_s": user,
-            "kernel_s": system,
-            "kernel_share": system / max(user + system, 1e-9),
-            "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / n,
-        }
+    with tempfile.TemporaryDirectory(prefix="ocdwrap-fit-step-") as work:
+        store = ocdwrap.collect(model, data, CE, work, progress=False)
+        for name, micro in (("one_pass", batch), ("micro_batched", None)):
+            args = ocdwrap.FitArgs(batch_size=batch, micro_batch_size=micro, checkpoint_every=0)
+            with _conv_batches() as calls:  # warm-up; the micro-batch the UNet is called with
+                ocdwrap.fit(model, store, args.replace(steps=1), progress=False)
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            report = ocdwrap.fit(model, store, args.replace(steps=n), progress=False)
+            sync(device)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            user, system = (r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n
+            out[name] = {
+                "micro_batch": max(calls),
+                "seconds_per_step": report.seconds / n,
+                "user_s": user,
+                "kernel_s": system,
+                "kernel_share": system / max(user + system, 1e-9),
+                "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / n,
+            }
     out["speedup"] = out["one_pass"]["seconds_per_step"] / out["micro_batched"]["seconds_per_step"]
     out["cpu_speedup"] = (out["one_pass"]["user_s"] + out["one_pass"]["kernel_s"]) / max(
         out["micro_batched"]["user_s"] + out["micro_batched"]["kernel_s"], 1e-9
