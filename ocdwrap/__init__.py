@@ -42,9 +42,9 @@ _LAZY = {
     "fit": "fit",
     "HeadroomReport": "headroom",
     "headroom": "headroom",
-    "EnsembleOutput": "model",
+    "EnsembleOutput": "ensemble",
     "OCDModel": "model",
-    "wrap": "model",
+    "wrap": "wrapping",
     "overfit_batch": "overfit",
     "overfit_one": "overfit",
     "LayerScores": "select",
@@ -60,14 +60,16 @@ if TYPE_CHECKING:  # what static tools see: the same names, eagerly
     from .collect import collect
     from .config import FitArgs, OCDConfig, SamplingConfig
     from .deltas import FullDelta, LowRankDelta, Rank1Delta
+    from .ensemble import EnsembleOutput
     from .errors import OCDError
     from .evaluation import evaluate_ocd
     from .fit import FitReport, fit
     from .headroom import HeadroomReport, headroom
-    from .model import EnsembleOutput, OCDModel, wrap
+    from .model import OCDModel
     from .overfit import overfit_batch, overfit_one
     from .select import LayerScores, select_layer
     from .store import DeltaStore
+    from .wrapping import wrap
 
 
 class _Package(types.ModuleType):

@@ -301,3 +301,30 @@ def check_inputs(inputs: Inputs, device: torch.device) -> None:
         return t
 
     map_tensors(inputs, check)
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor in a nest of inputs (None without one)."""
+    found: list[torch.Tensor] = []
+    map_tensors(obj, lambda t: found.append(t) or t)
+    return found[0] if found else None
+
+
+def concat_outputs(outs: list, rows: int) -> Any:
+    """The outputs of consecutive passes as one: tensors with ``rows`` rows in all are
+    concatenated along dim 0, dicts, tuples and lists element by element, anything else is
+    taken from the first pass."""
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() and sum(o.shape[0] for o in outs) == rows:
+            return torch.cat(outs, 0)
+        return first
+    if isinstance(first, dict):
+        joined = {k: concat_outputs([o[k] for o in outs], rows) for k in first}
+        try:
+            return type(first)(joined)
+        except Exception:
+            return joined
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_outputs(list(parts), rows) for parts in zip(*outs))
+    return first

@@ -35,12 +35,8 @@ from .overfit import (
     overfit_batch,
     overfit_one,
 )
-from .store import (
-    STOPPED_END,
-    STOPPED_MAX,
-    DeltaStore,
-    StoreWriter,
-)
+from .store import STOPPED_END, STOPPED_MAX, DeltaStore
+from .store_writer import StoreWriter
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 

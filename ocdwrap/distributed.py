@@ -4,7 +4,7 @@
 boundaries. Process ``r`` of ``W`` overfits its part with :func:`ocdwrap.collect` into
 ``out_dir/part-r-of-W/`` (so every part is resumable on its own), and the main process then
 writes ``out_dir/manifest.json`` listing every part's shards in data order, each with the index
-offset of its part (:func:`ocdwrap.store.merge_parts`). ``DeltaStore(out_dir)`` therefore reads
+offset of its part (:func:`ocdwrap.store_writer.merge_parts`). ``DeltaStore(out_dir)`` therefore reads
 exactly what a single-process ``collect`` of the same data would have stored: the same rows, in
 the same order, with the same sample indices.
 
@@ -29,7 +29,8 @@ from .errors import CollectionExistsError, DistributedError, EmptyDataError
 from .io import MANIFEST_NAME, part_name
 from .model import OCDModel
 from .processes import Processes, run_everywhere
-from .store import STOPPED_END, STOPPED_MAX, DeltaStore, merge_parts, remove
+from .store import STOPPED_END, STOPPED_MAX, DeltaStore, remove
+from .store_writer import merge_parts
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 

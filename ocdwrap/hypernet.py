@@ -30,7 +30,7 @@ from torch import nn
 from .capture import Conditioning
 from .config import OCDConfig, SamplingConfig
 from .deltas import DeltaSpec, FullDelta, LowRankDelta, Rank1Delta, rank1_right_factor
-from .errors import ConfigError
+from .errors import BaseModelMismatchError, ConfigError
 from .networks import ConditionalNet, ScaleModel
 
 
@@ -385,3 +385,103 @@ def _resolved_config(
     if delta == config.delta and rank == config.delta_rank:
         return config
     return config.replace(delta=delta, delta_rank=rank)
+
+
+# --- building one for a model ----------------------------------------------------------------
+def resolve_delta(
+    config: OCDConfig,
+    weight_shape: tuple[int, ...],
+    layer: str,
+    held: dict[str, int],
+    where: str,
+) -> tuple[str, int]:
+    """The parameterisation (and rank) ``config`` asks of a collection that ``held``
+    (:func:`ocdwrap.store.held_deltas`: {parameterisation: rank}); an error if absent.
+
+    ``delta="auto"`` asks for rank1 where the collection holds the exact rank-one factors (a
+    Linear on one vector per sample), else lowrank with ``delta_rank`` capped at the layer's size.
+    A collection made with another ``delta`` (or another rank) is a
+    :class:`BaseModelMismatchError` naming both and the fix, never a silent substitute.
+
+    Example:
+        >>> resolve_delta(OCDConfig(delta="auto"), (16, 6, 5, 5), "conv2", {"lowrank": 4}, "d/")
+        ('lowrank', 4)
+    """
+    cfg = config
+    want = cfg.delta
+    if want == "auto":
+        want = "rank1" if "rank1" in held else "lowrank"
+    if want == "lowrank":
+        rank = cfg.lowrank_rank(weight_shape, layer)
+    else:
+        rank = 1 if want == "rank1" else 0
+    if held.get(want) == rank:
+        return want, rank
+    has = ", ".join(f"lowrank rank {r}" if k == "lowrank" else k for k, r in held.items())
+    asks = f"lowrank rank {rank}" if want == "lowrank" else want
+    made = "lowrank" if "lowrank" in held else ("full" if "full" in held else "rank1")
+    fix = f"delta={made!r}" + (f", delta_rank={held['lowrank']}" if "lowrank" in held else "")
+    raise BaseModelMismatchError(
+        f"The collection in {where} holds {has} deltas (collected with "
+        f"delta={made!r}), but this model's config (delta={cfg.delta!r}, "
+        f"delta_rank={cfg.delta_rank}) asks for {asks}. Fit with the collection's setting, "
+        f"OCDConfig({fix}), or collect again with this config into another out_dir."
+    )
+
+
+def new_hypernetwork(
+    model: Any,
+    target: torch.Tensor,
+    rho: torch.Tensor,
+    cond: Conditioning,
+    seed: int,
+    *,
+    held: dict[str, int] | None = None,
+) -> OCDHyperNetwork:
+    """A fresh hypernetwork for ``model`` (an :class:`~ocdwrap.OCDModel`): initial weights
+    from ``seed``, statistics from the data.
+
+    ``held`` (what the collection ``target`` came from holds, :func:`ocdwrap.store.held_deltas`)
+    resolves ``delta="auto"``; without it the config's own ``delta`` is built.
+
+    Example:
+        >>> target, rho, cond = load_training_data(model, store, torch.device("cpu"))
+        >>> hyper = new_hypernetwork(model, target, rho, cond, seed=0, held=held_deltas(store))
+    """
+    dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
+    delta, rank = None, None
+    if held is not None:
+        delta, rank = resolve_delta(
+            model.config, model.weight_shape, model.layer_name, held, "the collection"
+        )
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not global state
+        torch.manual_seed(seed)
+        hyper = OCDHyperNetwork(
+            model.config,
+            kind=model.layer_kind,
+            weight_shape=model.weight_shape,
+            dims=dims,
+            delta=delta,
+            delta_rank=rank or None,
+        ).to(target.device)
+    hyper.set_statistics(cond, rho, target)
+    hyper.ema.load_state_dict(hyper.net.state_dict())
+    return hyper
+
+
+def continued_hypernetwork(
+    model: Any, target: torch.Tensor, cond: Conditioning, where: str
+) -> OCDHyperNetwork:
+    """``model``'s loaded hypernetwork, to be trained further, after checking that it fits the
+    collection in ``where`` (``target`` and ``cond`` read from it)."""
+    hyper = model.hypernet
+    dims = (cond.layer_input.shape[1], cond.layer_output.shape[1], cond.model_output.shape[1])
+    if tuple(hyper.dims) != dims or tuple(hyper.target_shape) != tuple(target.shape[1:]):
+        raise BaseModelMismatchError(
+            f"The loaded hypernetwork generates {tuple(hyper.target_shape)} deltas from "
+            f"conditioning of widths {tuple(hyper.dims)}, but the collection in {where} "
+            f"holds {tuple(target.shape[1:])} deltas with conditioning widths {dims}. Continue "
+            "fitting on a collection made like the one it was fitted on, or fit a fresh one "
+            "(from_pretrained without is_trainable=True)."
+        )
+    return hyper

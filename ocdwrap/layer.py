@@ -16,7 +16,11 @@ The delta is set per thread through :class:`LayerState`, so concurrent calls do 
 
 from __future__ import annotations
 
+import difflib
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from .deltas import DeltaSpec, FullDelta, LowRankDelta, OutputProbe, Rank1Delta
-from .errors import LayerReachError, UnsupportedLayerError
+from .errors import LayerNotFoundError, LayerReachError, UnsupportedLayerError
 
 __all__ = [
     "DeltaSpec",
@@ -63,6 +67,16 @@ class LayerState(threading.local):
         self.capture: list | None = None  # [(layer input, layer output)] while capturing
         self.disabled: bool = False
         self.overrides: dict = {}
+
+    @contextmanager
+    def setting(self, name: str, value: Any) -> Iterator[None]:
+        """``name`` set to ``value`` inside the context, restored after it (also on error)."""
+        previous = getattr(self, name)
+        setattr(self, name, value)
+        try:
+            yield
+        finally:
+            setattr(self, name, previous)
 
 
 class DynamicLayer(nn.Module):
@@ -188,3 +202,41 @@ class DynamicLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}"
+
+
+# --- finding the target layer in a model --------------------------------------------------------
+def _candidate_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parts = name.split(".")
+    parent = model
+    for p in parts[:-1]:
+        parent = getattr(parent, p)
+    return parent, parts[-1]
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name`` in ``model``; a clear error listing candidates when absent."""
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        candidates = _candidate_layers(model)
+        close = difflib.get_close_matches(name, candidates, n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise LayerNotFoundError(
+            f"Target layer {name!r} not found in the base model.{hint} "
+            f"Linear/Conv2d layers it has: {candidates[:40]}{' ...' if len(candidates) > 40 else ''}"
+        )
+    module = modules[name]
+    if isinstance(module, DynamicLayer):
+        raise UnsupportedLayerError(
+            f"Layer {name!r} is already wrapped by ocdwrap; call unload() first."
+        )
+    try:
+        layer_kind(module)
+    except UnsupportedLayerError as e:
+        raise UnsupportedLayerError(
+            f"Layer {name!r} is a {type(module).__name__}. {e} Candidates: {_candidate_layers(model)[:40]}"
+        ) from None
+    return module

@@ -12,21 +12,22 @@ type. Under the hood one call is two passes over the base model:
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from .batches import explain_device_dtype_errors, map_tensors, read_output, replace_output
+from .batches import (
+    concat_outputs,
+    explain_device_dtype_errors,
+    first_tensor,
+    map_tensors,
+    read_output,
+)
 from .capture import (
     Conditioning,
     LayerCapture,
@@ -34,100 +35,26 @@ from .capture import (
     build_conditioning,
     conditioning_options,
 )
-from .card import CARD_NAME, base_model_name, model_card
-from .card import is_ours as card_is_ours
-from .config import OCDConfig, SamplingConfig, split_legacy
+from .card import base_model_name
+from .config import OCDConfig, SamplingConfig
+from .ensemble import EnsembleOutput, combine_draws
 from .errors import (
-    AdapterExistsError,
-    AdapterNotFoundError,
     BaseModelMismatchError,
-    CalibrationRequiredError,
-    ConfigError,
-    CorruptFileError,
-    LayerNotFoundError,
     NotFittedError,
-    UnsupportedLayerError,
 )
-from .hypernet import OCDHyperNetwork
 from .io import (
-    ADAPTER_FILES_NAME,
-    CONFIG_NAME,
-    SAMPLING_NAME,
-    WEIGHTS_NAME,
-    json_from_bytes,
-    read_file_set,
-    safetensors_metadata,
     tensor_fingerprint,
-    tensors_from_bytes,
-    write_file_set,
 )
-from .layer import DeltaSpec, DynamicLayer, LayerState, layer_kind
+from .layer import (
+    DeltaSpec,
+    DynamicLayer,
+    LayerState,
+    _get_parent,
+    resolve_layer,
+)
 from .split import split_for
 
 logger = logging.getLogger("ocdwrap")
-
-
-@dataclass
-class EnsembleOutput:
-    """What :meth:`OCDModel.ensemble` returns.
-
-    Attributes:
-        output: the base model's output type, its prediction replaced by the ensemble's
-            (log of the mean probability for classification, mean value for regression).
-        mean: (B, ...) mean probabilities (classification) or mean values (regression).
-        std: (B, ...) standard deviation across draws of the same quantity.
-        draws: (K, B, ...) every draw's raw prediction (logits or values).
-        uncertainty: (B,) the spread between draws, ``std`` averaged over output dimensions.
-    """
-
-    output: Any
-    mean: torch.Tensor
-    std: torch.Tensor
-    draws: torch.Tensor
-    uncertainty: torch.Tensor
-
-
-def _candidate_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
-
-
-def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parts = name.split(".")
-    parent = model
-    for p in parts[:-1]:
-        parent = getattr(parent, p)
-    return parent, parts[-1]
-
-
-def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    """The module called ``name`` in ``model``; a clear error listing candidates when absent."""
-    modules = dict(model.named_modules())
-    if name not in modules or not name:
-        candidates = _candidate_layers(model)
-        close = difflib.get_close_matches(name, candidates, n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise LayerNotFoundError(
-            f"Target layer {name!r} not found in the base model.{hint} "
-            f"Linear/Conv2d layers it has: {candidates[:40]}{' ...' if len(candidates) > 40 else ''}"
-        )
-    module = modules[name]
-    if isinstance(module, DynamicLayer):
-        raise UnsupportedLayerError(
-            f"Layer {name!r} is already wrapped by ocdwrap; call unload() first."
-        )
-    try:
-        layer_kind(module)
-    except UnsupportedLayerError as e:
-        raise UnsupportedLayerError(
-            f"Layer {name!r} is a {type(module).__name__}. {e} Candidates: {_candidate_layers(model)[:40]}"
-        ) from None
-    return module
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    found: list[torch.Tensor] = []
-    map_tensors(obj, lambda t: found.append(t) or t)
-    return found[0] if found else None
 
 
 class OCDModel(nn.Module):
@@ -216,22 +143,14 @@ class OCDModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[OCDModel]:
         """Inside this context the model behaves exactly like the base model."""
-        previous = self._state.disabled
-        self._state.disabled = True
-        try:
+        with self._state.setting("disabled", True):
             yield self
-        finally:
-            self._state.disabled = previous
 
     @contextmanager
     def use_deltas(self, spec: DeltaSpec) -> Iterator[OCDModel]:
         """Run the base model with explicit per-sample deltas (no capture, no generation)."""
-        previous = self._state.delta
-        self._state.delta = spec
-        try:
+        with self._state.setting("delta", spec):
             yield self
-        finally:
-            self._state.delta = previous
 
     @contextmanager
     def sampling(self, **overrides: Any) -> Iterator[OCDModel]:
@@ -260,12 +179,8 @@ class OCDModel(nn.Module):
                 "(the fields of ocdwrap.SamplingConfig)."
             )
         self.sampling_config.replace(**overrides).check_schedule(self.config)  # validate
-        previous = self._state.overrides
-        self._state.overrides = {**previous, **overrides}
-        try:
+        with self._state.setting("overrides", {**self._state.overrides, **overrides}):
             yield self
-        finally:
-            self._state.overrides = previous
 
     def _setting(self, name: str) -> Any:
         return self._state.overrides.get(name, getattr(self.sampling_config, name))
@@ -282,19 +197,14 @@ class OCDModel(nn.Module):
     def _conditioning(
         self, args: tuple, kwargs: dict, run: Callable[[], Any]
     ) -> tuple[Conditioning, Any]:
-        tensor = _first_tensor((args, kwargs))
+        tensor = first_tensor((args, kwargs))
         if tensor is None:
             raise TypeError(
                 "OCDModel got no tensor inputs; call it the way the base model is called."
             )
         B = tensor.shape[0]
-        previous = self._state.delta
-        self._state.delta = None
-        try:
-            with self._capture.session() as records:
-                out = run()
-        finally:
-            self._state.delta = previous
+        with self._state.setting("delta", None), self._capture.session() as records:
+            out = run()
         cond = build_conditioning(
             records,
             read_output(out),
@@ -399,7 +309,7 @@ class OCDModel(nn.Module):
             )
             with self.use_deltas(spec.index(part)):
                 outs.append(self._call_base(a, kw))
-        return _concat_outputs(outs, rows)
+        return concat_outputs(outs, rows)
 
     def _task(self, pred: torch.Tensor) -> str:
         task = self._setting("task")
@@ -444,31 +354,7 @@ class OCDModel(nn.Module):
             >>> ens.mean.argmax(1), ens.uncertainty
         """
         out, B = self._draws(args, kwargs, num_draws, rng)
-        pred = read_output(out)
-        draws = pred.reshape(B, num_draws, *pred.shape[1:]).transpose(0, 1)  # (K, B, ...)
-        if align is not None:
-            aligned = align(draws)
-            if not isinstance(aligned, torch.Tensor) or aligned.shape != draws.shape:
-                got = tuple(aligned.shape) if isinstance(aligned, torch.Tensor) else type(aligned)
-                raise ConfigError(
-                    f"ensemble(align=...) returned {got}, but it must return the draws "
-                    f"{tuple(draws.shape)} (K, B, ...) reordered, as one tensor of the same "
-                    "shape: permute within each draw, never across draws or samples."
-                )
-            draws = aligned
-        if self._task(pred) == "classification":
-            probs = draws.float().softmax(dim=-1)
-            mean, std = probs.mean(0), probs.std(0, unbiased=False)
-            combined = mean.clamp_min(1e-30).log().to(pred.dtype)
-        else:
-            mean, std = draws.float().mean(0), draws.float().std(0, unbiased=False)
-            combined = mean.to(pred.dtype)
-        uncertainty = std.reshape(B, -1).mean(1)
-        # the rest of the output (hidden states etc.) is that of the first draw
-        first = map_tensors(
-            out, lambda t: t[::num_draws] if t.dim() and t.shape[0] == B * num_draws else t
-        )
-        return EnsembleOutput(replace_output(first, combined), mean, std, draws, uncertainty)
+        return combine_draws(out, B, num_draws, self._task(read_output(out)), align)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> OCDModel:
         # .to(dtype) / .half() / .bfloat16() cast the base model only: the hypernetwork follows
@@ -540,42 +426,9 @@ class OCDModel(nn.Module):
         and a damaged file is refused when loaded. Refuses to replace an existing adapter unless
         ``overwrite=True``.
         """
-        hypernet = self._require_hypernet()
-        directory = os.fspath(directory)
-        if not overwrite and any(
-            os.path.exists(os.path.join(directory, f))
-            for f in (WEIGHTS_NAME, CONFIG_NAME, ADAPTER_FILES_NAME)
-        ):
-            raise AdapterExistsError(
-                f"{directory} already holds an OCD adapter; pass overwrite=True to replace it, or choose "
-                "another directory."
-            )
-        meta = {
-            "format": "ocdwrap-adapter",
-            "layer": self.layer_name,
-            "fingerprint": self.layer_fingerprint(),
-            "hypernet": json.dumps(hypernet.spec()),
-        }
-        state = {k: v.detach().contiguous().cpu() for k, v in hypernet.state_dict().items()}
-        from . import __version__
+        from .saving import save_adapter
 
-        config = self.config.replace(library_version=__version__)
-        files = {
-            WEIGHTS_NAME: safetensors_save(state, metadata=meta),
-            CONFIG_NAME: config.to_json_string().encode("utf-8"),
-            SAMPLING_NAME: self.sampling_config.to_json_string().encode("utf-8"),
-        }
-        readme = os.path.join(directory, CARD_NAME)
-        if not os.path.exists(readme) or card_is_ours(readme):
-            files[CARD_NAME] = model_card(self, __version__).encode("utf-8")
-        else:
-            logger.warning(
-                "ocdwrap: %s is not an ocdwrap model card; it was left as it is and no card was "
-                "written.",
-                readme,
-            )
-        write_file_set(directory, files, fmt="ocdwrap-adapter")
-        return directory
+        return save_adapter(self, directory, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(
@@ -610,124 +463,10 @@ class OCDModel(nn.Module):
         Raises :class:`BaseModelMismatchError` when ``base``'s target layer is not the one the
         adapter was fitted on.
         """
-        directory = _adapter_directory(
-            os.fspath(directory),
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-        )
-        _require_adapter_files(directory)
-        path = os.path.join(directory, WEIGHTS_NAME)
-        files, _ = read_file_set(
-            directory,
-            [CONFIG_NAME, WEIGHTS_NAME],
-            what=f"The adapter in {directory} cannot be used; save it again with "
-            "OCDModel.save_pretrained (or restore it from a backup).",
-            optional=(SAMPLING_NAME,),
-        )
-        config_path = os.path.join(directory, CONFIG_NAME)
-        stored = json_from_bytes(files[CONFIG_NAME], config_path)
-        config = OCDConfig.from_dict(stored)
-        if SAMPLING_NAME in files:
-            where = os.path.join(directory, SAMPLING_NAME)
-            sampling = SamplingConfig.from_dict(json_from_bytes(files[SAMPLING_NAME], where))
-        else:  # saved by 0.1.0: the sampling defaults were fields of ocd_config.json
-            sampling = SamplingConfig.from_dict(split_legacy(stored)["SamplingConfig"])
-        state = tensors_from_bytes(files[WEIGHTS_NAME], path)
-        meta = safetensors_metadata(files[WEIGHTS_NAME], path)
-        if meta.get("format") != "ocdwrap-adapter" or not {"hypernet", "layer"} <= set(meta):
-            raise CorruptFileError(
-                f"{path} is not an ocdwrap adapter (its metadata lacks the ocdwrap format stamp); "
-                "save the adapter again with OCDModel.save_pretrained."
-            )
-        try:
-            model = cls(base, meta["layer"], config, sampling)
-        except (LayerNotFoundError, UnsupportedLayerError) as e:
-            raise BaseModelMismatchError(
-                f"The adapter in {directory} was fitted on layer {meta['layer']!r}, which this base model "
-                f"cannot provide: {e} Load it onto the base model it was fitted on."
-            ) from e
-        found = model.layer_fingerprint()
-        if found != meta["fingerprint"]:
-            model.unload()
-            raise BaseModelMismatchError(
-                f"The adapter in {directory} was fitted on a different base model: layer {meta['layer']!r} "
-                f"has fingerprint {found}, the adapter expects {meta['fingerprint']}. Load it onto the "
-                "base model it was fitted on."
-            )
-        try:
-            hypernet = OCDHyperNetwork.from_spec(config, json.loads(meta["hypernet"]))
-            hypernet.load_state_dict(state)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            model.unload()
-            raise CorruptFileError(
-                f"The adapter in {directory} is damaged: its weights do not match its own description "
-                f"({e}). Save it again with OCDModel.save_pretrained."
-            ) from e
-        model.hypernet = hypernet.to(device or model.device).eval()
-        model.is_trainable = bool(is_trainable)
-        return model
+        from .saving import load_adapter
 
-
-def _concat_outputs(outs: list, rows: int) -> Any:
-    """The outputs of consecutive passes as one: tensors with ``rows`` rows in all are
-    concatenated along dim 0, dicts, tuples and lists element by element, anything else is
-    taken from the first pass."""
-    first = outs[0]
-    if isinstance(first, torch.Tensor):
-        if first.dim() and sum(o.shape[0] for o in outs) == rows:
-            return torch.cat(outs, 0)
-        return first
-    if isinstance(first, dict):
-        joined = {k: _concat_outputs([o[k] for o in outs], rows) for k in first}
-        try:
-            return type(first)(joined)
-        except Exception:
-            return joined
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat_outputs(list(parts), rows) for parts in zip(*outs))
-    return first
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def _adapter_directory(name: str, **hub: Any) -> str:
-    """``name`` itself when it is a local directory, else the snapshot of the Hub repo it names."""
-    if os.path.exists(name) or not _HUB_ID.fullmatch(name):  # ./x, ~/x, /x, a/b/c: local
-        return name  # a local path (a missing one is reported by _require_adapter_files)
-    from huggingface_hub import snapshot_download
-
-    files = [CONFIG_NAME, WEIGHTS_NAME, SAMPLING_NAME, ADAPTER_FILES_NAME, "README.md"]
-    try:
-        return snapshot_download(name, allow_patterns=files, **hub)
-    except Exception as e:  # offline, not found, no access: one error that names both readings
-        raise AdapterNotFoundError(
-            f"No OCD adapter to load: there is no directory {name!r} here, and the Hugging Face "
-            f"Hub repository {name!r} could not be fetched ({type(e).__name__}: {e}). Pass the "
-            "directory save_pretrained wrote, or a Hub repo id that holds one (online, or in "
-            "the local cache with local_files_only=True)."
-        ) from e
-
-
-def _require_adapter_files(directory: str) -> None:
-    """An :class:`AdapterNotFoundError` naming what is missing, before anything is read."""
-    if os.path.exists(os.path.join(directory, ADAPTER_FILES_NAME)):
-        return  # the commit point names the files; reading checks each of them
-    missing = [
-        f for f in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.exists(os.path.join(directory, f))
-    ]
-    if not missing:
-        return
-    if not os.path.isdir(directory):
-        where = f"{directory} does not exist"
-    else:
-        where = f"{directory} lacks {' and '.join(missing)}"
-    raise AdapterNotFoundError(
-        f"No OCD adapter to load: {where}. Pass the directory that OCDModel.save_pretrained wrote "
-        f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME}), or save the adapter again."
-    )
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        return load_adapter(cls, base, directory, device, is_trainable, token=token, **hub)
 
 
 @contextmanager
@@ -738,53 +477,3 @@ def _no_autocast(device: torch.device) -> Iterator[None]:
         return
     with torch.autocast(device.type, enabled=False):
         yield
-
-
-def wrap(
-    base: nn.Module,
-    layer: str = "auto",
-    config: OCDConfig | None = None,
-    calibration: Any = None,
-    loss_fn: Callable[..., torch.Tensor] | None = None,
-    *,
-    sampling: SamplingConfig | None = None,
-    **select_kwargs: Any,
-) -> OCDModel:
-    """Wrap ``base`` for OCD on one layer; the base's parameters are frozen.
-
-    Args:
-        base: the trained base model.
-        layer: a module name (``"fc2"``, ``"classifier.out_proj"``) or ``"auto"`` to pick it
-            with the paper's loss-entropy criterion on ``calibration`` data.
-        config: an :class:`OCDConfig` (what defines the adapter); defaults to ``OCDConfig()``.
-        calibration: batches for ``layer="auto"`` (see :mod:`ocdwrap.batches`).
-        loss_fn: per-sample loss ``loss_fn(output, target)``, needed for ``layer="auto"``.
-        sampling: the sampling defaults, a :class:`SamplingConfig` (saved with the adapter).
-        select_kwargs: the layer selection's settings, passed to :func:`ocdwrap.select_layer`
-            (``perturbation``, ``draws``, ``noise_scale``, ``candidates``, ``max_samples``, ...).
-
-    Example:
-        >>> model = ocdwrap.wrap(lenet, layer="fc2")
-        >>> model = ocdwrap.wrap(lenet, layer="auto", calibration=val_loader,
-        ...                      loss_fn=nn.CrossEntropyLoss(reduction="none"), draws=16)
-    """
-    config = config or OCDConfig()
-    if layer == "auto":
-        if calibration is None or loss_fn is None:
-            raise CalibrationRequiredError(
-                'layer="auto" needs calibration data and a loss to score the candidate layers: '
-                'wrap(base, layer="auto", calibration=loader, loss_fn=loss), or name the layer, '
-                f"e.g. layer={(_candidate_layers(base) or ['fc'])[-1]!r}."
-            )
-        from .select import select_layer
-
-        scores = select_layer(base, calibration, loss_fn, **select_kwargs)
-        layer = scores.best
-        config = config.replace(layer_ranking=scores.to_list())
-        logger.info("ocdwrap: layer='auto' chose %r (highest loss entropy)\n%s", layer, scores)
-    elif select_kwargs:
-        raise TypeError(
-            f"wrap() got {sorted(select_kwargs)}: layer-selection settings apply to "
-            f'layer="auto" only (layer={layer!r} names the layer).'
-        )
-    return OCDModel(base, layer, config, sampling)

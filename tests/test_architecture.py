@@ -109,6 +109,7 @@ HEAVY = {
     "ocdwrap.collect",
     "ocdwrap.fit",
     "ocdwrap.store",
+    "ocdwrap.store_writer",
     "ocdwrap.overfit",
     "ocdwrap.select",
     "ocdwrap.headroom",
@@ -135,7 +136,7 @@ def test_import_and_inference_load_neither_collection_nor_fitting(tmp_path) -> N
         tmp_path / "d",
         progress=False,
     )
-    ocdwrap.fit(model, store, steps=2, batch_size=8, progress=False)
+    ocdwrap.fit(model, store, ocdwrap.FitArgs(steps=2, batch_size=8), progress=False)
     model.save_pretrained(tmp_path / "a")
     code = (
         "import torch, ocdwrap\n"

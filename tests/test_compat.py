@@ -189,7 +189,7 @@ def test_fit_checkpoint_written_by_v0_1_0_resumes(tmp_path) -> None:
 
 
 def test_info_says_0_1_0_files_are_unverified(tmp_path, capsys) -> None:
-    from ocdwrap.cli import describe
+    from ocdwrap.describe import describe
 
     (collection,) = describe(os.path.join(COLLECTIONS, "v0.1.0-rank1"))
     assert collection["checksums"].startswith("none")

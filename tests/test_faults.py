@@ -377,7 +377,7 @@ def _crash_at(monkeypatch, module, k: int, after: bool) -> None:
 
 @pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
 def test_collect_resumes_after_a_crash_at_any_write(tmp_path, monkeypatch, after: bool) -> None:
-    collect_module = importlib.import_module("ocdwrap.store")  # it makes every collection write
+    collect_module = importlib.import_module("ocdwrap.store_writer")  # it makes every write
     with _one_thread():
         full = ocdwrap.collect(
             _wrap(), _loader(), CE, tmp_path / "f", progress=False, shard_size=16
@@ -839,7 +839,7 @@ def test_a_flipped_byte_in_a_shard_stops_fit_and_collect_rebuilds_it(
 def merged_dir(tmp_path_factory) -> str:
     """A collection of two parts, as two processes write it (``ocdwrap.collect_distributed``)."""
     from ocdwrap.io import part_name
-    from ocdwrap.store import merge_parts
+    from ocdwrap.store_writer import merge_parts
 
     d = tmp_path_factory.mktemp("faults-merged")
     x, y = _xy(48)

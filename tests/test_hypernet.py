@@ -292,7 +292,9 @@ def test_micro_batched_fit_step_equals_the_full_batch_step(store_dir: str) -> No
     (Weights after Adam steps are no fair comparison: Adam scales the float noise of gradients
     that are zero in exact arithmetic, e.g. a conv bias before a GroupNorm, up to lr-sized steps.)
     """
-    from ocdwrap.fit import _accumulate, _Minibatches, load_training_data, new_hypernetwork
+    from ocdwrap.fit import _accumulate, _Minibatches
+    from ocdwrap.hypernet import new_hypernetwork
+    from ocdwrap.store import load_training_data
 
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2", config=ocdwrap.OCDConfig(**SMALL))
     store = ocdwrap.DeltaStore(store_dir)

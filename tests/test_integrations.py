@@ -15,7 +15,8 @@ from conftest import make_bert, make_st, st_inputs
 from torch import nn
 
 import ocdwrap
-from ocdwrap.cli import describe, main
+from ocdwrap.cli import main
+from ocdwrap.describe import describe
 
 CE = nn.CrossEntropyLoss(reduction="none")
 

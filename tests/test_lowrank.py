@@ -21,7 +21,7 @@ from ocdwrap.errors import BaseModelMismatchError, CollectionExistsError, Config
 from ocdwrap.hypernet import OCDHyperNetwork
 from ocdwrap.io import part_name
 from ocdwrap.layer import DynamicLayer, FullDelta, LayerState
-from ocdwrap.store import merge_parts
+from ocdwrap.store_writer import merge_parts
 
 CE = nn.CrossEntropyLoss(reduction="none")
 SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2)

@@ -272,7 +272,8 @@ def test_trainable_parameters_are_the_hypernetwork_s(tmp_path, capsys) -> None:
 
 
 def test_save_pretrained_writes_a_model_card_that_info_reads_back(tmp_path, capsys) -> None:
-    from ocdwrap.cli import describe, main
+    from ocdwrap.cli import main
+    from ocdwrap.describe import describe
 
     base = make_mlp()
     base.name_or_path = "someone/tiny-mlp"  # as Hugging Face models record where they came from

@@ -33,10 +33,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..config import FitArgs, OCDConfig, SamplingConfig
 from ..distributed import collect_distributed
 from ..evaluation import evaluate_ocd
-from ..fit import FitReport, fit, remove_checkpoint
-from ..model import OCDModel, wrap
+from ..fit import FitReport, fit
+from ..fit_checkpoint import remove_checkpoint
+from ..model import OCDModel
 from ..processes import Processes
 from ..store import remove
+from ..wrapping import wrap
 
 logger = logging.getLogger("ocdwrap")
 
