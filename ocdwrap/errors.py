@@ -103,3 +103,11 @@ class CollectionNotFoundError(OCDError, FileNotFoundError):
 
 class CollectionBusyError(OCDError, RuntimeError):
     """Another process is collecting into the same directory right now."""
+
+
+class ComparisonExistsError(OCDError, FileExistsError):
+    """The output directory holds a comparison made with other data, model or settings."""
+
+
+class RowFailedError(OCDError, RuntimeError):
+    """A row of ``ocdwrap.compare`` could not be computed (the rows done before it are kept)."""

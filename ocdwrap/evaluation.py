@@ -155,13 +155,19 @@ def _check_labels(pred: torch.Tensor, target: Any, task: str, loss_fn: LossFn, r
         )
 
 
-def _base_pass(model: OCDModel, inputs: Any, target: Any, loss_fn: LossFn, task: str, role: str):
+def batch_conditioning(model: OCDModel, inputs: Any) -> tuple[Conditioning, torch.Tensor]:
+    """One base pass over a batch's ``inputs`` (called as the batch convention says): its
+    conditioning I(x) and the base's prediction (float)."""
     with torch.no_grad():
         kwargs = inputs if isinstance(inputs, Mapping) else {}
         cond, out = model._conditioning(
             (inputs,), kwargs, lambda: call_model(model.base_model, inputs)
         )
-        pred = read_output(out).detach().float()
+        return cond, read_output(out).detach().float()
+
+
+def _base_pass(model: OCDModel, inputs: Any, target: Any, loss_fn: LossFn, task: str, role: str):
+    cond, pred = batch_conditioning(model, inputs)
     if task == "auto":
         is_cls = pred.dim() == 2 and pred.shape[1] > 1 and pred.is_floating_point()
         is_cls = is_cls and isinstance(target, torch.Tensor) and not target.is_floating_point()

@@ -1,0 +1,264 @@
+"""ocdwrap.compare: every row with its share, the rows' definitions, resumption, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_mlp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ocdwrap
+from ocdwrap.batches import sample_losses
+from ocdwrap.compare import ROWS, Comparison, Metric, compare
+from ocdwrap.errors import (
+    BatchFormatError,
+    CollectionExistsError,
+    ComparisonExistsError,
+    ConfigError,
+    OCDError,
+    RowFailedError,
+)
+from ocdwrap.generators import Generator, conditioning_statistics, stored_deltas
+
+CE = nn.CrossEntropyLoss(reduction="none")
+# a small generator network and short fits: the plumbing, not a result
+CONFIG = dict(overfit_lr=1e-2, mlp_hidden=32, cond_dim=16, mlp_layers=1)
+FIT = ocdwrap.FitArgs(steps=20, batch_size=32)
+
+
+def _data(n: int = 260, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+X, Y = _data()
+TRAIN = DataLoader(TensorDataset(X[:160], Y[:160]), batch_size=80)
+EVAL = DataLoader(TensorDataset(X[160:], Y[160:]), batch_size=50)
+
+
+def _wrapped(**over) -> ocdwrap.OCDModel:
+    return ocdwrap.wrap(make_mlp(), layer="fc2", config=ocdwrap.OCDConfig(**{**CONFIG, **over}))
+
+
+class MeanDelta:
+    """A user generator: every input gets the training set's mean delta."""
+
+    def fit(self, model, store, args) -> None:
+        self.mean = stored_deltas(store)[1].full().mean(0)
+
+    def generate(self, model, cond, inputs, rng):
+        return ocdwrap.FullDelta(self.mean.expand(cond.layer_input.shape[0], *self.mean.shape))
+
+
+def _train_fn(log: list):
+    def train(base: nn.Module, seconds: float) -> None:
+        log.append(seconds)
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(base.parameters(), lr=1e-3)
+        for x, y in TRAIN:  # a fixed amount of training: the row is reproducible
+            opt.zero_grad()
+            CE(base(x), y).mean().backward()
+            opt.step()
+
+    return train
+
+
+def _accuracy(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred.argmax(-1) == y).float()
+
+
+def _kw(**over):
+    return {"fit_args": FIT, "progress": False, "resamples": 200, "num_draws": 3, **over}
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> tuple[Comparison, str, ocdwrap.OCDModel, list]:
+    out = str(tmp_path_factory.mktemp("compare"))
+    model, seen = _wrapped(), []
+    c = compare(
+        model, TRAIN, EVAL, CE, out_dir=out, train_fn=_train_fn(seen),
+        generators={"mean": MeanDelta()}, metrics={"acc": Metric(_accuracy, True)}, **_kw(),
+    )  # fmt: skip
+    return c, out, model, seen
+
+
+def test_every_row_with_its_share(full) -> None:
+    c = full[0]
+    assert [r.name for r in c.rows] == [*ROWS, "mean"]
+    for r in c.rows:
+        assert r.skipped is None and r.share is not None, r
+        assert r.share_low <= r.share + 1e-9 and r.share <= r.share_high + 1e-9
+        assert r.metrics["acc"] == pytest.approx(r.metric)
+    base, bound = c.row("base"), c.row("overfit")
+    assert bound.loss < base.loss and bound.share == 100.0 and base.share == 0.0
+    assert bound.uses_eval_labels and not c.row("ocd").uses_eval_labels
+    assert base.predict_time == pytest.approx(1.0)
+    assert (
+        c.best is not None and c.best != "overfit" and "best row without eval labels" in c.verdict
+    )
+    text = str(c)
+    assert "verdict:" in text and "| ocd_k |" in text
+    saved = json.load(open(os.path.join(full[1], "comparison.json")))
+    assert Comparison.from_dict(saved["comparison"]).to_dict() == c.to_dict()
+
+
+def test_headroom_and_compare_agree_on_their_common_rows(full) -> None:
+    c = full[0]
+    rep = ocdwrap.headroom(_wrapped(), EVAL, CE, train_loader=TRAIN, mixture_classes=0)
+    names = {"base": "base", "overfit": "overfit_on_test", "own_label": "own_label"}
+    for ours, theirs in {**names, "probe": "probe"}.items():
+        assert c.row(ours).loss == pytest.approx(rep.row(theirs).loss, rel=1e-6), ours
+    assert c.ceiling == pytest.approx(rep.ceiling)
+
+
+def test_nearest_is_the_brute_force_nearest_neighbour(full) -> None:
+    c, out, model = full[0], full[1], full[2]
+    store = ocdwrap.DeltaStore(out)
+    data = store.load(["cond_in", "cond_act", "cond_out"])
+    standardise = conditioning_statistics(store)
+    train = standardise(ocdwrap.Conditioning.from_dict(data))
+    _, spec = stored_deltas(store)
+    losses = []
+    for x, y in EVAL:
+        cond, _ = model.conditioning(x)
+        q = standardise(cond)
+        nearest = torch.tensor([int(((train - v) ** 2).sum(1).argmin()) for v in q])
+        with torch.no_grad(), model.use_deltas(spec.index(nearest)):
+            losses.append(sample_losses(CE, model(x), y, len(y)))
+    assert c.row("nearest").loss == pytest.approx(float(torch.cat(losses).mean()), rel=1e-6)
+
+
+def test_a_user_generator_is_scored_as_a_row(full) -> None:
+    c, out, model = full[0], full[1], full[2]
+    assert isinstance(MeanDelta(), Generator)
+    mean = stored_deltas(ocdwrap.DeltaStore(out))[1].full().mean(0)
+    losses = []
+    for x, y in EVAL:
+        with torch.no_grad(), model.use_deltas(ocdwrap.FullDelta(mean.expand(len(y), *mean.shape))):
+            losses.append(CE(model(x), y))
+    assert c.row("mean").loss == pytest.approx(float(torch.cat(losses).mean()), rel=1e-6)
+    assert "MeanDelta" in c.row("mean").source
+
+
+def test_compute_matched_gets_the_measured_seconds(full) -> None:
+    c, seen = full[0], full[3]
+    info = c.info
+    assert seen == [pytest.approx(info["collect_s"] + info["fit_s"]["ocd"])]
+    assert info["collect_s"] > 0 and c.row("compute_matched").build_seconds > 0
+    record = json.load(open(os.path.join(full[1], "compare_collection.json")))
+    assert record["seconds"] == pytest.approx(info["collect_s"])
+
+
+def test_a_rerun_reuses_every_row_and_other_settings_are_refused(full) -> None:
+    c, out = full[0], full[1]
+    seen: list = []
+    again = compare(
+        _wrapped(), TRAIN, EVAL, CE, out_dir=out, train_fn=_train_fn(seen),
+        generators={"mean": MeanDelta()}, metrics={"acc": Metric(_accuracy, True)}, **_kw(),
+    )  # fmt: skip
+    assert seen == [] and again.to_dict()["rows"] == c.to_dict()["rows"]
+    with pytest.raises(ComparisonExistsError, match="num_draws"):
+        compare(_wrapped(), TRAIN, EVAL, CE, out_dir=out, **_kw(num_draws=2))
+
+
+def _same_rows(a: Comparison, b: Comparison, names, fields=("metrics",)) -> None:
+    for name in names:
+        ra, rb = a.row(name), b.row(name)
+        for field in ("loss", "metric", "share", "share_low", "share_high", *fields):
+            assert getattr(ra, field) == pytest.approx(getattr(rb, field), rel=1e-6), (name, field)
+
+
+def test_an_interrupted_compare_resumes_to_the_uninterrupted_one(full, tmp_path) -> None:
+    def broken(base, seconds):
+        raise RuntimeError("out of memory")
+
+    calls = {"n": 0}
+
+    def flaky(pred, y):
+        calls["n"] += 1
+        if calls["n"] == 6:  # base, overfit, own_label, probe, ocd kept; stops at ocd_k
+            raise ValueError("metric down")
+        return _accuracy(pred, y)
+
+    kw = _kw(metrics={"acc": Metric(flaky, True)}, generators={"mean": MeanDelta()})
+    with pytest.raises(RowFailedError, match="'ocd_k'.*a metric"):
+        compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path, train_fn=broken, **kw)
+    kept = json.load(open(tmp_path / "comparison.json"))["comparison"]["rows"]
+    assert sorted(kept) == ["base", "ocd", "overfit", "own_label", "probe"]
+    with pytest.raises(RowFailedError, match="'compute_matched'.*train_fn raised RuntimeError"):
+        compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path, train_fn=broken, **kw)
+    kept = json.load(open(tmp_path / "comparison.json"))["comparison"]["rows"]
+    assert "compute_matched" not in kept and "mean" in kept
+    seen: list = []
+    c = compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path, train_fn=_train_fn(seen), **kw)
+    assert len(seen) == 1
+    _same_rows(c, full[0], [*ROWS, "mean"])
+
+
+def test_features_move_only_the_nearest_row(full, tmp_path) -> None:
+    c = compare(
+        _wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path, rows=["nearest"], features=lambda x: x,
+        **_kw(),
+    )  # fmt: skip
+    assert [r.name for r in c.rows] == ["base", "overfit", "nearest"]
+    _same_rows(c, full[0], ["base", "overfit"], fields=())
+    idx, spec = stored_deltas(ocdwrap.DeltaStore(tmp_path))
+    train_x = X[:160][idx]
+    model = _wrapped()
+    losses = []
+    for x, y in EVAL:
+        nearest = torch.cdist(x, train_x).argmin(1)
+        with torch.no_grad(), model.use_deltas(spec.index(nearest)):
+            losses.append(CE(model(x), y))
+    assert c.row("nearest").loss == pytest.approx(float(torch.cat(losses).mean()), rel=1e-6)
+    assert "features=" in c.row("nearest").description
+
+
+def test_bad_input(tmp_path) -> None:
+    unlabelled = DataLoader(TensorDataset(X[160:]), batch_size=50)
+    with pytest.raises(BatchFormatError, match="compare needs a labelled eval_data"):
+        compare(_wrapped(), TRAIN, unlabelled, CE, out_dir=tmp_path / "a", **_kw())
+    with pytest.raises(ConfigError, match="Unknown rows \\['ocd_5'\\]"):
+        compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "b", rows=["ocd_5"], **_kw())
+    with pytest.raises(ConfigError, match="generate"):
+        compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "b", generators={"x": 1}, **_kw())
+    # a collection of another config in out_dir: refused, as collect refuses it
+    ocdwrap.collect(_wrapped(overfit_lr=5e-3), TRAIN, CE, tmp_path / "c", progress=False)
+    with pytest.raises(CollectionExistsError):
+        compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "c", rows=["nearest"], **_kw())
+
+
+def test_regression_marks_own_label_skipped_and_no_train_fn_skips_compute_matched(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    x = torch.randn(120, 5)
+    y = x[:, :1] * 2 + 0.1 * torch.randn(120, 1)
+    mse = nn.MSELoss(reduction="none")
+    model = ocdwrap.wrap(net, layer="2", config=ocdwrap.OCDConfig(**CONFIG))
+    ev = DataLoader(TensorDataset(x[80:], y[80:]), batch_size=40)
+    tr = DataLoader(TensorDataset(x[:80], y[:80]), batch_size=40)
+    c = compare(
+        model, tr, ev, mse, out_dir=tmp_path, rows=["own_label", "compute_matched"], **_kw()
+    )
+    assert c.task == "regression" and c.metric == "rmse"
+    assert "zero gradient" in c.row("own_label").skipped
+    assert "no train_fn" in c.row("compute_matched").skipped
+    assert c.row("base").metric == pytest.approx(float(((net(x[80:]) - y[80:]) ** 2).mean().sqrt()))
+    assert "skipped: " in str(c)
+
+
+def test_plot(full, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    path = full[0].plot(tmp_path / "compare.png")
+    assert os.path.getsize(path) > 1000
+
+
+def test_errors_are_ocd_errors() -> None:
+    assert issubclass(RowFailedError, OCDError) and issubclass(
+        ComparisonExistsError, FileExistsError
+    )
