@@ -30,6 +30,8 @@ __version__ = "0.2.0"
 _LAZY = {
     "Conditioning": "capture",
     "collect": "collect",
+    "Comparison": "compare",
+    "compare": "compare",
     "FitArgs": "config",
     "OCDConfig": "config",
     "SamplingConfig": "config",
@@ -40,6 +42,9 @@ _LAZY = {
     "evaluate_ocd": "evaluation",
     "FitReport": "fit",
     "fit": "fit",
+    "DiffusionGenerator": "generators",
+    "Generator": "generators",
+    "RegressionGenerator": "generators",
     "HeadroomReport": "headroom",
     "headroom": "headroom",
     "EnsembleOutput": "ensemble",
@@ -58,12 +63,14 @@ _SHADOWED = {name for name, module in _LAZY.items() if name == module}
 if TYPE_CHECKING:  # what static tools see: the same names, eagerly
     from .capture import Conditioning
     from .collect import collect
+    from .compare import Comparison, compare
     from .config import FitArgs, OCDConfig, SamplingConfig
     from .deltas import FullDelta, LowRankDelta, Rank1Delta
     from .ensemble import EnsembleOutput
     from .errors import OCDError
     from .evaluation import evaluate_ocd
     from .fit import FitReport, fit
+    from .generators import DiffusionGenerator, Generator, RegressionGenerator
     from .headroom import HeadroomReport, headroom
     from .model import OCDModel
     from .overfit import overfit_batch, overfit_one
@@ -97,12 +104,15 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "Comparison",
     "Conditioning",
     "DeltaStore",
+    "DiffusionGenerator",
     "EnsembleOutput",
     "FitArgs",
     "FitReport",
     "FullDelta",
+    "Generator",
     "HeadroomReport",
     "LayerScores",
     "LowRankDelta",
@@ -110,9 +120,11 @@ __all__ = [
     "OCDError",
     "OCDModel",
     "Rank1Delta",
+    "RegressionGenerator",
     "SamplingConfig",
     "__version__",
     "collect",
+    "compare",
     "evaluate_ocd",
     "fit",
     "headroom",

@@ -22,7 +22,8 @@ from ..batches import call_model, read_output, sample_losses
 from ..deltas import FullDelta, LowRankDelta, Rank1Delta
 from ..errors import ConfigError
 from ..evaluation import LabelledSplit, batch_conditioning
-from ..model import OCDModel, _get_parent
+from ..layer import _get_parent
+from ..model import OCDModel
 from .report import Metric
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
