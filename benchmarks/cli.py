@@ -5,8 +5,10 @@ Every script (``python -m benchmarks.mnist``, ``.tabular``, ``.text_fewshot``,
 ``--device``, ``--smoke``, ``--threads``, ``--fit-steps``, ``--draws``, ``--sampling-steps``,
 ``--workdir``, ``--progress``, ``--plots``, ``--delta``, ``--overfit-lr``,
 ``--delta-normalization``, ``--headroom-only``, ``--headroom-samples``), builds each
-seed's :class:`ocdwrap.OCDConfig` with :func:`ocd_config`, and runs its seeds with
-:func:`run_seeds`, which rewrites ``--json`` after every seed and prints the table at the end.
+seed's :class:`ocdwrap.OCDConfig` with :func:`ocd_config`, its :class:`ocdwrap.FitArgs` with
+:func:`fit_args` and its :class:`ocdwrap.SamplingConfig` with :func:`sampling_config`, and runs
+its seeds with :func:`run_seeds`, which rewrites ``--json`` after every seed and prints the
+table at the end.
 """
 
 from __future__ import annotations
@@ -106,15 +108,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def ocd_config(args: argparse.Namespace, seed: int, **kw: Any) -> ocdwrap.OCDConfig:
+def ocd_config(args: argparse.Namespace, **kw: Any) -> ocdwrap.OCDConfig:
     """The OCDConfig of one run: the paper's (``--paper``), a small UNet for ``--delta full``
     on a CPU (two cores cannot train the paper's), or rank-one deltas; ``kw`` overrides."""
     base = dict(
         delta=args.delta,
-        sampling_steps=args.sampling_steps,
-        fit_steps=args.fit_steps,
-        seed=seed,
-        checkpoint_every=0,
         overfit_lr=args.overfit_lr,
         delta_normalization=args.delta_normalization,
     )
@@ -122,8 +120,33 @@ def ocd_config(args: argparse.Namespace, seed: int, **kw: Any) -> ocdwrap.OCDCon
     if args.paper:
         return ocdwrap.OCDConfig.paper(**base)
     if args.delta == "full":
-        return ocdwrap.OCDConfig(**base, unet_channels=(16, 32, 32), fit_batch_size=32)
-    return ocdwrap.OCDConfig(**base, fit_batch_size=256)
+        return ocdwrap.OCDConfig(**base, unet_channels=(16, 32, 32))
+    return ocdwrap.OCDConfig(**base)
+
+
+def fit_args(args: argparse.Namespace, seed: int, **kw: Any) -> ocdwrap.FitArgs:
+    """The FitArgs of one run: ``--fit-steps`` steps seeded with ``seed``, no checkpoints, in
+    minibatches of 128 (``--paper``), 32 (the small UNet of ``--delta full`` on a CPU) or 256
+    (rank-one deltas); ``kw`` overrides."""
+    base: dict[str, Any] = dict(steps=args.fit_steps, seed=seed, checkpoint_every=0)
+    if not args.paper:
+        base["batch_size"] = 32 if args.delta == "full" else 256
+    base.update(kw)
+    return ocdwrap.FitArgs.paper(**base) if args.paper else ocdwrap.FitArgs(**base)
+
+
+def sampling_config(args: argparse.Namespace, seed: int, **kw: Any) -> ocdwrap.SamplingConfig:
+    """The SamplingConfig of one run: ``--sampling-steps`` DDIM steps, noise seeded with
+    ``seed``; ``kw`` overrides (e.g. ``task="regression"``)."""
+    return ocdwrap.SamplingConfig(**{"sampling_steps": args.sampling_steps, "seed": seed, **kw})
+
+
+def recorded(
+    cfg: ocdwrap.OCDConfig, fit: ocdwrap.FitArgs, sampling: ocdwrap.SamplingConfig
+) -> dict[str, Any]:
+    """A run's settings as its JSON records them: the OCDConfig's fields under ``config``, the
+    FitArgs under ``fit_args``, the SamplingConfig under ``sampling``."""
+    return {"config": cfg.to_dict(), "fit_args": fit.to_dict(), "sampling": sampling.to_dict()}
 
 
 def setup(args: argparse.Namespace) -> str:

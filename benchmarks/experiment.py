@@ -21,6 +21,7 @@ from torch import nn
 import ocdwrap
 from ocdwrap.analysis.uncertainty import misclassification_report
 
+from .cli import recorded
 from .controls import (
     Agreement,
     NearestNeighbour,
@@ -56,6 +57,8 @@ def run_ocd(
     task: Task,
     out_dir: str,
     *,
+    fit_args: ocdwrap.FitArgs | None = None,
+    sampling: ocdwrap.SamplingConfig | None = None,
     rows: Sequence[str] = OCD_ROWS,
     draws: int = 5,
     seed: int = 0,
@@ -68,7 +71,9 @@ def run_ocd(
     uncertainty: bool = False,
     seen_loader: Iterable | None = None,
 ) -> OCDRun:
-    """Wrap ``base`` at ``layer``, collect, fit, and score the OCD rows asked for.
+    """Wrap ``base`` at ``layer`` with ``cfg`` and the sampling defaults ``sampling`` (default
+    ``SamplingConfig()``), collect, fit with ``fit_args`` (default ``FitArgs(seed=seed)``), and
+    score the OCD rows asked for.
 
     Rows (each 1 draw unless said): ``ocd``; ``ocd_k`` (K=``draws`` ensemble); ``global`` (the
     same fitted generator with the training set's mean rho instead of rho(I(x))); ``regression``
@@ -97,9 +102,11 @@ def run_ocd(
             "the nearest-neighbour row needs nn_train and nn_test features: pass them to "
             "run_ocd, or leave 'nn' out of rows"
         )
-    info = {"layer": layer, "config": cfg.to_dict(), "agreement": {}}
-    run = _Rows(task, test_loader, rows, seed, f"[{tag or layer}] ", info)
-    model = ocdwrap.wrap(base, layer=layer, config=cfg)
+    fit_args = fit_args or ocdwrap.FitArgs(seed=seed)
+    sampling = sampling or ocdwrap.SamplingConfig()
+    info = {"layer": layer, **recorded(cfg, fit_args, sampling), "agreement": {}}
+    run = _Rows(task, test_loader, rows, seed, f"[{tag or layer}] ", info, fit_args)
+    model = ocdwrap.wrap(base, layer=layer, config=cfg, sampling=sampling)
     try:
         store = run.collect_and_fit(model, train_loader, out_dir, device, progress)
         if agreement_samples:
@@ -114,7 +121,7 @@ def run_ocd(
     finally:
         model.unload()
     if "regression" in rows:
-        run.regression_row(base, layer, cfg, store, device, progress)
+        run.regression_row(base, layer, cfg, sampling, store, device, progress)
     for k, v in run.info["agreement"].items():
         log(f"{run.tag}agreement {k}: {v}")
     return OCDRun(run.out, run.info, run.uncertainty)
@@ -130,6 +137,7 @@ class _Rows:
     seed: int
     tag: str
     info: dict[str, Any]
+    fit_args: ocdwrap.FitArgs
     out: dict[str, dict[str, float]] = field(default_factory=dict)
     agree: Agreement | None = None
     uncertainty: Any = None
@@ -153,9 +161,9 @@ class _Rows:
         )
         info["collect_summary"] = store.manifest["summary"]
         log(f"{tag}  {len(store)} deltas in {info['collect_s']:.1f} s; {store.manifest['summary']}")
-        log(f"{tag}fit: {cfg.fit_steps} steps ({cfg.generator}, delta={cfg.delta})")
+        log(f"{tag}fit: {self.fit_args.steps} steps ({cfg.generator}, delta={cfg.delta})")
         report, info["fit_s"] = timed(
-            lambda: ocdwrap.fit(model, store, seed=self.seed, progress=progress, device=device)
+            lambda: ocdwrap.fit(model, store, self.fit_args, progress=progress, device=device)
         )
         info["fit_final_loss"] = report.final_loss
         last = report.scale_losses[-100:]
@@ -223,16 +231,18 @@ class _Rows:
         base: nn.Module,
         layer: str,
         cfg: ocdwrap.OCDConfig,
+        sampling: ocdwrap.SamplingConfig,
         store: ocdwrap.DeltaStore,
         device: str,
         progress: bool,
     ) -> None:
         """The regression generator (no diffusion), fitted on the same collection."""
-        reg = ocdwrap.wrap(base, layer=layer, config=cfg.replace(generator="regression"))
+        reg_cfg = cfg.replace(generator="regression")
+        reg = ocdwrap.wrap(base, layer=layer, config=reg_cfg, sampling=sampling)
         try:
-            log(f"{self.tag}fit: regression generator, {cfg.fit_steps} steps")
+            log(f"{self.tag}fit: regression generator, {self.fit_args.steps} steps")
             _, self.info["fit_regression_s"] = timed(
-                lambda: ocdwrap.fit(reg, store, seed=self.seed, progress=progress, device=device)
+                lambda: ocdwrap.fit(reg, store, self.fit_args, progress=progress, device=device)
             )
             self.out["regression"] = self.ocd_eval(reg, 1)
             log(f"{self.tag}regression generator: {self.out['regression']}")
@@ -363,9 +373,12 @@ def alternative_layer_row(
     linear_only: bool,
     device: str,
     progress: bool = False,
+    fit_args: ocdwrap.FitArgs | None = None,
+    sampling: ocdwrap.SamplingConfig | None = None,
 ) -> None:
     """The paper's "alternative layer" row: OCD (1 draw) on the layer :func:`alternative_layer`
-    ranks highest after ``main_layer``; the ranking goes to ``res.info[seed]["selection"]``, the
+    ranks highest after ``main_layer`` (fitted with ``fit_args``, sampled with ``sampling``, as
+    :func:`run_ocd`); the ranking goes to ``res.info[seed]["selection"]``, the
     OCD run's info to ``res.info[seed]["alt_ocd"]``."""
     info = res.info.setdefault(seed, {})
     alt, info["selection"] = alternative_layer(
@@ -373,8 +386,8 @@ def alternative_layer_row(
     )
     log(f"alternative layer: {alt}; ranking {info['selection']['ranking']}")
     run = run_ocd(
-        base, alt, cfg, train_loader, test_loader, task, out_dir, rows=("ocd",), seed=seed,
-        device=device, progress=progress,
+        base, alt, cfg, train_loader, test_loader, task, out_dir, fit_args=fit_args,
+        sampling=sampling, rows=("ocd",), seed=seed, device=device, progress=progress,
     )  # fmt: skip
     res.add(seed, "alt", run.rows["ocd"])
     info["alt_ocd"] = run.info

@@ -145,7 +145,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=True,
     )  # fmt: skip
 
-    cfg = cli.ocd_config(args, seed)
+    cfg = cli.ocd_config(args)
+    fit, sampling = cli.fit_args(args, seed), cli.sampling_config(args, seed)
     val = tensor_loader(xva, yva, 250)
     headroom_info(
         res, seed, base, LAYER, cfg, val, task, max_samples=args.headroom_samples,
@@ -155,8 +156,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         return
     run = run_ocd(
         base, LAYER, cfg, tensor_loader(xtr, ytr, 128), test, task, os.path.join(workdir, f"s{seed}-fc"),
-        draws=args.draws, seed=seed, device=dev, nn_train=xtr, nn_test=xte, progress=args.progress,
-        tag="fc",
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev, nn_train=xtr,
+        nn_test=xte, progress=args.progress, tag="fc",
     )  # fmt: skip
     add_run(res, seed, run)
 
@@ -171,8 +172,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         calib = tensor_loader(xva[:64], yva[:64], 64)
         alternative_layer_row(
             res, seed, base, LAYER, cfg, calib, tensor_loader(xtr, ytr, 64), test, task,
-            os.path.join(workdir, f"s{seed}-alt"), linear_only=False, device=dev,
-            progress=args.progress,
+            os.path.join(workdir, f"s{seed}-alt"), fit_args=fit, sampling=sampling,
+            linear_only=False, device=dev, progress=args.progress,
         )  # fmt: skip
 
 

@@ -318,7 +318,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, task: RankingScore,
         max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=False,
     )  # fmt: skip
 
-    cfg = cli.ocd_config(args, seed, task="regression")
+    cfg = cli.ocd_config(args)
+    fit, sampling = cli.fit_args(args, seed), cli.sampling_config(args, seed, task="regression")
     collect_loader = tensor_loader(xtr, ytr, 1024)
     headroom_info(
         res, seed, base, LAYER, cfg, tensor_loader(xva, yva, 1024), task,
@@ -328,8 +329,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, task: RankingScore,
         return
     run = run_ocd(
         base, LAYER, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
-        draws=args.draws, seed=seed, device=dev, nn_train=xtr, nn_test=te.x.to(dev),
-        progress=args.progress, tag=LAYER,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev, nn_train=xtr,
+        nn_test=te.x.to(dev), progress=args.progress, tag=LAYER,
     )  # fmt: skip
     add_run(res, seed, run)
     compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=256, device=dev)
@@ -340,8 +341,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, task: RankingScore,
     log(f"  overfit all layers: {row}")
     alternative_layer_row(
         res, seed, base, LAYER, cfg, tensor_loader(xva[:256], yva[:256], 256), collect_loader,
-        test, task, os.path.join(workdir, f"s{seed}-alt"), linear_only=True, device=dev,
-        progress=args.progress,
+        test, task, os.path.join(workdir, f"s{seed}-alt"), fit_args=fit, sampling=sampling,
+        linear_only=True, device=dev, progress=args.progress,
     )  # fmt: skip
     res.info[seed]["ndcg_queries_without_relevant_doc"] = task.skipped
 

@@ -170,7 +170,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         max_epochs=args.max_epochs, patience=3, device=dev, progress=False,
     )  # fmt: skip
 
-    cfg = cli.ocd_config(args, seed)
+    cfg = cli.ocd_config(args)
+    fit, sampling = cli.fit_args(args, seed), cli.sampling_config(args, seed)
     n = min(args.train_samples, len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 256)
     val = tensor_loader(xva, yva, 1000)
@@ -184,8 +185,9 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     seen = tensor_loader(xtr[n : n + args.seen_samples], ytr[n : n + args.seen_samples], 1000)
     run = run_ocd(
         base, LAYER, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-adam"),
-        draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
-        progress=args.progress, tag="fc2 adam", seen_loader=seen if n < len(xtr) else None,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev,
+        nn_train=xtr[:n], nn_test=xte, progress=args.progress, tag="fc2 adam",
+        seen_loader=seen if n < len(xtr) else None,
     )  # fmt: skip
     add_run(res, seed, run)
     if args.ocd_only:
@@ -206,16 +208,16 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     sgd_cfg = cfg.replace(overfit_optimizer="sgd", overfit_lr=info["sgd"]["lr"])
     run = run_ocd(
         base, LAYER, sgd_cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-sgd"),
-        rows=("ocd", "global", "overfit"), seed=seed, device=dev, progress=args.progress,
-        tag="fc2 sgd",
+        fit_args=fit, sampling=sampling, rows=("ocd", "global", "overfit"), seed=seed,
+        device=dev, progress=args.progress, tag="fc2 sgd",
     )  # fmt: skip
     add_run(res, seed, run, key="sgd_ocd", prefix="sgd_")
 
     calib = tensor_loader(xva[:256], yva[:256], 256)
     alternative_layer_row(
         res, seed, base, LAYER, cfg, calib, collect_loader, test, task,
-        os.path.join(workdir, f"s{seed}-alt"), linear_only=args.delta == "rank1", device=dev,
-        progress=args.progress,
+        os.path.join(workdir, f"s{seed}-alt"), fit_args=fit, sampling=sampling,
+        linear_only=args.delta == "rank1", device=dev, progress=args.progress,
     )  # fmt: skip
 
 

@@ -260,25 +260,27 @@ def rows_for(scene: str, rank: int, unet: tuple[int, ...] | None = UNET_CHANNELS
     ]
 
 
-def nerf_config(args: Any, seed: int, delta: str | None = None) -> ocdwrap.OCDConfig:
-    """The shared benchmark config with the authors' TinyNeRF overfit (Adam 5e-3 x 10), the
+def nerf_settings(
+    args: Any, seed: int, delta: str | None = None
+) -> tuple[ocdwrap.OCDConfig, ocdwrap.FitArgs, ocdwrap.SamplingConfig]:
+    """The shared benchmark settings with the authors' TinyNeRF overfit (Adam 5e-3 x 10), the
     render read channels-last and pooled to ``--output-grid`` cells per colour, and low-rank
-    deltas of rank ``--delta-rank`` or a CPU-sized full-matrix UNet (``delta``, default
-    ``--delta``)."""
+    deltas of rank ``--delta-rank`` or a CPU-sized full-matrix UNet fitted in minibatches of 16
+    (``delta``, default ``--delta``): the OCDConfig, FitArgs and SamplingConfig of one seed."""
     delta = delta or args.delta
     kw: dict[str, Any] = {
         "overfit_steps": OVERFIT_STEPS,
-        "task": "regression",
         "delta": delta,
         "output_layout": "channels_last",
         "output_grid": args.output_grid,
     }
     if delta == "lowrank":
         kw["delta_rank"] = args.delta_rank
-    cfg = cli.ocd_config(args, seed, **kw)
+    cfg, fit = cli.ocd_config(args, **kw), cli.fit_args(args, seed)
     if delta == "full" and not args.paper:
-        cfg = cfg.replace(unet_channels=tuple(args.unet_channels), fit_batch_size=16)
-    return cfg
+        cfg = cfg.replace(unet_channels=tuple(args.unet_channels))
+        fit = fit.replace(batch_size=16)
+    return cfg, fit, cli.sampling_config(args, seed, task="regression")
 
 
 def ocd_rows(
@@ -287,11 +289,17 @@ def ocd_rows(
     """Collect, fit and score every OCD row on one fitted generator (one overfit pass over the
     test views gives the upper bound, its rank-r truncation and the deltas' agreement); returns
     the run and the renders of test view 0 (truth, base, OCD, overfit) for the figure."""
-    task, dev, cfg = ImageTask(), args.device, nerf_config(args, seed)
+    task, dev = ImageTask(), args.device
+    cfg, fit, sampling = nerf_settings(args, seed)
     rows = ["ocd", "ocd_k", "global", "regression", "nn"]
-    info: dict[str, Any] = {"layer": LAYER, "config": cfg.to_dict(), "agreement": {}, "row_s": {}}
-    run = _Rows(task, loaders["test"], rows, seed, f"[{data.name} {LAYER}] ", info)
-    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    info: dict[str, Any] = {
+        "layer": LAYER,
+        **cli.recorded(cfg, fit, sampling),
+        "agreement": {},
+        "row_s": {},
+    }
+    run = _Rows(task, loaders["test"], rows, seed, f"[{data.name} {LAYER}] ", info, fit)
+    model = ocdwrap.wrap(base, layer=LAYER, config=cfg, sampling=sampling)
     try:
         store = run.collect_and_fit(model, loaders["train"], out_dir, dev, args.progress)
         log(f"{run.tag}overfitting {LAYER} on each of the {len(data.test_poses)} test views")
@@ -320,7 +328,7 @@ def ocd_rows(
     finally:
         model.unload()
     _, info["row_s"]["regression (fit + eval)"] = timed(
-        lambda: run.regression_row(base, LAYER, cfg, store, dev, args.progress)
+        lambda: run.regression_row(base, LAYER, cfg, sampling, store, dev, args.progress)
     )
     if args.delta == "lowrank" and (args.full_unet_seeds is None or seed in args.full_unet_seeds):
         _, info["row_s"]["full-matrix UNet (collect + fit + eval)"] = timed(
@@ -335,11 +343,11 @@ def full_unet_row(
     """The full-matrix UNet at a CPU size (``--unet-channels``), on its own collection of the
     same training views, scored with one draw (row ``full_unet``; its times and agreement go
     to ``info["full_unet"]``, so the compute-matched row stays matched to the main OCD)."""
-    task, cfg = ImageTask(), nerf_config(args, seed, delta="full")
-    info: dict[str, Any] = {"layer": LAYER, "config": cfg.to_dict()}
+    task, (cfg, fit, sampling) = ImageTask(), nerf_settings(args, seed, delta="full")
+    info: dict[str, Any] = {"layer": LAYER, **cli.recorded(cfg, fit, sampling)}
     main.info["full_unet"] = info
-    run = _Rows(task, main.test_loader, ["ocd"], seed, main.tag + "full UNet: ", info)
-    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    run = _Rows(task, main.test_loader, ["ocd"], seed, main.tag + "full UNet: ", info, fit)
+    model = ocdwrap.wrap(base, layer=LAYER, config=cfg, sampling=sampling)
     try:
         run.collect_and_fit(model, loaders["train"], out_dir, args.device, args.progress)
         main.out["full_unet"], info["eval_s"] = timed(lambda: run.ocd_eval(model, 1))
@@ -414,7 +422,7 @@ def run_seed(args: Any, seed: int, data: SceneData, res: Results, workdir: str) 
     # no validation views: the report reads the test views (their images used for its bound
     # only), its probe fitted on the training views the generator learns from
     headroom_info(
-        res, seed, base, LAYER, nerf_config(args, seed), loaders["test"], task,
+        res, seed, base, LAYER, nerf_settings(args, seed)[0], loaders["test"], task,
         max_samples=args.headroom_samples, train_loader=loaders["train"], max_train_samples=None,
     )  # fmt: skip
     if args.headroom_only:

@@ -155,17 +155,19 @@ def run_seed(args: Any, seed: int, res: Results, workdir: str) -> None:
         res, seed, base, (xtr, ytr), (xva, yva), test, task, device="cpu", progress=False, **recipe
     )
     kw = {} if args.domain == "mnist" else {"task": "regression"}  # as the domain's own benchmark
-    cfg = cli.ocd_config(args, seed, **kw)
+    cfg, fit = cli.ocd_config(args), cli.fit_args(args, seed)
     n = min(args.train_samples, len(xtr)) if args.domain == "mnist" else len(xtr)
     collect = tensor_loader(xtr[:n], ytr[:n], 256 if args.domain == "mnist" else 1024)
-    model = ocdwrap.wrap(base, layer=layer, config=cfg)
+    model = ocdwrap.wrap(
+        base, layer=layer, config=cfg, sampling=cli.sampling_config(args, seed, **kw)
+    )
     if args.denoisers:
         return compare_denoisers(args, seed, res, workdir, model, collect, task, test, xte)
     try:
         store = ocdwrap.collect(
             model, collect, task.loss_fn, os.path.join(workdir, f"s{seed}"), overwrite=True
         )
-        _, res.info[seed]["fit_s"] = timed(lambda: ocdwrap.fit(model, store, seed=seed))
+        _, res.info[seed]["fit_s"] = timed(lambda: ocdwrap.fit(model, store, fit))
         res.add(seed, "overfit", evaluate_ocd(model, test, task, mode="overfit"))
         for s in args.steps:
             with model.sampling(sampling_steps=s):
@@ -202,9 +204,9 @@ def compare_denoisers(
     base = model.unload()
     for d in args.denoisers:
         cfg = model.config.replace(mlp_hidden=d[0], cond_dim=d[1], mlp_layers=d[2])
-        m = ocdwrap.wrap(base, layer=model.layer_name, config=cfg)
+        m = ocdwrap.wrap(base, layer=model.layer_name, config=cfg, sampling=model.sampling_config)
         try:
-            _, fit_s = timed(lambda m=m: ocdwrap.fit(m, store, seed=seed))
+            _, fit_s = timed(lambda m=m: ocdwrap.fit(m, store, cli.fit_args(args, seed)))
             res.info[seed][f"fit_s:{_tag(d)}"] = fit_s
             with torch.no_grad():
                 cond, _ = m.conditioning(xs)

@@ -82,7 +82,8 @@ from .timing import log, timed
 
 MODULE = "benchmarks.speech"
 LAYER = "proj"
-LIBRARY_STEPS = ocdwrap.OCDConfig().sampling_steps  # the library's default, timed beside the rows'
+# the library's default sampling steps, timed beside the rows'
+LIBRARY_STEPS = ocdwrap.SamplingConfig().sampling_steps
 # the paper's Table 5 (SI-SDRi, dB, Libri5Mix): base, OCD, overfit on the test mixture
 PAPER = {"base": "12.7", "ocd": "13.4", "overfit": "13.5"}
 METRICS = [
@@ -144,12 +145,16 @@ def rows_for(n_speakers: int, rank: int, lr: float, steps: int) -> list[Row]:
     ]
 
 
-def speech_config(args: Any, seed: int) -> ocdwrap.OCDConfig:
-    kw: dict[str, Any] = {"overfit_steps": args.overfit_steps, "task": "regression"}
-    kw["delta_rank"] = args.delta_rank
+def speech_settings(
+    args: Any, seed: int
+) -> tuple[ocdwrap.OCDConfig, ocdwrap.FitArgs, ocdwrap.SamplingConfig]:
+    """The OCDConfig, FitArgs (minibatch ``--fit-batch`` but with ``--paper``) and
+    SamplingConfig of one seed."""
+    kw: dict[str, Any] = {"overfit_steps": args.overfit_steps, "delta_rank": args.delta_rank}
     kw["output_layout"], kw["output_grid"] = "sequence_channels_first", args.output_grid
-    cfg = cli.ocd_config(args, seed, **kw)
-    return cfg if args.paper else cfg.replace(fit_batch_size=args.fit_batch)
+    cfg, fit = cli.ocd_config(args, **kw), cli.fit_args(args, seed)
+    fit = fit if args.paper else fit.replace(batch_size=args.fit_batch)
+    return cfg, fit, cli.sampling_config(args, seed, task="regression")
 
 
 # --- one seed, one speaker count ---------------------------------------------------------------
@@ -179,7 +184,7 @@ def ocd_rows(
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, torch.Tensor]]:
     """Collect, fit and score every OCD row on both test splits with one fitted generator;
     returns (row -> metrics), the info, and the waveforms of test mixture 0 for the figure."""
-    dev, cfg = args.device, speech_config(args, seed)
+    dev, (cfg, fit, sampling) = args.device, speech_settings(args, seed)
     tasks = {
         s: SpeechTask(float(mixture_sisdr(splits[s][1]).mean()), k)
         for s, k in (("test", "sisdri"), ("test_unseen", "sisdri_unseen"))
@@ -188,20 +193,25 @@ def ocd_rows(
     collect = collected(splits, args)
     train_loader = tensor_loader(*collect, args.batch)
     rows = ["ocd", "ocd_k", "global", "nn", "overfit"]
-    info: dict[str, Any] = {"layer": LAYER, "config": cfg.to_dict(), "agreement": {}, "row_s": {}}
+    info: dict[str, Any] = {
+        "layer": LAYER,
+        **cli.recorded(cfg, fit, sampling),
+        "agreement": {},
+        "row_s": {},
+    }
     uinfo: dict[str, Any] = {"agreement": {}, "row_s": {}}
     tag = f"[{S} spk {LAYER}] "
-    seen = _Rows(tasks["test"], loaders["test"], rows, seed, tag, info)
+    seen = _Rows(tasks["test"], loaders["test"], rows, seed, tag, info, fit)
     unseen = _Rows(
-        tasks["test_unseen"], loaders["test_unseen"], rows, seed, tag + "unseen: ", uinfo
+        tasks["test_unseen"], loaders["test_unseen"], rows, seed, tag + "unseen: ", uinfo, fit
     )
-    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    model = ocdwrap.wrap(base, layer=LAYER, config=cfg, sampling=sampling)
     feats = {s: log_spectrum(splits[s][0]) for s in ("test", "test_unseen")}
     feats["train"] = log_spectrum(collect[0])
     try:
         store = seen.collect_and_fit(model, train_loader, out_dir, dev, args.progress)
         info["inference_s_per_mixture"] = inference_times(
-            model, splits["test"][0], args.batch, seed, (cfg.sampling_steps, LIBRARY_STEPS)
+            model, splits["test"][0], args.batch, seed, (sampling.sampling_steps, LIBRARY_STEPS)
         )
         log(f"{tag}time per mixture: {info['inference_s_per_mixture']}")
         for run, split in ((seen, "test"), (unseen, "test_unseen")):
@@ -236,7 +246,7 @@ def ocd_rows(
         waves = first_mixture_waves(model, splits["test"], first_true, seed)
     finally:
         model.unload()
-    regression_rows(base, cfg, store, (seen, unseen), args)
+    regression_rows(base, cfg, sampling, store, (seen, unseen), args)
     out = {k: {**seen.out.get(k, {}), **unseen.out.get(k, {})} for k in seen.out}
     info["unseen"] = uinfo
     return out, info, waves
@@ -256,18 +266,19 @@ def alt_rows(
     layer ranked first (the next one if that is ``proj``), collected, fitted and scored as
     ``proj`` is, and that layer overfitted on each test mixture (its own upper bound).
     ``info["alt"]`` gets the layer and the run's info."""
-    cfg = speech_config(args, seed)
+    cfg, fit, sampling = speech_settings(args, seed)
     collect = collected(splits, args)
-    alt: dict[str, Any] = {"layer": layer, "config": cfg.to_dict(), "agreement": {}}
+    alt: dict[str, Any] = {"layer": layer, **cli.recorded(cfg, fit, sampling), "agreement": {}}
     info["alt"] = alt
     rows: dict[str, dict[str, float]] = {"alt": {}, "alt_overfit": {}}
-    model = ocdwrap.wrap(base, layer=layer, config=cfg)
+    model = ocdwrap.wrap(base, layer=layer, config=cfg, sampling=sampling)
     alt["weight_shape"] = list(model.weight_shape)
     try:
         for split, key in (("test", "sisdri"), ("test_unseen", "sisdri_unseen")):
             task = SpeechTask(float(mixture_sisdr(splits[split][1]).mean()), key)
             loader = tensor_loader(*splits[split], args.batch)
-            run = _Rows(task, loader, ["ocd", "overfit"], seed, f"[{S} spk {layer}] {split}: ", alt)
+            tag = f"[{S} spk {layer}] {split}: "
+            run = _Rows(task, loader, ["ocd", "overfit"], seed, tag, alt, fit)
             if split == "test":
                 run.collect_and_fit(
                     model, tensor_loader(*collect, args.batch), out_dir, args.device, args.progress
@@ -282,16 +293,22 @@ def alt_rows(
 
 
 def regression_rows(
-    base: Separator, cfg: ocdwrap.OCDConfig, store: ocdwrap.DeltaStore, runs: tuple, args: Any
+    base: Separator,
+    cfg: ocdwrap.OCDConfig,
+    sampling: ocdwrap.SamplingConfig,
+    store: ocdwrap.DeltaStore,
+    runs: tuple,
+    args: Any,
 ) -> None:
-    """The regression generator (no diffusion), fitted once on the same collection, scored on
-    both test splits."""
+    """The regression generator (no diffusion), fitted once on the same collection (with the
+    first run's FitArgs), scored on both test splits."""
     seen = runs[0]
-    reg = ocdwrap.wrap(base, layer=LAYER, config=cfg.replace(generator="regression"))
+    reg_cfg = cfg.replace(generator="regression")
+    reg = ocdwrap.wrap(base, layer=LAYER, config=reg_cfg, sampling=sampling)
     try:
-        log(f"{seen.tag}fit: regression generator, {cfg.fit_steps} steps")
+        log(f"{seen.tag}fit: regression generator, {seen.fit_args.steps} steps")
         _, seen.info["fit_regression_s"] = timed(
-            lambda: ocdwrap.fit(reg, store, seed=seen.seed, progress=args.progress, device=args.device)
+            lambda: ocdwrap.fit(reg, store, seen.fit_args, progress=args.progress, device=args.device)
         )  # fmt: skip
         for run in runs:
             run.out["regression"] = run.ocd_eval(reg, 1)
@@ -440,7 +457,7 @@ def run_seed(args: Any, seed: int, S: int, data: SpeechData, res: Results, workd
             f"{info['selection']['proj_rank']} of {info['selection']['candidates']}")  # fmt: skip
     val_task = SpeechTask(float(mixture_sisdr(splits["val"][1]).mean()))
     headroom_info(
-        res, seed, base, LAYER, speech_config(args, seed), tensor_loader(*splits["val"], args.batch),
+        res, seed, base, LAYER, speech_settings(args, seed)[0], tensor_loader(*splits["val"], args.batch),
         val_task, max_samples=args.headroom_samples,
         train_loader=tensor_loader(*collected(splits, args), args.batch),
         max_train_samples=None,

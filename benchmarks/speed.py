@@ -84,7 +84,9 @@ PAPER_STEPS = 10
 PINNED_MLP = dict(mlp_hidden=256, cond_dim=128, mlp_layers=3)
 PINNED_UNET = (32, 64, 64)
 # the library's default sampling steps, at which the inference goal is stated
-DEFAULT_STEPS = ocdwrap.OCDConfig().sampling_steps
+DEFAULT_STEPS = ocdwrap.SamplingConfig().sampling_steps
+# the sampling defaults of every model of base_config: the paper's steps
+SAMPLING = ocdwrap.SamplingConfig(sampling_steps=PAPER_STEPS)
 # smaller rank-one denoisers timed at the default steps (untrained: timing does not depend on
 # the weights): (hidden, cond_dim, blocks)
 SMALLER_MLPS = ((128, 128, 3), (128, 64, 2), (64, 64, 2))
@@ -142,7 +144,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             unet_default=None,  # OCDConfig's default
             mlp_hidden=None,
             fit_step_shape=(84, 120),  # LeNet5's fc2
-            fit_step_batch=128,  # OCDConfig's fit_batch_size
+            fit_step_batch=128,  # FitArgs' batch_size
             fit_step_reps=1,  # after a warm-up step; each takes 30-90 s on a 2-core CPU
             fewer_steps=(2, 3, 5),
             nerf_size=32,  # benchmarks.nerf's CPU default
@@ -155,13 +157,14 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def base_config(s: dict[str, Any], **kw: Any) -> ocdwrap.OCDConfig:
+    """The pinned generators' OCDConfig (``kw`` overrides); its models sample with ``SAMPLING``."""
     extra: dict[str, Any] = dict(PINNED_MLP, unet_channels=PINNED_UNET)
     if s["unet_default"] is not None:
         extra["unet_channels"] = s["unet_default"]
     if s["mlp_hidden"] is not None:
         extra.update(mlp_hidden=s["mlp_hidden"], cond_dim=s["mlp_hidden"])
     extra.update(kw)
-    return ocdwrap.OCDConfig(sampling_steps=PAPER_STEPS, **extra)
+    return ocdwrap.OCDConfig(**extra)
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -192,7 +195,9 @@ def bench_collection(
     base: nn.Module, x: torch.Tensor, y: torch.Tensor, s: dict[str, Any], device: str, work: str
 ) -> dict[str, Any]:
     B = s["batch"]
-    model = ocdwrap.wrap(copy.deepcopy(base).to(device), layer=LAYER, config=base_config(s))
+    model = ocdwrap.wrap(
+        copy.deepcopy(base).to(device), layer=LAYER, config=base_config(s), sampling=SAMPLING
+    )
     xv, yv = x[: s["vec_samples"]].to(device), y[: s["vec_samples"]].to(device)
     batches = [(xv[i : i + B], yv[i : i + B]) for i in range(0, len(yv), B)]
     L = s["loop_samples"]
@@ -296,7 +301,10 @@ def collect_against_epochs(
     one_epoch_seconds(base_dev, train_loader, CE, device)  # warm-up, not counted
     models = {
         delta: ocdwrap.wrap(
-            copy.deepcopy(base).to(device), layer=LAYER, config=base_config(s, delta=delta)
+            copy.deepcopy(base).to(device),
+            layer=LAYER,
+            config=base_config(s, delta=delta),
+            sampling=SAMPLING,
         )
         for delta in ("full", "rank1")
     }
@@ -362,14 +370,13 @@ def collect_against_epochs(
 def fitted(
     base: nn.Module, delta: str, s: dict[str, Any], device: str, work: str
 ) -> tuple[ocdwrap.OCDModel, dict[str, Any]]:
-    cfg = base_config(s, delta=delta, checkpoint_every=0)
-    m = ocdwrap.wrap(copy.deepcopy(base).to(device), layer=LAYER, config=cfg)
+    cfg = base_config(s, delta=delta)
+    m = ocdwrap.wrap(copy.deepcopy(base).to(device), layer=LAYER, config=cfg, sampling=SAMPLING)
     full = delta == "full"
     steps = s["fit_steps_full"] if full else s["fit_steps_rank1"]
-    bs = s["fit_batch_full"] if full else cfg.fit_batch_size
-    report = ocdwrap.fit(
-        m, os.path.join(work, f"collect-{delta}"), steps=steps, batch_size=bs, progress=False
-    )
+    bs = s["fit_batch_full"] if full else ocdwrap.FitArgs().batch_size
+    fit_args = ocdwrap.FitArgs(steps=steps, batch_size=bs, checkpoint_every=0)
+    report = ocdwrap.fit(m, os.path.join(work, f"collect-{delta}"), fit_args, progress=False)
     info = {
         "samples_per_s": report.samples_per_second,
         "steps": steps,
@@ -381,7 +388,7 @@ def fitted(
 
 
 def untrained(base: nn.Module, cfg: ocdwrap.OCDConfig, dims: tuple, device: str):
-    m = ocdwrap.wrap(copy.deepcopy(base).to(device), layer=LAYER, config=cfg)
+    m = ocdwrap.wrap(copy.deepcopy(base).to(device), layer=LAYER, config=cfg, sampling=SAMPLING)
     m.hypernet = (
         OCDHyperNetwork(cfg, kind=m.layer_kind, weight_shape=m.weight_shape, dims=dims)
         .to(device)
@@ -400,7 +407,7 @@ def bench_inference_one(
     steps: int | None = None,
 ) -> dict[str, Any]:
     """OCD forward against base forward; ``whole_passes`` also times it with the split off;
-    ``steps``: the sampling steps in force (default: the model's config)."""
+    ``steps``: the sampling steps in force (default: the model's sampling defaults)."""
     out: dict[str, Any] = {}
     for B in batches:
         xb = x[:B].to(device)
@@ -435,7 +442,7 @@ def bench_inference_one(
             else:
                 t = interleaved(fns, r, device)
         med = {k: statistics.median(v) for k, v in t.items()}
-        steps = steps or m.config.sampling_steps
+        steps = steps or m.sampling_config.sampling_steps
         row = {
             "base_ms": 1e3 * med["base"],
             "ocd_ms": 1e3 * med["ocd"],
@@ -513,7 +520,7 @@ def bench_inference(
         with r1.sampling(sampling_steps=n):
             inference[f"rank1_{n}_steps"] = {
                 "generator": f"the same, {n} sampling steps"
-                + (" (the library's default)" if n == ocdwrap.OCDConfig().sampling_steps else ""),
+                + (" (the library's default)" if n == DEFAULT_STEPS else ""),
                 **bench_inference_one(r1, x, [s["big_batch"]], reps, device, steps=n),
             }
     if s["mlp_hidden"] is None:  # smaller generators at the default steps (untrained)
@@ -570,23 +577,21 @@ def bench_lowrank_render(s: dict[str, Any], device: str, work: str) -> dict[str,
         delta_rank=4,
         output_layout="channels_last",
         output_grid=nerf.OUTPUT_GRID,
-        task="regression",
         overfit_steps=2,
-        fit_steps=2,
-        checkpoint_every=0,
     )
-    m = ocdwrap.wrap(base, layer="fc1", config=cfg)
+    sampling = ocdwrap.SamplingConfig(task="regression")
+    m = ocdwrap.wrap(base, layer="fc1", config=cfg, sampling=sampling)
     poses = scenes.hemisphere_poses(views, seed=0).to(device)
     images = torch.rand(views, size, size, 3, device=device)
     store = ocdwrap.collect(
         m, tensor_loader(poses, images, views), nerf.image_mse, os.path.join(work, "nerf"),
         progress=False,
     )  # fmt: skip
-    ocdwrap.fit(m, store, progress=False)
+    ocdwrap.fit(m, store, ocdwrap.FitArgs(steps=2, checkpoint_every=0), progress=False)
     out = bench_inference_one(m, poses, [views], s["reps"], device)
     out["generator"] = (
         f"MLP denoiser over rank-{cfg.delta_rank} factors of fc1 (128 x 63); views of "
-        f"{size} x {size} px, {samples} depth samples, {cfg.sampling_steps} sampling steps"
+        f"{size} x {size} px, {samples} depth samples, {sampling.sampling_steps} sampling steps"
     )
     return out
 
@@ -629,8 +634,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     base = zoo.LeNet5()
     base.load_state_dict(load_file(job["base"]))
     base = base.eval().to(device)
-    cfg = base_config(s, delta=job["delta"], checkpoint_every=0)
-    m = ocdwrap.wrap(base, layer=LAYER, config=cfg)
+    cfg = base_config(s, delta=job["delta"])
+    m = ocdwrap.wrap(base, layer=LAYER, config=cfg, sampling=SAMPLING)
     if job["what"] == "collect":
 
         def run(warm: bool) -> None:
@@ -642,11 +647,12 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     else:
         full = job["delta"] == "full"
         steps = s["fit_steps_full"] if full else s["fit_steps_rank1"]
-        bs = s["fit_batch_full"] if full else cfg.fit_batch_size
+        bs = s["fit_batch_full"] if full else ocdwrap.FitArgs().batch_size
 
         def run(warm: bool) -> None:
             n = 1 if warm else steps
-            ocdwrap.fit(m, job["store"], steps=n, batch_size=bs, progress=False)
+            fit_args = ocdwrap.FitArgs(steps=n, batch_size=bs, checkpoint_every=0)
+            ocdwrap.fit(m, job["store"], fit_args, progress=False)
 
     cuda = device.startswith("cuda")
     out: dict[str, Any] = {}
@@ -1177,7 +1183,7 @@ def goals(r: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "collect_full_at_most_3_epochs": c["collect_full_epochs"] <= 3,
     }
     # the library's default sampling steps (the issue's goal), and each other count measured
-    default = f"rank1_{ocdwrap.OCDConfig().sampling_steps}_steps"
+    default = f"rank1_{DEFAULT_STEPS}_steps"
     for k, v in inf.items():
         if k == "rank1" or (k.startswith("rank1_") and k.endswith("_steps")):
             name = f"{k}_default" if k == default else k
@@ -1446,7 +1452,7 @@ def bench_compile(base: nn.Module, x: torch.Tensor, device: str, reps: int) -> d
     an untrained generator, seeded so both draw the same noise: timing does not depend on the
     weights)."""
     B = 256
-    cfg = ocdwrap.OCDConfig(**PINNED_MLP, delta="rank1", seed=0)
+    cfg = ocdwrap.OCDConfig(**PINNED_MLP, delta="rank1")
     h = OCDHyperNetwork(cfg, kind="linear", weight_shape=(84, 120), dims=(120, 84, 10)).to(device)
     net = h.ema.eval()
     xt = torch.randn(B, 84, device=device)
@@ -1471,7 +1477,12 @@ def bench_compile(base: nn.Module, x: torch.Tensor, device: str, reps: int) -> d
             compile_seconds=compile_s,
         )
         # the whole OCD forward of a wrapped model
-        m = ocdwrap.wrap(copy.deepcopy(base).to(device), layer=LAYER, config=cfg)
+        m = ocdwrap.wrap(
+            copy.deepcopy(base).to(device),
+            layer=LAYER,
+            config=cfg,
+            sampling=ocdwrap.SamplingConfig(seed=0),
+        )
         xb = x[:B].to(device)
         cond, _ = m.conditioning(xb)
         m.hypernet = (

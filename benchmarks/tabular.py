@@ -127,7 +127,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         max_epochs=args.max_epochs, patience=args.patience, device=dev, progress=False,
     )  # fmt: skip
 
-    cfg = cli.ocd_config(args, seed, task="regression")
+    cfg = cli.ocd_config(args)
+    fit, sampling = cli.fit_args(args, seed), cli.sampling_config(args, seed, task="regression")
     n = min(args.train_samples or len(xtr), len(xtr))
     collect_loader = tensor_loader(xtr[:n], ytr[:n], 1024)
     val = tensor_loader(xva, yva, 1024)
@@ -139,8 +140,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         return
     run = run_ocd(
         base, args.layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
-        draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
-        progress=args.progress, tag=args.layer,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev,
+        nn_train=xtr[:n], nn_test=xte, progress=args.progress, tag=args.layer,
     )  # fmt: skip
     add_run(res, seed, run)
 
@@ -157,8 +158,8 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     calib = tensor_loader(xva[:256], yva[:256], 256)
     alternative_layer_row(
         res, seed, base, LAYER, cfg, calib, collect_loader, test, task,
-        os.path.join(workdir, f"s{seed}-alt"), linear_only=True, device=dev,
-        progress=args.progress,
+        os.path.join(workdir, f"s{seed}-alt"), fit_args=fit, sampling=sampling,
+        linear_only=True, device=dev, progress=args.progress,
     )  # fmt: skip
 
 

@@ -179,7 +179,8 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
     res.add(seed, "base", evaluate_module(base, test, task, dev))
     log(f"{ds['name']} draw {seed}: base {res.per_seed[seed]['base']}")
 
-    cfg = cli.ocd_config(args, seed)
+    cfg = cli.ocd_config(args)
+    fit, sampling = cli.fit_args(args, seed), cli.sampling_config(args, seed)
     train = tensor_loader(xtr.to(dev), ytr.to(dev), 256)
     # few-shot data has no validation split: the report reads the test texts (their labels are
     # used for the upper bound only); the probe is fitted on the few-shot training texts
@@ -191,8 +192,9 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
         return
     run = run_ocd(
         base, LAYER, cfg, train, test, task, os.path.join(workdir, f"{ds['key']}-s{seed}"),
-        draws=args.draws, seed=seed, device=dev, nn_train=xtr.to(dev), nn_test=xte.to(dev),
-        progress=args.progress, tag=f"{ds['key']} head", uncertainty=True,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev,
+        nn_train=xtr.to(dev), nn_test=xte.to(dev), progress=args.progress,
+        tag=f"{ds['key']} head", uncertainty=True,
     )  # fmt: skip
     add_run(res, seed, run)
     if args.plots and seed == args.seeds[0]:

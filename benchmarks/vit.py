@@ -188,7 +188,8 @@ def _target_part(args: Any, seed: int, target: str, base: nn.Module, pristine: n
     test = tensor_loader(xte, yte, 250)
     layer = HEAD if target == "head" else qkv_layer(args.depth)
     kw = {} if target == "head" else {"delta": "lowrank", "delta_rank": args.delta_rank}
-    cfg = cli.ocd_config(args, seed, **kw)
+    cfg = cli.ocd_config(args, **kw)
+    fit, sampling = cli.fit_args(args, seed), cli.sampling_config(args, seed)
     t0 = time.perf_counter()
     headroom_info(
         res, seed, base, layer, cfg, tensor_loader(xva, yva, 250), task,
@@ -198,8 +199,8 @@ def _target_part(args: Any, seed: int, target: str, base: nn.Module, pristine: n
         return
     run = run_ocd(
         base, layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-{target}"),
-        draws=args.draws, seed=seed, device=dev, nn_train=xtr[:n], nn_test=xte,
-        progress=args.progress, tag=target,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev,
+        nn_train=xtr[:n], nn_test=xte, progress=args.progress, tag=target,
     )  # fmt: skip
     add_run(res, seed, run)
     compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev)
