@@ -5,6 +5,7 @@
     ocdwrap fit --model M --deltas deltas/ --out adapter/
     ocdwrap evaluate --model M --adapter adapter/ --data D --loss L
     ocdwrap headroom --model M --data D --loss L --layer NAME   can OCD help? (before collecting)
+    ocdwrap compare --model M --train-data T --data D --layer NAME --out runs/cmp   OCD vs controls
 
 ``M`` and ``D`` are import paths, ``package.module:name`` or ``path/to/file.py:name``, naming a
 module / data loader or a function that returns one (called with no arguments). ``L`` is
@@ -238,6 +239,39 @@ def cmd_headroom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import ocdwrap
+
+    base = _model(args)
+    data, train = load_object(args.data), load_object(args.train_data)
+    loss = _loss(args.loss, base)
+    calibration = load_object(args.calibration) if args.calibration else data
+    model = ocdwrap.wrap(
+        base, layer=args.layer, config=_config(args), calibration=calibration, loss_fn=loss
+    )
+    fit = {k: getattr(args, k) for k in ("steps", "batch_size", "lr") if getattr(args, k)}
+    comparison = ocdwrap.compare(
+        model,
+        train,
+        data,
+        loss,
+        out_dir=args.out,
+        rows=args.rows.split(",") if args.rows else None,
+        num_draws=args.num_draws,
+        train_fn=load_object(args.train_fn, call=False) if args.train_fn else None,
+        task=None if args.task == "auto" else args.task,
+        seed=args.seed,
+        progress=not args.json,
+        fit_args=ocdwrap.FitArgs(seed=args.seed, **fit),
+        overwrite=args.overwrite,
+        resamples=args.resamples,
+    )
+    if args.plot:
+        comparison.plot(args.plot)
+    print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison)
+    return 0
+
+
 # --- the parser -----------------------------------------------------------------------------------
 
 
@@ -323,6 +357,29 @@ def build_parser() -> argparse.ArgumentParser:
     hr.add_argument("--seed", type=int, default=0)
     hr.add_argument("--json", action="store_true")
     hr.set_defaults(func=cmd_headroom)
+
+    cp = sub.add_parser(
+        "compare", help="OCD against every control on labelled eval data (docs/compare.md)"
+    )
+    common(cp, data=True)
+    configurable(cp)
+    cp.add_argument("--train-data", required=True, help="import path of the training loader")
+    cp.add_argument("--layer", default="auto", help="target module name, or auto (default)")
+    cp.add_argument("--calibration", help="import path of calibration data for --layer auto")
+    cp.add_argument("--out", required=True, help="directory of the collection and comparison.json")
+    cp.add_argument("--rows", help="comma-separated rows (default: all); base and overfit always")
+    cp.add_argument("--num-draws", type=int, default=5, help="draws of the ocd_k row")
+    cp.add_argument("--train-fn", help="import path of train_fn(base_copy, seconds)")
+    cp.add_argument("--steps", type=int, help="FitArgs.steps of the generators (default 2000)")
+    cp.add_argument("--batch-size", type=int, help="FitArgs.batch_size (default 128)")
+    cp.add_argument("--lr", type=float, help="FitArgs.lr (default 1e-4)")
+    cp.add_argument("--task", default="auto", choices=["auto", "classification", "regression"])
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
+    cp.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    cp.add_argument("--plot", help="also draw the shares to this PNG (needs matplotlib)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
     return p
 
 

@@ -262,3 +262,55 @@ def test_errors_are_ocd_errors() -> None:
     assert issubclass(RowFailedError, OCDError) and issubclass(
         ComparisonExistsError, FileExistsError
     )
+
+
+_CLI_FILE = """
+import torch
+from torch import nn
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _split(lo, hi):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 10, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return [(x[i : i + 40], y[i : i + 40]) for i in range(lo, hi, 40)]
+
+
+def train():
+    return _split(0, 120)
+
+
+def test():
+    return _split(120, 160)
+
+
+def train_fn(base, seconds):
+    SEEN.append(seconds)
+
+
+SEEN = []
+"""
+
+
+def test_cli_compare(tmp_path, capsys) -> None:
+    from ocdwrap.cli import main
+
+    path = tmp_path / "user.py"
+    path.write_text(_CLI_FILE)
+    argv = ["compare", "--model", f"{path}:model", "--data", f"{path}:test", "--layer", "2"]
+    argv += ["--train-data", f"{path}:train", "--out", str(tmp_path / "out"), "--steps", "5"]
+    argv += ["--rows", "nearest,compute_matched", "--train-fn", f"{path}:train_fn"]
+    argv += ["--set", "overfit_lr=0.01", "mlp_hidden=32", "cond_dim=16", "mlp_layers=1"]
+    assert main([*argv, "--json", "--resamples", "50"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert list(d["rows"]) == ["base", "overfit", "nearest", "compute_matched"]
+    assert d["rows"]["overfit"]["loss"] < d["rows"]["base"]["loss"]
+    assert main([*argv, "--resamples", "50"]) == 0  # resumed: every row kept
+    assert "verdict:" in capsys.readouterr().out
+    assert main([*argv, "--rows", "ocd_9"]) == 2
+    assert "Unknown rows" in capsys.readouterr().err
