@@ -196,7 +196,6 @@ def test_ddp_fit_equals_single_process_fit(two_process_run):
         os.path.join(two_process_run, "deltas"),
         ocdwrap.FitArgs(**FIT),
         progress=False,
-        **FIT,
     )
     with open(os.path.join(two_process_run, "losses-0.json")) as f:
         losses = json.load(f)

@@ -101,7 +101,6 @@ def test_configs_without_the_new_fields_load_as_before(tmp_path) -> None:
         "channels_first",
         1,
         "once",
-        None,
     )
     new = ocdwrap.OCDConfig(output_layout="channels_last", output_grid=4, layer_calls="chunks")
     new.save(tmp_path)

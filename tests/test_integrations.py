@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,7 +349,8 @@ def test_cli_collect_fit_evaluate_info(pipeline, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "adapter" and info["layer"] == "2"
     assert info["config"]["delta"] == "rank1" and info["config"]["library_version"]
-    assert "3 steps" in info["model_card"]["fit"]  # the fit report, read back from the card
+    assert "Fit" in info["model_card"]["sections"]  # the card, read back
+    assert "3 steps on 24 collected samples" in (Path(adapter) / "README.md").read_text()
     assert info["parameters"]["generator"] > 0
     assert main(["info", deltas]) == 0
     text = capsys.readouterr().out

@@ -77,10 +77,10 @@ def test_precomputed_input_terms_give_the_same_step() -> None:
 
 def test_collection_identity_names_the_formula(tmp_path) -> None:
     m = ocdwrap.wrap(mlp_case().make(), layer="fc2")
-    identity = collect_module._identity(m, m.config)
+    identity = collect_module._identity(m, m.config, 4096)
     assert identity["adam_outer_formula"] == ADAM_OUTER_FORMULA
     sgd = m.config.replace(overfit_optimizer="sgd")
-    assert "adam_outer_formula" not in collect_module._identity(m, sgd)
+    assert "adam_outer_formula" not in collect_module._identity(m, sgd, 4096)
 
 
 def test_a_collection_made_with_another_formula_is_not_resumed(tmp_path, monkeypatch) -> None:
