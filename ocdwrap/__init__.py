@@ -52,7 +52,7 @@ _LAZY = {
     "wrap": "wrapping",
     "overfit_batch": "overfit",
     "overfit_one": "overfit",
-    "LayerScores": "select",
+    "LayerScores": "layer_scores",
     "select_layer": "select",
     "DeltaStore": "store",
 }
@@ -72,9 +72,10 @@ if TYPE_CHECKING:  # what static tools see: the same names, eagerly
     from .fit import FitReport, fit
     from .generators import DiffusionGenerator, Generator, RegressionGenerator
     from .headroom import HeadroomReport, headroom
+    from .layer_scores import LayerScores
     from .model import OCDModel
     from .overfit import overfit_batch, overfit_one
-    from .select import LayerScores, select_layer
+    from .select import select_layer
     from .store import DeltaStore
     from .wrapping import wrap
 
