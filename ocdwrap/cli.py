@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .describe import describe, describe_collection, print_info
+from .errors import OCDError
 
 
 # --- loading what the user names -----------------------------------------------------------------
@@ -389,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError) as e:
+    except (FileNotFoundError, ValueError, TypeError, OCDError) as e:
         print(f"ocdwrap {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

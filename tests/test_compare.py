@@ -314,3 +314,5 @@ def test_cli_compare(tmp_path, capsys) -> None:
     assert "verdict:" in capsys.readouterr().out
     assert main([*argv, "--rows", "ocd_9"]) == 2
     assert "Unknown rows" in capsys.readouterr().err
+    assert main([*argv, "--num-draws", "2"]) == 2  # other settings than --out holds
+    assert "ComparisonExistsError" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,15 +17,17 @@ from ..errors import ConfigError, NotWrappedError, OCDError, RowFailedError
 from ..evaluation import LabelledSplit, read_labelled
 from ..generators import Generator, HypernetworkGenerator, NearestNeighbour, RegressionGenerator
 from ..headroom import score_label_rows
-from ..io import atomic_write_json, read_json, tensor_fingerprint
+from ..io import tensor_fingerprint
 from ..model import OCDModel
 from ..probe import probe_step
 from ..store import DeltaStore
 from . import rows as R
 from .report import USES_EVAL_LABELS, Comparison, Metric, Row, paired_share, verdict
-from .saved import COMPARISON_NAME, SavedComparison
+from .saved import COMPARISON_NAME, SavedComparison, collection_seconds, held_collection
 
 __all__ = ["ROWS", "compare"]
+
+logger = logging.getLogger("ocdwrap")
 
 ROWS = (
     "base",
@@ -38,7 +41,6 @@ ROWS = (
     "compute_matched",
 )
 NEEDS_COLLECTION = ("ocd", "ocd_k", "regression", "nearest", "compute_matched")
-COLLECTION_TIME_NAME = "compare_collection.json"  # what the collection in out_dir cost
 DESCRIPTIONS = {
     "base": "the base model",
     "overfit": "each eval sample's layer overfitted alone towards its true label: the bound "
@@ -72,12 +74,8 @@ class _Compare:
                 f"compare needs a wrapped model (ocdwrap.wrap(base, layer=...)), got a "
                 f"{type(model).__name__}."
             )
-        self.model, self.train_data, self.eval_data, self.loss_fn = (
-            model,
-            train_data,
-            eval_data,
-            loss_fn,
-        )
+        self.model, self.loss_fn = model, loss_fn
+        self.train_data, self.eval_data = train_data, eval_data
         self.out_dir = os.fspath(out_dir)
         self.__dict__.update(kw)
         self.generators = dict(self.generators or {})
@@ -191,6 +189,7 @@ class _Compare:
         row = Row(name, self._describe(name), uses_eval_labels=name in USES_EVAL_LABELS,
                   skipped=skipped, note=note, source=self._source(name))  # fmt: skip
         if scored is not None:
+            scored.loss = scored.loss.detach().double().cpu()  # the bootstrap's, on any device
             target = self.held.target
             try:
                 row.metrics = R.extra_metrics(self.metrics, scored.pred, target, self.groups)
@@ -206,6 +205,9 @@ class _Compare:
             self._share(row, scored.loss)
         self.saved.save_row(row, None if scored is None else scored.loss)
         self.saved.write(self._comparison(final=False))
+        logger.info(
+            "ocdwrap compare: %s %s", name, skipped or f"loss {row.loss:.4g}, share {row.share}"
+        )
 
     def _share(self, row: Row, loss: torch.Tensor) -> None:
         """The row's share of the base -> bound gap (the base's own is 0 by definition, set
@@ -302,29 +304,15 @@ class _Compare:
 
     def _collection(self) -> DeltaStore:
         """The collection in out_dir (collected, resumed or reused) and what it cost in all."""
-        if self.store is not None:
-            return self.store
-        record_path = os.path.join(self.out_dir, COLLECTION_TIME_NAME)
-        before = _held_identity(self.out_dir)
-        start = time.perf_counter()
-        self.store = collect(
-            self.model, self.train_data, self.loss_fn, self.out_dir,
-            overwrite=self.overwrite, progress=self.progress,
-        )  # fmt: skip
-        took = time.perf_counter() - start
-        now = {"identity": self.store.manifest["identity"],
-               "data": self.store.manifest.get("data_fingerprint")}  # fmt: skip
-        record = read_json(record_path) if os.path.exists(record_path) else {}
-        if before is None or before[0] != now:  # collected here, from the start
-            seconds = took
-        elif record.get("collection") == now and record.get("seconds") is not None:
-            # resumed here (add this call's time) or reused whole (the time it took then)
-            seconds = record["seconds"] + (took if len(self.store) > before[1] else 0.0)
-        else:
-            seconds = None  # collected before, by something else: its time is not known
-        record = {"collection": now, "seconds": seconds, "samples": len(self.store)}
-        atomic_write_json(record_path, record)
-        self.info["collect_s"] = seconds
+        if self.store is None:
+            before = held_collection(self.out_dir)
+            start = time.perf_counter()
+            self.store = collect(
+                self.model, self.train_data, self.loss_fn, self.out_dir,
+                overwrite=self.overwrite, progress=self.progress,
+            )  # fmt: skip
+            took = time.perf_counter() - start
+            self.info["collect_s"] = collection_seconds(self.out_dir, before, self.store, took)
         return self.store
 
     def _fit(self, key: str, gen: Any) -> float:
@@ -412,17 +400,6 @@ class _Compare:
             f"{f' {collect_s:.1f} s + fit {fit_s:.1f} s' if collect_s is not None else f' {fit_s:.1f} s'})"
         )
         self._keep("compute_matched", scored, build=took, note=note)
-
-
-def _held_identity(out_dir: str) -> tuple[dict[str, Any], int] | None:
-    """The identity and size of the collection already in ``out_dir`` (None when none)."""
-    try:
-        store = DeltaStore(out_dir)
-        manifest = store.manifest
-        found = {"identity": manifest["identity"], "data": manifest.get("data_fingerprint")}
-        return found, len(store)
-    except (OCDError, FileNotFoundError, KeyError):
-        return None
 
 
 def compare(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ComparisonExistsError, CorruptFileError
+from ..errors import ComparisonExistsError, CorruptFileError, OCDError
 from ..io import (
     atomic_save_tensors_digest,
     atomic_write_json,
@@ -27,9 +27,11 @@ from ..io import (
     read_verified,
     tensors_from_bytes,
 )
+from ..store import DeltaStore
 from .report import Comparison, Row
 
 COMPARISON_NAME = "comparison.json"
+COLLECTION_TIME_NAME = "compare_collection.json"  # what the collection in out_dir cost
 FORMAT = "ocdwrap-comparison"
 
 
@@ -91,7 +93,7 @@ class SavedComparison:
                     data = read_verified(path, entry["digest"], what=what)
                 except FileNotFoundError:
                     continue  # recomputed
-                self.losses[row.name] = tensors_from_bytes(data, path)["loss"]
+                self.losses[row.name] = tensors_from_bytes(data, path)["loss"].double()
             self.rows[row.name] = row
 
     def _discard(self, files: dict[str, dict[str, str]]) -> None:
@@ -107,7 +109,7 @@ class SavedComparison:
             self.losses[row.name] = loss
             name = _row_file(row.name)
             digest = atomic_save_tensors_digest(
-                os.path.join(self.out_dir, name), {"loss": loss.detach().float().cpu()}
+                os.path.join(self.out_dir, name), {"loss": loss.detach().double().cpu()}
             )
             self.files[row.name] = {"file": name, "digest": digest}
         else:
@@ -126,3 +128,35 @@ class SavedComparison:
             },
             checksum=True,
         )
+
+
+def held_collection(out_dir: str) -> tuple[dict[str, Any], int] | None:
+    """What identifies the collection already in ``out_dir``, and its size (None when none)."""
+    try:
+        store = DeltaStore(out_dir)
+        manifest = store.manifest
+        found = {"identity": manifest["identity"], "data": manifest.get("data_fingerprint")}
+        return found, len(store)
+    except (OCDError, FileNotFoundError, KeyError):
+        return None
+
+
+def collection_seconds(
+    out_dir: str, before: tuple[dict[str, Any], int] | None, store: DeltaStore, took: float
+) -> float | None:
+    """What the collection in ``out_dir`` cost in all, kept in ``compare_collection.json``:
+    ``took`` when this call collected it from the start; the recorded time (plus ``took`` when
+    this call added samples) when it was collected here before; None when something else
+    collected it (its time is not known)."""
+    path = os.path.join(out_dir, COLLECTION_TIME_NAME)
+    now = {"identity": store.manifest["identity"], "data": store.manifest.get("data_fingerprint")}
+    now = _normalised(now)
+    record = read_json(path) if os.path.exists(path) else {}
+    if before is None or _normalised(before[0]) != now:
+        seconds = took
+    elif record.get("collection") == now and record.get("seconds") is not None:
+        seconds = record["seconds"] + (took if len(store) > before[1] else 0.0)
+    else:
+        seconds = None
+    atomic_write_json(path, {"collection": now, "seconds": seconds, "samples": len(store)})
+    return seconds
