@@ -276,6 +276,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # --- the parser -----------------------------------------------------------------------------------
 
 
+def _compare_parser(sub: Any, common: Callable, configurable: Callable) -> None:
+    """The ``compare`` subcommand's options."""
+    cp = sub.add_parser(
+        "compare", help="OCD against every control on labelled eval data (docs/compare.md)"
+    )
+    common(cp, data=True)
+    configurable(cp)
+    cp.add_argument("--train-data", required=True, help="import path of the training loader")
+    cp.add_argument("--layer", default="auto", help="target module name, or auto (default)")
+    cp.add_argument("--calibration", help="import path of calibration data for --layer auto")
+    cp.add_argument("--out", required=True, help="directory of the collection and comparison.json")
+    cp.add_argument("--rows", help="comma-separated rows (default: all); base and overfit always")
+    cp.add_argument("--num-draws", type=int, default=5, help="draws of the ocd_k row")
+    cp.add_argument("--train-fn", help="import path of train_fn(base_copy, seconds)")
+    cp.add_argument("--steps", type=int, help="FitArgs.steps of the generators (default 2000)")
+    cp.add_argument("--batch-size", type=int, help="FitArgs.batch_size (default 128)")
+    cp.add_argument("--lr", type=float, help="FitArgs.lr (default 1e-4)")
+    cp.add_argument("--task", default="auto", choices=["auto", "classification", "regression"])
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
+    cp.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    cp.add_argument("--plot", help="also draw the shares to this PNG (needs matplotlib)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ocdwrap",
@@ -359,28 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     hr.add_argument("--json", action="store_true")
     hr.set_defaults(func=cmd_headroom)
 
-    cp = sub.add_parser(
-        "compare", help="OCD against every control on labelled eval data (docs/compare.md)"
-    )
-    common(cp, data=True)
-    configurable(cp)
-    cp.add_argument("--train-data", required=True, help="import path of the training loader")
-    cp.add_argument("--layer", default="auto", help="target module name, or auto (default)")
-    cp.add_argument("--calibration", help="import path of calibration data for --layer auto")
-    cp.add_argument("--out", required=True, help="directory of the collection and comparison.json")
-    cp.add_argument("--rows", help="comma-separated rows (default: all); base and overfit always")
-    cp.add_argument("--num-draws", type=int, default=5, help="draws of the ocd_k row")
-    cp.add_argument("--train-fn", help="import path of train_fn(base_copy, seconds)")
-    cp.add_argument("--steps", type=int, help="FitArgs.steps of the generators (default 2000)")
-    cp.add_argument("--batch-size", type=int, help="FitArgs.batch_size (default 128)")
-    cp.add_argument("--lr", type=float, help="FitArgs.lr (default 1e-4)")
-    cp.add_argument("--task", default="auto", choices=["auto", "classification", "regression"])
-    cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
-    cp.add_argument("--overwrite", action="store_true", help="replace what --out holds")
-    cp.add_argument("--plot", help="also draw the shares to this PNG (needs matplotlib)")
-    cp.add_argument("--json", action="store_true")
-    cp.set_defaults(func=cmd_compare)
+    _compare_parser(sub, common, configurable)
     return p
 
 
