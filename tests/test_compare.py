@@ -72,6 +72,16 @@ def _accuracy(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (pred.argmax(-1) == y).float()
 
 
+def _balanced(pred: torch.Tensor, y: torch.Tensor) -> float:  # one group per label
+    return float((pred.argmax(-1) == y).float().mean())
+
+
+METRICS = {
+    "acc": Metric(_accuracy, True),
+    "balanced": Metric(_balanced, True, per="group", group_fn=lambda x, y: y),
+}
+
+
 def _kw(**over):
     return {"fit_args": FIT, "progress": False, "resamples": 200, "num_draws": 3, **over}
 
@@ -82,7 +92,7 @@ def full(tmp_path_factory) -> tuple[Comparison, str, ocdwrap.OCDModel, list]:
     model, seen = _wrapped(), []
     c = compare(
         model, TRAIN, EVAL, CE, out_dir=out, train_fn=_train_fn(seen),
-        generators={"mean": MeanDelta()}, metrics={"acc": Metric(_accuracy, True)}, **_kw(),
+        generators={"mean": MeanDelta()}, metrics=METRICS, **_kw(),
     )  # fmt: skip
     return c, out, model, seen
 
@@ -98,6 +108,13 @@ def test_every_row_with_its_share(full) -> None:
     assert bound.loss < base.loss and bound.share == 100.0 and base.share == 0.0
     assert bound.uses_eval_labels and not c.row("ocd").uses_eval_labels
     assert base.predict_time == pytest.approx(1.0)
+    pred = full[2].base_model(X[160:])
+    per_label = [float((pred[Y[160:] == k].argmax(-1) == k).float().mean()) for k in range(3)]
+    assert base.metrics["balanced"] == pytest.approx(sum(per_label) / 3)
+    # the configured generator was fitted on the model, the regressor left it as it was
+    model = full[2]
+    assert model.config.generator == "diffusion" and model.hypernet is not None
+    assert model.hypernet.config.generator == "diffusion" and model.fit_report is not None
     assert (
         c.best is not None and c.best != "overfit" and "best row without eval labels" in c.verdict
     )
@@ -159,7 +176,7 @@ def test_a_rerun_reuses_every_row_and_other_settings_are_refused(full) -> None:
     seen: list = []
     again = compare(
         _wrapped(), TRAIN, EVAL, CE, out_dir=out, train_fn=_train_fn(seen),
-        generators={"mean": MeanDelta()}, metrics={"acc": Metric(_accuracy, True)}, **_kw(),
+        generators={"mean": MeanDelta()}, metrics=METRICS, **_kw(),
     )  # fmt: skip
     assert seen == [] and again.to_dict()["rows"] == c.to_dict()["rows"]
     with pytest.raises(ComparisonExistsError, match="num_draws"):
@@ -197,7 +214,9 @@ def test_an_interrupted_compare_resumes_to_the_uninterrupted_one(full, tmp_path)
     seen: list = []
     c = compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path, train_fn=_train_fn(seen), **kw)
     assert len(seen) == 1
-    _same_rows(c, full[0], [*ROWS, "mean"])
+    _same_rows(c, full[0], [*ROWS, "mean"], fields=())
+    for name in [*ROWS, "mean"]:
+        assert c.row(name).metrics["acc"] == pytest.approx(full[0].row(name).metrics["acc"])
 
 
 def test_features_move_only_the_nearest_row(full, tmp_path) -> None:
