@@ -298,8 +298,8 @@ def test_cli_headroom(tmp_path, capsys) -> None:
 def test_regression_mixture_is_the_probe_delta_when_the_probe_is_certain() -> None:
     """With no residual spread the quantile mixture is the delta towards the probe's target;
     with a spread wider than the residual, steps towards both sides of the base cancel."""
-    from ocdwrap.probe import gaussian_mixture
     from ocdwrap.overfit import overfit_batch
+    from ocdwrap.probe import gaussian_mixture
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
