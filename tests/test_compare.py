@@ -335,3 +335,22 @@ def test_cli_compare(tmp_path, capsys) -> None:
     assert "Unknown rows" in capsys.readouterr().err
     assert main([*argv, "--num-draws", "2"]) == 2  # other settings than --out holds
     assert "ComparisonExistsError" in capsys.readouterr().err
+
+
+def test_verdict_branches() -> None:
+    from ocdwrap.compare.report import Row, paired_share, verdict
+
+    g = torch.Generator().manual_seed(0)
+    base = 1.0 + torch.rand(200, generator=g, dtype=torch.float64)
+    losses = {"base": base, "overfit": base - 0.5, "ocd": base - 0.3, "nearest": base - 0.1}
+    rows = [Row("base", loss=float(base.mean()), share=0.0)]
+    for name in ("overfit", "ocd", "nearest"):
+        share, lo, hi = paired_share(base, losses["overfit"], losses[name], resamples=50)
+        rows.append(Row(name, loss=float(losses[name].mean()), share=share, share_low=lo,
+                        share_high=hi, uses_eval_labels=name == "overfit"))  # fmt: skip
+    assert rows[2].share == pytest.approx(60.0) and rows[2].share_low == pytest.approx(60.0)
+    best, text = verdict(rows, losses, resamples=50, seed=0)
+    assert best == "ocd" and "OCD is the best, 40.0 points" in text and "nearest" in text
+    rows[1].loss = rows[0].loss  # a bound that does not beat the base
+    best, text = verdict(rows, losses, resamples=50, seed=0)
+    assert best is None and "no gap" in text
