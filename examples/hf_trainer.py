@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.output_dir or os.path.join(tempfile.gettempdir(), "ocdwrap-hf-trainer")
     callback = OCDTrainerCallback(
         layer="classifier",
-        config=ocdwrap.OCDConfig(delta="rank1", fit_steps=args.fit_steps, fit_batch_size=128),
+        config=ocdwrap.OCDConfig(delta="rank1"),
+        fit_args=ocdwrap.FitArgs(steps=args.fit_steps, batch_size=128),
         eval_dataset=test,
     )
     trainer = Trainer(

@@ -15,8 +15,8 @@ and each test sample overfitted with its true label (the upper bound). Prints a 
 paper's Table 1 beside ours; ``--json PATH`` writes the numbers; ``--plots DIR`` writes the
 figures (fit loss curves, generated vs overfit deltas, results chart; see docs/figures.md).
 
-The steps are functions (``train_lenet``, ``make_config``, ``run``, ``write_plots``) so that other
-examples (``examples.uncertainty``) reuse them.
+The steps are functions (``train_lenet``, ``make_config``, ``make_fit_args``, ``run``,
+``write_plots``) so that other examples (``examples.uncertainty``) reuse them.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ class Pipeline:
     rows: dict[str, dict] = field(default_factory=dict)
     # fit reports by run: "rank1", "regression", and "full", "regression_full" with --delta both
     reports: dict[str, ocdwrap.FitReport] = field(default_factory=dict)
-    fitted: dict[str, tuple[ocdwrap.OCDConfig, nn.Module]] = field(default_factory=dict)
+    fitted: dict[str, tuple[ocdwrap.OCDConfig, ocdwrap.SamplingConfig, nn.Module]] = field(
+        default_factory=dict
+    )
     timings: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
     cfg: ocdwrap.OCDConfig | None = None  # the config of the last delta run
@@ -146,8 +148,8 @@ class Pipeline:
 
     def ocd_model(self, delta: str = "rank1") -> ocdwrap.OCDModel:
         """The base wrapped again on fc2 with the hypernetwork fitted for ``delta``."""
-        cfg, hypernet = self.fitted[delta]
-        model = ocdwrap.OCDModel(self.base, "fc2", cfg)
+        cfg, sampling, hypernet = self.fitted[delta]
+        model = ocdwrap.OCDModel(self.base, "fc2", cfg, sampling)
         model.hypernet = hypernet
         return model
 
@@ -170,16 +172,28 @@ def train_lenet(data: dict, *, seed: int, max_epochs: int, device: str) -> tuple
     return base, tr
 
 
-def make_config(
-    delta: str, *, optimizer: str, fit_steps: int, seed: int, paper: bool
-) -> ocdwrap.OCDConfig:
+def make_config(delta: str, *, optimizer: str, paper: bool) -> ocdwrap.OCDConfig:
     """The quickstart's OCDConfig for ``delta`` ("rank1" or "full")."""
-    cfg_kw = dict(delta=delta, overfit_optimizer=optimizer, fit_steps=fit_steps, seed=seed)
+    cfg_kw = dict(delta=delta, overfit_optimizer=optimizer)
     if paper:
         return ocdwrap.OCDConfig.paper(**cfg_kw)
     if delta == "full":  # a small UNet: two CPU cores cannot train the paper's in minutes
-        return ocdwrap.OCDConfig(**cfg_kw, unet_channels=(16, 32, 32), fit_batch_size=32)
-    return ocdwrap.OCDConfig(**cfg_kw, fit_batch_size=256)
+        return ocdwrap.OCDConfig(**cfg_kw, unet_channels=(16, 32, 32))
+    return ocdwrap.OCDConfig(**cfg_kw)
+
+
+def make_fit_args(delta: str, *, fit_steps: int, paper: bool) -> ocdwrap.FitArgs:
+    """The quickstart's FitArgs: ``fit_steps`` steps in minibatches of 128 (``paper``), 32 (the
+    small UNet) or 256 (rank-one deltas)."""
+    if paper:
+        return ocdwrap.FitArgs.paper(steps=fit_steps)
+    return ocdwrap.FitArgs(steps=fit_steps, batch_size=32 if delta == "full" else 256)
+
+
+def make_sampling(*, seed: int, paper: bool) -> ocdwrap.SamplingConfig:
+    """The quickstart's sampling defaults: noise seeded with ``seed``; the paper's 10 DDIM steps
+    with ``paper``, else the library's 2."""
+    return ocdwrap.SamplingConfig.paper(seed=seed) if paper else ocdwrap.SamplingConfig(seed=seed)
 
 
 def run(args: argparse.Namespace) -> Pipeline:
@@ -206,15 +220,11 @@ def run(args: argparse.Namespace) -> Pipeline:
     workdir = args.workdir or tempfile.mkdtemp(prefix="ocdwrap-quickstart-")
     for i, delta in enumerate(deltas):
         suffix = "" if i == 0 else f"_{delta}"
-        cfg = make_config(
-            delta,
-            optimizer=args.optimizer,
-            fit_steps=args.fit_steps,
-            seed=args.seed,
-            paper=args.paper,
-        )
+        cfg = make_config(delta, optimizer=args.optimizer, paper=args.paper)
+        fit_args = make_fit_args(delta, fit_steps=args.fit_steps, paper=args.paper)
+        sampling = make_sampling(seed=args.seed, paper=args.paper)
         pipe.cfg = cfg
-        model = ocdwrap.wrap(base, layer="fc2", config=cfg)
+        model = ocdwrap.wrap(base, layer="fc2", config=cfg, sampling=sampling)
         log(
             f"2/4 [{delta}] overfitting fc2 on {n_train} training samples, one at a time (vectorized)"
         )
@@ -231,10 +241,10 @@ def run(args: argparse.Namespace) -> Pipeline:
 
         log(f"3/4 [{delta}] fitting the conditional diffusion model and the scale model")
         t0 = time.perf_counter()
-        report = ocdwrap.fit(model, store)
+        report = ocdwrap.fit(model, store, fit_args)
         timings[f"fit{suffix}"] = time.perf_counter() - t0
         pipe.reports[delta] = report
-        pipe.fitted[delta] = (cfg, model.hypernet)
+        pipe.fitted[delta] = (cfg, sampling, model.hypernet)
         log(f"   final loss {report.final_loss:.4f} in {report.seconds:.0f} s")
 
         log(f"4/4 [{delta}] evaluating on the {len(xte)} test images")
@@ -252,9 +262,10 @@ def run(args: argparse.Namespace) -> Pipeline:
             rows["overfit_on_test"] = ocdwrap.evaluate_ocd(model, test, ce, mode="overfit")
         model.unload()
 
-        reg = ocdwrap.wrap(base, layer="fc2", config=cfg.replace(generator="regression"))
+        reg_cfg = cfg.replace(generator="regression")
+        reg = ocdwrap.wrap(base, layer="fc2", config=reg_cfg, sampling=sampling)
         t0 = time.perf_counter()
-        pipe.reports["regression" + suffix] = ocdwrap.fit(reg, store)
+        pipe.reports["regression" + suffix] = ocdwrap.fit(reg, store, fit_args)
         timings[f"fit_regression{suffix}"] = time.perf_counter() - t0
         rows["regression" + suffix] = ocdwrap.evaluate_ocd(
             reg, test, ce, num_draws=1, seed=args.seed

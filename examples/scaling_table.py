@@ -74,14 +74,14 @@ def measure(layer: str, delta: str, n: int = 2048) -> dict:
     """Collect ``n`` random MNIST-shaped samples on LeNet5 (two shards); shard bytes and speed."""
     torch.manual_seed(0)
     base = LeNet5().eval()
-    cfg = ocdwrap.OCDConfig(delta=delta, shard_size=max(1, (n + 1) // 2))
-    model = ocdwrap.wrap(base, layer=layer, config=cfg)
+    model = ocdwrap.wrap(base, layer=layer, config=ocdwrap.OCDConfig(delta=delta))
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
     out = tempfile.mkdtemp(prefix="ocdwrap-scaling-")
     try:
         t0 = time.perf_counter()
-        store = ocdwrap.collect(model, tensor_loader(x, y, 256), CE, out, progress=False)
+        loader, shard_size = tensor_loader(x, y, 256), max(1, (n + 1) // 2)
+        store = ocdwrap.collect(model, loader, CE, out, progress=False, shard_size=shard_size)
         seconds = time.perf_counter() - t0
         size = sum(os.path.getsize(p) for p in store.shard_paths())
         dims = tuple(store.dims[k] for k in ("cond_in", "cond_act", "cond_out"))

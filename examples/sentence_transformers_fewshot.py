@@ -51,14 +51,14 @@ def run_split(body, texts, labels, *, seed: int, args, workdir: str) -> dict[str
     clf = SentenceClassifier(body, num_labels=2).fit_head(tr_x, tr_y)
     base = scores(clf.predict_proba(te_x), te_y)
 
-    config = ocdwrap.OCDConfig(
-        delta="rank1", fit_steps=args.fit_steps, fit_batch_size=len(tr_x), seed=seed
-    )
-    ocd = ocdwrap.wrap(clf, layer="head", config=config)
+    config = ocdwrap.OCDConfig(delta="rank1")
+    sampling = ocdwrap.SamplingConfig(seed=seed)
+    ocd = ocdwrap.wrap(clf, layer="head", config=config, sampling=sampling)
     store = ocdwrap.collect(
         ocd, clf.batches(tr_x, tr_y), CE, os.path.join(workdir, f"deltas-{seed}"), progress=False
     )
-    ocdwrap.fit(ocd, store, progress=False)
+    fit_args = ocdwrap.FitArgs(steps=args.fit_steps, batch_size=len(tr_x))
+    ocdwrap.fit(ocd, store, fit_args, progress=False)
     with route(ocd):  # clf.predict / predict_proba now run with per-sentence heads
         one = scores(clf.predict_proba(te_x), te_y)
         with ocd.sampling(num_draws=args.draws, seed=seed):

@@ -102,12 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
     t_train = time.perf_counter() - t0
     log(f"   {tr.epochs_run} epochs, best val loss {tr.best_val_loss:.4f}, {t_train:.0f} s")
 
-    config = ocdwrap.OCDConfig(
-        delta=args.delta, fit_steps=args.fit_steps, fit_batch_size=256, seed=args.seed
-    )
+    config = ocdwrap.OCDConfig(delta=args.delta)
+    fit_args = ocdwrap.FitArgs(steps=args.fit_steps, batch_size=256)
     if args.delta == "full":  # a small UNet; the paper's size wants a GPU
-        config = config.replace(unet_channels=(16, 32, 32), fit_batch_size=32)
-    model = ocdwrap.wrap(base.eval(), layer=args.layer, config=config)
+        config = config.replace(unet_channels=(16, 32, 32))
+        fit_args = fit_args.replace(batch_size=32)
+    sampling = ocdwrap.SamplingConfig(seed=args.seed)
+    model = ocdwrap.wrap(base.eval(), layer=args.layer, config=config, sampling=sampling)
     log(f"2/4 overfitting {args.layer} {tuple(model.weight_shape)} on each training image alone")
     workdir = tempfile.mkdtemp(prefix="ocdwrap-resnet-")
     t0 = time.perf_counter()
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     log(f"3/4 fitting the hypernetwork ({args.fit_steps} steps)")
     t0 = time.perf_counter()
-    report = ocdwrap.fit(model, store)
+    report = ocdwrap.fit(model, store, fit_args)
     t_fit = time.perf_counter() - t0
 
     log(f"4/4 evaluating on {len(xte)} test images")
