@@ -302,40 +302,29 @@ def _compare_parser(sub: Any, common: Callable, configurable: Callable) -> None:
     cp.set_defaults(func=cmd_compare)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ocdwrap",
-        description="OCD (Lutati & Wolf, ICLR 2023) on any PyTorch model: inspect, collect, fit, evaluate.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+def _common(q: argparse.ArgumentParser, data: bool) -> None:
+    q.add_argument("--model", required=True, help="import path of the trained base model")
+    q.add_argument("--device", help="move the model there first (default: where it is)")
+    if data:
+        q.add_argument("--data", required=True, help="import path of the data loader")
+        q.add_argument(
+            "--loss",
+            default="cross_entropy",
+            help="cross_entropy (default), mse, hf, or an import path of loss_fn(pred, target)",
+        )
 
-    info = sub.add_parser("info", help="what an adapter / collection / fit checkpoint holds")
-    info.add_argument("directory")
-    info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=cmd_info)
 
-    def common(q: argparse.ArgumentParser, data: bool) -> None:
-        q.add_argument("--model", required=True, help="import path of the trained base model")
-        q.add_argument("--device", help="move the model there first (default: where it is)")
-        if data:
-            q.add_argument("--data", required=True, help="import path of the data loader")
-            q.add_argument(
-                "--loss",
-                default="cross_entropy",
-                help="cross_entropy (default), mse, hf, or an import path of loss_fn(pred, target)",
-            )
+def _configurable(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--config", help="a JSON file of OCDConfig fields")
+    q.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="OCDConfig fields to override")
 
-    def configurable(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--config", help="a JSON file of OCDConfig fields")
-        q.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="OCDConfig fields to override")
 
+def _collect_parser(sub: Any) -> None:
     col = sub.add_parser(
         "collect", help="overfit the layer on every training sample, store the deltas"
     )
-    common(col, data=True)
-    configurable(col)
+    _common(col, data=True)
+    _configurable(col)
     col.add_argument("--layer", default="auto", help="target module name, or auto (default)")
     col.add_argument("--calibration", help="import path of calibration data for --layer auto")
     col.add_argument("--out", required=True, help="collection directory")
@@ -344,9 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--overwrite", action="store_true")
     col.set_defaults(func=cmd_collect)
 
+
+def _fit_parser(sub: Any) -> None:
     fit = sub.add_parser("fit", help="fit the hypernetwork on a collection, save the adapter")
-    common(fit, data=False)
-    configurable(fit)
+    _common(fit, data=False)
+    _configurable(fit)
     fit.add_argument("--deltas", required=True, help="collection directory")
     fit.add_argument("--out", required=True, help="adapter directory")
     fit.add_argument("--steps", type=int, help="FitArgs.steps (default 2000)")
@@ -357,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="replace an adapter in --out")
     fit.set_defaults(func=cmd_fit)
 
+
+def _evaluate_parser(sub: Any) -> None:
     ev = sub.add_parser("evaluate", help="score base / OCD / overfit-on-test on a data loader")
-    common(ev, data=True)
+    _common(ev, data=True)
     ev.add_argument("--adapter", required=True)
     ev.add_argument("--modes", default="base,ocd", help="comma-separated: base, ocd, overfit")
     ev.add_argument("--num-draws", type=int, default=1, help="OCD(K): draws averaged per input")
@@ -367,11 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
+
+def _headroom_parser(sub: Any) -> None:
     hr = sub.add_parser(
         "headroom", help="before any collection: how much of the overfit gain can OCD capture?"
     )
-    common(hr, data=True)
-    configurable(hr)
+    _common(hr, data=True)
+    _configurable(hr)
     hr.add_argument("--layer", default="auto", help="target module name, or auto (default)")
     hr.add_argument("--calibration", help="import path of calibration data for --layer auto")
     hr.add_argument("--adapter", help="take the layer and overfit settings of a saved adapter")
@@ -385,7 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     hr.add_argument("--json", action="store_true")
     hr.set_defaults(func=cmd_headroom)
 
-    _compare_parser(sub, common, configurable)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ocdwrap",
+        description="OCD (Lutati & Wolf, ICLR 2023) on any PyTorch model: inspect, collect, fit, evaluate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="what an adapter / collection / fit checkpoint holds")
+    info.add_argument("directory")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+    for add in (_collect_parser, _fit_parser, _evaluate_parser, _headroom_parser):
+        add(sub)
+    _compare_parser(sub, _common, _configurable)
     return p
 
 
