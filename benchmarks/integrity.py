@@ -18,7 +18,7 @@ ocdwrap uses; SHA-256, BLAKE2b and CRC-32 from the standard library; CRC-32C whe
 package is installed) on the same 64 MiB buffer, one core, which is why ocdwrap takes a small
 dependency rather than ``hashlib``.
 
-The rows are written with :class:`ocdwrap.store.StoreWriter` from random values of the real
+The rows are written with :class:`ocdwrap.store_writer.StoreWriter` from random values of the real
 shapes (what a checksum costs depends on the bytes, not on their values), so the script needs no
 data set and no overfitting. Timings are medians over ``--reps`` repeats, the variants
 interleaved so load changes hit all of them; the rank-one loads take milliseconds, so they are
@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 import ocdwrap
-from ocdwrap.fit import load_training_data
 from ocdwrap.io import DIGEST_ALGORITHM
-from ocdwrap.store import STOPPED_END, StoreWriter
+from ocdwrap.store import STOPPED_END, load_training_data
+from ocdwrap.store_writer import StoreWriter
 
 from . import zoo
 from .cli import command
