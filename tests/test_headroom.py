@@ -135,7 +135,8 @@ def test_probe_captures_more_on_an_underfitting_base() -> None:
         rep = headroom(ocdwrap.wrap(net, layer="2"), held, CE, mixture_classes=0)
         shares[epochs] = rep.row("probe").share_loss
         assert rep.row("overfit_on_test").loss < rep.row("base").loss
-    # measured: 92.6 % after one epoch, 0.0 % after forty (the probe falls back to the base)
+    # measured: docs/results/headroom_examples.json (seed 0 is this setting: the probe falls back
+    # to the base after forty epochs; on other seeds it finds a part of the small gap)
     assert shares[1] > 60.0
     assert shares[40] < shares[1] - 40.0
 

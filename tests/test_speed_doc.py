@@ -5,7 +5,10 @@ marked blocks from the JSONs leaves the pages as they are.
   (the ``<!-- render: ... -->`` blocks);
 * ``python -m benchmarks.speed --update-doc docs/performance.md`` (the ``<!-- speed-doc: ... -->``
   blocks: the goals table before -> after and the tables under it, from the committed
-  ``benchmarks.speed`` runs).
+  ``benchmarks.speed`` runs);
+* ``python -m benchmarks.headroom_examples --update-doc docs/headroom.md`` (the
+  ``<!-- headroom-examples: ... -->`` blocks: the examples and timing, from
+  ``docs/results/headroom_examples.json``).
 
 Each check renders into a copy, so a failing run leaves the working tree untouched; the fix is
 to run the command above and commit the result (or the JSON it reads).
@@ -18,7 +21,7 @@ import shutil
 
 import pytest
 
-from benchmarks import report, speed
+from benchmarks import headroom_examples, report, speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RENDERED = ["docs/results.md", "docs/figures.md", "docs/performance.md"]
@@ -44,4 +47,17 @@ def test_speed_doc_blocks_match_their_jsons(tmp_path) -> None:
     assert copy.read_text() == text, (
         "docs/performance.md differs from its JSONs: run "
         "python -m benchmarks.speed --update-doc docs/performance.md"
+    )
+
+
+def test_headroom_examples_blocks_match_their_json(tmp_path) -> None:
+    doc = os.path.join(ROOT, "docs/headroom.md")
+    text = open(doc).read()
+    assert headroom_examples.DOC_START in text  # the examples' tables are rendered, not typed
+    copy = tmp_path / "headroom.md"
+    copy.write_text(text)
+    assert headroom_examples.update_doc(str(copy)) >= 1
+    assert copy.read_text() == text, (
+        "docs/headroom.md differs from its JSON: run "
+        "python -m benchmarks.headroom_examples --update-doc docs/headroom.md"
     )
