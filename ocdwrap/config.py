@@ -451,3 +451,10 @@ class SamplingConfig(_Settings):
     def save(self, directory: str | os.PathLike) -> str:
         """Write ``ocd_sampling.json`` into ``directory`` (atomically) and return its path."""
         return _save(self, directory, SAMPLING_NAME)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> SamplingConfig:
+        """Read ``ocd_sampling.json`` from ``directory``."""
+        from .io import read_json
+
+        return cls.from_dict(read_json(os.path.join(os.fspath(directory), SAMPLING_NAME)))

@@ -148,6 +148,8 @@ def test_fitted_lenet_adapter_files_hold_each_setting_in_its_home(tmp_path) -> N
     assert saved["base_model_class"] == type(model.base_model).__name__
     with open(tmp_path / "a" / SAMPLING_NAME) as f:
         assert json.load(f) == sampling.to_dict()
+    assert ocdwrap.SamplingConfig.load(tmp_path / "a") == sampling
+    assert ocdwrap.OCDConfig.load(tmp_path / "a").mlp_hidden == SMALL["mlp_hidden"]
     loaded = ocdwrap.OCDModel.from_pretrained(model.unload(), tmp_path / "a")
     assert loaded.sampling_config == sampling
     with torch.no_grad():
