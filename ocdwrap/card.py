@@ -3,8 +3,8 @@
 A Hugging Face style card: YAML front matter (``library_name: ocdwrap``, the base model where
 known, tags) and what a reader needs to judge the adapter: the base model and layer, the delta
 parameterisation and generator, the ocdwrap version, the fit that trained it, and the
-``headroom`` verdict when one was computed on this model. :func:`read_card` reads the front
-matter back (``ocdwrap info`` shows it).
+``compare`` table and verdict and the ``headroom`` report when they were computed on this
+model. :func:`read_card` reads the front matter back (``ocdwrap info`` shows it).
 """
 
 from __future__ import annotations
@@ -91,6 +91,16 @@ def model_card(model: Any, version: str) -> str:
             + (f" (resumed from step {fit.resumed_from})" if fit.resumed_from else "")
             + (f"; {fit.skipped_steps} non-finite steps skipped" if fit.skipped_steps else "")
             + ".",
+            "",
+        ]
+    verdict = getattr(model, "compare_report", None)
+    if verdict is not None:
+        lines += [
+            "## OCD against the controls on this model (`ocdwrap.compare`)",
+            "",
+            "```",
+            str(verdict).rstrip(),
+            "```",
             "",
         ]
     room = getattr(model, "headroom_report", None)

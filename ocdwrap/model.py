@@ -111,9 +111,10 @@ class OCDModel(nn.Module):
         self.hypernet: nn.Module | None = None
         # fit continues from the loaded hypernetwork (from_pretrained(is_trainable=True))
         self.is_trainable = False
-        # what the model card reports: set by ocdwrap.fit and ocdwrap.headroom on this model
+        # what the model card reports: set by ocdwrap.fit, headroom and compare on this model
         self.fit_report: Any = None
         self.headroom_report: Any = None
+        self.compare_report: Any = None
 
     # --- the target layer --------------------------------------------------------------------
     @property

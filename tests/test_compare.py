@@ -271,6 +271,17 @@ def test_regression_marks_own_label_skipped_and_no_train_fn_skips_compute_matche
     assert "skipped: " in str(c)
 
 
+def test_the_model_card_carries_the_verdict(full, tmp_path) -> None:
+    comparison, _, model, _ = full
+    assert model.compare_report is comparison
+    model.save_pretrained(tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "`ocdwrap.compare`" in card and comparison.verdict in card
+    from ocdwrap.card import read_card
+
+    assert any("ocdwrap.compare" in s for s in read_card(str(tmp_path / "adapter"))["sections"])
+
+
 def test_plot(full, tmp_path) -> None:
     pytest.importorskip("matplotlib")
     path = full[0].plot(tmp_path / "compare.png")

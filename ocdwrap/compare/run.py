@@ -169,6 +169,7 @@ class _Compare:
             model.base_model.train(was_training)
         comparison = self._comparison(final=True)
         self.saved.write(comparison)
+        model.compare_report = comparison  # the model card reports it
         return comparison
 
     # --- keeping a row -------------------------------------------------------------------------
