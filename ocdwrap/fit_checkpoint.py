@@ -99,9 +99,7 @@ class Checkpoint:
             ) from e
         return report.resumed_from
 
-    def save(
-        self, step: int, hyper, opt, opt_scale, gen: torch.Generator, report: Any
-    ) -> None:
+    def save(self, step: int, hyper, opt, opt_scale, gen: torch.Generator, report: Any) -> None:
         tensors = {f"model.{k}": v for k, v in hyper.state_dict().items()}
         meta: dict[str, Any] = {}
         _flatten_optimizer("opt", opt, tensors, meta)
