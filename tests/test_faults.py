@@ -409,7 +409,7 @@ def test_collect_resumes_after_a_crash_at_any_write(tmp_path, monkeypatch, after
 def test_fit_resumes_after_a_crash_at_any_write(
     store_dir: str, tmp_path, monkeypatch, after: bool
 ) -> None:
-    fit_module = importlib.import_module("ocdwrap.fit")
+    fit_module = importlib.import_module("ocdwrap.fit_checkpoint")  # it writes the checkpoints
     cfg = dict(**SMALL, delta="rank1")
     reference = _wrap(**cfg)
     ocdwrap.fit(
