@@ -1,11 +1,9 @@
-"""The controls every benchmark table sets OCD against, beyond the base model.
+"""The benchmarks' own controls, beyond the rows ``ocdwrap.compare`` computes.
 
-* :class:`NearestNeighbour`: each test input gets the stored delta of the training sample whose
-  input is closest (L2), the paper's "nearest neighbour" ablation;
-* :func:`pseudo_label_spec`: the overfit delta with the base model's own predicted class as the
-  label, the label-free self-training baseline;
+``ocdwrap.compare`` owns the shared rows (the nearest neighbour, the own-label overfit, the
+compute-matched base among them); what is left here is what only the paper's tables have:
+
 * :class:`Agreement`: how close a generator's deltas are to the overfit-on-test ones;
-* :func:`compute_matched`: the base trained further for OCD's wall time;
 * :func:`overfit_all_layers`: every parameter overfitted per test sample, vectorized with
   ``torch.func``;
 * :func:`alternative_layer`: the paper's "alternative layer" ablation's layer;
@@ -24,67 +22,8 @@ from torch import nn
 
 import ocdwrap
 from ocdwrap.batches import read_output, split_batch, to_device
-from ocdwrap.deltas import LOWRANK_KEYS
-from ocdwrap.layer import FullDelta, LowRankDelta, Rank1Delta
 
-from .scoring import Task, evaluate_module, evaluate_predictions
-from .zoo import continue_training
-
-
-class NearestNeighbour:
-    """The stored delta of the training sample whose input is closest (L2) to each test input.
-
-    Reads whichever form the collection stores (its manifest's keys, so a ``delta="auto"``
-    collection works too): rank-one factors, low-rank factors or full matrices; the spec it
-    returns is of the same form (:class:`~ocdwrap.LowRankDelta` for a low-rank store).
-    """
-
-    def __init__(
-        self,
-        store: ocdwrap.DeltaStore,
-        cfg: ocdwrap.OCDConfig,
-        shape: tuple[int, ...],
-        nn_train: torch.Tensor,
-        nn_test: torch.Tensor,
-    ) -> None:
-        stored = set(store.keys)
-        if {"u", "v"} <= stored and "delta" not in stored:
-            self.form, keys = "rank1", ["u", "v"]
-        elif set(LOWRANK_KEYS) <= stored:
-            self.form, keys = "lowrank", list(LOWRANK_KEYS)
-        elif "delta" in stored:
-            self.form, keys = "full", ["delta"]
-        else:
-            raise ValueError(
-                f"NearestNeighbour: the collection in {store.directory} stores {sorted(stored)}, "
-                "none of the delta forms (u/v, lowrank_u/s/v, delta); collect it again."
-            )
-        del cfg  # the form is the store's, whatever the config now says
-        self.data = store.load(["index", "rho", *keys])
-        self.rank1, self.shape = self.form == "rank1", shape
-        idx = self.data["index"].to(nn_train.device)
-        self.train = nn_train[idx].float().reshape(len(idx), -1)
-        self.test = nn_test.float().reshape(len(nn_test), -1)
-
-    def spec(self, start: int, count: int) -> Any:
-        """Deltas for test samples ``start .. start + count - 1``."""
-        q = self.test[start : start + count]
-        idx = torch.cdist(q, self.train).argmin(1).cpu()
-        rho = self.data["rho"][idx]
-        if self.form == "rank1":
-            return Rank1Delta(rho.unsqueeze(1) * self.data["u"][idx], self.data["v"][idx])
-        if self.form == "lowrank":
-            u, s, v = (self.data[k][idx] for k in LOWRANK_KEYS)
-            return LowRankDelta(u, rho.unsqueeze(1) * s, v)
-        d = self.data["delta"][idx] * rho.view(-1, 1, 1)
-        return FullDelta(d.reshape(len(idx), *self.shape))
-
-
-def pseudo_label_spec(model: ocdwrap.OCDModel, x: Any, task: Task) -> FullDelta:
-    """The overfit delta of each sample with the base model's own predicted class as label."""
-    with torch.no_grad(), model.disable_adapter():
-        guess = read_output(model(x)).argmax(-1)
-    return FullDelta(ocdwrap.overfit_batch(model, x, guess, task.loss_fn).delta)
+from .scoring import Task, evaluate_predictions
 
 
 def _spec_matrix(spec: Any) -> torch.Tensor:
@@ -144,31 +83,6 @@ class Agreement:
             out["cos_base_wrong"] = float(c[~r].mean()) if (~r).any() else float("nan")
             out["n_base_wrong"] = int((~r).sum())
         return out
-
-
-def compute_matched(
-    base: nn.Module,
-    train_loader: Iterable,
-    test_loader: Iterable,
-    task: Task,
-    seconds: float,
-    *,
-    lr: float = 1e-4,
-    device: str = "cpu",
-    seed: int = 0,
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """A copy of ``base`` trained further (fresh Adam, ``lr``) for ``seconds``, then scored."""
-    model = copy.deepcopy(base)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    steps = continue_training(
-        model, train_loader, task.loss_fn, seconds=seconds, lr=lr, device=device, seed=seed
-    )
-    return evaluate_module(model, test_loader, task, device), {
-        "seconds": seconds,
-        "steps": steps,
-        "lr": lr,
-    }
 
 
 def overfit_all_layers(

@@ -1,18 +1,26 @@
-"""One benchmark seed's experiment: the base row, OCD and its ablations, the compute-matched row.
+"""One benchmark seed's experiment: the shared rows through :func:`ocdwrap.compare`, and what a
+domain adds around them.
 
-:func:`run_ocd` is the part that is the same in every domain: wrap the trained base at one
-layer, collect, fit, and score OCD, OCD(K), the global-scale ablation, the regression
-generator, the nearest neighbour, the own-label overfit and the overfit-on-test bound (the rows
-asked for), with how close each generator's deltas come to the overfit-on-test ones.
-:func:`base_row` trains the base and :func:`compute_matched_row` trains it further for OCD's
-wall time; a script adds its own rows around them.
+:func:`run_compare` is the part that is the same in every domain, and it is the library's own
+code path: wrap the trained base at one layer and call ``ocdwrap.compare``, which collects,
+fits and scores base, overfit (the bound), ocd, ocd_k, regression, nearest, own_label, probe and
+compute_matched (the domain's own training continued for the collection and fit time) on the
+test data. A domain passes its own distance for ``nearest`` (``features=``), its own metrics
+(``metrics=``), its own training (``train_fn=``) and its ablations that fit the generator
+interface (``generators=``, e.g. :class:`GlobalScale`); the ablations that do not (another
+layer, every layer overfitted, a truncated rank, the full-matrix UNet) are rows the script adds
+with the helpers here (:func:`alternative_layer_row`, :func:`overfit_all_row`).
+
+:func:`base_row` trains the base; :func:`headroom_info` runs ``ocdwrap.headroom`` before any
+collection. The row tables every script shares are built by :func:`table_rows`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,35 +28,121 @@ from torch import nn
 
 import ocdwrap
 from ocdwrap.analysis.uncertainty import misclassification_report
+from ocdwrap.compare import Metric
+from ocdwrap.compare import Row as CompareRow
+from ocdwrap.errors import NotFittedError
 
 from .cli import recorded
-from .controls import (
-    Agreement,
-    NearestNeighbour,
-    alternative_layer,
-    compute_matched,
-    overfit_all_layers,
-    pseudo_label_spec,
-)
+from .controls import Agreement, alternative_layer, overfit_all_layers
 from .datasets import tensor_loader
-from .results import Results
-from .scoring import Task, evaluate_module, evaluate_ocd, evaluate_with_deltas
+from .results import Results, Row
+from .scoring import Task, evaluate_module
 from .timing import log, timed
-from .zoo import train_base
+from .zoo import continue_training, train_base
 
-OCD_ROWS = ("ocd", "ocd_k", "global", "regression", "nn", "overfit", "pseudo")
+# the rows ocdwrap.compare computes, in the names of its table (and of every benchmark JSON)
+COMPARE_ROWS = (
+    "base",
+    "overfit",
+    "ocd",
+    "ocd_k",
+    "regression",
+    "nearest",
+    "own_label",
+    "probe",
+    "compute_matched",
+)
+
+# every table's row labels; a script overrides some (its layer, its nearest-neighbour space)
+LABELS = {
+    "base": "base",
+    "compute_matched": "base + compute-matched extra training",
+    "ocd": "OCD, 1 draw",
+    "ocd_k": "OCD(5) ensemble",
+    "global": "no scaling (global ρ), 1 draw",
+    "regression": "regression generator (no diffusion)",
+    "nearest": "nearest neighbour ({space})",
+    "own_label": "overfit {layer} on test with the base's own predicted label (no labels)",
+    "probe": "overfit {layer} on test towards a probe's prediction (no test labels)",
+    "overfit": "overfit {layer} on test (Adam 5e-4 × 3; upper bound)",
+}
+
+
+def table_rows(
+    order: Sequence[str | Row],
+    *,
+    layer: str,
+    space: str,
+    labels: Mapping[str, str] | None = None,
+    paper: Mapping[str, Mapping[str, str]] | None = None,
+) -> list[Row]:
+    """The rows of a table in ``order``: each a shared row's key (labelled from :data:`LABELS`
+    with ``layer`` and the nearest neighbour's ``space``, or ``labels``' own) or a script's own
+    :class:`Row`; ``paper`` gives the paper's numbers by key."""
+    labels, paper = labels or {}, paper or {}
+    out = []
+    for item in order:
+        if isinstance(item, Row):
+            out.append(item)
+            continue
+        label = labels.get(item, LABELS[item]).format(layer=layer, space=space)
+        out.append(Row(item, label, dict(paper.get(item, {}))))
+    return out
+
+
+class GlobalScale:
+    """The paper's "no scaling" ablation as a generator: the model's own fitted generator
+    (``ocd``'s, fitted before any caller's generator) sampled with the training set's mean rho
+    instead of rho(I(x)). Nothing of its own to fit."""
+
+    def fit(self, model: ocdwrap.OCDModel, store: Any, args: Any) -> None:
+        if model.hypernet is None:
+            raise NotFittedError(
+                "GlobalScale samples the model's own generator: compute the ocd row with it"
+            )
+
+    def generate(self, model: ocdwrap.OCDModel, cond: Any, inputs: Any, rng: Any) -> Any:
+        with model.sampling(scale="global"):
+            return model.generate(cond, rng=rng)
+
+
+def train_fn_for(
+    loader: Iterable, task: Task, *, device: str, seed: int, lr: float = 1e-4
+) -> tuple[Callable[[nn.Module, float], nn.Module], dict[str, Any]]:
+    """compare's ``train_fn`` for a base trained by :func:`benchmarks.zoo.train_base`: the copy
+    trained further (fresh Adam ``lr``, the task's loss) on ``loader`` for the seconds asked;
+    and the dict it records the steps in."""
+    record: dict[str, Any] = {"lr": lr}
+
+    def train(model: nn.Module, seconds: float) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        record["steps"] = continue_training(
+            model, loader, task.loss_fn, seconds=seconds, lr=lr, device=device, seed=seed
+        )
+        return model
+
+    return train, record
 
 
 @dataclass
-class OCDRun:
-    """What :func:`run_ocd` measured: ``rows`` (row -> metrics) and ``info`` (timings, stats)."""
+class CompareRun:
+    """What :func:`run_compare` measured: ``rows`` (row -> metrics), ``info`` (timings, the
+    comparison itself under ``comparison``) and the uncertainty report when asked for."""
 
     rows: dict[str, dict[str, float]]
     info: dict[str, Any]
-    uncertainty: Any = None  # an ocdwrap.analysis.uncertainty.UncertaintyReport when asked for
+    uncertainty: Any = None
 
 
-def run_ocd(
+def row_metrics(task: Task, row: CompareRow) -> dict[str, float]:
+    """A compare row in the domain's metrics: ``task.metrics`` of its mean loss and accuracy
+    (classification), then the row's ``metrics=`` under their own names."""
+    res = {"loss": row.loss, "accuracy": row.metric if task.kind == "classification" else None}
+    return {**task.metrics(res), **row.metrics}
+
+
+def run_compare(
     base: nn.Module,
     layer: str,
     cfg: ocdwrap.OCDConfig,
@@ -57,201 +151,117 @@ def run_ocd(
     task: Task,
     out_dir: str,
     *,
-    fit_args: ocdwrap.FitArgs | None = None,
-    sampling: ocdwrap.SamplingConfig | None = None,
-    rows: Sequence[str] = OCD_ROWS,
+    fit_args: ocdwrap.FitArgs,
+    sampling: ocdwrap.SamplingConfig,
+    rows: Sequence[str] | None = None,
     draws: int = 5,
     seed: int = 0,
-    device: str = "cpu",
-    nn_train: torch.Tensor | None = None,
-    nn_test: torch.Tensor | None = None,
+    train_fn: Callable[[nn.Module, float], Any] | None = None,
+    train_record: dict[str, Any] | None = None,
+    features: Callable[[Any], torch.Tensor] | None = None,
+    metrics: Mapping[str, Metric] | None = None,
+    generators: Mapping[str, Any] | None = None,
     progress: bool = False,
     tag: str = "",
     agreement_samples: int = 2000,
     uncertainty: bool = False,
-    seen_loader: Iterable | None = None,
-) -> OCDRun:
-    """Wrap ``base`` at ``layer`` with ``cfg`` and the sampling defaults ``sampling`` (default
-    ``SamplingConfig()``), collect, fit with ``fit_args`` (default ``FitArgs(seed=seed)``), and
-    score the OCD rows asked for.
+    after: Callable[[ocdwrap.OCDModel, dict[str, Any]], None] | None = None,
+    to_metrics: Callable[[CompareRow], dict[str, float]] | None = None,
+) -> CompareRun:
+    """``ocdwrap.compare`` of ``base`` wrapped at ``layer`` with ``cfg`` and ``sampling``, on
+    ``train_loader`` (collected) and ``test_loader`` (scored), every row in the domain's
+    metrics (``to_metrics``, default :func:`row_metrics`).
 
-    Rows (each 1 draw unless said): ``ocd``; ``ocd_k`` (K=``draws`` ensemble); ``global`` (the
-    same fitted generator with the training set's mean rho instead of rho(I(x))); ``regression``
-    (an MLP regressor of the normalised delta fitted on the same collection, instead of
-    diffusion); ``nn`` (each test input gets the stored delta of the training sample whose input
-    is closest in ``nn_train``/``nn_test`` feature space, L2); ``overfit`` (each test sample
-    overfitted with its true label, with the collection's optimizer, lr and steps); ``pseudo``
-    (classification: the same overfit with the base model's own predicted class as the label,
-    so no test label is used: plain self-training, the label-free baseline OCD must beat).
-
-    ``info["agreement"]`` compares each generator's deltas with the overfit-on-test deltas on
-    the first ``agreement_samples`` test samples (cosine, norm ratio; see :class:`Agreement`).
-    ``uncertainty=True`` (classification) also runs
-    :func:`ocdwrap.analysis.uncertainty.misclassification_report` with K=``draws``: the spread
-    between draws as a wrong-prediction detector next to the base model's confidence, and the
-    ECEs (``info["uncertainty"]``; the report itself in ``OCDRun.uncertainty``).
-    ``seen_loader``: training samples the base was trained on but that were not collected;
-    rows ``seen_base``, ``seen_ocd`` (1 draw) and ``seen_overfit`` score them (the authors' first
-    public evaluation drew its test images from the training file: this shows what that
-    protocol measures).
-    ``base`` is unwrapped again before returning.
+    ``rows``: compare's rows (default all; base and overfit are always in); ``generators``:
+    more rows (e.g. ``{"global": GlobalScale()}``); ``features``: the nearest neighbour's
+    space (default compare's, the standardised conditioning); ``train_fn``: the
+    compute-matched row's training (``train_record``: what it recorded, kept in
+    ``info["compute_matched"]``). After compare the model holds OCD's fitted generator:
+    ``info["agreement"]["ocd"]`` compares its deltas with the overfit-on-test ones on the first
+    ``agreement_samples`` test samples; ``uncertainty=True`` (classification) runs
+    ``misclassification_report`` with K=``draws``; ``after(model, info)`` adds a script's own
+    rows with it. ``base`` is unwrapped again before returning.
     """
-    rows = [r for r in rows if r != "pseudo" or task.kind == "classification"]
-    if "nn" in rows and (nn_train is None or nn_test is None):
-        raise ValueError(
-            "the nearest-neighbour row needs nn_train and nn_test features: pass them to "
-            "run_ocd, or leave 'nn' out of rows"
-        )
-    fit_args = fit_args or ocdwrap.FitArgs(seed=seed)
-    sampling = sampling or ocdwrap.SamplingConfig()
-    info = {"layer": layer, **recorded(cfg, fit_args, sampling), "agreement": {}}
-    run = _Rows(task, test_loader, rows, seed, f"[{tag or layer}] ", info, fit_args)
+    tag = f"[{tag or layer}] "
+    if rows is not None:  # a caller's generator is a row too
+        rows = [*rows, *(generators or {})]
+    info: dict[str, Any] = {"layer": layer, **recorded(cfg, fit_args, sampling), "agreement": {}}
     model = ocdwrap.wrap(base, layer=layer, config=cfg, sampling=sampling)
+    out: dict[str, dict[str, float]] = {}
+    report = None
+    logger = logging.getLogger("ocdwrap")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # compare's line per row
     try:
-        store = run.collect_and_fit(model, train_loader, out_dir, device, progress)
-        if agreement_samples:
-            run.agree = Agreement(model, test_loader, task, agreement_samples)
-        run.generated_rows(model, draws, uncertainty)
-        run.overfit_rows(model)
-        if seen_loader is not None:
-            run.seen_rows(model, seen_loader)
-        if "nn" in rows:
-            near = NearestNeighbour(store, cfg, model.weight_shape, nn_train, nn_test)
-            run.delta_row("nn", "nearest neighbour", model, lambda x, y, p: near.spec(p, len(y)))
+        log(f"{tag}ocdwrap.compare: rows {'all' if rows is None else list(rows)}, K={draws}")
+        comparison, seconds = timed(
+            lambda: ocdwrap.compare(
+                model, train_loader, test_loader, task.loss_fn, out_dir=out_dir, rows=rows,
+                num_draws=draws, train_fn=train_fn, metrics=metrics, task=task.kind, seed=seed,
+                progress=progress, fit_args=fit_args, sampling=sampling, generators=generators,
+                features=features, overwrite=True,
+            )
+        )  # fmt: skip
+        logger.setLevel(level)
+        log(f"{tag}compare in {seconds:.0f} s:\n{comparison}")
+        convert = to_metrics or (lambda r: row_metrics(task, r))
+        for r in comparison.rows:
+            if r.skipped is None:
+                out[r.name] = convert(r)
+        _record(info, comparison, out_dir, model, train_record)
+        fitted = model.hypernet is not None
+        if fitted and agreement_samples:
+            agree = Agreement(model, test_loader, task, agreement_samples)
+            rng = torch.Generator(device=model.device).manual_seed(seed)
+            info["agreement"]["ocd"] = agree.score(
+                lambda x, y, cond, p: model.generate(cond, rng=rng)
+            )
+            log(f"{tag}agreement with overfit-on-test deltas: {info['agreement']['ocd']}")
+        if fitted and uncertainty and task.kind == "classification":
+            report = misclassification_report(
+                model, test_loader, num_draws=draws, seed=seed, loss_fn=task.loss_fn
+            )
+            info["uncertainty"] = report.to_dict()
+            log(f"{tag}uncertainty:\n{report.table()}")
+        if after is not None:
+            after(model, out)
     finally:
+        logger.setLevel(level)
         model.unload()
-    if "regression" in rows:
-        run.regression_row(base, layer, cfg, sampling, store, device, progress)
-    for k, v in run.info["agreement"].items():
-        log(f"{run.tag}agreement {k}: {v}")
-    return OCDRun(run.out, run.info, run.uncertainty)
+    return CompareRun(out, info, report)
 
 
-@dataclass
-class _Rows:
-    """The rows of one :func:`run_ocd` call, filled in the order the paper's table lists them."""
-
-    task: Task
-    test_loader: Iterable
-    rows: Sequence[str]
-    seed: int
-    tag: str
-    info: dict[str, Any]
-    fit_args: ocdwrap.FitArgs
-    out: dict[str, dict[str, float]] = field(default_factory=dict)
-    agree: Agreement | None = None
-    uncertainty: Any = None
-
-    def collect_and_fit(
-        self,
-        model: ocdwrap.OCDModel,
-        train_loader: Iterable,
-        out_dir: str,
-        device: str,
-        progress: bool,
-    ) -> ocdwrap.DeltaStore:
-        cfg, tag, info = model.config, self.tag, self.info
-        log(
-            f"{tag}collect: overfitting {info['layer']} on every training sample ({cfg.overfit_optimizer})"
-        )
-        store, info["collect_s"] = timed(
-            lambda: ocdwrap.collect(
-                model, train_loader, self.task.loss_fn, out_dir, overwrite=True, progress=progress
-            )
-        )
-        info["collect_summary"] = store.manifest["summary"]
-        log(f"{tag}  {len(store)} deltas in {info['collect_s']:.1f} s; {store.manifest['summary']}")
-        log(f"{tag}fit: {self.fit_args.steps} steps ({cfg.generator}, delta={cfg.delta})")
-        report, info["fit_s"] = timed(
-            lambda: ocdwrap.fit(model, store, self.fit_args, progress=progress, device=device)
-        )
-        info["fit_final_loss"] = report.final_loss
-        last = report.scale_losses[-100:]
+def _record(info: dict, comparison: Any, out_dir: str, model: Any, train: dict | None) -> None:
+    """What the notes read from a comparison: its timings, the collection's summary, the
+    scale model's last losses, the compute-matched training, and the comparison itself."""
+    c = comparison.info
+    fit_s = c.get("fit_s", {})
+    info["collect_s"] = c.get("collect_s")
+    info["fit_s"] = fit_s.get("ocd")
+    info["fit_regression_s"] = fit_s.get("regression")
+    if info["collect_s"] is not None:
+        info["collect_summary"] = ocdwrap.DeltaStore(out_dir).manifest["summary"]
+    fit = model.fit_report
+    if fit is not None:
+        info["fit_final_loss"] = fit.final_loss
+        last = fit.scale_losses[-100:]
         info["fit_final_scale_dB"] = sum(last) / max(len(last), 1)
-        log(f"{tag}  fitted in {info['fit_s']:.1f} s, final loss {report.final_loss:.4f}")
-        return store
+    if "compute_matched" in c:
+        info["compute_matched"] = {**c["compute_matched"], **(train or {})}
+    info["comparison"] = comparison.to_dict()
 
-    def ocd_eval(self, model: ocdwrap.OCDModel, draws: int) -> dict[str, float]:
-        return evaluate_ocd(model, self.test_loader, self.task, num_draws=draws, seed=self.seed)
 
-    def generated_rows(self, model: ocdwrap.OCDModel, draws: int, uncertainty: bool) -> None:
-        """OCD (1 draw), OCD(K), the uncertainty report and the global-scale ablation."""
-        tag, info, task = self.tag, self.info, self.task
-        if "ocd" in self.rows:
-            self.out["ocd"], info["eval_ocd_s"] = timed(lambda: self.ocd_eval(model, 1))
-            log(f"{tag}OCD (1 draw): {self.out['ocd']}")
-            if self.agree:
-                rng = torch.Generator(device=model.device).manual_seed(self.seed)
-                info["agreement"]["ocd"] = self.agree.score(
-                    lambda x, y, cond, p: model.generate(cond, rng=rng)
-                )
-                log(f"{tag}  agreement with overfit-on-test deltas: {info['agreement']['ocd']}")
-        if "ocd_k" in self.rows:
-            self.out["ocd_k"] = self.ocd_eval(model, draws)
-            log(f"{tag}OCD({draws}): {self.out['ocd_k']}")
-        if uncertainty and task.kind == "classification":
-            self.uncertainty = misclassification_report(
-                model, self.test_loader, num_draws=draws, seed=self.seed, loss_fn=task.loss_fn
-            )
-            info["uncertainty"] = self.uncertainty.to_dict()
-            log(f"{tag}uncertainty:\n{self.uncertainty.table()}")
-        if "global" in self.rows:
-            with model.sampling(scale="global"):
-                self.out["global"] = self.ocd_eval(model, 1)
-            log(f"{tag}global rho (1 draw): {self.out['global']}")
-
-    def seen_rows(self, model: ocdwrap.OCDModel, loader: Iterable) -> None:
-        """Base, OCD (1 draw) and overfit on training samples that were not collected."""
-        for key, mode in (("seen_base", "base"), ("seen_ocd", "ocd"), ("seen_overfit", "overfit")):
-            self.out[key] = evaluate_ocd(model, loader, self.task, mode=mode, seed=self.seed)
-            log(f"{self.tag}{mode} on training samples not collected: {self.out[key]}")
-
-    def overfit_rows(self, model: ocdwrap.OCDModel) -> None:
-        """Overfit on test with the true label, and with the base model's own predicted label."""
-        if "overfit" in self.rows:
-            self.out["overfit"] = evaluate_ocd(model, self.test_loader, self.task, mode="overfit")
-            log(f"{self.tag}overfit on test: {self.out['overfit']}")
-        if "pseudo" in self.rows:
-            self.delta_row(
-                "pseudo",
-                "overfit on test with the base's predicted labels",
-                model,
-                lambda x, y, p: pseudo_label_spec(model, x, self.task),
-            )
-
-    def delta_row(self, key: str, what: str, model: ocdwrap.OCDModel, spec_fn: Any) -> None:
-        """Row ``key``: the model run with the deltas ``spec_fn(x, y, position)`` chooses."""
-        self.out[key] = evaluate_with_deltas(model, self.test_loader, self.task, spec_fn)
-        log(f"{self.tag}{what}: {self.out[key]}")
-        if self.agree:
-            self.info["agreement"][key] = self.agree.score(lambda x, y, c, p: spec_fn(x, y, p))
-
-    def regression_row(
-        self,
-        base: nn.Module,
-        layer: str,
-        cfg: ocdwrap.OCDConfig,
-        sampling: ocdwrap.SamplingConfig,
-        store: ocdwrap.DeltaStore,
-        device: str,
-        progress: bool,
-    ) -> None:
-        """The regression generator (no diffusion), fitted on the same collection."""
-        reg_cfg = cfg.replace(generator="regression")
-        reg = ocdwrap.wrap(base, layer=layer, config=reg_cfg, sampling=sampling)
-        try:
-            log(f"{self.tag}fit: regression generator, {self.fit_args.steps} steps")
-            _, self.info["fit_regression_s"] = timed(
-                lambda: ocdwrap.fit(reg, store, self.fit_args, progress=progress, device=device)
-            )
-            self.out["regression"] = self.ocd_eval(reg, 1)
-            log(f"{self.tag}regression generator: {self.out['regression']}")
-            if self.agree:
-                self.info["agreement"]["regression"] = self.agree.score(
-                    lambda x, y, c, p: reg.generate(c)
-                )
-        finally:
-            reg.unload()
+def add_run(res: Results, seed: int, run: CompareRun, key: str = "ocd", prefix: str = "") -> None:
+    """Every row of ``run`` into ``res`` (as ``prefix + row``, the rows ``res`` has); its info
+    under ``res.info[seed][key]``; the compute-matched training also under
+    ``res.info[seed]["compute_matched"]`` (the notes' place for it)."""
+    for k, v in run.rows.items():
+        if prefix + k in res.keys:
+            res.add(seed, prefix + k, v)
+    info = res.info.setdefault(seed, {})
+    info[key] = run.info
+    if not prefix and "compute_matched" in run.info:
+        info["compute_matched"] = run.info["compute_matched"]
 
 
 def base_row(
@@ -271,8 +281,8 @@ def base_row(
     progress: bool = False,
 ) -> nn.Module:
     """Train ``base`` to convergence (Adam, early stopping on ``val``), record how in
-    ``res.info[seed]["base_training"]``, add its "base" row; return an untouched copy of it
-    (for the compute-matched and all-layers controls, which must not see the OCD wrapper)."""
+    ``res.info[seed]["base_training"]``, add its "base" row (compare's own replaces it when a
+    comparison runs); return an untouched copy of it (for the all-layers control)."""
     tr = train_base(
         base,
         tensor_loader(*train, batch_size, shuffle=True, seed=seed),
@@ -298,38 +308,6 @@ def base_row(
     res.add(seed, "base", evaluate_module(base, test_loader, task, device))
     log(f"  base: {res.per_seed[seed]['base']}")
     return pristine
-
-
-def add_run(res: Results, seed: int, run: OCDRun, key: str = "ocd", prefix: str = "") -> None:
-    """Every row of ``run`` into ``res`` (as ``prefix + row``); its info under
-    ``res.info[seed][key]``."""
-    for k, v in run.rows.items():
-        res.add(seed, prefix + k, v)
-    res.info.setdefault(seed, {})[key] = run.info
-
-
-def compute_matched_row(
-    res: Results,
-    seed: int,
-    pristine: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test_loader: Iterable,
-    task: Task,
-    *,
-    batch_size: int,
-    device: str,
-) -> None:
-    """The "compute-matched" row: ``pristine`` trained further for the wall time OCD's
-    collection and fitting took (``res.info[seed]["ocd"]``)."""
-    info = res.info[seed]
-    seconds = info["ocd"]["collect_s"] + info["ocd"]["fit_s"]
-    log(f"compute-matched control: {seconds:.1f} s more training of the base")
-    loader = tensor_loader(*train, batch_size, shuffle=True, seed=seed + 1000)
-    row, info["compute_matched"] = compute_matched(
-        pristine, loader, test_loader, task, seconds, device=device, seed=seed
-    )
-    res.add(seed, "compute_matched", row)
-    log(f"  {row} after {info['compute_matched']['steps']} steps")
 
 
 def overfit_all_row(
@@ -373,21 +351,20 @@ def alternative_layer_row(
     linear_only: bool,
     device: str,
     progress: bool = False,
-    fit_args: ocdwrap.FitArgs | None = None,
-    sampling: ocdwrap.SamplingConfig | None = None,
+    fit_args: ocdwrap.FitArgs,
+    sampling: ocdwrap.SamplingConfig,
 ) -> None:
-    """The paper's "alternative layer" row: OCD (1 draw) on the layer :func:`alternative_layer`
-    ranks highest after ``main_layer`` (fitted with ``fit_args``, sampled with ``sampling``, as
-    :func:`run_ocd`); the ranking goes to ``res.info[seed]["selection"]``, the
-    OCD run's info to ``res.info[seed]["alt_ocd"]``."""
+    """The paper's "alternative layer" row: ``ocdwrap.compare``'s ocd row (1 draw) on the layer
+    :func:`alternative_layer` ranks highest after ``main_layer``; the ranking goes to
+    ``res.info[seed]["selection"]``, the comparison's info to ``res.info[seed]["alt_ocd"]``."""
     info = res.info.setdefault(seed, {})
     alt, info["selection"] = alternative_layer(
         base, main_layer, calibration, task, linear_only=linear_only, seed=seed, device=device
     )
     log(f"alternative layer: {alt}; ranking {info['selection']['ranking']}")
-    run = run_ocd(
+    run = run_compare(
         base, alt, cfg, train_loader, test_loader, task, out_dir, fit_args=fit_args,
-        sampling=sampling, rows=("ocd",), seed=seed, device=device, progress=progress,
+        sampling=sampling, rows=("ocd",), seed=seed, progress=progress, agreement_samples=0,
     )  # fmt: skip
     res.add(seed, "alt", run.rows["ocd"])
     info["alt_ocd"] = run.info
@@ -436,3 +413,9 @@ def headroom_info(
     res.info.setdefault(seed, {})["headroom"] = info
     log(f"[{layer}] headroom on {report.n} held-out samples ({seconds:.0f} s): {report.verdict}")
     return info
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """The nearest neighbour's distance of the image and tabular benchmarks: the raw input
+    (pixels, standardised features), flattened."""
+    return x.float().reshape(x.shape[0], -1)

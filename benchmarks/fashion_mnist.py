@@ -37,13 +37,16 @@ import torch
 from . import cli, notes
 from .datasets import load_fashion_mnist, tensor_loader
 from .experiment import (
+    GlobalScale,
     add_run,
     alternative_layer_row,
     base_row,
-    compute_matched_row,
     headroom_info,
     overfit_all_row,
-    run_ocd,
+    pixels,
+    run_compare,
+    table_rows,
+    train_fn_for,
 )
 from .results import Metric, Results, Row, with_overfit_lr
 from .scoring import Task
@@ -56,26 +59,22 @@ LAYER = "fc"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 # paper, CIFAR-10 / GoogLeNet (different data and network: context for the protocol)
-ROWS = [
-    Row(
-        "base",
-        "base (early stopping on val split)",
-        {"loss": "0.085 ± 0.01", "acc": "92.85 ± 0.40"},
-    ),
-    Row("compute_matched", "base + compute-matched extra training"),
-    Row("ocd", "OCD on fc, 1 draw", {"loss": "0.080 ± 0.01", "acc": "93.68 ± 0.38"}),
-    Row("ocd_k", "OCD(5) ensemble"),
-    Row("global", "no scaling (global ρ), 1 draw", {"loss": "0.084", "acc": "93.01"}),
-    Row("regression", "regression generator (no diffusion)"),
-    Row("nn", "nearest neighbour (pixel space)", {"loss": "0.082", "acc": "93.03"}),
-    Row("pseudo", "overfit fc on test with the base's own predicted label (no labels)"),
-    Row(
-        "overfit",
-        "overfit fc on test (Adam 5e-4 × 3; upper bound)",
-        {"loss": "0.075", "acc": "100"},
-    ),
-    Row("overfit_all", "overfit ALL layers on test (Adam 5e-4 × 3; subset)"),
-]
+ROWS = table_rows(
+    [
+        "base", "compute_matched", "ocd", "ocd_k", "global", "regression", "nearest", "own_label",
+        "probe", "overfit", Row("overfit_all", "overfit ALL layers on test (Adam 5e-4 × 3; subset)"),
+    ],
+    layer=LAYER,
+    space="pixel space",
+    labels={"base": "base (early stopping on val split)", "ocd": "OCD on fc, 1 draw"},
+    paper={
+        "base": {"loss": "0.085 ± 0.01", "acc": "92.85 ± 0.40"},
+        "ocd": {"loss": "0.080 ± 0.01", "acc": "93.68 ± 0.38"},
+        "global": {"loss": "0.084", "acc": "93.01"},
+        "nearest": {"loss": "0.082", "acc": "93.03"},
+        "overfit": {"loss": "0.075", "acc": "100"},
+    },
+)  # fmt: skip
 ALT_ROW = Row("alt", "alternative layer (see notes), 1 draw", {"loss": "0.084", "acc": "92.96"})
 METRICS = [Metric("loss", "test CE", ".4f"), Metric("acc", "test acc %", ".2f")]
 PAPER_GAP = {"ocd": (0.085 - 0.080) / (0.085 - 0.075), "ocd_k": None}
@@ -154,14 +153,16 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     )  # fmt: skip
     if args.headroom_only:
         return
-    run = run_ocd(
+    train_fn, record = train_fn_for(
+        tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed + 1000), task, device=dev, seed=seed
+    )
+    run = run_compare(
         base, LAYER, cfg, tensor_loader(xtr, ytr, 128), test, task, os.path.join(workdir, f"s{seed}-fc"),
-        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev, nn_train=xtr,
-        nn_test=xte, progress=args.progress, tag="fc",
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, train_fn=train_fn,
+        train_record=record, features=pixels, generators={"global": GlobalScale()},
+        progress=args.progress, tag="fc",
     )  # fmt: skip
     add_run(res, seed, run)
-
-    compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev)
 
     overfit_all_row(
         res, seed, pristine, test, task, cfg, device=dev,
@@ -178,15 +179,12 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 
 
 def table_notes(res: Results, args: Any, dataset: str) -> list[str]:
-    out = notes.gap_notes(res, "loss", PAPER_GAP) + notes.gap_notes(res, "acc", PAPER_GAP_ACC)
+    out = notes.standard_notes(res, ["loss", "acc"], {"loss": PAPER_GAP, "acc": PAPER_GAP_ACC})
     out += notes.training_notes(
         res,
         f"{args.arch}, Adam 1e-3, batch 128",
         f"patience {args.patience}, at most {args.max_epochs} epochs",
     )
-    out += notes.ocd_note(res)
-    out += notes.headroom_note(res)
-    out += notes.agreement_note(res)
     if args.delta == "rank1":
         out.append(
             "alternative layer: not run. Every other layer of the network is a Conv2d, whose delta is not "

@@ -37,13 +37,17 @@ import ocdwrap
 from . import cli, notes
 from .datasets import load_mnist, tensor_loader
 from .experiment import (
+    COMPARE_ROWS,
+    GlobalScale,
     add_run,
     alternative_layer_row,
     base_row,
-    compute_matched_row,
     headroom_info,
     overfit_all_row,
-    run_ocd,
+    pixels,
+    run_compare,
+    table_rows,
+    train_fn_for,
 )
 from .results import Metric, Results, Row, fmt_mean_sd, with_overfit_lr
 from .scoring import Task, evaluate_ocd
@@ -55,34 +59,34 @@ MODULE = "benchmarks.mnist"
 LAYER = "fc2"
 STRONG_LR = 2e-3
 
-ROWS = [
-    Row(
-        "base",
-        "base LeNet5 (early stopping on val split)",
-        {"loss": "0.080 ± 0.009", "acc": "99.2 ± 0.1"},
-    ),
-    Row("compute_matched", "base + compute-matched extra training"),
-    Row("ocd", "OCD, 1 draw (Adam overfit)", {"loss": "0.010 ± 0.006", "acc": "99.7 ± 0.1"}),
-    Row("ocd_k", "OCD(5) ensemble"),
-    Row("global", "no scaling (global ρ), 1 draw", {"loss": "0.069", "acc": "99.3"}),
-    Row("regression", "regression generator (no diffusion)"),
-    Row("nn", "nearest neighbour (pixel space)", {"loss": "0.073", "acc": "99.3"}),
-    Row("pseudo", "overfit fc2 on test with the base's own predicted label (no labels)"),
-    Row("alt", "alternative layer (see notes), 1 draw", {"loss": "0.078", "acc": "99.2"}),
-    Row("sgd_ocd", "OCD, 1 draw, SGD overfit (paper text)"),
-    Row("sgd_global", "OCD, SGD overfit, global ρ"),
-    Row(
+ROWS = table_rows(
+    [
+        "base", "compute_matched", "ocd", "ocd_k", "global", "regression", "nearest", "own_label",
+        "probe", Row("alt", "alternative layer (see notes), 1 draw", {"loss": "0.078", "acc": "99.2"}),
+        Row("sgd_ocd", "OCD, 1 draw, SGD overfit (paper text)"),
+        Row("sgd_global", "OCD, SGD overfit, global ρ"),
         "overfit",
-        "overfit fc2 on test (Adam 5e-4 × 3; upper bound)",
-        {"loss": "0.002", "acc": "100"},
-    ),
-    Row("overfit_strong", f"overfit fc2 on test (Adam {STRONG_LR:g} × 3)"),
-    Row("sgd_overfit", "overfit fc2 on test (SGD, matched lr × 3)"),
-    Row("overfit_all", "overfit ALL layers on test (Adam 5e-4 × 3)"),
-    Row("seen_base", "base on 10k training images not collected (authors' first protocol)"),
-    Row("seen_ocd", "OCD, 1 draw, on those training images"),
-    Row("seen_overfit", "overfit fc2 on those training images (upper bound)"),
-]
+        Row("overfit_strong", f"overfit fc2 on test (Adam {STRONG_LR:g} × 3)"),
+        Row("sgd_overfit", "overfit fc2 on test (SGD, matched lr × 3)"),
+        Row("overfit_all", "overfit ALL layers on test (Adam 5e-4 × 3)"),
+        Row("seen_base", "base on 10k training images not collected (authors' first protocol)"),
+        Row("seen_ocd", "OCD, 1 draw, on those training images"),
+        Row("seen_overfit", "overfit fc2 on those training images (upper bound)"),
+    ],
+    layer=LAYER,
+    space="pixel space",
+    labels={
+        "base": "base LeNet5 (early stopping on val split)",
+        "ocd": "OCD, 1 draw (Adam overfit)",
+    },
+    paper={
+        "base": {"loss": "0.080 ± 0.009", "acc": "99.2 ± 0.1"},
+        "ocd": {"loss": "0.010 ± 0.006", "acc": "99.7 ± 0.1"},
+        "global": {"loss": "0.069", "acc": "99.3"},
+        "nearest": {"loss": "0.073", "acc": "99.3"},
+        "overfit": {"loss": "0.002", "acc": "100"},
+    },
+)  # fmt: skip
 METRICS = [Metric("loss", "test CE", ".4f"), Metric("acc", "test acc %", ".2f")]
 PAPER_GAP = {"ocd": (0.080 - 0.010) / (0.080 - 0.002), "ocd_k": None}
 PAPER_GAP_ACC = {"ocd": (99.7 - 99.2) / (100 - 99.2), "ocd_k": None}
@@ -123,14 +127,6 @@ def parse_args(argv: list[str] | None) -> Any:
     if args.paper:
         args.train_samples = 50000
     return cli.resolve_defaults(args)
-
-
-def overfit_on_test(base: nn.Module, cfg: ocdwrap.OCDConfig, loader: Any, task: Task) -> dict:
-    model = ocdwrap.wrap(base, layer=LAYER, config=cfg)
-    try:
-        return evaluate_ocd(model, loader, task, mode="overfit")
-    finally:
-        model.unload()
 
 
 def calibrate_sgd_lr(
@@ -183,21 +179,33 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
         return
     # training images the base saw but collection did not (the authors' first protocol)
     seen = tensor_loader(xtr[n : n + args.seen_samples], ytr[n : n + args.seen_samples], 1000)
-    run = run_ocd(
+
+    def seen_rows(model: ocdwrap.OCDModel, rows: dict) -> None:
+        for key, mode in (("seen_base", "base"), ("seen_ocd", "ocd"), ("seen_overfit", "overfit")):
+            rows[key] = evaluate_ocd(model, seen, task, mode=mode, seed=seed)
+            log(f"  {mode} on training images not collected: {rows[key]}")
+
+    train_fn, record = train_fn_for(
+        tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed + 1000), task, device=dev, seed=seed
+    )
+    run = run_compare(
         base, LAYER, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-adam"),
-        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev,
-        nn_train=xtr[:n], nn_test=xte, progress=args.progress, tag="fc2 adam",
-        seen_loader=seen if n < len(xtr) else None,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed,
+        rows=[r for r in COMPARE_ROWS if r != "compute_matched"] if args.ocd_only else None,
+        train_fn=train_fn,
+        train_record=record, features=pixels, generators={"global": GlobalScale()},
+        progress=args.progress, tag="fc2 adam", after=seen_rows if n < len(xtr) else None,
     )  # fmt: skip
     add_run(res, seed, run)
     if args.ocd_only:
         return
 
-    compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev)
-
-    res.add(
-        seed, "overfit_strong", overfit_on_test(base, cfg.replace(overfit_lr=STRONG_LR), test, task)
-    )
+    strong = run_compare(
+        base, LAYER, cfg.replace(overfit_lr=STRONG_LR), collect_loader, test, task,
+        os.path.join(workdir, f"s{seed}-strong"), fit_args=fit, sampling=sampling, rows=(),
+        seed=seed, agreement_samples=0, tag=f"fc2 overfit lr {STRONG_LR:g}",
+    )  # fmt: skip
+    res.add(seed, "overfit_strong", strong.rows["overfit"])
     overfit_all_row(
         res, seed, pristine, test, task, cfg, device=dev, max_samples=args.all_layers_samples
     )
@@ -206,10 +214,10 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     info["sgd"] = calibrate_sgd_lr(base, cfg, xtr[: min(n, 1024)], ytr[: min(n, 1024)], task)
     log(f"  {info['sgd']}")
     sgd_cfg = cfg.replace(overfit_optimizer="sgd", overfit_lr=info["sgd"]["lr"])
-    run = run_ocd(
+    run = run_compare(
         base, LAYER, sgd_cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-sgd"),
-        fit_args=fit, sampling=sampling, rows=("ocd", "global", "overfit"), seed=seed,
-        device=dev, progress=args.progress, tag="fc2 sgd",
+        fit_args=fit, sampling=sampling, rows=("ocd",), generators={"global": GlobalScale()},
+        seed=seed, progress=args.progress, tag="fc2 sgd",
     )  # fmt: skip
     add_run(res, seed, run, key="sgd_ocd", prefix="sgd_")
 
@@ -222,7 +230,7 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 
 
 def table_notes(res: Results, args: Any) -> list[str]:
-    out = notes.gap_notes(res, "loss", PAPER_GAP) + notes.gap_notes(res, "acc", PAPER_GAP_ACC)
+    out = notes.standard_notes(res, ["loss", "acc"], {"loss": PAPER_GAP, "acc": PAPER_GAP_ACC})
     infos = list(res.info.values())
     if infos:
         out += notes.training_notes(res, "LeNet5, Adam 1e-3, batch 128", "patience 3")
@@ -251,10 +259,7 @@ def table_notes(res: Results, args: Any) -> list[str]:
         out += notes.selection_note(
             res, "fc2", "256 validation images", linear_only=args.delta == "rank1"
         )
-        out += notes.agreement_note(res)
         out += notes.agreement_note(res, "sgd_ocd", prefix="SGD collection: ")
-        out += notes.ocd_note(res)
-        out += notes.headroom_note(res)
     seen = res.gap("seen_ocd", "seen_base", "seen_overfit", "loss")
     if seen:
         test = res.gap("ocd", "base", "overfit", "loss")

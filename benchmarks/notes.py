@@ -163,8 +163,8 @@ def agreement_note(res: Results, key: str = "ocd", prefix: str = "") -> list[str
     names = {
         "ocd": "OCD",
         "regression": "regression",
-        "nn": "nearest neighbour",
-        "pseudo": "own-label overfit",
+        "nearest": "nearest neighbour",
+        "own_label": "own-label overfit",
     }
     for name, label in names.items():
         vals = [
@@ -213,3 +213,34 @@ def headroom_note(res: Results) -> list[str]:
         f"headroom report (ocdwrap.headroom on {n} held-out samples, before collecting; share of "
         f"the base → overfit-on-those-samples gap in loss), per seed: " + "; ".join(parts)
     ]
+
+
+def compare_note(res: Results, key: str = "ocd") -> list[str]:
+    """ocdwrap.compare's verdict of every seed (``res.info[seed][key]["comparison"]``): the best
+    row without test labels and where OCD stands against it, with the paired intervals."""
+    found = [
+        (seed, i[key]["comparison"])
+        for seed, i in res.info.items()
+        if "comparison" in i.get(key, {})
+    ]
+    if not found:
+        return []
+    parts = [f"seed {seed}: {c['verdict']}" for seed, c in found]
+    return [
+        "ocdwrap.compare (the shared rows; share of the base → overfit-on-test gap in loss, "
+        f"95 % paired bootstrap over the {found[0][1]['n']} test samples): " + " ".join(parts)
+    ]
+
+
+def standard_notes(res: Results, metrics: Sequence[str], paper: dict[str, dict]) -> list[str]:
+    """The lines every table ends with: the gap OCD captured in each of ``metrics`` (``paper``:
+    metric -> the paper's share per OCD row), compare's verdict, the OCD run's cost, the
+    headroom report and the agreement of OCD's deltas with the overfit-on-test ones."""
+    out = []
+    for m in metrics:
+        out += gap_notes(res, m, paper.get(m, {}))
+    out += compare_note(res)
+    out += ocd_note(res)
+    out += headroom_note(res)
+    out += agreement_note(res)
+    return out

@@ -68,8 +68,9 @@ LABEL_FREE = (
     "compute_matched",
     "global",
     "regression",
-    "nn",
-    "pseudo",
+    "nearest",
+    "own_label",
+    "probe",
     "alt",
     "sgd_ocd",
     "sgd_global",
@@ -79,8 +80,9 @@ SHORT_LABELS = {
     "compute_matched": "compute-matched base",
     "global": "OCD, global ρ",
     "regression": "regression generator",
-    "nn": "nearest neighbour",
-    "pseudo": "own-label overfit",
+    "nearest": "nearest neighbour",
+    "own_label": "own-label overfit",
+    "probe": "probe overfit",
     "alt": "OCD, alternative layer",
     "sgd_ocd": "OCD, SGD deltas",
     "sgd_global": "OCD, SGD deltas, global ρ",
@@ -232,7 +234,7 @@ def headroom_table(pairs: Sequence[tuple[str, str]]) -> str:
             if d.get("settings", {}).get("hidden_layers") == 0:
                 name = name.replace("/ MLP", "/ linear model")
             cells = [
-                _pct(_shares(out, k, metric)) for k in ("ocd_k", "ocd", "regression", "pseudo")
+                _pct(_shares(out, k, metric)) for k in ("ocd_k", "ocd", "regression", "own_label")
             ]
             lines.append(
                 f"| {name} | {predicted(None)} | {predicted('probe')} | {predicted('own_label')} | "

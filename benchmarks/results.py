@@ -240,6 +240,35 @@ def merge_results(res: Results, paths: Sequence[str], command: str) -> dict[str,
     }
 
 
+# the row names of the JSONs written before the benchmarks computed their shared rows through
+# ocdwrap.compare, and the names compare, headroom and every table use now
+OLD_ROW_NAMES = {
+    "nn": "nearest",
+    "pseudo": "own_label",
+    "overfit_on_test": "overfit",
+    "ocd_ensemble": "ocd_k",
+}
+
+
+def current_names(part: dict[str, Any]) -> dict[str, Any]:
+    """A table of a benchmark JSON with its rows under today's names (:data:`OLD_ROW_NAMES`), in
+    ``rows`` and in every seed of ``per_seed``; the rendered ``table`` and ``notes`` are kept as
+    they were written. A JSON of today's names comes back as it is."""
+
+    def rename(rows: dict[str, Any]) -> dict[str, Any]:
+        return {OLD_ROW_NAMES.get(k, k): v for k, v in rows.items()}
+
+    if not any(k in OLD_ROW_NAMES for k in part.get("rows", {})):
+        return part
+    return {
+        **part,
+        "rows": rename(part["rows"]),
+        "per_seed": {s: rename(r) for s, r in part.get("per_seed", {}).items()},
+    }
+
+
 def parts(d: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
-    """(key, table) for each table of a benchmark JSON (one, or one per data set)."""
-    return list(d["datasets"].items()) if "datasets" in d else [(None, d)]
+    """(key, table) for each table of a benchmark JSON (one, or one per data set), its rows
+    under today's names (:func:`current_names`)."""
+    found = list(d["datasets"].items()) if "datasets" in d else [(None, d)]
+    return [(k, current_names(p)) for k, p in found]

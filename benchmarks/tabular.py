@@ -41,12 +41,15 @@ from . import cli, notes
 from .controls import overfit_all_layers
 from .datasets import load_california_housing, tensor_loader
 from .experiment import (
+    GlobalScale,
     add_run,
     alternative_layer_row,
     base_row,
-    compute_matched_row,
     headroom_info,
-    run_ocd,
+    pixels,
+    run_compare,
+    table_rows,
+    train_fn_for,
 )
 from .results import Metric, Results, Row, with_overfit_lr
 from .scoring import Task
@@ -57,18 +60,22 @@ MODULE = "benchmarks.tabular"
 
 LAYER = "blocks.0.linear"
 
-ROWS = [
-    Row("base", "base MLP (early stopping on val split)", {"rmse": ".4990"}),
-    Row("compute_matched", "base + compute-matched extra training"),
-    Row("ocd", "OCD, 1 draw", {"rmse": ".4800"}),
-    Row("ocd_k", "OCD(5) ensemble"),
-    Row("global", "no scaling (global ρ), 1 draw", {"rmse": ".5000"}),
-    Row("regression", "regression generator (no diffusion)"),
-    Row("nn", "nearest neighbour (feature space)"),
-    Row("alt", "alternative layer (see notes), 1 draw"),
-    Row("overfit", "overfit first layer on test (Adam 5e-4 × 3; upper bound)", {"rmse": ".4750"}),
-    Row("overfit_all", "overfit ALL layers on test (Adam 5e-4 × 3)"),
-]
+ROWS = table_rows(
+    [
+        "base", "compute_matched", "ocd", "ocd_k", "global", "regression", "nearest", "probe",
+        Row("alt", "alternative layer (see notes), 1 draw"), "overfit",
+        Row("overfit_all", "overfit ALL layers on test (Adam 5e-4 × 3)"),
+    ],
+    layer="first layer",
+    space="feature space",
+    labels={"base": "base MLP (early stopping on val split)"},
+    paper={
+        "base": {"rmse": ".4990"},
+        "ocd": {"rmse": ".4800"},
+        "global": {"rmse": ".5000"},
+        "overfit": {"rmse": ".4750"},
+    },
+)  # fmt: skip
 METRICS = [
     Metric("rmse", "test RMSE (100k USD)", ".4f"),
     Metric("mse", "test MSE (standardised y)", ".4f"),
@@ -138,14 +145,16 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
     )  # fmt: skip
     if args.headroom_only:
         return
-    run = run_ocd(
+    train_fn, record = train_fn_for(
+        tensor_loader(xtr, ytr, 256, shuffle=True, seed=seed + 1000), task, device=dev, seed=seed
+    )
+    run = run_compare(
         base, args.layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-main"),
-        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev,
-        nn_train=xtr[:n], nn_test=xte, progress=args.progress, tag=args.layer,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, train_fn=train_fn,
+        train_record=record, features=pixels, generators={"global": GlobalScale()},
+        progress=args.progress, tag=args.layer,
     )  # fmt: skip
     add_run(res, seed, run)
-
-    compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=256, device=dev)
 
     row = overfit_all_layers(
         pristine, test, task, lr=cfg.overfit_lr, steps=cfg.overfit_steps, device=dev
@@ -164,7 +173,7 @@ def run_seed(args: Any, seed: int, data: dict, res: Results, workdir: str) -> No
 
 
 def table_notes(res: Results, args: Any) -> list[str]:
-    out = notes.gap_notes(res, "rmse", PAPER_GAP if args.hidden_layers else {})
+    out = notes.standard_notes(res, ["rmse"], {"rmse": PAPER_GAP if args.hidden_layers else {}})
     out += notes.training_notes(
         res,
         f"MLP {args.hidden_layers} × 256 (dropout 0.1), Adam 1e-3, batch 256"
@@ -172,9 +181,6 @@ def table_notes(res: Results, args: Any) -> list[str]:
         else "linear regression (TabularMLP with no hidden layer), Adam 1e-3, batch 256",
         f"patience {args.patience}",
     )
-    out += notes.ocd_note(res)
-    out += notes.headroom_note(res)
-    out += notes.agreement_note(res)
     out += notes.selection_note(res, LAYER, "256 validation rows", linear_only=True)
     out.append(
         f"settings: delta={args.delta} ({args.delta_normalization}-normalised), OCD on {args.layer}, overfit Adam {args.overfit_lr:g} × 3, normalization={args.normalization}, {args.train_samples or 'all'} training rows "

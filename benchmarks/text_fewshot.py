@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from . import cli, notes
-from .controls import compute_matched, overfit_all_layers
+from .controls import overfit_all_layers
 from .datasets import (
     few_shot_split,
     load_minilm,
@@ -59,7 +59,15 @@ from .datasets import (
     load_womens_reviews,
     tensor_loader,
 )
-from .experiment import add_run, headroom_info, run_ocd
+from .experiment import (
+    GlobalScale,
+    add_run,
+    headroom_info,
+    pixels,
+    run_compare,
+    table_rows,
+    train_fn_for,
+)
 from .results import Metric, Results, Row
 from .scoring import Task, evaluate_module
 from .timing import log
@@ -76,18 +84,20 @@ DATASETS = {
 }
 # SetFit + OCD, mean over the paper's few-shot data sets (8 per class): context only
 SETFIT = {"base": "62.2 †", "ocd": "64.3 †", "ocd_k": "64.8 †"}
-ROWS = [
-    Row("base", "base: MiniLM + logistic-regression head", {"acc": SETFIT["base"]}),
-    Row("compute_matched", "base + compute-matched extra training"),
-    Row("ocd", "OCD on head, 1 draw", {"acc": SETFIT["ocd"]}),
-    Row("ocd_k", "OCD(5) ensemble", {"acc": SETFIT["ocd_k"]}),
-    Row("global", "no scaling (global ρ), 1 draw"),
-    Row("regression", "regression generator (no diffusion)"),
-    Row("nn", "nearest neighbour (embedding space)"),
-    Row("pseudo", "overfit head on test with the base's own predicted label (no labels)"),
-    Row("overfit", "overfit head weight on test (upper bound)"),
-    Row("overfit_all", "overfit head weight + bias on test"),
-]
+ROWS = table_rows(
+    [
+        "base", "compute_matched", "ocd", "ocd_k", "global", "regression", "nearest", "own_label",
+        "probe", "overfit", Row("overfit_all", "overfit head weight + bias on test"),
+    ],
+    layer=LAYER,
+    space="embedding space",
+    labels={
+        "base": "base: MiniLM + logistic-regression head",
+        "ocd": "OCD on head, 1 draw",
+        "overfit": "overfit head weight on test (upper bound)",
+    },
+    paper={k: {"acc": v} for k, v in SETFIT.items()},
+)  # fmt: skip
 METRICS = [Metric("acc", "test acc %", ".2f"), Metric("loss", "test CE", ".4f")]
 
 
@@ -190,21 +200,17 @@ def run_draw(args: Any, seed: int, ds: dict, res: Results, workdir: str) -> None
     )  # fmt: skip
     if args.headroom_only:
         return
-    run = run_ocd(
+    train_fn, record = train_fn_for(train, task, device=dev, seed=seed)
+    run = run_compare(
         base, LAYER, cfg, train, test, task, os.path.join(workdir, f"{ds['key']}-s{seed}"),
-        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev,
-        nn_train=xtr.to(dev), nn_test=xte.to(dev), progress=args.progress,
-        tag=f"{ds['key']} head", uncertainty=True,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, train_fn=train_fn,
+        train_record=record, features=pixels, generators={"global": GlobalScale()},
+        progress=args.progress, tag=f"{ds['key']} head", uncertainty=True,
     )  # fmt: skip
     add_run(res, seed, run)
     if args.plots and seed == args.seeds[0]:
         _uncertainty_plots(run.uncertainty, args, ds)
 
-    seconds = run.info["collect_s"] + run.info["fit_s"]
-    row, info["compute_matched"] = compute_matched(
-        pristine, train, test, task, seconds, device=dev, seed=seed
-    )
-    res.add(seed, "compute_matched", row)
     res.add(
         seed,
         "overfit_all",
@@ -229,8 +235,7 @@ def _uncertainty_plots(rep: Any, args: Any, ds: dict) -> None:
 
 
 def table_notes(res: Results, args: Any) -> list[str]:
-    out = notes.gap_notes(res, "acc", {"ocd": None, "ocd_k": None})
-    out += notes.gap_notes(res, "loss", {"ocd": None, "ocd_k": None})
+    out = notes.standard_notes(res, ["acc", "loss"], {})
     infos = list(res.info.values())
     if infos:
         out.append(
@@ -238,9 +243,6 @@ def table_notes(res: Results, args: Any) -> list[str]:
             f"test = the rest of a fixed {args.pool}-text pool ({infos[0]['test']} texts); one draw per seed"
         )
         out.append(f"overfit: Adam {args.overfit_lr:g} × 3 steps on head.weight")
-        out += notes.ocd_note(res)
-        out += notes.headroom_note(res)
-        out += notes.agreement_note(res)
         cm = [i["compute_matched"] for i in infos if "compute_matched" in i]
         out.append(
             "compute-matched: the head trained further on the few-shot examples (Adam 1e-4, no L2) for "

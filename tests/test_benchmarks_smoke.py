@@ -1,7 +1,8 @@
 """Every benchmark runs end to end on a tiny setting (``--smoke``) and reports every row; the
 shared pieces (benchmarks.results, benchmarks.notes, benchmarks.report, benchmarks.figures,
 benchmarks.timing, benchmarks.scoring, benchmarks.experiment) give the numbers and markdown
-docs/results.md is built from."""
+docs/results.md is built from. Every domain computes its shared rows through ``ocdwrap.compare``:
+its JSON carries the comparison, and the table's rows are the comparison's."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import benchmarks.cli as cli
 import benchmarks.controls as controls
 from benchmarks import figures, notes, report, timing
 from benchmarks.datasets import available, tensor_loader
-from benchmarks.experiment import run_ocd
+from benchmarks.experiment import COMPARE_ROWS
 from benchmarks.results import Metric, Results, Row
 from benchmarks.scoring import Task, evaluate_module
 
@@ -42,6 +43,26 @@ def _check(part: dict, rows: list) -> None:
             assert stats["n"] == 1, (key, metric)
             assert stats["mean"] == stats["mean"], (key, metric)  # not NaN
     assert "| row |" in part["table"]
+    _check_compare(part)
+
+
+def _check_compare(part: dict, key: str = "ocd", metric: str | None = None) -> None:
+    """The table's shared rows are ocdwrap.compare's: the JSON carries the comparison, and each
+    shared row of the table has the comparison's mean loss (``metric``: the table's column
+    that is the mean loss, "loss" or "mse"; None for a table without one)."""
+    comparison = part["info"]["0"][key]["comparison"]
+    shared = [r for r in COMPARE_ROWS if r in part["rows"]]
+    assert {"base", "overfit", "ocd", "ocd_k"} <= set(shared)
+    assert set(shared) <= set(comparison["rows"])
+    assert comparison["verdict"].startswith(("the best row", "no gap"))
+    metric = metric or next(
+        (m for m in ("loss", "mse") if m in part["rows"]["base"]["metrics"]), None
+    )
+    if metric is None:
+        return
+    for row in shared:
+        ours = part["per_seed"]["0"][row][metric]
+        assert ours == pytest.approx(comparison["rows"][row]["loss"], rel=1e-9), row
 
 
 def _smoke_argv(tmp_path) -> list[str]:
@@ -210,7 +231,7 @@ def test_summary_table_gap_share(tmp_path) -> None:
         Row("ocd", "OCD", {"loss": "0.010"}),
         Row("ocd_k", "OCD(5)"),
         Row("regression", "regression"),
-        Row("nn", "nearest neighbour"),
+        Row("nearest", "nearest neighbour"),
         Row("overfit", "overfit on test", {"loss": "0.002"}),
     ]
     res = Results("mnist", rows, [Metric("loss", "CE", ".4f")])
@@ -218,7 +239,7 @@ def test_summary_table_gap_share(tmp_path) -> None:
         for key, v in {"base": b, "ocd": o, "ocd_k": b, "overfit": u}.items():
             res.add(seed, key, {"loss": v})
         res.add(seed, "regression", {"loss": b - 0.001})
-        res.add(seed, "nn", {"loss": b - 0.002})
+        res.add(seed, "nearest", {"loss": b - 0.002})
     path = tmp_path / "mnist.json"
     res.write(str(path), command="python -m benchmarks.mnist")
     line = report.summary_table([str(path)]).splitlines()[2]
@@ -268,10 +289,15 @@ def test_timing_helpers() -> None:
     assert timing.machine("cpu").endswith(")") and "-core CPU" in timing.machine("cpu")
 
 
-def test_run_ocd_asks_for_nearest_neighbour_features_first() -> None:
-    """The nearest-neighbour row without its features fails before any collection or fitting."""
-    with pytest.raises(ValueError, match="needs nn_train and nn_test"):
-        run_ocd(None, "fc", None, [], [], Task.classification(), "unused", rows=("nn",))
+def test_old_row_names_are_read_as_todays() -> None:
+    """A JSON written before the shared rows went through ocdwrap.compare (nn, pseudo) is read
+    under today's names (nearest, own_label), its rendered table kept as written."""
+    from benchmarks.results import parts
+
+    old = {"rows": {"base": {}, "nn": {}, "pseudo": {}}, "per_seed": {"0": {"nn": {"loss": 1.0}}}}
+    ((_, part),) = parts({"datasets": {"x": {**old, "table": "| nn |"}}})
+    assert list(part["rows"]) == ["base", "nearest", "own_label"]
+    assert part["per_seed"]["0"] == {"nearest": {"loss": 1.0}} and part["table"] == "| nn |"
 
 
 def test_command_line_reruns_the_module() -> None:

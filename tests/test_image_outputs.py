@@ -13,9 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ocdwrap
-from benchmarks.controls import NearestNeighbour
 from ocdwrap.capture import pool_model_output
 from ocdwrap.errors import ConfigError, LayerReachError, LossShapeError
+from ocdwrap.evaluation import batch_conditioning
+from ocdwrap.generators import NearestNeighbour
 from ocdwrap.layer import FullDelta, LowRankDelta
 
 SMALL = dict(mlp_hidden=32, cond_dim=32, mlp_layers=2)
@@ -239,8 +240,10 @@ def test_overfit_result_spec_full_and_truncated(fitted) -> None:
 def test_nearest_neighbour_reads_lowrank_factors(fitted) -> None:
     store = fitted.store
     pose, img = _data(16)
-    near = NearestNeighbour(store, fitted.config, fitted.weight_shape, pose, pose[[5, 2]])
-    spec = near.spec(0, 2)
+    near = NearestNeighbour(lambda x: x, DataLoader(TensorDataset(pose, img), batch_size=8))
+    near.fit(fitted, store)
+    query = pose[[5, 2]]
+    spec = near.generate(fitted, batch_conditioning(fitted, query)[0], query, None)
     assert isinstance(spec, LowRankDelta) and spec.rank == 2
     # the neighbour of a training pose is that pose: its stored rank-2 delta, rho included
     expected = ocdwrap.overfit_batch(fitted, pose[[5, 2]], img[[5, 2]], image_mse).spec(rank=2)
