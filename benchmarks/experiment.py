@@ -353,6 +353,8 @@ def alternative_layer_row(
     progress: bool = False,
     fit_args: ocdwrap.FitArgs,
     sampling: ocdwrap.SamplingConfig,
+    metrics: Mapping[str, Metric] | None = None,
+    to_metrics: Callable[[CompareRow], dict[str, float]] | None = None,
 ) -> None:
     """The paper's "alternative layer" row: ``ocdwrap.compare``'s ocd row (1 draw) on the layer
     :func:`alternative_layer` ranks highest after ``main_layer``; the ranking goes to
@@ -365,6 +367,7 @@ def alternative_layer_row(
     run = run_compare(
         base, alt, cfg, train_loader, test_loader, task, out_dir, fit_args=fit_args,
         sampling=sampling, rows=("ocd",), seed=seed, progress=progress, agreement_samples=0,
+        metrics=metrics, to_metrics=to_metrics,
     )  # fmt: skip
     res.add(seed, "alt", run.rows["ocd"])
     info["alt_ocd"] = run.info

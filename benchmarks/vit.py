@@ -65,12 +65,15 @@ from . import cli, notes
 from .controls import rank_energy, truncate
 from .datasets import load_fashion_mnist, tensor_loader
 from .experiment import (
+    GlobalScale,
     add_run,
     base_row,
-    compute_matched_row,
     headroom_info,
     overfit_all_row,
-    run_ocd,
+    pixels,
+    run_compare,
+    table_rows,
+    train_fn_for,
 )
 from .results import Metric, Results, Row, with_overfit_lr, write_json
 from .scoring import Task, evaluate_with_deltas
@@ -81,19 +84,22 @@ HEAD = "head"
 TARGETS = ("head", "qkv")
 
 # paper: DeiT-B on Tiny-ImageNet (pretrained, another data set: context for the protocol only)
-COMMON = [
-    Row("base", "base ViT (early stopping on val split)", {"acc": "90.8"}),
-    Row("compute_matched", "base + compute-matched extra training"),
-    Row("ocd", "OCD, 1 draw"),
-    Row("ocd_k", "OCD(5) ensemble", {"acc": "92.0"}),
-    Row("global", "no scaling (global ρ), 1 draw"),
-    Row("regression", "regression generator (no diffusion)"),
-    Row("nn", "nearest neighbour (pixel space)"),
-    Row("pseudo", "overfit on test with the base's own predicted label (no labels)"),
-    Row("overfit", "overfit the layer on test (Adam 5e-4 × 3; upper bound)"),
-]
+COMMON = table_rows(
+    [
+        "base", "compute_matched", "ocd", "ocd_k", "global", "regression", "nearest", "own_label",
+        "probe", "overfit",
+    ],
+    layer="the layer",
+    space="pixel space",
+    labels={
+        "base": "base ViT (early stopping on val split)",
+        "own_label": "overfit on test with the base's own predicted label (no labels)",
+        "probe": "overfit on test towards a probe's prediction (no test labels)",
+    },
+    paper={"base": {"acc": "90.8"}, "ocd_k": {"acc": "92.0"}},
+)  # fmt: skip
 METRICS = [Metric("loss", "test CE", ".4f"), Metric("acc", "test acc %", ".2f")]
-OTHER_ROWS = ("compute_matched", "global", "regression", "nn", "pseudo")
+OTHER_ROWS = ("compute_matched", "global", "regression", "nearest", "own_label", "probe")
 
 
 def qkv_layer(depth: int) -> str:
@@ -197,13 +203,16 @@ def _target_part(args: Any, seed: int, target: str, base: nn.Module, pristine: n
     )  # fmt: skip
     if args.headroom_only:
         return
-    run = run_ocd(
+    train_fn, record = train_fn_for(
+        tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed + 1000), task, device=dev, seed=seed
+    )
+    run = run_compare(
         base, layer, cfg, collect_loader, test, task, os.path.join(workdir, f"s{seed}-{target}"),
-        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, device=dev,
-        nn_train=xtr[:n], nn_test=xte, progress=args.progress, tag=target,
+        fit_args=fit, sampling=sampling, draws=args.draws, seed=seed, train_fn=train_fn,
+        train_record=record, features=pixels, generators={"global": GlobalScale()},
+        progress=args.progress, tag=target,
     )  # fmt: skip
     add_run(res, seed, run)
-    compute_matched_row(res, seed, pristine, (xtr, ytr), test, task, batch_size=128, device=dev)
     if target == "head":
         overfit_all_row(
             res, seed, pristine, test, task, cfg, device=dev,
@@ -241,6 +250,7 @@ def table_notes(res: Results, args: Any, target: str) -> list[str]:
     out = notes.gap_notes(res, "loss", {}) + notes.gap_notes(res, "acc", {})
     keys = OTHER_ROWS + (("overfit_rank",) if target == "qkv" else ())
     out += notes.other_gaps_note(res, "acc", keys) + notes.other_gaps_note(res, "loss", keys)
+    out += notes.compare_note(res)
     out += notes.training_notes(
         res,
         f"timm VisionTransformer (dim {args.dim}, depth {args.depth}, {args.heads} heads, "

@@ -13,10 +13,22 @@ import torch
 
 from benchmarks import ltr, report
 from benchmarks.datasets import available
+from benchmarks.experiment import COMPARE_ROWS
 
 
 def _smoke_argv(tmp_path, name: str = "out.json") -> list[str]:
     return ["--smoke", "--json", str(tmp_path / name), "--workdir", str(tmp_path / "work")]
+
+
+def _through_compare(part: dict, metric: str) -> dict:
+    """The table's shared rows are ocdwrap.compare's: the JSON carries the comparison, and each
+    shared row's ``metric`` (the mean loss) is the comparison's; returns the comparison."""
+    comparison = part["info"]["0"]["ocd"]["comparison"]
+    shared = [r for r in COMPARE_ROWS if r in part["rows"]]
+    assert {"base", "overfit", "ocd", "ocd_k", "nearest", "compute_matched"} <= set(shared)
+    for row in shared:
+        assert part["per_seed"]["0"][row][metric] == comparison["rows"][row]["loss"], row
+    return comparison
 
 
 def test_bundled_ranking_data_matches_its_readme() -> None:
@@ -115,6 +127,9 @@ def test_ltr_smoke(tmp_path) -> None:
     assert rows["overfit"]["ndcg10"] > rows["base"]["ndcg10"]
     # NDCG comes from each row's own predictions (rows that differ in MSE differ in NDCG)
     assert len({round(r["ndcg10"], 12) for r in rows.values()}) > 3
+    # through compare's metrics=: a per-query Metric (no query of the default data is left out)
+    comparison = _through_compare(part, "mse")
+    assert rows["ocd"]["ndcg10"] == pytest.approx(comparison["rows"]["ocd"]["metrics"]["ndcg10"])
     hr = part["info"]["0"]["headroom"]
     assert hr["rows"]["overfit_on_test"]["loss"] < hr["rows"]["base"]["loss"]
     assert part["rows"]["base"]["paper"] == {"rmse": ".7470"}
@@ -151,6 +166,7 @@ def test_vit_smoke(tmp_path) -> None:
         # the wrap reaches the target layer: overfitting it on test lowers the loss
         assert rows["overfit"]["loss"] < rows["base"]["loss"], target
         assert part["info"]["0"]["headroom"]["n"] > 0
+        _through_compare(part, "loss")
     head = d["datasets"]["head"]["info"]["0"]["ocd"]
     qkv = d["datasets"]["qkv"]["info"]["0"]
     # the head sees one vector (the class token): rank-one deltas; qkv sees 17 tokens: not
