@@ -1,29 +1,35 @@
-"""Quickstart: OCD on LeNet5 / MNIST, end to end, on two CPU cores.
+"""Quickstart: OCD on LeNet5 / MNIST against every control, in one ``ocdwrap.compare`` call.
 
-    python -m examples.quickstart                 # default: rank-one deltas, about 5 minutes on 2 cores
-    python -m examples.quickstart --delta both    # also the paper's full-matrix UNet (slow on CPU)
+    python -m examples.quickstart                 # default: rank-one deltas, minutes on 2 cores
     python -m examples.quickstart --paper         # the paper's sizes (for a GPU)
     python -m examples.quickstart --smoke         # tiny sizes, seconds: checks the pipeline runs
 
 Run from the repository root (the data loader and LeNet5 live in ``examples/data.py``).
 
 Steps: train LeNet5 to convergence (early stopping on a validation split), wrap its fc2 layer
-(120 -> 84, the paper's choice), overfit fc2 on each of N training samples alone (collect),
-fit the conditional diffusion model and the scale model (fit), and evaluate on the 10k test set
-next to the controls: the base model, OCD with a global scale, a regressor instead of diffusion,
-and each test sample overfitted with its true label (the upper bound). Prints a table with the
-paper's Table 1 beside ours; ``--json PATH`` writes the numbers; ``--plots DIR`` writes the
-figures (fit loss curves, generated vs overfit deltas, results chart; see docs/figures.md).
+(120 -> 84, the paper's choice), and hand the wrapped model to ``ocdwrap.compare``: it overfits
+fc2 on each of N training samples alone (the collection), fits the conditional diffusion model
+and the scale model, and scores OCD on the 10k test set next to every control (the base, each
+test sample overfitted with its true label (the bound), a regressor instead of diffusion, the
+nearest training sample's delta, overfitting on the base's own or a probe's label, the base
+trained further for the same wall time, and OCD with a global scale, the paper's "no scaling"
+ablation). Prints the comparison (its table and verdict) and the paper's Table 1 beside our rows
+that match one; ``--json PATH`` writes the comparison's numbers (``Comparison.to_dict()``) with
+the base training's; ``--plots DIR`` writes the figures (compare.png: each row's share of the gap;
+fit loss curves, generated vs overfit deltas, results chart; see docs/figures.md).
 
-The steps are functions (``train_lenet``, ``make_config``, ``make_fit_args``, ``run``,
-``write_plots``) so that other examples (``examples.uncertainty``) reuse them.
+The steps are functions (``train_lenet``, ``make_config``, ``make_fit_args``, ``make_train_fn``,
+``run``, ``print_report``, ``write_plots``) so that other examples (``examples.uncertainty``)
+reuse them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -36,24 +42,33 @@ from torch import nn
 import ocdwrap
 from examples.data import LeNet5, load_mnist, tensor_loader, train_base
 
-# Lutati & Wolf (ICLR 2023), Table 1, MNIST / LeNet5: (test loss, accuracy %)
+# Lutati & Wolf (ICLR 2023), Table 1, MNIST / LeNet5: (test loss, accuracy %), by our row names
 PAPER = {
     "base": ("0.080 ± 0.009", "99.2 ± 0.1"),
     "ocd": ("0.010 ± 0.006", "99.7 ± 0.1"),
     "global_scale": ("0.069", "99.3"),
-    "overfit_on_test": ("0.002", "100"),
+    "overfit": ("0.002", "100"),
 }
+
+# the base's optimizer (examples.data.train_base): Adam, lr 1e-3, minibatches of 128; the
+# compute-matched row trains a copy of the base further with the same settings
+BASE_LR = 1e-3
+BASE_BATCH = 128
 
 
 def row_labels(draws: int = 5) -> dict[str, str]:
-    """The table's row names for an ensemble of ``draws`` generated networks."""
+    """Plain names of the comparison's rows (the figure's and the paper table's)."""
     return {
         "base": "base LeNet5",
+        "overfit": "overfit on test (true labels; upper bound)",
         "ocd": "OCD (1 draw)",
-        "ocd_ensemble": f"OCD({draws}) ensemble",
-        "global_scale": f"OCD, global scale ({draws} draws)",
+        "ocd_k": f"OCD({draws}) ensemble",
         "regression": "regression generator (no diffusion)",
-        "overfit_on_test": "overfit on test (true labels; upper bound)",
+        "nearest": "nearest training sample's delta",
+        "own_label": "overfit on the base's own label",
+        "probe": "overfit on a probe's label",
+        "compute_matched": "base trained further (compute-matched)",
+        "global_scale": "OCD, global scale (1 draw)",
     }
 
 
@@ -65,10 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--delta",
-        choices=["rank1", "full", "both"],
-        default="rank1",
-        help="delta parameterisation(s)",
+        "--delta", choices=["rank1", "full"], default="rank1", help="delta parameterisation"
     )
     p.add_argument(
         "--optimizer", choices=["adam", "sgd"], default="adam", help="per-sample overfit optimizer"
@@ -83,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=5, help="ensemble size of OCD(K)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--workdir", default=None, help="where deltas go (default: a temporary directory)"
+        "--workdir",
+        default=None,
+        help="where the collection and comparison.json go (default: a temporary directory)",
     )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument(
@@ -135,16 +149,19 @@ class Pipeline:
     train_result: Any
     data: dict
     n_train: int
+    comparison: ocdwrap.Comparison | None = None
+    # each computed row of the comparison as {"loss", "accuracy"}, in the comparison's order
     rows: dict[str, dict] = field(default_factory=dict)
-    # fit reports by run: "rank1", "regression", and "full", "regression_full" with --delta both
+    # the fit report of the configured generator ("rank1" or "full")
     reports: dict[str, ocdwrap.FitReport] = field(default_factory=dict)
     fitted: dict[str, tuple[ocdwrap.OCDConfig, ocdwrap.SamplingConfig, nn.Module]] = field(
         default_factory=dict
     )
     timings: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
-    cfg: ocdwrap.OCDConfig | None = None  # the config of the last delta run
-    draws: int = 5  # ensemble size of the OCD(K) rows
+    cfg: ocdwrap.OCDConfig | None = None
+    draws: int = 5  # ensemble size of the OCD(K) row
+    extra_training: dict[str, Any] = field(default_factory=dict)  # what train_fn did
 
     def ocd_model(self, delta: str = "rank1") -> ocdwrap.OCDModel:
         """The base wrapped again on fc2 with the hypernetwork fitted for ``delta``."""
@@ -160,9 +177,10 @@ def train_lenet(data: dict, *, seed: int, max_epochs: int, device: str) -> tuple
     base = LeNet5()
     tr = train_base(
         base,
-        tensor_loader(xtr, ytr, 128, shuffle=True, seed=seed),
+        tensor_loader(xtr, ytr, BASE_BATCH, shuffle=True, seed=seed),
         tensor_loader(xva, yva, 1000),
         CE,
+        lr=BASE_LR,
         max_epochs=max_epochs,
         patience=2,
         device=device,
@@ -170,6 +188,65 @@ def train_lenet(data: dict, *, seed: int, max_epochs: int, device: str) -> tuple
         progress=True,
     )
     return base, tr
+
+
+def train_for(model: nn.Module, loader, seconds: float, *, lr: float, device: str) -> int:
+    """Train ``model`` further with a fresh Adam (``lr``) on ``loader``'s batches, epoch after
+    epoch, until ``seconds`` have passed; leaves it in eval mode and returns the steps taken."""
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for x, y in loader:
+            if time.perf_counter() - start >= seconds:
+                break
+            loss = CE(model(x.to(device)), y.to(device)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        if steps == 0:  # an empty loader
+            break
+    model.eval()
+    return steps
+
+
+def make_train_fn(data: dict, *, seed: int, device: str, record: dict | None = None):
+    """``train_fn(base_copy, seconds)`` for compare's compute-matched row: the base's optimizer
+    settings (Adam, lr 1e-3, minibatches of 128 of the 50k training images), continued for the
+    seconds the collection and OCD's fit took. ``record`` gets the steps it took."""
+    xtr, ytr = data["train"]
+
+    def train_more(base_copy: nn.Module, seconds: float) -> nn.Module:
+        loader = tensor_loader(xtr, ytr, BASE_BATCH, shuffle=True, seed=seed + 1000)
+        log(f"   compute-matched row: training a copy of the base for {seconds:.0f} s more")
+        steps = train_for(base_copy, loader, seconds, lr=BASE_LR, device=device)
+        if record is not None:
+            record.update(seconds=seconds, steps=steps, lr=BASE_LR, batch_size=BASE_BATCH)
+        return base_copy
+
+    return train_more
+
+
+class GlobalScale:
+    """The fitted diffusion generator with the training set's mean scale rho for every input
+    instead of the scale model's rho(I(x)): the paper's "no scaling" ablation, one draw.
+
+    A generator for ``compare(..., generators={"global_scale": GlobalScale()})``: it fits
+    nothing of its own (compare fits the model's own generator before the user generators; its
+    build time is the collection's), and generates with ``model.sampling(scale="global")``.
+    """
+
+    # compare names a user generator by its type: the same name run as a script or imported
+    __module__ = "examples.quickstart"
+
+    def fit(self, model: ocdwrap.OCDModel, store: Any, args: ocdwrap.FitArgs) -> None:
+        if model.hypernet is None:  # only if compare has not fitted the model's generator
+            ocdwrap.fit(model, store, args)
+
+    def generate(self, model: ocdwrap.OCDModel, cond: Any, inputs: Any, rng: Any) -> Any:
+        with model.sampling(scale="global"):
+            return model.generate(cond, rng=rng)
 
 
 def make_config(delta: str, *, optimizer: str, paper: bool) -> ocdwrap.OCDConfig:
@@ -196,8 +273,18 @@ def make_sampling(*, seed: int, paper: bool) -> ocdwrap.SamplingConfig:
     return ocdwrap.SamplingConfig.paper(seed=seed) if paper else ocdwrap.SamplingConfig(seed=seed)
 
 
+def _log_compare_rows() -> None:
+    """compare logs each row as it finishes (the "ocdwrap" logger, INFO): show them on stderr."""
+    logger = logging.getLogger("ocdwrap")
+    if not any(getattr(h, "_quickstart", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._quickstart = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def run(args: argparse.Namespace) -> Pipeline:
-    """Train the base, collect, fit and evaluate every row of the table."""
+    """Train the base, wrap fc2, and compare OCD with every control on the test set."""
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     data = load_mnist(seed=args.seed)
@@ -205,90 +292,111 @@ def run(args: argparse.Namespace) -> Pipeline:
         data = {k: (x[: SMOKE_SPLITS[k]], y[: SMOKE_SPLITS[k]]) for k, (x, y) in data.items()}
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
     n_train = len(xtr) if args.paper else min(args.train_samples, len(xtr))
-    ce = CE
 
-    log("1/4 training the base LeNet5 to convergence (early stopping on validation loss)")
+    log("1/2 training the base LeNet5 to convergence (early stopping on validation loss)")
     base, tr = train_lenet(data, seed=args.seed, max_epochs=args.max_epochs, device=args.device)
     log(
         f"   {tr.epochs_run} epochs, best val loss {tr.best_val_loss:.4f}, stopped early: {tr.stopped_early}"
     )
-
-    test = tensor_loader(xte, yte, 1000)
     pipe = Pipeline(base=base, train_result=tr, data=data, n_train=n_train, draws=args.draws)
-    rows, timings = pipe.rows, pipe.timings
-    deltas = ["rank1", "full"] if args.delta == "both" else [args.delta]
+    pipe.timings["base_training"] = tr.seconds
+
+    delta = args.delta
+    cfg = make_config(delta, optimizer=args.optimizer, paper=args.paper)
+    sampling = make_sampling(seed=args.seed, paper=args.paper)
+    model = ocdwrap.wrap(base, layer="fc2", config=cfg, sampling=sampling)
     workdir = args.workdir or tempfile.mkdtemp(prefix="ocdwrap-quickstart-")
-    for i, delta in enumerate(deltas):
-        suffix = "" if i == 0 else f"_{delta}"
-        cfg = make_config(delta, optimizer=args.optimizer, paper=args.paper)
-        fit_args = make_fit_args(delta, fit_steps=args.fit_steps, paper=args.paper)
-        sampling = make_sampling(seed=args.seed, paper=args.paper)
-        pipe.cfg = cfg
-        model = ocdwrap.wrap(base, layer="fc2", config=cfg, sampling=sampling)
-        log(
-            f"2/4 [{delta}] overfitting fc2 on {n_train} training samples, one at a time (vectorized)"
-        )
-        t0 = time.perf_counter()
-        store = ocdwrap.collect(
-            model,
-            tensor_loader(xtr[:n_train], ytr[:n_train], 256),
-            ce,
-            os.path.join(workdir, f"deltas-{delta}-{args.optimizer}"),
-            overwrite=True,
-        )
-        timings[f"collect{suffix}"] = time.perf_counter() - t0
-        log(f"   summary: {json.dumps(store.manifest['summary'])}")
-
-        log(f"3/4 [{delta}] fitting the conditional diffusion model and the scale model")
-        t0 = time.perf_counter()
-        report = ocdwrap.fit(model, store, fit_args)
-        timings[f"fit{suffix}"] = time.perf_counter() - t0
-        pipe.reports[delta] = report
-        pipe.fitted[delta] = (cfg, sampling, model.hypernet)
-        log(f"   final loss {report.final_loss:.4f} in {report.seconds:.0f} s")
-
-        log(f"4/4 [{delta}] evaluating on the {len(xte)} test images")
-        if i == 0:
-            rows["base"] = ocdwrap.evaluate_ocd(model, test, ce, mode="base")
-        rows["ocd" + suffix] = ocdwrap.evaluate_ocd(model, test, ce, num_draws=1, seed=args.seed)
-        rows["ocd_ensemble" + suffix] = ocdwrap.evaluate_ocd(
-            model, test, ce, num_draws=args.draws, seed=args.seed
-        )
-        with model.sampling(scale="global"):  # the training set's mean rho for every input
-            rows["global_scale" + suffix] = ocdwrap.evaluate_ocd(
-                model, test, ce, num_draws=args.draws, seed=args.seed
-            )
-        if i == 0:
-            rows["overfit_on_test"] = ocdwrap.evaluate_ocd(model, test, ce, mode="overfit")
-        model.unload()
-
-        reg_cfg = cfg.replace(generator="regression")
-        reg = ocdwrap.wrap(base, layer="fc2", config=reg_cfg, sampling=sampling)
-        t0 = time.perf_counter()
-        pipe.reports["regression" + suffix] = ocdwrap.fit(reg, store, fit_args)
-        timings[f"fit_regression{suffix}"] = time.perf_counter() - t0
-        rows["regression" + suffix] = ocdwrap.evaluate_ocd(
-            reg, test, ce, num_draws=1, seed=args.seed
-        )
-        reg.unload()
-
+    out_dir = os.path.join(workdir, f"compare-{delta}-{args.optimizer}")
+    log(
+        f"2/2 ocdwrap.compare: collecting fc2 deltas on {n_train} training samples, fitting, and "
+        f"scoring every row on the {len(xte)} test images (in {out_dir})"
+    )
+    _log_compare_rows()
+    t0 = time.perf_counter()
+    pipe.comparison = ocdwrap.compare(
+        model,
+        tensor_loader(xtr[:n_train], ytr[:n_train], 256),
+        tensor_loader(xte, yte, 1000),
+        CE,
+        out_dir=out_dir,
+        train_fn=make_train_fn(
+            data, seed=args.seed, device=args.device, record=pipe.extra_training
+        ),
+        generators={"global_scale": GlobalScale()},
+        num_draws=args.draws,
+        seed=args.seed,
+        fit_args=make_fit_args(delta, fit_steps=args.fit_steps, paper=args.paper),
+        overwrite=True,  # a fresh comparison each run, as a fresh collection was before
+    )
+    pipe.timings["compare"] = time.perf_counter() - t0
+    info = pipe.comparison.info
+    pipe.timings.update(
+        {"collect": info.get("collect_s", 0.0), **{f"fit_{k}": v for k, v in info["fit_s"].items()}}
+    )
+    # compare fits the configured generator on the model itself: keep it for the figures and
+    # follow-up studies, then give the base back its plain fc2
+    pipe.cfg = cfg
+    pipe.fitted[delta] = (cfg, sampling, model.hypernet)
+    if model.fit_report is not None:
+        pipe.reports[delta] = model.fit_report
+    model.unload()
+    pipe.rows = {
+        r.name: {"loss": r.loss, "accuracy": r.metric}
+        for r in pipe.comparison.rows
+        if not r.skipped
+    }
     pipe.total = time.perf_counter() - t_start
     return pipe
 
 
+def _machine() -> str:
+    return (
+        f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
+        f"threads: {torch.get_num_threads()}"
+    )
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = smoke_sizes(parse_args(argv))
+    load_start = _load()
     pipe = run(args)
-    rows, tr, n_train, cfg = pipe.rows, pipe.train_result, pipe.n_train, pipe.cfg
-    print_table(rows, args, n_train, tr, pipe.total, n_val=len(pipe.data["val"][0]))
-    settings = {k: v for k, v in vars(args).items() if k != "plots"}
+    print_report(pipe, args)
+    tr, cfg = pipe.train_result, pipe.cfg
+    settings = {k: v for k, v in vars(args).items() if k not in ("plots", "json", "workdir")}
+    command = ["python -m examples.quickstart", *(sys.argv[1:] if argv is None else argv)]
+    if "OMP_NUM_THREADS" in os.environ:
+        command.insert(0, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
     result = {
-        "rows": {k: {"loss": v["loss"], "accuracy": v["accuracy"]} for k, v in rows.items()},
-        "settings": {**settings, "train_samples_used": n_train, "base_epochs": tr.epochs_run},
-        "seconds": {**pipe.timings, "total": pipe.total},
+        **pipe.comparison.to_dict(),
+        "command": " ".join(command),
+        "machine": _machine(),
+        "load_average": {"start": load_start, "end": _load()},
+        "base_training": {
+            "epochs": tr.epochs_run,
+            "best_epoch": tr.best_epoch,
+            "best_val_loss": tr.best_val_loss,
+            "stopped_early": tr.stopped_early,
+            "seconds": tr.seconds,
+            "optimizer": {"name": "adam", "lr": BASE_LR, "batch_size": BASE_BATCH},
+            "patience": 2,
+        },
+        "compute_matched_training": pipe.extra_training,
+        "settings": {**settings, "train_samples_used": pipe.n_train},
         "overfit": {"optimizer": args.optimizer, "lr": cfg.overfit_lr, "steps": cfg.overfit_steps},
+        "paper_table1": {k: {"loss": v[0], "accuracy_percent": v[1]} for k, v in PAPER.items()},
+        # the paper's OCD share of the base -> bound gap in test loss, from its Table 1
+        "paper_ocd_share_percent": 100 * (0.080 - 0.010) / (0.080 - 0.002),
+        "wall_seconds": {**pipe.timings, "total": pipe.total},
     }
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     if args.plots:
@@ -298,14 +406,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_plots(directory: str, pipe: Pipeline, *, seed: int = 0, samples: int = 4) -> list[str]:
-    """fit_losses.png, deltas.png and results.png into ``directory``; returns their paths."""
+    """compare.png (each row's share of the gap, ``Comparison.plot``), fit_losses.png,
+    deltas.png and results.png into ``directory``; returns their paths."""
     from examples.results_chart import plot_results
     from ocdwrap.analysis import plots
 
     os.makedirs(directory, exist_ok=True)
-    paths = []
+    paths = [pipe.comparison.plot(os.path.join(directory, "compare.png"))]
     curves = {
-        ("rank-1 diffusion" if k == "rank1" else "full-matrix UNet" if k == "full" else k): r
+        ("rank-1 diffusion" if k == "rank1" else "full-matrix UNet"): r
         for k, r in pipe.reports.items()
     }
     paths.append(os.path.join(directory, "fit_losses.png"))
@@ -328,60 +437,45 @@ def write_plots(directory: str, pipe: Pipeline, *, seed: int = 0, samples: int =
     plots.plot_deltas(cmp, images=xte[:samples], layer="fc2", path=paths[-1])
 
     names = row_labels(pipe.draws)
-    labels = {
-        k: names.get(k.split("_full")[0], k) + (" [full]" if k.endswith("_full") else "")
-        for k in pipe.rows
-    }
     paths.append(os.path.join(directory, "results.png"))
     plot_results(
-        {k: {"loss": v["loss"], "accuracy": v["accuracy"]} for k, v in pipe.rows.items()},
+        pipe.rows,
         paper=PAPER,
-        labels=labels,
+        labels={k: names.get(k, k) for k in pipe.rows},
         path=paths[-1],
         title=f"LeNet5 on MNIST, fc2, {pipe.n_train} training samples overfitted, seed {seed}",
     )
     return paths
 
 
-def print_table(
-    rows: dict,
-    args: argparse.Namespace,
-    n_train: int,
-    tr,
-    total: float,
-    *,
-    n_val: int = 10_000,
-) -> None:
-    """The results table (markdown) with the paper's Table 1 beside it, on stdout."""
+def print_report(pipe: Pipeline, args: argparse.Namespace) -> None:
+    """What the run was, the comparison (its table and verdict), and the paper's Table 1 beside
+    the rows that match one, on stdout."""
+    tr, c = pipe.train_result, pipe.comparison
     if getattr(args, "smoke", False):
         print("\nsmoke run (--smoke): tiny sizes; the numbers below say nothing about OCD")
     print(
-        f"\nLeNet5 on MNIST, layer fc2 (120->84), {n_train} training samples overfitted "
-        f"({args.optimizer}, 3 steps), seed {args.seed}, delta={args.delta}; {total / 60:.1f} min"
+        f"\nLeNet5 on MNIST, layer fc2 (120->84), {pipe.n_train} training samples overfitted "
+        f"({args.optimizer}, 3 steps), seed {args.seed}, delta={args.delta}; "
+        f"{pipe.total / 60:.1f} min"
     )
+    n_val = len(pipe.data["val"][0])
     val = f"{n_val // 1000}k" if n_val % 1000 == 0 else f"{n_val}-image"
     print(
         f"base: {tr.epochs_run} epochs, early stopping on a {val} validation split (patience 2)\n"
     )
+    print(c)
+    print("\nBeside the paper's Table 1 (its base is weaker: CE 0.080), where a row matches:\n")
     print("| row | test CE | test acc % | paper CE | paper acc % |")
     print("| --- | --- | --- | --- | --- |")
     names = row_labels(args.draws)
-    for key, r in rows.items():
-        stem = key.split("_full")[0].split("_rank1")[0]
-        label = names.get(stem, stem) + (" [full]" if key.endswith("_full") else "")
-        paper = PAPER.get(key, ("—", "—"))
-        print(
-            f"| {label} | {r['loss']:.4f} | {100 * r['accuracy']:.2f} | {paper[0]} | {paper[1]} |"
-        )
-    base, ocd, up = rows["base"]["loss"], rows["ocd"]["loss"], rows["overfit_on_test"]["loss"]
-    gap = base - up
-    if gap > 0:
-        print(
-            f"\nOCD (1 draw) captures {100 * (base - ocd) / gap:.1f} % of the base -> overfit-on-test gap "
-            f"(paper: {100 * (0.080 - 0.010) / (0.080 - 0.002):.0f} %)."
-        )
-    if ocd >= base:
-        print("OCD did NOT lower the test cross-entropy below the base model's in this run.")
+    for key, (paper_ce, paper_acc) in PAPER.items():
+        r = pipe.rows.get(key)
+        if r is not None:
+            print(
+                f"| {names[key]} | {r['loss']:.4f} | {100 * r['accuracy']:.2f} | {paper_ce} | "
+                f"{paper_acc} |"
+            )
 
 
 if __name__ == "__main__":

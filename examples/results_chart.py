@@ -136,7 +136,8 @@ def plot_results(
         rows: ``{row: result}``, in display order. A result is ``{"loss": 0.06, "accuracy":
             0.98}`` (one seed), a list of those (several seeds: the point is the mean, the error
             bar one standard deviation), ``{"loss": [0.06, 0.061, ...]}``, or a bare number when
-            there is one metric. ``evaluate_ocd`` results and the quickstart's JSON ``"rows"`` fit.
+            there is one metric. ``evaluate_ocd`` results fit, and the quickstart's JSON
+            ``"rows"`` (``Comparison.to_dict()``'s) with ``metrics=("loss", "metric")``.
         metrics: keys to plot, one panel each. An accuracy given as a fraction is shown in %.
         paper: ``{row: value}`` where the paper reports one: ``{"loss": 0.010, "accuracy": 99.7}``,
             or a tuple in the order of ``metrics``; strings such as ``"0.010 ± 0.006"`` are read,

@@ -1,11 +1,11 @@
 """Can the spread between OCD's generated networks tell when a prediction is wrong?
 
-    python -m examples.uncertainty                              # about 5-10 minutes on 2 cores
+    python -m examples.uncertainty                              # about 10-15 minutes on 2 cores
     python -m examples.uncertainty --plots docs/img --json runs/uncertainty.json
     python -m examples.uncertainty --smoke                      # tiny sizes, seconds
 
-Runs the quickstart pipeline (LeNet5 on MNIST, fc2, rank-one deltas; see ``examples.quickstart``),
-then, on the 10k test images:
+Runs the quickstart pipeline (LeNet5 on MNIST, fc2, rank-one deltas, ``ocdwrap.compare`` with every
+control; see ``examples.quickstart``), then, on the 10k test images:
 
 * the AUROC, for detecting misclassified samples, of three scores: the OCD(K) ensemble's
   spread between draws, the base model's 1 - max softmax probability, and 1 - the OCD(K)
@@ -17,7 +17,7 @@ then, on the 10k test images:
 * how close the generated delta is to the delta obtained by overfitting each test input with its
   true label (cosine similarity), next to a shuffled control (the overfit delta of another input).
 
-``--plots DIR`` writes layer_scores.png, fit_losses.png, deltas.png, results.png,
+``--plots DIR`` writes compare.png, layer_scores.png, fit_losses.png, deltas.png, results.png,
 reliability.png and uncertainty.png (see docs/figures.md).
 """
 
@@ -33,7 +33,7 @@ import time
 import torch
 
 import ocdwrap
-from examples import quickstart  # its steps (train, collect, fit, evaluate) are reused
+from examples import quickstart  # its steps (train, compare, report) are reused
 from examples.data import tensor_loader
 from ocdwrap.analysis import plots
 from ocdwrap.analysis.uncertainty import misclassification_report
@@ -151,14 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     cosines = delta_cosines(pipe, args.delta_samples, args.seed)
     seconds_uncertainty = time.perf_counter() - t0
 
-    quickstart.print_table(
-        pipe.rows,
-        qargs,
-        pipe.n_train,
-        pipe.train_result,
-        pipe.total,
-        n_val=len(pipe.data["val"][0]),
-    )
+    quickstart.print_report(pipe, qargs)  # the comparison and the paper's Table 1
     print(f"\nMisclassification detection on the {rep.n} MNIST test images, seed {args.seed}:\n")
     print(rep.table())
     verdict = "adds" if rep.spread_adds_information else "does not add"
@@ -187,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         "delta_cosine": cosines,
         "layer_scores": scores.to_dict(),
         "rows": {k: {"loss": v["loss"], "accuracy": v["accuracy"]} for k, v in pipe.rows.items()},
+        "verdict": pipe.comparison.verdict,
         "settings": {
             **vars(args),
             "train_samples_used": pipe.n_train,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import ocdwrap
 from benchmarks.datasets import available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,31 +114,53 @@ def check_scores(rows: dict[str, list[float]]) -> None:
 
 def test_quickstart(tmp_path) -> None:
     needs("mnist")
-    out = example("quickstart", "--json", str(tmp_path / "quickstart.json"))
+    work = tmp_path / "work"
+    out = example("quickstart", "--json", str(tmp_path / "quickstart.json"), "--workdir", str(work))
     assert "smoke run (--smoke)" in out
     assert "256 training samples overfitted (adam, 3 steps), seed 0, delta=rank1" in out
+    # the quickstart goes through ocdwrap.compare: its table, its verdict, its comparison.json
+    assert "compare on layer fc2: 500 labelled eval samples (classification)" in out
+    assert "verdict: " in out and "verdict: incomplete" not in out
+    assert (work / "compare-rank1-adam" / "comparison.json").is_file()
     rows = named(out)
-    names = {
-        "base": "base LeNet5",
-        "ocd": "OCD (1 draw)",
-        "ocd_ensemble": "OCD(2) ensemble",
-        "global_scale": "OCD, global scale (2 draws)",
-        "overfit_on_test": "overfit on test (true labels; upper bound)",
-        "regression": "regression generator (no diffusion)",
-    }
-    assert list(rows) == list(names.values())
-    check_scores(rows)
+    assert list(rows) == [
+        "base",
+        "overfit",
+        "ocd",
+        "ocd_k",
+        "regression",
+        "nearest",
+        "own_label",
+        "probe",
+        "compute_matched",
+        "global_scale",
+    ]
+    check_scores(rows)  # every row computed (a skipped row has no numbers): compute_matched too
     # overfitting each test image on its true label must lower the loss: the upper bound works
-    base, upper = rows[names["base"]][0], rows[names["overfit_on_test"]][0]
-    assert upper < base
-    # the JSON has the numbers of the table and says how it was run
+    assert rows["overfit"][0] < rows["base"][0]
+    assert "compute_matched: train_fn ran" in out
+    # the paper's Table 1 beside the rows that match one
+    beside = named(out.split("Beside the paper's Table 1")[1])
+    assert list(beside) == [
+        "base LeNet5",
+        "OCD (1 draw)",
+        "OCD, global scale (1 draw)",
+        "overfit on test (true labels; upper bound)",
+    ]
+    assert beside["base LeNet5"][:2] == rows["base"][:2]
+    # the JSON is the comparison's (Comparison.from_dict reads it back) with the base training
     result = json.loads((tmp_path / "quickstart.json").read_text())
-    assert list(result["rows"]) == list(names)
-    for key, label in names.items():
-        assert round(result["rows"][key]["loss"], 4) == pytest.approx(rows[label][0], abs=1e-4)
+    comparison = ocdwrap.Comparison.from_dict(result)
+    assert [r.name for r in comparison.rows] == list(rows)
+    for name, numbers_ in rows.items():
+        assert round(comparison.row(name).loss, 4) == pytest.approx(numbers_[0], abs=1e-4)
+    assert comparison.verdict.startswith("the best row without eval labels is ")
+    assert "python -m examples.quickstart --smoke" in result["command"]
     assert result["settings"]["smoke"] is True
     assert result["settings"]["train_samples_used"] == 256
-    assert result["seconds"]["total"] > 0
+    assert result["base_training"]["epochs"] == 1
+    assert result["compute_matched_training"]["steps"] > 0
+    assert result["wall_seconds"]["total"] > 0
 
 
 def test_uncertainty(tmp_path) -> None:
