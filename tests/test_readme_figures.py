@@ -45,17 +45,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 
-# The quickstart's table is exempt: the quickstart is being rewritten, and its table will be
-# regenerated from the new quickstart's committed JSON; until then it quotes runs/quickstart.json,
-# a command's output that is not in the repository. Identified by its header row.
-EXEMPT_TABLE = "| row | test CE | test acc % | paper CE | paper acc % |"
-
 # Paragraphs (by their opening words) whose figures no committed JSON holds yet, and why.
 NO_JSON = {
-    "The honest summary so far": "the quickstart's run time and settings (runs/quickstart.json, "
-    "not committed; the quickstart is being rewritten)",
-    "So on this run OCD with one draw": "the quickstart's run and python -m examples.uncertainty "
-    "(runs/uncertainty.json), neither committed",
+    "From the same pipeline in": "python -m examples.uncertainty (runs/uncertainty.json), not "
+    "committed",
     "On a machine whose two cores are shared": "an observation of one epoch's time under "
     "oversubscription, not a committed run",
 }
@@ -264,7 +257,7 @@ def cited(text: str) -> list[str]:
 
 def checked() -> list[tuple[str, list[str]]]:
     """Each paragraph, and each row of a table, that quotes figures, with the JSONs it names
-    (a row naming none: those of the paragraph above its table); the exempt table left out."""
+    (a row naming none: those of the paragraph above its table)."""
     out: list[tuple[str, list[str]]] = []
     above: list[str] = []
     for block in paragraphs():
@@ -273,8 +266,6 @@ def checked() -> list[tuple[str, list[str]]]:
             if figures(block):
                 out.append((block, cited(block)))
             above = cited(block)
-            continue
-        if block.startswith(EXEMPT_TABLE):
             continue
         for row in lines[2:]:  # the header and the |---| line quote no figure
             if figures(row):
@@ -286,12 +277,8 @@ def _opening(text: str) -> str | None:
     return next((k for k in NO_JSON if text.startswith(k)), None)
 
 
-def test_the_exempt_table_and_listed_paragraphs_are_there() -> None:
+def test_the_listed_paragraphs_are_there() -> None:
     paras = paragraphs()
-    assert any(p.startswith(EXEMPT_TABLE) for p in paras), (
-        "the quickstart's table changed: update EXEMPT_TABLE (or drop the exemption once the "
-        "table names a committed JSON)"
-    )
     for opening in NO_JSON:
         assert any(p.startswith(opening) for p in paras), f"no paragraph opens with {opening!r}"
 
