@@ -190,8 +190,9 @@ def run_compare(
     out: dict[str, dict[str, float]] = {}
     report = None
     logger = logging.getLogger("ocdwrap")
-    level = logger.level
-    logger.setLevel(logging.INFO)  # compare's line per row
+    level, handler = logger.level, _LogLines()
+    logger.setLevel(logging.INFO)  # compare's line per row, as benchmarks.timing.log prints
+    logger.addHandler(handler)
     try:
         log(f"{tag}ocdwrap.compare: rows {'all' if rows is None else list(rows)}, K={draws}")
         comparison, seconds = timed(
@@ -202,7 +203,6 @@ def run_compare(
                 features=features, overwrite=True,
             )
         )  # fmt: skip
-        logger.setLevel(level)
         log(f"{tag}compare in {seconds:.0f} s:\n{comparison}")
         convert = to_metrics or (lambda r: row_metrics(task, r))
         for r in comparison.rows:
@@ -227,8 +227,18 @@ def run_compare(
             after(model, out)
     finally:
         logger.setLevel(level)
+        logger.removeHandler(handler)
         model.unload()
     return CompareRun(out, info, report)
+
+
+class _LogLines(logging.Handler):
+    """ocdwrap's log lines during compare (one per finished row, and any warning) as
+    :func:`benchmarks.timing.log` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
+        log(level + record.getMessage())
 
 
 def _record(info: dict, comparison: Any, out_dir: str, model: Any, train: dict | None) -> None:

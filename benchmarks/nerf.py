@@ -54,7 +54,6 @@ size is 100 x 100 px: ``--size 100 --samples 64 --rays 4096 --unet-channels 32 6
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -65,12 +64,22 @@ import torch.nn.functional as F
 from torch import nn
 
 import ocdwrap
+from ocdwrap.compare import Metric as CompareMetric
+from ocdwrap.compare import Row as CompareRow
 from ocdwrap.deltas import FullDelta
 
 from . import cli, notes
-from .controls import Agreement, NearestNeighbour, rank_energy, truncate
+from .controls import Agreement, rank_energy, truncate
 from .datasets import tensor_loader
-from .experiment import OCDRun, _Rows, add_run, headroom_info
+from .experiment import (
+    CompareRun,
+    GlobalScale,
+    add_run,
+    headroom_info,
+    pixels,
+    run_compare,
+    table_rows,
+)
 from .results import Metric, Results, Row, fmt_mean_sd
 from .scenes import (
     FAR,
@@ -83,7 +92,7 @@ from .scenes import (
     composite,
     load_scene,
 )
-from .scoring import Task, evaluate_module
+from .scoring import Task, evaluate_module, evaluate_with_deltas
 from .timing import log, peak_rss_mb, timed
 
 MODULE = "benchmarks.nerf"
@@ -246,18 +255,38 @@ def rows_for(scene: str, rank: int, unet: tuple[int, ...] | None = UNET_CHANNELS
     the full-matrix UNet)."""
     base, overfit, ocd = PAPER.get(scene, ("—", "—", "—"))
     extra = [Row("full_unet", f"full-matrix UNet {tuple(unet)}, 1 draw")] if unet else []
-    return [
-        Row("base", "base TinyNeRF", {"mse": base}),
-        Row("compute_matched", "base + compute-matched extra training"),
-        Row("ocd", "OCD, 1 draw", {"mse": ocd}),
-        Row("ocd_k", "OCD(5) ensemble"),
-        Row("global", "no scaling (global ρ), 1 draw"),
-        *extra,
-        Row("regression", "regression generator (no diffusion)"),
-        Row("nn", "nearest neighbour (pose space)"),
-        Row("overfit_rank", f"overfit fc1 on test, delta truncated to rank {rank}"),
-        Row("overfit", "overfit fc1 on test (Adam 5e-3 × 10; upper bound)", {"mse": overfit}),
-    ]
+    return table_rows(
+        [
+            "base", "compute_matched", "ocd", "ocd_k", "global", *extra, "regression", "nearest",
+            "probe", Row("overfit_rank", f"overfit fc1 on test, delta truncated to rank {rank}"),
+            "overfit",
+        ],
+        layer=LAYER,
+        space="pose space",
+        labels={
+            "base": "base TinyNeRF",
+            "overfit": "overfit fc1 on test (Adam 5e-3 × 10; upper bound)",
+            "probe": "overfit fc1 on test towards a probe's prediction (no test images)",
+        },
+        paper={"base": {"mse": base}, "ocd": {"mse": ocd}, "overfit": {"mse": overfit}},
+    )  # fmt: skip
+
+
+def psnr_metric() -> tuple[dict[str, CompareMetric], Any]:
+    """PSNR through ``ocdwrap.compare``'s ``metrics=``: -10 log10 of the mean MSE over the test
+    views (one group: the PSNR of the mean, not a mean of PSNRs); and the function that turns a
+    compare row into this table's metrics."""
+
+    def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+        return -10 * math.log10(max(float(image_mse(pred, target).double().mean()), 1e-12))
+
+    def one_group(inputs: Any, target: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(target), dtype=torch.long)
+
+    def to_metrics(row: CompareRow) -> dict[str, float]:
+        return {"mse": row.loss, "psnr": row.metrics["psnr"]}
+
+    return {"psnr": CompareMetric(psnr, True, per="group", group_fn=one_group)}, to_metrics
 
 
 def nerf_settings(
@@ -285,80 +314,83 @@ def nerf_settings(
 
 def ocd_rows(
     args: Any, seed: int, base: TinyNeRF, data: SceneData, loaders: dict, out_dir: str
-) -> tuple[OCDRun, dict[str, torch.Tensor]]:
-    """Collect, fit and score every OCD row on one fitted generator (one overfit pass over the
-    test views gives the upper bound, its rank-r truncation and the deltas' agreement); returns
-    the run and the renders of test view 0 (truth, base, OCD, overfit) for the figure."""
-    task, dev = ImageTask(), args.device
+) -> tuple[CompareRun, dict[str, torch.Tensor]]:
+    """The shared rows through ``ocdwrap.compare`` (nearest in pose space, PSNR as a metric,
+    the compute-matched base trained further with its own recipe), and with its fitted
+    generator the rows only this table has: the overfit delta truncated to rank r, and the
+    full-matrix UNet on its own collection. Returns the run and the renders of test view 0
+    (truth, base, OCD, overfit) for the figure."""
+    task = ImageTask()
     cfg, fit, sampling = nerf_settings(args, seed)
-    rows = ["ocd", "ocd_k", "global", "regression", "nn"]
-    info: dict[str, Any] = {
-        "layer": LAYER,
-        **cli.recorded(cfg, fit, sampling),
-        "agreement": {},
-        "row_s": {},
-    }
-    run = _Rows(task, loaders["test"], rows, seed, f"[{data.name} {LAYER}] ", info, fit)
-    model = ocdwrap.wrap(base, layer=LAYER, config=cfg, sampling=sampling)
-    try:
-        store = run.collect_and_fit(model, loaders["train"], out_dir, dev, args.progress)
-        log(f"{run.tag}overfitting {LAYER} on each of the {len(data.test_poses)} test views")
-        run.agree, info["overfit_test_s"] = timed(
+    metrics, to_metrics = psnr_metric()
+    record: dict[str, Any] = {}
+
+    def train_more(model: nn.Module, seconds: float) -> nn.Module:
+        record.update(
+            train_nerf(model, data, lr=args.lr, rays=args.rays, seed=seed + 1000, seconds=seconds)
+        )
+        return model
+
+    renders: dict[str, torch.Tensor] = {}
+    extra: dict[str, Any] = {}
+    tag = f"[{data.name} {LAYER}] "
+
+    def after(model: ocdwrap.OCDModel, rows: dict) -> None:
+        log(f"{tag}overfitting {LAYER} on each of the {len(data.test_poses)} test views")
+        agree, extra["overfit_test_s"] = timed(
             lambda: Agreement(model, loaders["test"], task, len(data.test_poses))
         )
-        true = {it[5]: it[3].reshape(-1, *model.weight_shape) for it in run.agree.items}
-        info["true_delta_rank_energy"] = rank_energy(torch.cat(list(true.values())))
-        _, info["row_s"]["ocd+ocd_k+global"] = timed(
-            lambda: run.generated_rows(model, args.draws, False)
-        )
-        for key, what, fn in (
-            ("overfit", "overfit on test", lambda d: d),
-            ("overfit_rank", f"overfit on test, rank {args.delta_rank}", lambda d: truncate(d, args.delta_rank)),
-        ):  # fmt: skip
-            _, info["row_s"][key] = timed(
-                lambda fn=fn, key=key, what=what: run.delta_row(
-                    key, what, model, lambda x, y, p: FullDelta(fn(true[p]))
-                )
-            )
-        near = NearestNeighbour(store, cfg, model.weight_shape, data.train_poses, data.test_poses)
-        _, info["row_s"]["nn"] = timed(
-            lambda: run.delta_row("nn", "nearest neighbour", model, lambda x, y, p: near.spec(p, len(y)))
+        true = {it[5]: it[3].reshape(-1, *model.weight_shape) for it in agree.items}
+        extra["true_delta_rank_energy"] = rank_energy(torch.cat(list(true.values())))
+        rng = torch.Generator(device=model.device).manual_seed(seed)
+        extra["agreement"] = {"ocd": agree.score(lambda x, y, c, p: model.generate(c, rng=rng))}
+        rows["overfit_rank"] = evaluate_with_deltas(
+            model, loaders["test"], task,
+            lambda x, y, p: FullDelta(truncate(true[p], args.delta_rank)),
         )  # fmt: skip
-        renders = first_view_renders(model, data, true[0][:1], seed)
-    finally:
-        model.unload()
-    _, info["row_s"]["regression (fit + eval)"] = timed(
-        lambda: run.regression_row(base, LAYER, cfg, sampling, store, dev, args.progress)
-    )
+        log(f"{tag}overfit on test, rank {args.delta_rank}: {rows['overfit_rank']}")
+        renders.update(first_view_renders(model, data, true[0][:1], seed))
+        extra["agree"] = agree
+
+    run = run_compare(
+        base, LAYER, cfg, loaders["train"], loaders["test"], task, out_dir, fit_args=fit,
+        sampling=sampling, draws=args.draws, seed=seed, train_fn=train_more, train_record=record,
+        features=pixels, metrics=metrics, to_metrics=to_metrics,
+        generators={"global": GlobalScale()}, progress=args.progress, tag=f"{data.name} {LAYER}",
+        agreement_samples=0, after=after,
+    )  # fmt: skip
+    agree = extra.pop("agree")
+    run.info.update(extra)
     if args.delta == "lowrank" and (args.full_unet_seeds is None or seed in args.full_unet_seeds):
-        _, info["row_s"]["full-matrix UNet (collect + fit + eval)"] = timed(
-            lambda: full_unet_row(args, seed, base, loaders, out_dir + "-full", run)
-        )
-    return OCDRun(run.out, run.info), renders
+        full = full_unet_row(args, seed, base, loaders, out_dir + "-full", agree)
+        run.rows["full_unet"] = full.rows["ocd"]
+        run.info["full_unet"] = full.info
+        run.info["agreement"]["full_unet"] = full.info.pop("agreement_with_main")
+    return run, renders
 
 
 def full_unet_row(
-    args: Any, seed: int, base: TinyNeRF, loaders: dict, out_dir: str, main: _Rows
-) -> None:
+    args: Any, seed: int, base: TinyNeRF, loaders: dict, out_dir: str, agree: Agreement
+) -> CompareRun:
     """The full-matrix UNet at a CPU size (``--unet-channels``), on its own collection of the
-    same training views, scored with one draw (row ``full_unet``; its times and agreement go
-    to ``info["full_unet"]``, so the compute-matched row stays matched to the main OCD)."""
-    task, (cfg, fit, sampling) = ImageTask(), nerf_settings(args, seed, delta="full")
-    info: dict[str, Any] = {"layer": LAYER, **cli.recorded(cfg, fit, sampling)}
-    main.info["full_unet"] = info
-    run = _Rows(task, main.test_loader, ["ocd"], seed, main.tag + "full UNet: ", info, fit)
-    model = ocdwrap.wrap(base, layer=LAYER, config=cfg, sampling=sampling)
-    try:
-        run.collect_and_fit(model, loaders["train"], out_dir, args.device, args.progress)
-        main.out["full_unet"], info["eval_s"] = timed(lambda: run.ocd_eval(model, 1))
-        log(f"{run.tag}1 draw: {main.out['full_unet']}")
-        if main.agree:
-            rng = torch.Generator(device=model.device).manual_seed(seed)
-            main.info["agreement"]["full_unet"] = main.agree.score(
-                lambda x, y, cond, p: model.generate(cond, rng=rng)
-            )
-    finally:
-        model.unload()
+    same training views: compare's ocd row (1 draw), with the cosine of its deltas with the
+    overfit-on-test ones (``info["agreement_with_main"]``). Its times stay apart from the main
+    OCD's, so the compute-matched row stays matched to the main OCD."""
+    cfg, fit, sampling = nerf_settings(args, seed, delta="full")
+    metrics, to_metrics = psnr_metric()
+    found: dict[str, Any] = {}
+
+    def after(model: ocdwrap.OCDModel, rows: dict) -> None:
+        rng = torch.Generator(device=model.device).manual_seed(seed)
+        found["cos"] = agree.score(lambda x, y, cond, p: model.generate(cond, rng=rng))
+
+    run = run_compare(
+        base, LAYER, cfg, loaders["train"], loaders["test"], ImageTask(), out_dir, fit_args=fit,
+        sampling=sampling, rows=("ocd",), seed=seed, metrics=metrics, to_metrics=to_metrics,
+        progress=args.progress, tag="full UNet", agreement_samples=0, after=after,
+    )  # fmt: skip
+    run.info["agreement_with_main"] = found["cos"]
+    return run
 
 
 @torch.no_grad()
@@ -377,23 +409,6 @@ def first_view_renders(
     return {k: v.detach().float().cpu().clamp(0, 1) for k, v in out.items()}
 
 
-def compute_matched_row(
-    res: Results, seed: int, pristine: TinyNeRF, data: SceneData, test: Any, args: Any
-) -> None:
-    """The base trained further, with its own recipe (Adam 5e-3, random rays), for the wall time
-    OCD's collection and fitting took."""
-    info = res.info[seed]
-    seconds = info["ocd"]["collect_s"] + info["ocd"]["fit_s"]
-    log(f"compute-matched control: {seconds:.0f} s more training of the base")
-    model = copy.deepcopy(pristine)
-    info["compute_matched"] = train_nerf(
-        model, data, lr=args.lr, rays=args.rays, seed=seed + 1000, seconds=seconds
-    )
-    row = evaluate_module(model, test, ImageTask(), args.device)
-    res.add(seed, "compute_matched", row)
-    log(f"  {row} after {info['compute_matched']['iterations']} more iterations")
-
-
 def run_seed(args: Any, seed: int, data: SceneData, res: Results, workdir: str) -> dict:
     """Every row of one scene and seed; returns the renders of test view 0."""
     dev, task = args.device, ImageTask()
@@ -409,7 +424,6 @@ def run_seed(args: Any, seed: int, data: SceneData, res: Results, workdir: str) 
         base, data, lr=args.lr, rays=args.rays, seed=seed, iterations=args.iterations
     )
     log(f"  {info['base_training']}")
-    pristine = copy.deepcopy(base)
     loaders = {
         "train": tensor_loader(
             data.train_poses.to(dev), data.train_images.to(dev), args.view_batch
@@ -430,7 +444,6 @@ def run_seed(args: Any, seed: int, data: SceneData, res: Results, workdir: str) 
     out_dir = os.path.join(workdir, f"{data.name}-s{seed}")
     run, renders = ocd_rows(args, seed, base, data, loaders, out_dir)
     add_run(res, seed, run)
-    compute_matched_row(res, seed, pristine, data, loaders["test"], args)
     info["peak_rss_mb"] = peak_rss_mb()  # of the whole process so far (the issue's 8 GiB bound)
     return renders
 
@@ -440,8 +453,19 @@ def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
     base_p, over_p, ocd_p = (float(v) for v in PAPER[data.name])
     out = notes.gap_notes(res, "mse", {"ocd": (base_p - ocd_p) / (base_p - over_p), "ocd_k": None})
     out += notes.other_gaps_note(
-        res, "mse", ("compute_matched", "global", "full_unet", "regression", "nn", "overfit_rank")
+        res,
+        "mse",
+        (
+            "compute_matched",
+            "global",
+            "full_unet",
+            "regression",
+            "nearest",
+            "probe",
+            "overfit_rank",
+        ),
     )
+    out += notes.compare_note(res)
     out += notes.headroom_note(res)
     infos = list(res.info.values())
     bt = [i["base_training"] for i in infos if "base_training" in i]
@@ -466,18 +490,12 @@ def table_notes(res: Results, args: Any, data: SceneData) -> list[str]:
             "overfit-on-test deltas of fc1 are not rank one: share of their squared norm in the top r "
             "singular values, r = " + ", ".join(f"{r}: {fmt(energy, r)}" for r in energy[0])
         )
-    times = [
-        i["ocd"]["row_s"] | {"overfit on test views": i["ocd"]["overfit_test_s"]}
-        for i in infos
-        if "ocd" in i
-    ]
+    times = [i["ocd"]["overfit_test_s"] for i in infos if "overfit_test_s" in i.get("ocd", {})]
     if times:
         out.append(
-            "row times (s, per seed; eval of the 'overfit' rows reuses one overfit of the test views): "
-            + "; ".join(
-                f"{k} {[round(t[k], 1) for t in times if k in t]}"
-                for k in dict.fromkeys(k for t in times for k in t)
-            )
+            "one overfit of the test views (for the truncated-rank row, the renders and the "
+            f"agreement) per seed: {[round(t, 1) for t in times]} s; each shared row's build and "
+            "prediction time are in the comparison of the JSON"
         )
     out.append(
         f"scene: benchmarks.scenes '{data.name}' (procedural stand-in, not the Blender scene), "

@@ -47,7 +47,6 @@ beside the 5-speaker table.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -61,14 +60,16 @@ import torch
 from torch import nn
 
 import ocdwrap
+from ocdwrap.compare import Metric as CompareMetric
+from ocdwrap.compare import Row as CompareRow
 from ocdwrap.deltas import FullDelta
 
 from . import cli, notes
-from .controls import Agreement, NearestNeighbour, rank_energy, truncate
+from .controls import Agreement, rank_energy, truncate
 from .datasets import tensor_loader
-from .experiment import _Rows, headroom_info
+from .experiment import GlobalScale, headroom_info, run_compare, table_rows
 from .results import Metric, Results, Row, fmt_mean_sd
-from .scoring import Task, evaluate_predictions
+from .scoring import Task, evaluate_predictions, evaluate_with_deltas
 from .speech_data import SAMPLE_RATE, EspeakMissingError, SpeechData, load_speech
 from .speech_model import (
     Separator,
@@ -124,25 +125,64 @@ def log_spectrum(x: torch.Tensor, n_fft: int = 256) -> torch.Tensor:
 
 def rows_for(n_speakers: int, rank: int, lr: float, steps: int) -> list[Row]:
     """The table's rows; the paper's Table 5 beside the 5-speaker table (Libri5Mix)."""
-    paper = PAPER if n_speakers == 5 else {}
+    paper = {k: {"sisdri": v} for k, v in PAPER.items()} if n_speakers == 5 else {}
+    return table_rows(
+        [
+            "base", "compute_matched", "ocd", "ocd_k",
+            Row("ocd_k_aligned", "OCD(5), each draw's speakers put in the base's order first"),
+            "global", "regression", "nearest", "probe",
+            Row("overfit_rank", f"overfit proj on test, delta truncated to rank {rank}"),
+            "overfit",
+            Row("alt", f"alternative layer (select_layer's first), OCD 1 draw (low-rank, r = {rank})"),
+            Row("alt_overfit", "alternative layer, overfit on test (its upper bound)"),
+        ],
+        layer=LAYER,
+        space="mean log spectrum",
+        labels={
+            "base": "base MulCat separator",
+            "ocd": f"OCD, 1 draw (low-rank, r = {rank})",
+            "ocd_k": "OCD(5) ensemble (mean waveform)",
+            "overfit": f"overfit proj on test (Adam {lr:g} × {steps}; upper bound)",
+            "probe": "overfit proj on test towards a probe's prediction (no test sources)",
+        },
+        paper=paper,
+    )  # fmt: skip
 
-    def p(key: str) -> dict[str, str]:
-        return {"sisdri": paper[key]} if key in paper else {}
 
-    return [
-        Row("base", "base MulCat separator", p("base")),
-        Row("compute_matched", "base + compute-matched extra training"),
-        Row("ocd", f"OCD, 1 draw (low-rank, r = {rank})", p("ocd")),
-        Row("ocd_k", "OCD(5) ensemble (mean waveform)"),
-        Row("ocd_k_aligned", "OCD(5), each draw's speakers put in the base's order first"),
-        Row("global", "no scaling (global ρ), 1 draw"),
-        Row("regression", "regression generator (no diffusion)"),
-        Row("nn", "nearest neighbour (mean log spectrum)"),
-        Row("overfit_rank", f"overfit proj on test, delta truncated to rank {rank}"),
-        Row("overfit", f"overfit proj on test (Adam {lr:g} × {steps}; upper bound)", p("overfit")),
-        Row("alt", f"alternative layer (select_layer's first), OCD 1 draw (low-rank, r = {rank})"),
-        Row("alt_overfit", "alternative layer, overfit on test (its upper bound)"),
-    ]
+SPLITS = (("test", "sisdri"), ("test_unseen", "sisdri_unseen"))
+
+
+def sisdri_metrics(splits: dict) -> tuple[dict[str, CompareMetric], Any]:
+    """SI-SDRi of each test split through ``ocdwrap.compare``'s ``metrics=``. compare scores
+    one eval set, the seen-speaker test mixtures followed by the unseen-speaker ones; each
+    split's SI-SDRi is a per-sample Metric over all of them that is the split's SI-SDRi
+    (minus the matched loss, minus the split's mixture SI-SDR) weighted N / n on the split's
+    own n mixtures and 0 on the others, so that its mean over the N is the split's mean. Also
+    the function that turns a compare row into this table's metrics."""
+    sizes = [len(splits[split][0]) for split, _ in SPLITS]
+    total, out, lo = sum(sizes), {}, 0
+    for (split, key), n in zip(SPLITS, sizes):
+        ref = float(mixture_sisdr(splits[split][1]).mean())
+        weight = torch.zeros(total, dtype=torch.float64)
+        weight[lo : lo + n] = total / n
+        lo += n
+
+        def fn(pred: torch.Tensor, target: torch.Tensor, ref=ref, weight=weight) -> torch.Tensor:
+            return (-pit_neg_sisdr(pred, target).double().cpu() - ref) * weight
+
+        out[key] = CompareMetric(fn, higher_is_better=True)
+
+    def to_metrics(row: CompareRow) -> dict[str, float]:
+        return {key: row.metrics[key] for _, key in SPLITS}
+
+    return out, to_metrics
+
+
+def both_splits(splits: dict, batch: int) -> Any:
+    """compare's eval data: the seen-speaker test mixtures, then the unseen-speaker ones."""
+    mix = torch.cat([splits[s][0] for s, _ in SPLITS])
+    src = torch.cat([splits[s][1] for s, _ in SPLITS])
+    return tensor_loader(mix, src, batch)
 
 
 def speech_settings(
@@ -182,74 +222,74 @@ def collected(splits: dict, args: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def ocd_rows(
     args: Any, seed: int, S: int, base: Separator, splits: dict, out_dir: str
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, torch.Tensor]]:
-    """Collect, fit and score every OCD row on both test splits with one fitted generator;
-    returns (row -> metrics), the info, and the waveforms of test mixture 0 for the figure."""
-    dev, (cfg, fit, sampling) = args.device, speech_settings(args, seed)
-    tasks = {
-        s: SpeechTask(float(mixture_sisdr(splits[s][1]).mean()), k)
-        for s, k in (("test", "sisdri"), ("test_unseen", "sisdri_unseen"))
-    }
-    loaders = {s: tensor_loader(*splits[s], args.batch) for s in ("test", "test_unseen")}
-    collect = collected(splits, args)
-    train_loader = tensor_loader(*collect, args.batch)
-    rows = ["ocd", "ocd_k", "global", "nn", "overfit"]
-    info: dict[str, Any] = {
-        "layer": LAYER,
-        **cli.recorded(cfg, fit, sampling),
-        "agreement": {},
-        "row_s": {},
-    }
-    uinfo: dict[str, Any] = {"agreement": {}, "row_s": {}}
+    """The shared rows through ``ocdwrap.compare`` on both test splits at once (nearest by the
+    mean log spectrum, SI-SDRi of each split as metrics, the compute-matched base trained
+    further with the separator's own training), and with its fitted generator the rows only
+    this table has: OCD(K) with each draw aligned to the base's speaker order, and the
+    overfit delta truncated to rank r. Returns (row -> metrics), the info, and the waveforms
+    of test mixture 0 for the figure."""
+    cfg, fit, sampling = speech_settings(args, seed)
+    tasks = {s: SpeechTask(float(mixture_sisdr(splits[s][1]).mean()), k) for s, k in SPLITS}
+    loaders = {s: tensor_loader(*splits[s], args.batch) for s, _ in SPLITS}
+    metrics, to_metrics = sisdri_metrics(splits)
+    record: dict[str, Any] = {}
+
+    def train_more(model: nn.Module, seconds: float) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        record.update(
+            train_separator(
+                model, splits["train"], splits["val"], seconds=seconds, patience=args.patience,
+                batch_size=args.batch, lr=1e-4, seed=seed + 1000,
+            )
+        )  # fmt: skip
+        return model
+
+    extra: dict[str, Any] = {"agreement": {}}
+    waves: dict[str, torch.Tensor] = {}
     tag = f"[{S} spk {LAYER}] "
-    seen = _Rows(tasks["test"], loaders["test"], rows, seed, tag, info, fit)
-    unseen = _Rows(
-        tasks["test_unseen"], loaders["test_unseen"], rows, seed, tag + "unseen: ", uinfo, fit
-    )
-    model = ocdwrap.wrap(base, layer=LAYER, config=cfg, sampling=sampling)
-    feats = {s: log_spectrum(splits[s][0]) for s in ("test", "test_unseen")}
-    feats["train"] = log_spectrum(collect[0])
-    try:
-        store = seen.collect_and_fit(model, train_loader, out_dir, dev, args.progress)
-        info["inference_s_per_mixture"] = inference_times(
+
+    def split_rows(model: ocdwrap.OCDModel, split: str, rows: dict) -> None:
+        task, loader, n = tasks[split], loaders[split], len(splits[split][0])
+        log(f"{tag}overfitting {LAYER} on each of the {n} {split} mixtures")
+        agree, extra[f"overfit_{split}_s"] = timed(lambda: Agreement(model, loader, task, n))
+        true = {it[5]: it[3].reshape(-1, *model.weight_shape) for it in agree.items}
+        rng = torch.Generator(device=model.device).manual_seed(seed)
+        cos = agree.score(lambda x, y, c, p: model.generate(c, rng=rng))
+        if split == "test":
+            extra["true_delta_rank_energy"] = rank_energy(torch.cat(list(true.values())))
+            extra["agreement"]["ocd"] = cos
+            waves.update(first_mixture_waves(model, splits["test"], true[0][:1], seed))
+        else:
+            extra["unseen"] = {"agreement": {"ocd": cos}}
+        rows["ocd_k_aligned"].update(aligned_ensemble(model, loader, task, args.draws, seed))
+        rows["overfit_rank"].update(
+            evaluate_with_deltas(
+                model, loader, task, lambda x, y, p: FullDelta(truncate(true[p], args.delta_rank))
+            )
+        )
+
+    def after(model: ocdwrap.OCDModel, rows: dict) -> None:
+        extra["inference_s_per_mixture"] = inference_times(
             model, splits["test"][0], args.batch, seed, (sampling.sampling_steps, LIBRARY_STEPS)
         )
-        log(f"{tag}time per mixture: {info['inference_s_per_mixture']}")
-        for run, split in ((seen, "test"), (unseen, "test_unseen")):
-            log(
-                f"{run.tag}overfitting {LAYER} on each of the {len(splits[split][0])} test mixtures"
-            )
-            run.agree, run.info["overfit_test_s"] = timed(
-                lambda run=run, split=split: Agreement(model, loaders[split], run.task, len(splits[split][0]))
-            )  # fmt: skip
-            true = {it[5]: it[3].reshape(-1, *model.weight_shape) for it in run.agree.items}
-            if split == "test":
-                info["true_delta_rank_energy"] = rank_energy(torch.cat(list(true.values())))
-                first_true = true[0][:1]
-            _, run.info["row_s"]["ocd+ocd_k+global"] = timed(
-                lambda run=run: run.generated_rows(model, args.draws, False)
-            )
-            run.out["ocd_k_aligned"], run.info["row_s"]["ocd_k_aligned"] = timed(
-                lambda run=run, split=split: aligned_ensemble(model, loaders[split], run.task, args.draws, seed)
-            )  # fmt: skip
-            log(
-                f"{run.tag}OCD({args.draws}), draws aligned to the base: {run.out['ocd_k_aligned']}"
-            )
-            for key, what, fn in (
-                ("overfit", "overfit on test", lambda d: d),
-                ("overfit_rank", f"overfit on test, rank {args.delta_rank}", lambda d: truncate(d, args.delta_rank)),
-            ):  # fmt: skip
-                run.delta_row(key, what, model, lambda x, y, p, t=true, f=fn: FullDelta(f(t[p])))
-            near = NearestNeighbour(store, cfg, model.weight_shape, feats["train"], feats[split])
-            run.delta_row(
-                "nn", "nearest neighbour", model, lambda x, y, p, n=near: n.spec(p, len(y))
-            )
-        waves = first_mixture_waves(model, splits["test"], first_true, seed)
-    finally:
-        model.unload()
-    regression_rows(base, cfg, sampling, store, (seen, unseen), args)
-    out = {k: {**seen.out.get(k, {}), **unseen.out.get(k, {})} for k in seen.out}
-    info["unseen"] = uinfo
-    return out, info, waves
+        log(f"{tag}time per mixture: {extra['inference_s_per_mixture']}")
+        rows["ocd_k_aligned"], rows["overfit_rank"] = {}, {}
+        for split, _ in SPLITS:
+            split_rows(model, split, rows)
+        log(f"{tag}OCD({args.draws}) aligned: {rows['ocd_k_aligned']}; "
+            f"rank {args.delta_rank}: {rows['overfit_rank']}")  # fmt: skip
+
+    run = run_compare(
+        base, LAYER, cfg, tensor_loader(*collected(splits, args), args.batch),
+        both_splits(splits, args.batch), tasks["test"], out_dir, fit_args=fit, sampling=sampling,
+        draws=args.draws, seed=seed, train_fn=train_more, train_record=record,
+        features=log_spectrum, metrics=metrics, to_metrics=to_metrics,
+        generators={"global": GlobalScale()}, progress=args.progress, tag=f"{S} spk {LAYER}",
+        agreement_samples=0, after=after,
+    )  # fmt: skip
+    run.info.update(extra)
+    return run.rows, run.info, waves
 
 
 def alt_rows(
@@ -262,63 +302,25 @@ def alt_rows(
     info: dict,
     out_dir: str,
 ) -> dict[str, dict[str, float]]:
-    """The paper's "alternative layer" ablation with select_layer's ranking: OCD (1 draw) on the
-    layer ranked first (the next one if that is ``proj``), collected, fitted and scored as
-    ``proj`` is, and that layer overfitted on each test mixture (its own upper bound).
-    ``info["alt"]`` gets the layer and the run's info."""
+    """The paper's "alternative layer" ablation with select_layer's ranking: compare's ocd row
+    (1 draw) on the layer ranked first (the next one if that is ``proj``), collected and fitted
+    as ``proj`` is, and its overfit row (that layer's own upper bound), on both test splits.
+    ``info["alt"]`` gets the layer and the comparison's info."""
     cfg, fit, sampling = speech_settings(args, seed)
-    collect = collected(splits, args)
-    alt: dict[str, Any] = {"layer": layer, **cli.recorded(cfg, fit, sampling), "agreement": {}}
-    info["alt"] = alt
-    rows: dict[str, dict[str, float]] = {"alt": {}, "alt_overfit": {}}
-    model = ocdwrap.wrap(base, layer=layer, config=cfg, sampling=sampling)
-    alt["weight_shape"] = list(model.weight_shape)
-    try:
-        for split, key in (("test", "sisdri"), ("test_unseen", "sisdri_unseen")):
-            task = SpeechTask(float(mixture_sisdr(splits[split][1]).mean()), key)
-            loader = tensor_loader(*splits[split], args.batch)
-            tag = f"[{S} spk {layer}] {split}: "
-            run = _Rows(task, loader, ["ocd", "overfit"], seed, tag, alt, fit)
-            if split == "test":
-                run.collect_and_fit(
-                    model, tensor_loader(*collect, args.batch), out_dir, args.device, args.progress
-                )
-            rows["alt"].update(run.ocd_eval(model, 1))
-            run.overfit_rows(model)
-            rows["alt_overfit"].update(run.out["overfit"])
-            log(f"{run.tag}OCD (1 draw): {rows['alt']}; overfit on test: {rows['alt_overfit']}")
-    finally:
-        model.unload()
-    return rows
-
-
-def regression_rows(
-    base: Separator,
-    cfg: ocdwrap.OCDConfig,
-    sampling: ocdwrap.SamplingConfig,
-    store: ocdwrap.DeltaStore,
-    runs: tuple,
-    args: Any,
-) -> None:
-    """The regression generator (no diffusion), fitted once on the same collection (with the
-    first run's FitArgs), scored on both test splits."""
-    seen = runs[0]
-    reg_cfg = cfg.replace(generator="regression")
-    reg = ocdwrap.wrap(base, layer=LAYER, config=reg_cfg, sampling=sampling)
-    try:
-        log(f"{seen.tag}fit: regression generator, {seen.fit_args.steps} steps")
-        _, seen.info["fit_regression_s"] = timed(
-            lambda: ocdwrap.fit(reg, store, seen.fit_args, progress=args.progress, device=args.device)
-        )  # fmt: skip
-        for run in runs:
-            run.out["regression"] = run.ocd_eval(reg, 1)
-            log(f"{run.tag}regression generator: {run.out['regression']}")
-            if run.agree:
-                run.info["agreement"]["regression"] = run.agree.score(
-                    lambda x, y, c, p: reg.generate(c)
-                )
-    finally:
-        reg.unload()
+    metrics, to_metrics = sisdri_metrics(splits)
+    shape: list[int] = []
+    run = run_compare(
+        base, layer, cfg, tensor_loader(*collected(splits, args), args.batch),
+        both_splits(splits, args.batch), SpeechTask(0.0), out_dir, fit_args=fit,
+        sampling=sampling, rows=("ocd",), seed=seed, metrics=metrics, to_metrics=to_metrics,
+        progress=args.progress, tag=f"{S} spk {layer}", agreement_samples=0,
+        after=lambda model, rows: shape.extend(model.weight_shape),
+    )  # fmt: skip
+    info["alt"] = {**run.info, "weight_shape": shape}
+    log(
+        f"[{S} spk {layer}] OCD (1 draw): {run.rows['ocd']}; overfit on test: {run.rows['overfit']}"
+    )
+    return {"alt": run.rows["ocd"], "alt_overfit": run.rows["overfit"]}
 
 
 def aligned_ensemble(
@@ -443,7 +445,6 @@ def run_seed(args: Any, seed: int, S: int, data: SpeechData, res: Results, workd
         base, splits["train"], splits["val"], seconds=args.train_seconds, patience=args.patience,
         batch_size=args.batch, seed=seed, log=log, filterbank_steps=args.filterbank_steps,
     )  # fmt: skip
-    pristine = copy.deepcopy(base)
     rows: dict[str, dict[str, float]] = {"base": {}}
     for split, key in (("test", "sisdri"), ("test_unseen", "sisdri_unseen")):
         task = SpeechTask(float(mixture_sisdr(splits[split][1]).mean()), key)
@@ -470,35 +471,12 @@ def run_seed(args: Any, seed: int, S: int, data: SpeechData, res: Results, workd
     if "selection" in info:
         alt = next(n for n, _ in info["selection"]["ranking"] if n != LAYER)
         rows.update(alt_rows(args, seed, S, base, alt, splits, info, out_dir + "-alt"))
-    rows["compute_matched"] = compute_matched(pristine, splits, info, args, seed)
+    if "compute_matched" in info["ocd"]:
+        info["compute_matched"] = info["ocd"]["compute_matched"]
     for key in res.keys:
         if key in rows:
             res.add(seed, key, rows[key])
     return waves
-
-
-def compute_matched(
-    pristine: Separator, splits: dict, info: dict, args: Any, seed: int
-) -> dict[str, float]:
-    """The base trained further (fresh Adam 1e-4, same loss and early stopping) for the wall time
-    of OCD's collection and fit."""
-    seconds = info["ocd"]["collect_s"] + info["ocd"]["fit_s"]
-    log(f"compute-matched control: {seconds:.0f} s more training of the base")
-    model = copy.deepcopy(pristine)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    info["compute_matched"] = train_separator(
-        model, splits["train"], splits["val"], seconds=seconds, patience=args.patience,
-        batch_size=args.batch, lr=1e-4, seed=seed + 1000,
-    )  # fmt: skip
-    row = {}
-    for split, key in (("test", "sisdri"), ("test_unseen", "sisdri_unseen")):
-        task = SpeechTask(info[f"mixture_sisdr_{split}"], key)
-        row.update(
-            evaluate_plain(model, tensor_loader(*splits[split], args.batch), task, args.device)
-        )
-    log(f"  {row} after {info['compute_matched']['steps']} more steps")
-    return row
 
 
 def model_kwargs(args: Any) -> dict[str, int]:
@@ -515,8 +493,11 @@ def table_notes(res: Results, args: Any, S: int, data: SpeechData) -> list[str]:
     )
     out = notes.gap_notes(res, "sisdri", {"ocd": paper_gap, "ocd_k": None})
     out += notes.other_gaps_note(
-        res, "sisdri", ("compute_matched", "global", "regression", "nn", "overfit_rank")
+        res,
+        "sisdri",
+        ("compute_matched", "global", "regression", "nearest", "probe", "overfit_rank"),
     )
+    out += notes.compare_note(res)
     out += notes.headroom_note(res)
     infos = list(res.info.values())
     bt = [i["base_training"] for i in infos if "base_training" in i]

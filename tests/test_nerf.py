@@ -187,6 +187,16 @@ def test_smoke_run_reports_every_row(smoke) -> None:
     assert info["ocd"]["full_unet"]["config"]["unet_channels"] == [8, 16]
     assert (tmp_path / "figs" / "nerf-lego-views.png").stat().st_size > 5_000
     assert (tmp_path / "figs" / "results-nerf-lego.png").stat().st_size > 10_000
+    # the shared rows are ocdwrap.compare's (PSNR through its metrics=), the full-matrix UNet
+    # row its own comparison's ocd row
+    comparison = info["ocd"]["comparison"]
+    for key in ("base", "overfit", "ocd", "ocd_k", "regression", "nearest", "probe", "global"):
+        assert rows[key]["mse"] == comparison["rows"][key]["loss"], key
+        assert rows[key]["psnr"] == comparison["rows"][key]["metrics"]["psnr"], key
+    assert rows["compute_matched"]["mse"] == comparison["rows"]["compute_matched"]["loss"]
+    assert comparison["rows"]["own_label"]["skipped"]  # regression: no own label
+    full = info["ocd"]["full_unet"]["comparison"]["rows"]["ocd"]
+    assert rows["full_unet"]["mse"] == full["loss"]
 
 
 def test_merge_makes_one_table_of_two_runs(smoke, tmp_path) -> None:

@@ -224,6 +224,14 @@ def test_smoke_run_reports_every_row(tmp_path) -> None:
     assert rows_for(5, 4, 1e-3, 10)[0].paper == {"sisdri": "12.7"}
     assert (tmp_path / "figs" / "speech-2spk-spectrograms.png").stat().st_size > 5_000
     assert (tmp_path / "figs" / "results-speech-2spk.png").stat().st_size > 10_000
+    # the shared rows are ocdwrap.compare's, on both test splits at once: each split's SI-SDRi
+    # through its metrics=; the alternative layer's rows its own comparison's ocd and overfit
+    comparison = info["ocd"]["comparison"]
+    assert comparison["n"] == 8  # 4 seen-speaker + 4 unseen-speaker test mixtures
+    for key in ("base", "overfit", "ocd", "ocd_k", "regression", "nearest", "probe", "global"):
+        assert rows[key] == comparison["rows"][key]["metrics"], key
+    assert rows["alt"] == info["alt"]["comparison"]["rows"]["ocd"]["metrics"]
+    assert rows["alt_overfit"] == info["alt"]["comparison"]["rows"]["overfit"]["metrics"]
 
     # --merge: two runs' JSONs (here the same run, its seed relabelled) make one table of both
     second = json.loads(out.read_text())
