@@ -246,6 +246,8 @@ def test_bad_input(tmp_path) -> None:
         compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "b", rows=["ocd_5"], **_kw())
     with pytest.raises(ConfigError, match="generate"):
         compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "b", generators={"x": 1}, **_kw())
+    with pytest.raises(ConfigError, match="probe_samples=0"):
+        compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "b", probe_samples=0, **_kw())
     # a collection of another config in out_dir: refused, as collect refuses it
     ocdwrap.collect(_wrapped(overfit_lr=5e-3), TRAIN, CE, tmp_path / "c", progress=False)
     with pytest.raises(CollectionExistsError):
@@ -280,6 +282,14 @@ def test_the_model_card_carries_the_verdict(full, tmp_path) -> None:
     from ocdwrap.card import read_card
 
     assert any("ocdwrap.compare" in s for s in read_card(str(tmp_path / "adapter"))["sections"])
+
+
+def test_probe_samples_caps_the_probes_training_data(full, tmp_path) -> None:
+    _, out, _, _ = full
+    kw = {**_kw(), "rows": ["probe"]}
+    capped = compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "p", probe_samples=40, **kw)
+    assert "(40 samples)" in capped.info["probe"]["source"]
+    assert capped.identity["probe_samples"] == 40  # a rerun without it is another comparison
 
 
 def test_plot(full, tmp_path) -> None:

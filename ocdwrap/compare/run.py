@@ -97,6 +97,14 @@ class _Compare:
         for name, m in self.metrics.items():
             if not isinstance(m, Metric):
                 raise ConfigError(f"metrics[{name!r}] must be an ocdwrap.compare.Metric.")
+        if self.probe_samples is not None and (
+            isinstance(self.probe_samples, bool)
+            or not isinstance(self.probe_samples, int)
+            or self.probe_samples < 2
+        ):
+            raise ConfigError(
+                f"probe_samples={self.probe_samples!r}; None (all of train_data) or an int >= 2."
+            )
         if not isinstance(self.num_draws, int) or self.num_draws < 1:
             raise ConfigError(f"num_draws={self.num_draws!r}; it must be an integer >= 1.")
         known = [*ROWS, *self.generators]
@@ -128,6 +136,7 @@ class _Compare:
             if self.features is None
             else getattr(self.features, "__qualname__", repr(self.features)),
             "resamples": self.resamples,
+            **({"probe_samples": self.probe_samples} if self.probe_samples is not None else {}),
         }
 
     def _source(self, name: str) -> str:
@@ -283,6 +292,7 @@ class _Compare:
             train, _ = read_labelled(
                 self.model, self.train_data, self.loss_fn, task=self.task,
                 role="train_data", who="compare", keep_batches=False,
+                max_samples=self.probe_samples,
             )  # fmt: skip
             probe_out, info, _ = probe_step(
                 self.held, train, self.task, seed=self.seed, train_name="train_data"
@@ -423,6 +433,7 @@ def compare(
     features: Callable[[Any], torch.Tensor] | None = None,
     overwrite: bool = False,
     resamples: int = 1000,
+    probe_samples: int | None = None,
 ) -> Comparison:
     """OCD against every control, scored on labelled eval data: the verdict as one call.
 
@@ -450,6 +461,9 @@ def compare(
         task: 'classification', 'regression' or None (classification for (B, C) outputs with
             integer labels).
         resamples: the paired bootstrap's resamples (seeded with ``seed``).
+        probe_samples: fit the probe on the first ``probe_samples`` samples of ``train_data``
+            (None: all of them; its cross-validated fit grows with the samples, e.g. 58 s for
+            20k LeNet5 samples on two CPU cores).
 
     Example:
         >>> c = ocdwrap.compare(model, train_loader, test_loader, ce, out_dir="runs/cmp",
@@ -463,5 +477,6 @@ def compare(
         rows=rows, num_draws=num_draws, train_fn=train_fn, metrics=metrics, task=task,
         seed=seed, progress=progress, fit_args=fit_args, sampling=sampling,
         generators=generators, features=features, overwrite=overwrite, resamples=resamples,
+        probe_samples=probe_samples,
     )  # fmt: skip
     return _Compare(model, train_data, eval_data, loss_fn, out_dir, kw).run()
