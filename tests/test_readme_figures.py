@@ -47,8 +47,6 @@ README = os.path.join(ROOT, "README.md")
 
 # Paragraphs (by their opening words) whose figures no committed JSON holds yet, and why.
 NO_JSON = {
-    "From the same pipeline in": "python -m examples.uncertainty (runs/uncertainty.json), not "
-    "committed",
     "On a machine whose two cores are shared": "an observation of one epoch's time under "
     "oversubscription, not a committed run",
 }
