@@ -28,7 +28,7 @@ from torch import nn
 
 import ocdwrap
 from ocdwrap.analysis.uncertainty import misclassification_report
-from ocdwrap.compare import Metric
+from ocdwrap.compare import ROWS, Metric
 from ocdwrap.compare import Row as CompareRow
 from ocdwrap.errors import NotFittedError
 
@@ -41,17 +41,7 @@ from .timing import log, timed
 from .zoo import continue_training, train_base
 
 # the rows ocdwrap.compare computes, in the names of its table (and of every benchmark JSON)
-COMPARE_ROWS = (
-    "base",
-    "overfit",
-    "ocd",
-    "ocd_k",
-    "regression",
-    "nearest",
-    "own_label",
-    "probe",
-    "compute_matched",
-)
+COMPARE_ROWS = ROWS
 
 # every table's row labels; a script overrides some (its layer, its nearest-neighbour space)
 LABELS = {
@@ -183,8 +173,6 @@ def run_compare(
     rows with it. ``base`` is unwrapped again before returning.
     """
     tag = f"[{tag or layer}] "
-    if rows is not None:  # a caller's generator is a row too
-        rows = [*rows, *(generators or {})]
     info: dict[str, Any] = {"layer": layer, **recorded(cfg, fit_args, sampling), "agreement": {}}
     model = ocdwrap.wrap(base, layer=layer, config=cfg, sampling=sampling)
     out: dict[str, dict[str, float]] = {}

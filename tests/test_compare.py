@@ -284,6 +284,13 @@ def test_the_model_card_carries_the_verdict(full, tmp_path) -> None:
     assert any("ocdwrap.compare" in s for s in read_card(str(tmp_path / "adapter"))["sections"])
 
 
+def test_a_generator_is_scored_when_rows_does_not_name_it(tmp_path) -> None:
+    kw = {**_kw(), "rows": ["nearest"], "generators": {"mean": MeanDelta()}}
+    c = compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "g", **kw)
+    assert [r.name for r in c.rows] == ["base", "overfit", "nearest", "mean"]
+    assert c.row("mean").loss is not None
+
+
 def test_probe_samples_caps_the_probes_training_data(full, tmp_path) -> None:
     _, out, _, _ = full
     kw = {**_kw(), "rows": ["probe"]}

@@ -112,7 +112,8 @@ class _Compare:
         unknown = [r for r in asked if r not in known]
         if unknown:
             raise ConfigError(f"Unknown rows {unknown}; the rows are {known}.")
-        return [r for r in known if r in {"base", "overfit", *asked}]  # the frame is always in
+        # the frame is always in, and so is every generator the caller passed (never dropped)
+        return [r for r in known if r in {"base", "overfit", *asked, *self.generators}]
 
     # --- identity and the kept rows ----------------------------------------------------------
     def _identity(self, held: LabelledSplit) -> dict[str, Any]:
@@ -441,7 +442,7 @@ def compare(
     resumes / reuses the collection there, as :func:`ocdwrap.collect` does, refusing one of
     another model or config unless ``overwrite=True``), fits the generators the rows need, and
     scores every row on ``eval_data`` with ``loss_fn``. The rows (``rows=`` picks some; base and
-    overfit frame every share and are always in): base, overfit (the bound), ocd, ocd_k
+    overfit frame every share and are always in, and so is every entry of ``generators``): base, overfit (the bound), ocd, ocd_k
     (``num_draws`` draws), regression, nearest (``features=`` sets its distance), own_label,
     probe, compute_matched (needs ``train_fn(base_copy, seconds)``), and one per entry of
     ``generators`` (objects with ``fit`` and ``generate``: :mod:`ocdwrap.generators`).
