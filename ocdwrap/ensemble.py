@@ -12,6 +12,25 @@ import torch
 from .batches import map_tensors, read_output, replace_output
 from .errors import ConfigError
 
+PROB_FLOOR = 1e-30
+"""The smallest probability an ensemble's prediction holds: the log of the mean probability is
+taken after clamping at it, so one sample's cross-entropy is at most -log(1e-30) = 69.08. One
+rule for :meth:`OCDModel.ensemble`, :func:`ocdwrap.evaluate_ocd` and every classification row of
+:func:`ocdwrap.compare` (one draw included), so a single extreme sample cannot decide a mean."""
+
+
+def log_mean_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(K, B, C) logits of K draws -> (B, C): the log of their mean softmax, floored at
+    :data:`PROB_FLOOR` (K = 1: one draw's log-probabilities under the same floor)."""
+    return logits.float().softmax(dim=-1).mean(0).clamp_min(PROB_FLOOR).log()
+
+
+def scored_prediction(pred: torch.Tensor, task: str) -> torch.Tensor:
+    """What a loss is computed on when ocdwrap scores a prediction: for classification, one
+    network's logits as log-probabilities under :data:`PROB_FLOOR` (cross-entropy then caps at
+    69.08, as it does for an ensemble); for regression, the prediction itself."""
+    return log_mean_probability(pred.unsqueeze(0)) if task == "classification" else pred
+
 
 @dataclass
 class EnsembleOutput:
@@ -58,7 +77,7 @@ def combine_draws(
     if task == "classification":
         probs = draws.float().softmax(dim=-1)
         mean, std = probs.mean(0), probs.std(0, unbiased=False)
-        combined = mean.clamp_min(1e-30).log().to(pred.dtype)
+        combined = log_mean_probability(draws).to(pred.dtype)
     else:
         mean, std = draws.float().mean(0), draws.float().std(0, unbiased=False)
         combined = mean.to(pred.dtype)

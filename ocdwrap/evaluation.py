@@ -33,6 +33,7 @@ from .batches import (
 )
 from .capture import Conditioning
 from .deltas import FullDelta
+from .ensemble import scored_prediction
 from .errors import BatchFormatError, EmptyDataError, LabelMismatchError, OCDError
 from .model import OCDModel
 from .overfit import overfit_batch
@@ -86,7 +87,7 @@ def evaluate_ocd(
                 ens = model.ensemble(*args, num_draws=num_draws, rng=gen, align=align, **kwargs)
             pred = read_output(ens.output).float()
             spread = ens.uncertainty
-        losses = loss_fn(pred, target)
+        losses = loss_fn(scored_prediction(pred, task), target)
         total += float(losses.sum())
         B = pred.shape[0]
         n += B
@@ -175,7 +176,8 @@ def _base_pass(model: OCDModel, inputs: Any, target: Any, loss_fn: LossFn, task:
     _check_labels(pred, target, task, loss_fn, role)
     try:
         with torch.no_grad():
-            losses = sample_losses(loss_fn, pred, target, pred.shape[0]).detach()
+            scored = scored_prediction(pred, task)
+            losses = sample_losses(loss_fn, scored, target, pred.shape[0]).detach()
     except OCDError:
         raise
     except (RuntimeError, IndexError, ValueError, TypeError) as e:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from .batches import batch_size, call_model, read_output, sample_losses
 from .capture import Conditioning
 from .deltas import FullDelta
+from .ensemble import scored_prediction
 from .errors import LabelMismatchError, NonFiniteError, NotWrappedError, ProbeFitError
 from .evaluation import LabelledSplit, read_labelled
 from .model import OCDModel
@@ -228,7 +229,7 @@ def _score_batch(model, inputs, target, loss_fn, task, base_pred, probe_out, row
         with torch.no_grad(), model.use_deltas(FullDelta(delta)):
             pred = read_output(call_model(model, inputs)).float()
         seconds[name] += time.perf_counter() - start
-        losses = sample_losses(loss_fn, pred, target, B).detach()
+        losses = sample_losses(loss_fn, scored_prediction(pred, task), target, B).detach()
         cos = F.cosine_similarity(delta.reshape(B, -1), true, dim=1, eps=1e-30)
         correct = pred.argmax(-1) == target if task == "classification" else None
         out[name] = {"loss": losses, "cos": cos, "correct": correct, "pred": pred}

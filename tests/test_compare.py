@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ocdwrap
 from ocdwrap.batches import sample_losses
 from ocdwrap.compare import ROWS, Comparison, Metric, compare
+from ocdwrap.ensemble import log_mean_probability
 from ocdwrap.errors import (
     BatchFormatError,
     CollectionExistsError,
@@ -289,6 +291,32 @@ def test_a_generator_is_scored_when_rows_does_not_name_it(tmp_path) -> None:
     c = compare(_wrapped(), TRAIN, EVAL, CE, out_dir=tmp_path / "g", **kw)
     assert [r.name for r in c.rows] == ["base", "overfit", "nearest", "mean"]
     assert c.row("mean").loss is not None
+
+
+class HugeDelta(MeanDelta):
+    """A generator whose deltas send the logits to thousands: cross-entropies far past 69."""
+
+    def generate(self, model, cond, inputs, rng):
+        return ocdwrap.FullDelta(1e5 * super().generate(model, cond, inputs, rng).delta)
+
+
+def test_one_draw_cross_entropy_is_capped_as_the_ensembles(tmp_path) -> None:
+    model = _wrapped()
+    kw = {**_kw(), "rows": ["base"], "generators": {"huge": HugeDelta()}}
+    c = compare(model, TRAIN, EVAL, CE, out_dir=tmp_path / "h", **kw)
+    mean = stored_deltas(ocdwrap.DeltaStore(tmp_path / "h"))[1].full().mean(0)
+    raw, capped = [], []
+    for x, y in EVAL:
+        spec = ocdwrap.FullDelta(1e5 * mean.expand(len(y), *mean.shape))
+        with torch.no_grad(), model.use_deltas(spec):
+            logits = model(x)
+        raw.append(CE(logits, y))
+        capped.append(CE(log_mean_probability(logits[None]), y))
+    raw, capped = torch.cat(raw), torch.cat(capped)
+    assert raw.max() > 1000 and capped.max() == pytest.approx(-math.log(1e-30), rel=1e-4)
+    # one draw is scored as an ensemble of one: the same floor as OCDModel.ensemble
+    assert c.row("huge").loss == pytest.approx(float(capped.mean()), rel=1e-5)
+    assert c.row("huge").loss < float(raw.mean()) / 10
 
 
 def test_probe_samples_caps_the_probes_training_data(full, tmp_path) -> None:

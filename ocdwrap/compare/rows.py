@@ -20,6 +20,7 @@ from torch import nn
 
 from ..batches import call_model, read_output, sample_losses
 from ..deltas import FullDelta, LowRankDelta, Rank1Delta
+from ..ensemble import log_mean_probability, scored_prediction
 from ..errors import ConfigError
 from ..evaluation import LabelledSplit, batch_conditioning
 from ..layer import _get_parent
@@ -52,13 +53,12 @@ def base_row(model: OCDModel, held: LabelledSplit) -> Scored:
 
 
 def _combine(preds: list[torch.Tensor], task: str) -> torch.Tensor:
-    """One draw as it is; several: the log of the mean probability (classification; the loss
-    of it is the cross-entropy of the ensemble) or the mean value."""
-    if len(preds) == 1:
-        return preds[0]
+    """Classification: the log of the mean probability under the ensemble's floor, for one
+    draw as for several (the loss of it is the ensemble's cross-entropy, capped as
+    :meth:`OCDModel.ensemble` caps it); regression: the mean value."""
     if task == "classification":
-        return torch.stack([p.softmax(-1) for p in preds]).mean(0).clamp_min(1e-38).log()
-    return torch.stack(preds).mean(0)
+        return log_mean_probability(torch.stack(preds))
+    return preds[0] if len(preds) == 1 else torch.stack(preds).mean(0)
 
 
 def _check_spec(spec: Any, n: int, name: str) -> None:
@@ -124,6 +124,7 @@ def compute_matched(
     seconds: float,
     held: LabelledSplit,
     loss_fn: LossFn,
+    task: str,
 ) -> tuple[Scored, float]:
     """A copy of the base trained further by ``train_fn(copy, seconds)`` (in place, or returning
     the trained model), then scored; and the seconds ``train_fn`` actually took."""
@@ -139,7 +140,8 @@ def compute_matched(
         with torch.no_grad():
             pred = read_output(call_model(trained, inputs)).detach().float()
         spent += time.perf_counter() - start
-        losses.append(sample_losses(loss_fn, pred, target, pred.shape[0]).detach())
+        scored = scored_prediction(pred, task)
+        losses.append(sample_losses(loss_fn, scored, target, pred.shape[0]).detach())
         preds.append(pred)
     return Scored(torch.cat(losses), torch.cat(preds), spent), took
 

@@ -13,6 +13,7 @@ import torch
 from ..batches import map_tensors, split_batch
 from ..collect import collect
 from ..config import FitArgs, SamplingConfig
+from ..ensemble import PROB_FLOOR
 from ..errors import ConfigError, NotWrappedError, OCDError, RowFailedError
 from ..evaluation import LabelledSplit, read_labelled
 from ..generators import Generator, HypernetworkGenerator, NearestNeighbour, RegressionGenerator
@@ -132,6 +133,8 @@ class _Compare:
             "num_draws": self.num_draws,
             "seed": self.seed,
             "task": self.task,
+            # how a classification loss is scored (rows computed under another rule are stale)
+            "prob_floor": PROB_FLOOR,
             "metrics": sorted(self.metrics),
             "features": None
             if self.features is None
@@ -399,7 +402,7 @@ class _Compare:
         seconds = (collect_s or 0.0) + fit_s
         try:
             scored, took = R.compute_matched(
-                self.model, self.train_fn, seconds, self.held, self.loss_fn
+                self.model, self.train_fn, seconds, self.held, self.loss_fn, self.task
             )
         except OCDError:
             raise
