@@ -275,6 +275,8 @@ def overfit_only(model: ocdwrap.OCDModel, x: torch.Tensor, y: torch.Tensor, B: i
     for i in range(0, len(y), B):
         xb, yb = x[i : i + B].to(model.device), y[i : i + B].to(model.device)
         kw = {"workspace": workspace} if "workspace" in OVERFIT_PARAMS else {}
+        if "loss_after" in OVERFIT_PARAMS:  # as collect() calls it (from 0.2.1 on)
+            kw["loss_after"] = False
         ocdwrap.overfit_batch(model, xb, yb, CE, **kw)
 
 

@@ -268,6 +268,7 @@ def _collect(
             check_loss=not checked_loss,
             adam_formula=writer.identity.get("adam_outer_formula", ADAM_OUTER_FORMULA_V1),
             workspace=workspace,
+            loss_after=False,  # only the deltas are stored
         )
         checked_loss = True
         in_range = torch.zeros(B, dtype=torch.bool, device=res.finite.device)

@@ -186,7 +186,10 @@ def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, rows
         seconds[name] = time.perf_counter() - start
         return out
 
-    true = timed("overfit_on_test", lambda: overfit_batch(model, inputs, target, loss_fn))
+    true = timed(
+        "overfit_on_test",
+        lambda: overfit_batch(model, inputs, target, loss_fn, loss_after=False),
+    )
     if not bool(true.finite.all()):
         bad = (~true.finite).nonzero().flatten().tolist()[:10]
         raise NonFiniteError(
@@ -197,14 +200,20 @@ def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, rows
     make: dict[str, Callable[[], torch.Tensor]] = {}
     if task == "classification":
         own = base_pred.argmax(-1)
-        make["own_label"] = lambda: overfit_batch(model, inputs, own, loss_fn).delta
-        make["probe"] = lambda: overfit_batch(model, inputs, probe_out, soft_cross_entropy).delta
+        make["own_label"] = lambda: (
+            overfit_batch(model, inputs, own, loss_fn, loss_after=False).delta
+        )
+        make["probe"] = lambda: (
+            overfit_batch(model, inputs, probe_out, soft_cross_entropy, loss_after=False).delta
+        )
         if mix_k > 0:
             make["probe_mixture"] = lambda: label_mixture(model, inputs, loss_fn, probe_out, mix_k)
     else:
         if probe_out is not None:
             yhat = probe_out.reshape(target.shape).to(target.dtype)
-            make["probe"] = lambda: overfit_batch(model, inputs, yhat, loss_fn).delta
+            make["probe"] = lambda: (
+                overfit_batch(model, inputs, yhat, loss_fn, loss_after=False).delta
+            )
         if mix_k > 0 and sigma is not None:
             make["probe_mixture"] = lambda: gaussian_mixture(
                 model, inputs, target, loss_fn, probe_out, sigma, mix_k

@@ -46,7 +46,7 @@ class OverfitResult:
     delta: torch.Tensor
     cond: Conditioning
     loss_before: torch.Tensor  # (B,) or () when the loss is not per sample
-    loss_after: torch.Tensor
+    loss_after: torch.Tensor | None  # None when overfit_batch(loss_after=False)
     finite: torch.Tensor
     layer_input: torch.Tensor  # the raw (unpooled) layer input of the base pass
 
@@ -232,14 +232,15 @@ def _pass_runner(model: OCDModel, inputs: Any) -> Callable[[], Any]:
 
 
 def _finite_rows(
-    delta: torch.Tensor, cond: Conditioning, losses: tuple[torch.Tensor, torch.Tensor]
+    delta: torch.Tensor, cond: Conditioning, losses: tuple[torch.Tensor | None, ...]
 ) -> torch.Tensor:
     """(B,) True where the delta, the losses and the conditioning of a sample are finite."""
     B = delta.shape[0]
     flat = delta.reshape(B, -1)  # amax/amin propagate NaN and need no (B, out, in) temporary
     finite = torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
     for t in losses:
-        finite &= torch.isfinite(t) if t.dim() else torch.isfinite(t).expand(B)
+        if t is not None:
+            finite &= torch.isfinite(t) if t.dim() else torch.isfinite(t).expand(B)
     for t in (cond.layer_input, cond.layer_output, cond.model_output):
         finite &= torch.isfinite(t).all(1)
     return finite
@@ -262,6 +263,7 @@ def overfit_batch(
     check_loss: bool = True,
     adam_formula: str = ADAM_OUTER_FORMULA,
     workspace: dict | None = None,
+    loss_after: bool = True,
 ) -> OverfitResult:
     """Overfit the target layer on each sample of one batch separately (vectorized).
 
@@ -277,6 +279,9 @@ def overfit_batch(
     calls, in which the (B, out, in) buffers of a Linear target are reused instead of made anew
     per batch (page faults); the returned ``delta`` is then one of them, overwritten by the next
     call with the same workspace (``collect`` stores each batch's rows before the next).
+    ``loss_after=False`` skips the pass after the last step that only measures the loss the
+    deltas reach (``loss_after`` is then None; the deltas are the same): ``collect`` and every
+    caller that keeps only the deltas pass it.
 
     Example:
         >>> res = overfit_batch(model, x, y, nn.CrossEntropyLoss(reduction="none"))
@@ -304,7 +309,7 @@ def overfit_batch(
     try:
         run = _pass_runner(model, inputs)
         with torch.enable_grad():
-            for step in range(cfg.overfit_steps + 1):
+            for step in range(cfg.overfit_steps + int(loss_after)):
                 spec = (
                     OutputProbe(FullDelta(delta) if step else None) if probed else FullDelta(delta)
                 )
@@ -324,7 +329,7 @@ def overfit_batch(
                         if check_loss and losses.dim() == 0:
                             check_loss_is_sum(loss_fn, pred.detach(), target, losses)
                     if step == cfg.overfit_steps:
-                        loss_after = losses.detach()
+                        after = losses.detach()
                         break
                     if probed and len(records) > 1:
                         # the layer ran in chunks: autograd sums every call's gradient into the
@@ -343,8 +348,9 @@ def overfit_batch(
     finally:
         model.base_model.train(was_training)
     delta = delta.detach()
-    finite = _finite_rows(delta, cond, (loss_before, loss_after))
-    return OverfitResult(delta, cond, loss_before, loss_after, finite, raw_input)
+    after = after if loss_after else None
+    finite = _finite_rows(delta, cond, (loss_before, after))
+    return OverfitResult(delta, cond, loss_before, after, finite, raw_input)
 
 
 def overfit_one(

@@ -378,7 +378,7 @@ def label_mixture(model, inputs, loss_fn, q: torch.Tensor, k: int) -> torch.Tens
     qk = qk / qk.sum(1, keepdim=True).clamp_min(1e-12)
     mix = None
     for j in range(qk.shape[1]):
-        d = overfit_batch(model, inputs, labels[:, j], loss_fn).delta
+        d = overfit_batch(model, inputs, labels[:, j], loss_fn, loss_after=False).delta
         w = qk[:, j].view(-1, *([1] * (d.dim() - 1)))
         mix = d.mul_(w) if mix is None else mix.add_(d.mul_(w))
     return mix
@@ -402,6 +402,6 @@ def gaussian_mixture(model, inputs, target, loss_fn, mean, sigma, k: int) -> tor
     mix = None
     for t, w in zip(nodes.tolist(), [1.0 / k] * k):
         y = (mean + t * sigma.to(mean)).reshape(target.shape).to(target.dtype)  # (B, ...)
-        d = overfit_batch(model, inputs, y, loss_fn).delta.mul_(w)
+        d = overfit_batch(model, inputs, y, loss_fn, loss_after=False).delta.mul_(w)
         mix = d if mix is None else mix.add_(d)
     return mix
