@@ -7,7 +7,7 @@ fits and scores base, overfit (the bound), ocd, ocd_k, regression, nearest, own_
 compute_matched (the domain's own training continued for the collection and fit time) on the
 test data. A domain passes its own distance for ``nearest`` (``features=``), its own metrics
 (``metrics=``), its own training (``train_fn=``) and its ablations that fit the generator
-interface (``generators=``, e.g. :class:`GlobalScale`); the ablations that do not (another
+interface (``generators=``, e.g. :class:`ocdwrap.generators.GlobalScale`); the ablations that do not (another
 layer, every layer overfitted, a truncated rank, the full-matrix UNet) are rows the script adds
 with the helpers here (:func:`alternative_layer_row`, :func:`overfit_all_row`).
 
@@ -30,7 +30,6 @@ import ocdwrap
 from ocdwrap.analysis.uncertainty import misclassification_report
 from ocdwrap.compare import ROWS, Metric
 from ocdwrap.compare import Row as CompareRow
-from ocdwrap.errors import NotFittedError
 
 from .cli import recorded
 from .controls import Agreement, alternative_layer, overfit_all_layers
@@ -78,22 +77,6 @@ def table_rows(
         label = labels.get(item, LABELS[item]).format(layer=layer, space=space)
         out.append(Row(item, label, dict(paper.get(item, {}))))
     return out
-
-
-class GlobalScale:
-    """The paper's "no scaling" ablation as a generator: the model's own fitted generator
-    (``ocd``'s, fitted before any caller's generator) sampled with the training set's mean rho
-    instead of rho(I(x)). Nothing of its own to fit."""
-
-    def fit(self, model: ocdwrap.OCDModel, store: Any, args: Any) -> None:
-        if model.hypernet is None:
-            raise NotFittedError(
-                "GlobalScale samples the model's own generator: compute the ocd row with it"
-            )
-
-    def generate(self, model: ocdwrap.OCDModel, cond: Any, inputs: Any, rng: Any) -> Any:
-        with model.sampling(scale="global"):
-            return model.generate(cond, rng=rng)
 
 
 def train_fn_for(

@@ -34,10 +34,11 @@ from typing import Any
 
 import torch
 
+from ocdwrap.generators import GlobalScale
+
 from . import cli, notes
 from .datasets import load_fashion_mnist, tensor_loader
 from .experiment import (
-    GlobalScale,
     add_run,
     alternative_layer_row,
     base_row,

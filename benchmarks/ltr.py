@@ -60,12 +60,12 @@ import torch
 
 from ocdwrap.compare import Metric as CompareMetric
 from ocdwrap.compare import Row as CompareRow
+from ocdwrap.generators import GlobalScale
 
 from . import cli, notes
 from .controls import overfit_all_layers
 from .datasets import DatasetUnavailableError, tensor_loader
 from .experiment import (
-    GlobalScale,
     add_run,
     alternative_layer_row,
     base_row,

@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 import ocdwrap
+from ocdwrap.generators import GlobalScale
 
 from . import cli, notes
 from .datasets import load_mnist, tensor_loader
 from .experiment import (
     COMPARE_ROWS,
-    GlobalScale,
     add_run,
     alternative_layer_row,
     base_row,

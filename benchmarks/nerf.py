@@ -67,13 +67,13 @@ import ocdwrap
 from ocdwrap.compare import Metric as CompareMetric
 from ocdwrap.compare import Row as CompareRow
 from ocdwrap.deltas import FullDelta
+from ocdwrap.generators import GlobalScale
 
 from . import cli, notes
 from .controls import Agreement, rank_energy, truncate
 from .datasets import tensor_loader
 from .experiment import (
     CompareRun,
-    GlobalScale,
     add_run,
     headroom_info,
     pixels,

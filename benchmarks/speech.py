@@ -63,11 +63,12 @@ import ocdwrap
 from ocdwrap.compare import Metric as CompareMetric
 from ocdwrap.compare import Row as CompareRow
 from ocdwrap.deltas import FullDelta
+from ocdwrap.generators import GlobalScale
 
 from . import cli, notes
 from .controls import Agreement, rank_energy, truncate
 from .datasets import tensor_loader
-from .experiment import GlobalScale, headroom_info, run_compare, table_rows
+from .experiment import headroom_info, run_compare, table_rows
 from .results import Metric, Results, Row, fmt_mean_sd
 from .scoring import Task, evaluate_predictions, evaluate_with_deltas
 from .speech_data import SAMPLE_RATE, EspeakMissingError, SpeechData, load_speech

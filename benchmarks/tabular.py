@@ -37,11 +37,12 @@ from typing import Any
 
 import torch
 
+from ocdwrap.generators import GlobalScale
+
 from . import cli, notes
 from .controls import overfit_all_layers
 from .datasets import load_california_housing, tensor_loader
 from .experiment import (
-    GlobalScale,
     add_run,
     alternative_layer_row,
     base_row,

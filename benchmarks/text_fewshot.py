@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ocdwrap.generators import GlobalScale
+
 from . import cli, notes
 from .controls import overfit_all_layers
 from .datasets import (
@@ -60,7 +62,6 @@ from .datasets import (
     tensor_loader,
 )
 from .experiment import (
-    GlobalScale,
     add_run,
     headroom_info,
     pixels,

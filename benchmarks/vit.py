@@ -59,13 +59,13 @@ import torch
 from torch import nn
 
 import ocdwrap
+from ocdwrap.generators import GlobalScale
 from ocdwrap.layer import FullDelta
 
 from . import cli, notes
 from .controls import rank_energy, truncate
 from .datasets import load_fashion_mnist, tensor_loader
 from .experiment import (
-    GlobalScale,
     add_run,
     base_row,
     headroom_info,

@@ -41,6 +41,7 @@ from torch import nn
 
 import ocdwrap
 from examples.data import LeNet5, load_mnist, tensor_loader, train_base
+from ocdwrap.generators import GlobalScale
 
 # Lutati & Wolf (ICLR 2023), Table 1, MNIST / LeNet5: (test loss, accuracy %), by our row names
 PAPER = {
@@ -230,27 +231,6 @@ def make_train_fn(data: dict, *, seed: int, device: str, record: dict | None = N
         return base_copy
 
     return train_more
-
-
-class GlobalScale:
-    """The fitted diffusion generator with the training set's mean scale rho for every input
-    instead of the scale model's rho(I(x)): the paper's "no scaling" ablation, one draw.
-
-    A generator for ``compare(..., generators={"global_scale": GlobalScale()})``: it fits
-    nothing of its own (compare fits the model's own generator before the user generators; its
-    build time is the collection's), and generates with ``model.sampling(scale="global")``.
-    """
-
-    # compare names a user generator by its type: the same name run as a script or imported
-    __module__ = "examples.quickstart"
-
-    def fit(self, model: ocdwrap.OCDModel, store: Any, args: ocdwrap.FitArgs) -> None:
-        if model.hypernet is None:  # only if compare has not fitted the model's generator
-            ocdwrap.fit(model, store, args)
-
-    def generate(self, model: ocdwrap.OCDModel, cond: Any, inputs: Any, rng: Any) -> Any:
-        with model.sampling(scale="global"):
-            return model.generate(cond, rng=rng)
 
 
 def make_config(delta: str, *, optimizer: str, paper: bool) -> ocdwrap.OCDConfig:

@@ -13,9 +13,9 @@ class to inherit):
 
 The library's own generators implement it: :class:`DiffusionGenerator` (the paper's) and
 :class:`RegressionGenerator` (an MLP trained with MSE on the same normalised deltas), both
-:class:`HypernetworkGenerator`\\ s, and :class:`NearestNeighbour` (the stored delta of the closest
-training sample). ``ocdwrap.compare(..., generators={"name": obj})`` scores any of them, or
-yours, as a row. :func:`stored_deltas` reads a collection's deltas, in the layer's units, for
+:class:`HypernetworkGenerator`\\ s, :class:`NearestNeighbour` (the stored delta of the closest
+training sample) and :class:`GlobalScale` (the diffusion generator without its scale model).
+``ocdwrap.compare(..., generators={"name": obj})`` scores any of them, or yours, as a row. :func:`stored_deltas` reads a collection's deltas, in the layer's units, for
 generators of your own.
 
 Example:
@@ -46,6 +46,7 @@ from .store import DeltaStore
 __all__ = [
     "DiffusionGenerator",
     "Generator",
+    "GlobalScale",
     "HypernetworkGenerator",
     "NearestNeighbour",
     "RegressionGenerator",
@@ -141,6 +142,28 @@ class RegressionGenerator(HypernetworkGenerator):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__("regression", **kw)
+
+
+class GlobalScale:
+    """The model's own fitted diffusion generator with the training set's mean scale rho for
+    every input instead of the scale model's rho(I(x)): the paper's "no scaling" ablation.
+
+    For ``compare(..., generators={"global_scale": GlobalScale()})``: ``compare`` fits the
+    model's own generator before any caller's, so there is nothing of its own to fit (its build
+    time is the collection's); on an unfitted model ``fit`` fits the model's generator.
+    """
+
+    def fit(self, model: OCDModel, store: DeltaStore, args: FitArgs) -> None:
+        if model.hypernet is None:
+            fit(model, store, args)
+
+    def generate(
+        self, model: OCDModel, cond: Conditioning, inputs: Any, rng: torch.Generator | None
+    ) -> DeltaSpec:
+        if model.hypernet is None:
+            raise NotFittedError("GlobalScale samples the model's own generator: fit it first.")
+        with model.sampling(scale="global"):
+            return model.generate(cond, rng=rng)
 
 
 def _delta_keys(store: DeltaStore) -> tuple[str, list[str]]:
