@@ -251,6 +251,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         base, layer=args.layer, config=_config(args), calibration=calibration, loss_fn=loss
     )
     fit = {k: getattr(args, k) for k in ("steps", "batch_size", "lr") if getattr(args, k)}
+    generators = _named_objects(args.generator, "--generator")
+    metrics = _named_objects(args.metric, "--metric")
     comparison = ocdwrap.compare(
         model,
         train,
@@ -266,11 +268,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
         fit_args=ocdwrap.FitArgs(seed=args.seed, **fit),
         overwrite=args.overwrite,
         resamples=args.resamples,
+        generators=generators or None,
+        metrics=metrics or None,
+        features=load_object(args.features, call=False) if args.features else None,
     )
     if args.plot:
         comparison.plot(args.plot)
     print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison)
     return 0
+
+
+def _named_objects(items: list[str] | None, option: str) -> dict[str, Any]:
+    """``NAME=import.path`` items -> {NAME: the object} (a class or factory is called with no
+    arguments, as for --model)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(
+                f"{option} takes NAME=import.path (e.g. {option} mine=my_generators.py:Mine), "
+                f"got {item!r}."
+            )
+        if name in out:
+            raise ValueError(f"{option} names {name!r} twice; give each one its own name.")
+        out[name] = load_object(path)
+    return out
 
 
 # --- the parser -----------------------------------------------------------------------------------
@@ -290,6 +312,24 @@ def _compare_parser(sub: Any, common: Callable, configurable: Callable) -> None:
     cp.add_argument("--rows", help="comma-separated rows (default: all); base and overfit always")
     cp.add_argument("--num-draws", type=int, default=5, help="draws of the ocd_k row")
     cp.add_argument("--train-fn", help="import path of train_fn(base_copy, seconds)")
+    cp.add_argument(
+        "--generator",
+        action="append",
+        metavar="NAME=PATH",
+        help="a generator of yours scored as row NAME: import path of the object, or of a class "
+        "or factory called with no arguments (repeatable)",
+    )
+    cp.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME=PATH",
+        help="an extra metric: import path of an ocdwrap.compare.Metric, or of a factory "
+        "returning one (repeatable)",
+    )
+    cp.add_argument(
+        "--features",
+        help="import path of features(inputs) -> (B, d), the nearest row's distance space",
+    )
     cp.add_argument("--steps", type=int, help="FitArgs.steps of the generators (default 2000)")
     cp.add_argument("--batch-size", type=int, help="FitArgs.batch_size (default 128)")
     cp.add_argument("--lr", type=float, help="FitArgs.lr (default 1e-4)")

@@ -21,10 +21,11 @@ from ocdwrap.errors import (
     CollectionExistsError,
     ComparisonExistsError,
     ConfigError,
+    NotFittedError,
     OCDError,
     RowFailedError,
 )
-from ocdwrap.generators import Generator, conditioning_statistics, stored_deltas
+from ocdwrap.generators import Generator, GlobalScale, conditioning_statistics, stored_deltas
 
 CE = nn.CrossEntropyLoss(reduction="none")
 # a small generator network and short fits: the plumbing, not a result
@@ -319,6 +320,23 @@ def test_one_draw_cross_entropy_is_capped_as_the_ensembles(tmp_path) -> None:
     assert c.row("huge").loss < float(raw.mean()) / 10
 
 
+def test_global_scale_is_the_models_generator_at_the_mean_scale(tmp_path) -> None:
+    model = _wrapped()
+    with pytest.raises(NotFittedError, match="fit it first"):
+        GlobalScale().generate(model, None, None, None)
+    kw = {**_kw(), "rows": ["ocd"], "generators": {"global_scale": GlobalScale()}}
+    c = compare(model, TRAIN, EVAL, CE, out_dir=tmp_path / "gs", **kw)
+    rng, losses = torch.Generator().manual_seed(0), []
+    for x, y in EVAL:
+        with torch.no_grad(), model.sampling(scale="global"):
+            cond, _ = model.conditioning(x)
+            with model.use_deltas(model.generate(cond, rng=rng)):
+                losses.append(CE(model(x), y))
+    assert c.row("global_scale").loss == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
+    assert c.row("global_scale").loss != pytest.approx(c.row("ocd").loss, rel=1e-6)
+    assert "ocdwrap.generators.GlobalScale" in c.row("global_scale").source
+
+
 def test_probe_samples_caps_the_probes_training_data(full, tmp_path) -> None:
     _, out, _, _ = full
     kw = {**_kw(), "rows": ["probe"]}
@@ -369,6 +387,27 @@ def train_fn(base, seconds):
 
 
 SEEN = []
+
+
+class Zero:  # a user generator: no delta at all (scores as the base)
+    def fit(self, model, store, args):
+        pass
+
+    def generate(self, model, cond, inputs, rng):
+        import ocdwrap
+
+        w = model.target_layer.weight
+        return ocdwrap.FullDelta(torch.zeros(cond.layer_input.shape[0], *w.shape))
+
+
+def top2():
+    from ocdwrap.compare import Metric
+
+    return Metric(lambda p, y: (p.topk(2, -1).indices == y[:, None]).any(1).float(), True)
+
+
+def first_feature(x):
+    return x[:, :1]
 """
 
 
@@ -391,6 +430,16 @@ def test_cli_compare(tmp_path, capsys) -> None:
     assert "Unknown rows" in capsys.readouterr().err
     assert main([*argv, "--num-draws", "2"]) == 2  # other settings than --out holds
     assert "ComparisonExistsError" in capsys.readouterr().err
+    # a generator, a metric and the nearest row's features of the user's, by import path
+    extra = ["--generator", f"zero={path}:Zero", "--metric", f"top2={path}:top2"]
+    extra += ["--features", f"{path}:first_feature", "--out", str(tmp_path / "out2")]
+    assert main([*argv, *extra, "--json", "--resamples", "50"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert list(d["rows"]) == ["base", "overfit", "nearest", "compute_matched", "zero"]
+    assert d["rows"]["zero"]["loss"] == pytest.approx(d["rows"]["base"]["loss"], rel=1e-6)
+    assert d["rows"]["zero"]["metrics"]["top2"] >= d["rows"]["zero"]["metric"] / 100 - 1e-9
+    assert main([*argv, "--generator", "zero"]) == 2
+    assert "NAME=import.path" in capsys.readouterr().err
 
 
 def test_verdict_branches() -> None:
