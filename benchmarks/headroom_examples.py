@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import ocdwrap
+from ocdwrap.headroom import LEGACY_ROWS, ROWS
 
 from .cli import command
 from .results import fmt_mean_sd
@@ -51,7 +52,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = "docs/results/headroom_examples.json"
 DOC_START = "<!-- headroom-examples: "
 DOC_END = "<!-- /headroom-examples -->"
-ROWS = ("base", "overfit_on_test", "own_label", "probe", "probe_mixture")
 FREE = ("own_label", "probe", "probe_mixture")
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -269,7 +269,7 @@ def digits_table(d: dict[str, Any]) -> str:
         reps = [s[e] for s in d["digits"].values()]
 
         def row(name: str, key: str, reps: list = reps) -> list[float | None]:
-            return [r["rows"][name][key] for r in reps]
+            return [_rows_of(r)[name][key] for r in reps]
 
         best = max(FREE, key=lambda n: _mean(row(n, "share_loss")))
         shares = []
@@ -284,14 +284,19 @@ def digits_table(d: dict[str, Any]) -> str:
         lines.append(
             f"| {e} epoch{'s' if e != '1' else ''} | {_cell(row('base', 'loss'), '.3f')} / "
             f"{_cell(row('base', 'accuracy'), '.1f', 100)} | "
-            f"{_cell(row('overfit_on_test', 'loss'), '.3f')} / "
-            f"{_cell(row('overfit_on_test', 'accuracy'), '.1f', 100)} | "
+            f"{_cell(row('overfit', 'loss'), '.3f')} / "
+            f"{_cell(row('overfit', 'accuracy'), '.1f', 100)} | "
             + " | ".join(shares)
             + f" | {own} |"
         )
     n = next(iter(next(iter(d["digits"].values())).values()))["n"]
     lines += ["", f"(shares of the loss gap; {n} held-out images, cross-fitted probe)"]
     return "\n".join(lines)
+
+
+def _rows_of(report: dict[str, Any]) -> dict[str, Any]:
+    """A report's rows under today's names (the committed JSON has 0.2.0's overfit_on_test)."""
+    return {LEGACY_ROWS.get(k, k): v for k, v in report["rows"].items()}
 
 
 def lenet5_table(d: dict[str, Any], which: str = "cross_fitted") -> str:
@@ -303,7 +308,7 @@ def lenet5_table(d: dict[str, Any], which: str = "cross_fitted") -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in ROWS:
-        vals = [r["rows"][name] for r in reps]
+        vals = [_rows_of(r)[name] for r in reps]
         cells = [
             _cell([v["loss"] for v in vals], ".4f"),
             _cell([v["accuracy"] for v in vals], ".2f", 100),

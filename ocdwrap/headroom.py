@@ -6,7 +6,7 @@ per-sample overfit (optimizer, learning rate, steps, layer), what such a label-f
 hope for:
 
 * ``base``: the base model;
-* ``overfit_on_test``: the layer overfitted towards the true label (the upper bound OCD aims at);
+* ``overfit``: the layer overfitted towards the true label (the upper bound OCD aims at);
 * ``own_label``: towards the base's own prediction (self-training; needs no label). For
   classification the label is the base's argmax. For regression the target is the base's own
   prediction, where the loss (MSE, L1, ...) is at its minimum: the gradient is zero, the delta is
@@ -77,7 +77,10 @@ __all__ = [
     "soft_cross_entropy",
 ]
 
-ROWS = ("base", "overfit_on_test", "own_label", "probe", "probe_mixture")
+ROWS = ("base", "overfit", "own_label", "probe", "probe_mixture")
+# row names of 0.2.0 and before, read (row(), from_dict) as today's: one set across headroom,
+# compare, the quickstart and the benchmarks' JSONs
+LEGACY_ROWS = {"overfit_on_test": "overfit"}
 LABEL_FREE = ("own_label", "probe", "probe_mixture")
 LABEL_ROWS = ROWS[1:]  # the rows that overfit the layer on each held-out sample
 
@@ -118,7 +121,8 @@ class HeadroomReport:
     seconds: float = 0.0
 
     def row(self, name: str) -> HeadroomRow:
-        """The row called ``name`` (one of base, overfit_on_test, own_label, probe, probe_mixture)."""
+        """The row called ``name`` (one of base, overfit, own_label, probe, probe_mixture)."""
+        name = LEGACY_ROWS.get(name, name)
         for r in self.rows:
             if r.name == name:
                 return r
@@ -133,7 +137,7 @@ class HeadroomReport:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> HeadroomReport:
         d = dict(d)
-        rows = [HeadroomRow(name=k, **v) for k, v in d.pop("rows").items()]
+        rows = [HeadroomRow(name=LEGACY_ROWS.get(k, k), **v) for k, v in d.pop("rows").items()]
         return cls(**d, rows=rows)
 
     def __str__(self) -> str:
@@ -187,7 +191,7 @@ def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, rows
         return out
 
     true = timed(
-        "overfit_on_test",
+        "overfit",
         lambda: overfit_batch(model, inputs, target, loss_fn, loss_after=False),
     )
     if not bool(true.finite.all()):
@@ -196,7 +200,7 @@ def _row_deltas(model, inputs, target, loss_fn, task, base_pred, probe_out, rows
             f"NaN/Inf in the overfit of samples {bad} (batch positions); fix the data, or lower "
             "the model's overfit_lr."
         )
-    deltas = {"overfit_on_test": true.delta}
+    deltas = {"overfit": true.delta}
     make: dict[str, Callable[[], torch.Tensor]] = {}
     if task == "classification":
         own = base_pred.argmax(-1)
@@ -231,7 +235,7 @@ def _score_batch(model, inputs, target, loss_fn, task, base_pred, probe_out, row
         model, inputs, target, loss_fn, task, base_pred, probe_out, rows, mix_k, sigma
     )
     B = base_pred.shape[0]
-    true = deltas["overfit_on_test"].reshape(B, -1)
+    true = deltas["overfit"].reshape(B, -1)
     out = {}
     for name, delta in deltas.items():
         start = time.perf_counter()
@@ -259,7 +263,7 @@ def score_label_rows(
 ) -> dict[str, dict[str, Any]]:
     """Every held-out sample's layer overfitted alone towards each row's target, then scored.
 
-    ``rows``: any of own_label, probe, probe_mixture (overfit_on_test, the true label, is
+    ``rows``: any of own_label, probe, probe_mixture (overfit, the true label, is
     always computed: the others are compared with it). Returns, per row, the per-sample
     ``loss`` (N,), ``pred`` (N, ...), ``correct`` (N,) (classification, else None), ``cos``
     (N,), the cosine of the row's delta with the true-label delta, and ``seconds`` (overfits
@@ -309,10 +313,8 @@ def _rows(held: LabelledSplit, task: str, scored: dict[str, dict], right: torch.
     acc = (lambda c: float(c.float().mean())) if task == "classification" else (lambda c: None)
     base_correct = held.pred.argmax(-1) == held.target if task == "classification" else None
     base = HeadroomRow("base", float(held.loss.mean()), acc(base_correct))
-    bound_scores = scored["overfit_on_test"]
-    bound = HeadroomRow(
-        "overfit_on_test", float(bound_scores["loss"].mean()), acc(bound_scores["correct"])
-    )
+    bound_scores = scored["overfit"]
+    bound = HeadroomRow("overfit", float(bound_scores["loss"].mean()), acc(bound_scores["correct"]))
     rows = [base]
     for name in ROWS[1:]:
         if name == "own_label" and task != "classification":
@@ -330,7 +332,7 @@ def _rows(held: LabelledSplit, task: str, scored: dict[str, dict], right: torch.
             continue
         s = scored[name]
         cos = s["cos"]
-        row = bound if name == "overfit_on_test" else HeadroomRow(name, float(s["loss"].mean()))
+        row = bound if name == "overfit" else HeadroomRow(name, float(s["loss"].mean()))
         row.note = _NOTES.get(name, "")
         row.accuracy = acc(s["correct"])
         row.share_loss = _share(base.loss, bound.loss, row.loss, 1)

@@ -51,12 +51,12 @@ def report() -> HeadroomReport:
 def test_upper_bound_below_base_and_rows(report: HeadroomReport) -> None:
     assert [r.name for r in report.rows] == [
         "base",
-        "overfit_on_test",
+        "overfit",
         "own_label",
         "probe",
         "probe_mixture",
     ]
-    base, bound = report.row("base"), report.row("overfit_on_test")
+    base, bound = report.row("base"), report.row("overfit")
     assert bound.loss < base.loss
     assert bound.accuracy >= base.accuracy
     assert bound.share_loss == pytest.approx(100.0)
@@ -134,7 +134,7 @@ def test_probe_captures_more_on_an_underfitting_base() -> None:
         net, held = _digits_mlp(epochs)
         rep = headroom(ocdwrap.wrap(net, layer="2"), held, CE, mixture_classes=0)
         shares[epochs] = rep.row("probe").share_loss
-        assert rep.row("overfit_on_test").loss < rep.row("base").loss
+        assert rep.row("overfit").loss < rep.row("base").loss
     # measured: docs/results/headroom_examples.json (seed 0 is this setting: the probe falls back
     # to the base after forty epochs; on other seeds it finds a part of the small gap)
     assert shares[1] > 60.0
@@ -163,11 +163,11 @@ def test_regression_rows() -> None:
     model = ocdwrap.wrap(net.eval(), layer="2", config=ocdwrap.OCDConfig(overfit_lr=1e-2))
     rep = headroom(model, _loader(x, y.squeeze(1), bs=40), _mse)
     assert rep.task == "regression"
-    names = ["base", "overfit_on_test", "own_label", "probe", "probe_mixture"]
+    names = ["base", "overfit", "own_label", "probe", "probe_mixture"]
     assert [r.name for r in rep.rows] == names
     assert rep.probe["mixture_points"] == 8 and rep.probe["residual_std"][0] > 0
     assert rep.row("base").accuracy is None
-    assert rep.row("overfit_on_test").loss < rep.row("base").loss
+    assert rep.row("overfit").loss < rep.row("base").loss
     own = rep.row("own_label")
     assert own.loss == rep.row("base").loss and "zero gradient" in own.note
     assert "ridge" in rep.probe["kind"]
@@ -179,7 +179,7 @@ def test_to_dict_round_trip_and_table(report: HeadroomReport) -> None:
     text = json.dumps(d)  # plain numbers and strings
     back = HeadroomReport.from_dict(json.loads(text))
     assert back.to_dict() == d
-    assert set(d["rows"]) == {"base", "overfit_on_test", "own_label", "probe", "probe_mixture"}
+    assert set(d["rows"]) == {"base", "overfit", "own_label", "probe", "probe_mixture"}
     assert d["rows"]["base"]["loss"] == report.row("base").loss
     table = str(report)
     assert "| row | loss | acc % |" in table
@@ -288,7 +288,7 @@ def test_cli_headroom(tmp_path, capsys) -> None:
     assert main([*argv, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["n"] == 120 and d["layer"] == "2" and d["overfit"]["lr"] == 0.01
-    assert d["rows"]["overfit_on_test"]["loss"] < d["rows"]["base"]["loss"]
+    assert d["rows"]["overfit"]["loss"] < d["rows"]["base"]["loss"]
     assert main(argv) == 0
     assert "verdict:" in capsys.readouterr().out
     bad = ["headroom", "--model", f"{path}:model", "--data", f"{path}:unlabelled", "--layer", "2"]

@@ -131,7 +131,7 @@ def test_ltr_smoke(tmp_path) -> None:
     comparison = _through_compare(part, "mse")
     assert rows["ocd"]["ndcg10"] == pytest.approx(comparison["rows"]["ocd"]["metrics"]["ndcg10"])
     hr = part["info"]["0"]["headroom"]
-    assert hr["rows"]["overfit_on_test"]["loss"] < hr["rows"]["base"]["loss"]
+    assert hr["rows"]["overfit"]["loss"] < hr["rows"]["base"]["loss"]
     assert part["rows"]["base"]["paper"] == {"rmse": ".7470"}
     assert "| row |" in report.render(str(tmp_path / "out.json"))
     assert out["command"].startswith("python -m benchmarks.ltr --smoke")

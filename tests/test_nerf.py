@@ -177,7 +177,7 @@ def test_smoke_run_reports_every_row(smoke) -> None:
     assert info["ocd"]["collect_summary"]["count"] == 10  # every training view collected
     hr = info["headroom"]  # ocdwrap.headroom on the test views, probe fitted on the training views
     assert hr["task"] == "regression" and hr["n"] == 2 and hr["layer"] == "fc1"
-    assert {"base", "overfit_on_test", "probe", "probe_mixture"} <= set(hr["rows"])
+    assert {"base", "overfit", "probe", "probe_mixture"} <= set(hr["rows"])
     assert hr["probe"]["residual_std_summary"]["outputs"] == 32 * 32 * 3  # one image per view
     assert set(info["ocd"]["true_delta_rank_energy"]) == {"1", "2", "4", "8", "16"}
     assert info["compute_matched"]["iterations"] > 0

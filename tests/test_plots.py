@@ -153,7 +153,7 @@ def test_plot_results_with_seeds_and_paper_values(tmp_path) -> None:
     rows = {
         "base": [{"loss": 0.068, "accuracy": 0.979}, {"loss": 0.070, "accuracy": 0.977}],
         "ocd": {"loss": 0.060, "accuracy": 0.981},
-        "overfit_on_test": {"loss": 0.027, "accuracy": 0.992},
+        "overfit": {"loss": 0.027, "accuracy": 0.992},
     }
     paper = {"base": ("0.080 ± 0.009", "99.2 ± 0.1"), "ocd": {"loss": 0.010}, "x": "—"}
     fig = plot_results(rows, paper=paper, labels={"ocd": "OCD"}, path=tmp_path / "r.png")

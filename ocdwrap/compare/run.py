@@ -309,7 +309,7 @@ class _Compare:
             rows=[names[r] for r in todo if r in names],
         )  # fmt: skip
         for row in todo:
-            s = scored["overfit_on_test" if row == "overfit" else row]
+            s = scored[row]
             note = ""
             if row == "probe":
                 p = self.info["probe"]
