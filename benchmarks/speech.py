@@ -445,6 +445,7 @@ def run_seed(args: Any, seed: int, S: int, data: SpeechData, res: Results, workd
     info["base_training"] = train_separator(
         base, splits["train"], splits["val"], seconds=args.train_seconds, patience=args.patience,
         batch_size=args.batch, seed=seed, log=log, filterbank_steps=args.filterbank_steps,
+        max_steps=args.train_steps,
     )  # fmt: skip
     rows: dict[str, dict[str, float]] = {"base": {}}
     for split, key in (("test", "sisdri"), ("test_unseen", "sisdri_unseen")):
@@ -511,7 +512,12 @@ def table_notes(res: Results, args: Any, S: int, data: SpeechData) -> list[str]:
             f"the mixtures ({args.filterbank_steps} steps, Adam 2e-3; reconstruction SI-SDR "
             f"{[round(b['filterbank_sisdr'], 1) for b in bt if b['filterbank_sisdr'] is not None]} dB), "
             f"then Adam 1e-3, batch {args.batch}, at most "
-            f"{args.train_seconds:g} s, early stopping on the validation mixtures (patience "
+            + (
+                f"{a} steps"
+                if (a := getattr(args, "train_steps", None))
+                else f"{args.train_seconds:g} s"
+            )
+            + ", early stopping on the validation mixtures (patience "
             f"{args.patience}): epochs {[b['epochs_run'] for b in bt]}, best epoch "
             f"{[b['best_epoch'] for b in bt]}, stopped early {[b['stopped_early'] for b in bt]}, "
             f"{[round(b['seconds']) for b in bt]} s, best validation SI-SDRi "
@@ -652,6 +658,11 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--delta-rank", type=int, default=4, help="rank r of the low-rank deltas")
     p.add_argument("--overfit-steps", type=int, default=10, help="Adam steps of each overfit")
     p.add_argument("--train-seconds", type=float, default=480, help="base training budget (s)")
+    p.add_argument(
+        "--train-steps", type=int, default=None,
+        help="base training budget in optimizer steps instead of --train-seconds (the same base "
+        "whatever the load; a committed run's base is reproduced with its recorded steps)",
+    )  # fmt: skip
     p.add_argument(
         "--filterbank-steps", type=int, default=500,
         help="steps of encoder/decoder pre-training (reconstruction) inside the budget",

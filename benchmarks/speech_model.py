@@ -260,6 +260,7 @@ def train_separator(
     val: tuple[torch.Tensor, torch.Tensor],
     *,
     seconds: float,
+    max_steps: int | None = None,
     max_epochs: int = 200,
     patience: int = 5,
     batch_size: int = 8,
@@ -273,6 +274,9 @@ def train_separator(
     per epoch, until ``seconds`` of wall time or ``max_epochs`` epochs; early stopping on the
     validation loss with ``patience`` epochs; the best epoch's weights are kept (eval mode).
     At least one step and one validation pass run, whatever the budget.
+    ``max_steps``: a budget of optimizer steps instead of ``seconds`` (the time is then not
+    looked at): the same base whatever the machine's load (a run that stopped by time after N
+    steps is reproduced by ``max_steps=N``).
     ``filterbank_steps`` > 0 first runs :func:`pretrain_filterbank` (inside the budget)."""
     g = torch.Generator().manual_seed(seed)
     t_fb = time.perf_counter()
@@ -293,7 +297,13 @@ def train_separator(
     history: list[float] = []
     t0 = t_fb
     stopped_early = False
-    while epochs < max_epochs and (epochs == 0 or time.perf_counter() - t0 < seconds):
+
+    def spent() -> bool:
+        if max_steps is not None:
+            return steps >= max_steps
+        return time.perf_counter() - t0 > seconds
+
+    while epochs < max_epochs and (epochs == 0 or not spent()):
         model.train()
         order = torch.randperm(len(train[0]), generator=g)
         for i in range(0, len(order), batch_size):
@@ -304,7 +314,7 @@ def train_separator(
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             steps += 1
-            if time.perf_counter() - t0 > seconds:
+            if spent():
                 break
         epochs += 1
         val_loss = -evaluate_separator(model, *val) if len(val[0]) else float(loss)
@@ -336,6 +346,7 @@ def train_separator(
         "steps": steps,
         "seconds": time.perf_counter() - t0,
         "budget_s": seconds,
+        "budget_steps": max_steps,
         "batch_size": batch_size,
         "lr": lr,
         "val_history_sisdri": [-v for v in history],

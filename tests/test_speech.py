@@ -162,6 +162,27 @@ def test_separator_shapes_loss_and_errors() -> None:
     assert separate(model, torch.zeros(1000), SAMPLE_RATE).shape == (1, 3, 1000)
 
 
+def test_a_step_budget_trains_the_same_base_whatever_the_time() -> None:
+    from benchmarks.speech_model import Separator, train_separator
+
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randn(12, 800, generator=g), torch.randn(12, 2, 800, generator=g))
+    val = (torch.randn(4, 800, generator=g), torch.randn(4, 2, 800, generator=g))
+
+    def trained(seconds: float) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        model = Separator(2, channels=8, hidden=8, kernel=16, chunk=10)
+        kw = dict(max_steps=5, batch_size=4, patience=10, filterbank_steps=2)
+        info = train_separator(model, train, val, seconds=seconds, **kw)
+        return info, model.state_dict()
+
+    fast, slow = trained(1e-9), trained(1e9)  # a budget of 5 steps: the seconds are ignored
+    assert fast[0]["steps"] == slow[0]["steps"] == 5 and fast[0]["epochs_run"] == 2
+    assert fast[0]["budget_steps"] == 5
+    for k, v in fast[1].items():
+        assert torch.equal(v, slow[1][k]), k
+
+
 def test_draws_are_put_in_the_reference_speaker_order() -> None:
     from benchmarks.speech import to_order_of
 
@@ -217,7 +238,7 @@ def test_smoke_run_reports_every_row(tmp_path) -> None:
     assert timing["ratio"] == timing["by_steps"]["10"]["ratio"]
     hr = info["headroom"]  # ocdwrap.headroom on validation mixtures, a regression-type loss
     assert hr["task"] == "regression" and hr["n"] == 4 and hr["layer"] == "proj"
-    assert {"base", "overfit_on_test", "probe", "probe_mixture"} <= set(hr["rows"])
+    assert {"base", "overfit", "probe", "probe_mixture"} <= set(hr["rows"])
     assert info["selection"]["proj_rank"] >= 1 and info["compute_matched"]["steps"] > 0
     assert 50 < data["peak_rss_mb"] < 8 * 1024  # the memory bound
     assert data["data"]["sample_rate"] == 8000 and data["data"]["mixtures"]["train/2"] == 16
