@@ -7,9 +7,9 @@ fits and scores base, overfit (the bound), ocd, ocd_k, regression, nearest, own_
 compute_matched (the domain's own training continued for the collection and fit time) on the
 test data. A domain passes its own distance for ``nearest`` (``features=``), its own metrics
 (``metrics=``), its own training (``train_fn=``) and its ablations that fit the generator
-interface (``generators=``, e.g. :class:`ocdwrap.generators.GlobalScale`); the ablations that do not (another
-layer, every layer overfitted, a truncated rank, the full-matrix UNet) are rows the script adds
-with the helpers here (:func:`alternative_layer_row`, :func:`overfit_all_row`).
+interface (``generators=``, e.g. :class:`ocdwrap.generators.GlobalScale`); the ablations that
+do not (another layer, every layer overfitted, a truncated rank, the full-matrix UNet) are rows
+the script adds with the helpers here (:func:`alternative_layer_row`, :func:`overfit_all_row`).
 
 :func:`base_row` trains the base; :func:`headroom_info` runs ``ocdwrap.headroom`` before any
 collection. The row tables every script shares are built by :func:`table_rows`.

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ocdwrap.headroom import LEGACY_ROWS
+
 from .timing import machine
 
 PAPER_REF = "Lutati & Wolf, OCD: Learning to Overfit with Conditional Diffusion Models, ICLR 2023"
@@ -242,12 +244,7 @@ def merge_results(res: Results, paths: Sequence[str], command: str) -> dict[str,
 
 # the row names of the JSONs written before the benchmarks computed their shared rows through
 # ocdwrap.compare, and the names compare, headroom and every table use now
-OLD_ROW_NAMES = {
-    "nn": "nearest",
-    "pseudo": "own_label",
-    "overfit_on_test": "overfit",
-    "ocd_ensemble": "ocd_k",
-}
+OLD_ROW_NAMES = {"nn": "nearest", "pseudo": "own_label", "ocd_ensemble": "ocd_k", **LEGACY_ROWS}
 
 
 def current_names(part: dict[str, Any]) -> dict[str, Any]:

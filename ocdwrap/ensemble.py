@@ -19,10 +19,15 @@ rule for :meth:`OCDModel.ensemble`, :func:`ocdwrap.evaluate_ocd` and every class
 :func:`ocdwrap.compare` (one draw included), so a single extreme sample cannot decide a mean."""
 
 
+def floored_log(probs: torch.Tensor) -> torch.Tensor:
+    """log of probabilities clamped at :data:`PROB_FLOOR`."""
+    return probs.clamp_min(PROB_FLOOR).log()
+
+
 def log_mean_probability(logits: torch.Tensor) -> torch.Tensor:
     """(K, B, C) logits of K draws -> (B, C): the log of their mean softmax, floored at
     :data:`PROB_FLOOR` (K = 1: one draw's log-probabilities under the same floor)."""
-    return logits.float().softmax(dim=-1).mean(0).clamp_min(PROB_FLOOR).log()
+    return floored_log(logits.float().softmax(dim=-1).mean(0))
 
 
 def scored_prediction(pred: torch.Tensor, task: str) -> torch.Tensor:
@@ -77,7 +82,7 @@ def combine_draws(
     if task == "classification":
         probs = draws.float().softmax(dim=-1)
         mean, std = probs.mean(0), probs.std(0, unbiased=False)
-        combined = log_mean_probability(draws).to(pred.dtype)
+        combined = floored_log(mean).to(pred.dtype)
     else:
         mean, std = draws.float().mean(0), draws.float().std(0, unbiased=False)
         combined = mean.to(pred.dtype)

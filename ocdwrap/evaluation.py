@@ -87,7 +87,8 @@ def evaluate_ocd(
                 ens = model.ensemble(*args, num_draws=num_draws, rng=gen, align=align, **kwargs)
             pred = read_output(ens.output).float()
             spread = ens.uncertainty
-        losses = loss_fn(scored_prediction(pred, task), target)
+        # the ensemble's output is already the floored log of its mean probability
+        losses = loss_fn(pred if mode == "ocd" else scored_prediction(pred, task), target)
         total += float(losses.sum())
         B = pred.shape[0]
         n += B

@@ -15,8 +15,9 @@ The library's own generators implement it: :class:`DiffusionGenerator` (the pape
 :class:`RegressionGenerator` (an MLP trained with MSE on the same normalised deltas), both
 :class:`HypernetworkGenerator`\\ s, :class:`NearestNeighbour` (the stored delta of the closest
 training sample) and :class:`GlobalScale` (the diffusion generator without its scale model).
-``ocdwrap.compare(..., generators={"name": obj})`` scores any of them, or yours, as a row. :func:`stored_deltas` reads a collection's deltas, in the layer's units, for
-generators of your own.
+``ocdwrap.compare(..., generators={"name": obj})`` scores any of them, or yours, as a row.
+:func:`stored_deltas` reads a collection's deltas, in the layer's units, for generators of your
+own.
 
 Example:
     >>> class MeanDelta:  # every input gets the training set's mean delta

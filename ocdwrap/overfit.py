@@ -304,6 +304,7 @@ def overfit_batch(
     delta.requires_grad_(not probed)
     optimizer = _PerSampleOptimizer(delta, cfg, adam_formula, workspace if probed else None)
     mask = attention_mask((inputs,), inputs if isinstance(inputs, dict) else {})
+    after = None  # loss_after: the losses of one more pass after the last step, when asked for
     was_training = model.base_model.training
     model.base_model.eval()
     try:
@@ -348,7 +349,6 @@ def overfit_batch(
     finally:
         model.base_model.train(was_training)
     delta = delta.detach()
-    after = after if loss_after else None
     finite = _finite_rows(delta, cond, (loss_before, after))
     return OverfitResult(delta, cond, loss_before, after, finite, raw_input)
 

@@ -445,10 +445,11 @@ def compare(
     resumes / reuses the collection there, as :func:`ocdwrap.collect` does, refusing one of
     another model or config unless ``overwrite=True``), fits the generators the rows need, and
     scores every row on ``eval_data`` with ``loss_fn``. The rows (``rows=`` picks some; base and
-    overfit frame every share and are always in, and so is every entry of ``generators``): base, overfit (the bound), ocd, ocd_k
-    (``num_draws`` draws), regression, nearest (``features=`` sets its distance), own_label,
-    probe, compute_matched (needs ``train_fn(base_copy, seconds)``), and one per entry of
-    ``generators`` (objects with ``fit`` and ``generate``: :mod:`ocdwrap.generators`).
+    overfit frame every share and are always in, and so is every entry of ``generators``):
+    base, overfit (the bound), ocd, ocd_k (``num_draws`` draws), regression, nearest
+    (``features=`` sets its distance), own_label, probe, compute_matched (needs
+    ``train_fn(base_copy, seconds)``), and one per entry of ``generators`` (objects with ``fit``
+    and ``generate``: :mod:`ocdwrap.generators`).
     docs/compare.md describes each row and how to read the verdict.
 
     Every finished row is written to ``out_dir/comparison.json`` at once; a rerun (or a run
