@@ -23,6 +23,7 @@ from .deltas import (
     lowrank_factors,
     rank1_energy,
     rank1_factors,
+    scale_from_sums,
     top_singular_energy,
 )
 from .errors import ConfigError, EmptyDataError, NonFiniteError, UnsupportedLayerError
@@ -41,6 +42,14 @@ from .store_writer import StoreWriter
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 __all__ = ["collect", "overfit_batch", "overfit_one"]
+
+# how the stored rows' rho and rank-one energy are evaluated, as a collection records it in its
+# identity: "sums" takes both from each delta's sum and sum of squares (one pass each, shared
+# with the finite check) and brackets the energy at the known right factor before iterating;
+# "two-pass" (collections made before the record: none) is delta_scale's centred passes and one
+# power iteration. They agree to about 1e-6 but not bit for bit: a collection is never a mix.
+ROWS_FORMULA = "sums"
+ROWS_FORMULA_V1 = "two-pass"
 
 
 def _identity(model: OCDModel, cfg: OCDConfig, shard_size: int) -> dict[str, Any]:
@@ -62,6 +71,7 @@ def _identity(model: OCDModel, cfg: OCDConfig, shard_size: int) -> dict[str, Any
     # one, and it is continued with 0.1.0's formula.
     if model.layer_kind == "linear" and cfg.overfit_optimizer == "adam":
         identity["adam_outer_formula"] = ADAM_OUTER_FORMULA
+    identity["rows_formula"] = ROWS_FORMULA
     return identity
 
 
@@ -110,14 +120,30 @@ def _layout(model: OCDModel, cfg: OCDConfig, res: OverfitResult) -> dict[str, An
 
 
 def _rows(
-    res: OverfitResult, cfg: OCDConfig, first: int, keys: list[str], rank: int = 0
+    res: OverfitResult,
+    cfg: OCDConfig,
+    first: int,
+    keys: list[str],
+    rank: int = 0,
+    formula: str = ROWS_FORMULA,
 ) -> dict[str, torch.Tensor]:
-    """The stored rows of every sample of one batch (same arithmetic whatever is kept)."""
+    """The stored rows of every sample of one batch (same arithmetic whatever is kept);
+    ``formula``: :data:`ROWS_FORMULA`, or :data:`ROWS_FORMULA_V1` to continue a collection
+    made before it."""
     delta = res.delta  # (B, out, in) or (B, out, in, kh, kw)
     B = delta.shape[0]
+    row_sum = res.delta_sum
     if not bool(res.finite.all()):  # those rows are dropped; zeros keep the SVD path finite
         delta = delta.masked_fill(~res.finite.view(B, *([1] * (delta.dim() - 1))), 0.0)
-    rho = delta_scale(delta.reshape(B, -1), cfg.delta_normalization)  # (B,)
+        row_sum = None if row_sum is None else row_sum.masked_fill(~res.finite, 0.0)
+    flat = delta.reshape(B, -1)
+    total = None  # ‖Δ‖²_F per row, with the "sums" formula
+    if formula == ROWS_FORMULA:
+        total = torch.linalg.vecdot(flat, flat)
+        row_sum = flat.sum(1) if row_sum is None else row_sum
+        rho = scale_from_sums(flat, cfg.delta_normalization, row_sum, total)  # (B,)
+    else:
+        rho = delta_scale(flat, cfg.delta_normalization)  # (B,)
     rows = {"index": torch.arange(first, first + B, dtype=torch.int64), "rho": rho}
     rows.update(res.cond.as_dict())
     if "u" in keys:
@@ -125,9 +151,9 @@ def _rows(
         rows["u"], rows["v"] = u / rho.unsqueeze(1), v
     if "energy" in keys:  # from v, the near-top right singular vector, when it is known
         if "u" in keys:  # u = Δv / ‖v‖²: Δv is not computed again
-            rows["energy"] = rank1_energy(delta, v, u * v.square().sum(1, keepdim=True))
+            rows["energy"] = rank1_energy(delta, v, u * v.square().sum(1, keepdim=True), total)
         else:
-            rows["energy"] = top_singular_energy(delta)
+            rows["energy"] = top_singular_energy(delta, total=total)
     if "delta" in keys:
         rows["delta"] = (delta / rho.view(B, *([1] * (delta.dim() - 1)))).reshape(
             B, delta.shape[1], -1
@@ -285,7 +311,8 @@ def _collect(
         kept = (res.finite & in_range).nonzero().flatten()
         rows = None
         if kept.numel():
-            rows = _rows(res, cfg, lo, writer.manifest["keys"], rank)
+            formula = writer.identity.get("rows_formula", ROWS_FORMULA_V1)
+            rows = _rows(res, cfg, lo, writer.manifest["keys"], rank, formula)
             if kept.numel() < B:
                 rows = {k: t[kept.to(t.device)] for k, t in rows.items()}
         writer.append(rows, skipped=bad)

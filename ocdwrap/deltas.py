@@ -129,13 +129,18 @@ DeltaSpec = FullDelta | Rank1Delta | LowRankDelta
 LOWRANK_KEYS = ("lowrank_u", "lowrank_s", "lowrank_v")
 
 
+# how far above the returned energy s1² may lie, as a share of ‖Δ‖²_F, before an SVD settles it
+ENERGY_TOL = 1e-6
+
+
 def top_singular_energy(
     delta: torch.Tensor,
     *,
     iters: int = 2,
-    tol: float = 1e-6,
+    tol: float = ENERGY_TOL,
     start: torch.Tensor | None = None,
     start_image: torch.Tensor | None = None,
+    total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fraction of each delta's energy in its top singular value, s1² / ‖Δ‖²_F, (B,).
 
@@ -145,38 +150,53 @@ def top_singular_energy(
     b = ‖Δ‖²_F − a, s1² is at most the top eigenvalue of [[a, c], [c, b]]. Samples where that
     bracket is wider than ``tol``·‖Δ‖²_F (deltas far from rank one) get ``torch.linalg.svdvals``;
     the near-rank-one deltas of a Linear layer (docs/how-ocd-works.md) need a few matrix-vector
-    products each instead of an SVD.
+    products each instead of an SVD. ``total``: ‖Δ‖²_F (B,), when the caller has it.
     """
     B = delta.shape[0]
     mats = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, in)
-    flat = mats.reshape(B, -1)
-    total = torch.linalg.vecdot(flat, flat)  # (vector_norm's float32 sum is less exact here)
+    if total is None:
+        flat = mats.reshape(B, -1)
+        total = torch.linalg.vecdot(flat, flat)  # (vector_norm's float32 sum is less exact here)
     first_image = None  # (Δv)ᵀ of the normalised start, when the caller has Δ·start
     if start is None:
         rows = torch.linalg.vector_norm(mats, dim=2).argmax(1)  # (B,)
         v = mats[torch.arange(B, device=mats.device), rows].unsqueeze(1)  # (B, 1, in), row vectors
     else:
-        norm = start.float().norm(dim=1, keepdim=True).clamp_min(1e-30)  # (B, 1)
-        v = (start.float() / norm).unsqueeze(1)
-        if start_image is not None:
-            first_image = (start_image.float() / norm).unsqueeze(1)  # (B, 1, out)
+        v, first_image = _unit_start(start, start_image)
     for i in range(iters):
         image = first_image if i == 0 else None
         if image is None:  # row vectors throughout (see rank1_factors: the fast bmm form)
             image = torch.bmm(v, mats.transpose(1, 2))  # (Δv)ᵀ, (B, 1, out)
         v = torch.bmm(image, mats)  # vᵀΔᵀΔ
         v = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
-    w = torch.bmm(v, mats.transpose(1, 2))  # (Δv)ᵀ, (B, 1, out)
+    frac, loose = _energy_bracket(mats, v, torch.bmm(v, mats.transpose(1, 2)), total, tol)
+    if bool(loose.any()):
+        s = torch.linalg.svdvals(mats[loose])
+        frac[loose] = s[:, 0] ** 2 / (s**2).sum(1).clamp_min(1e-30)
+    return frac
+
+
+def _unit_start(
+    start: torch.Tensor, start_image: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``start`` (B, in) normalised, as row vectors (B, 1, in), and Δ·start scaled alike."""
+    norm = start.float().norm(dim=1, keepdim=True).clamp_min(1e-30)  # (B, 1)
+    image = None if start_image is None else (start_image.float() / norm).unsqueeze(1)
+    return (start.float() / norm).unsqueeze(1), image  # image: (B, 1, out)
+
+
+def _energy_bracket(
+    mats: torch.Tensor, v: torch.Tensor, w: torch.Tensor, total: torch.Tensor, tol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """a / ‖Δ‖²_F at the unit vector v (B, 1, in) with w = (Δv)ᵀ (B, 1, out), and where the
+    bracket of :func:`top_singular_energy` is wider than ``tol`` (B,) bool. A zero delta gives 1."""
+    B = mats.shape[0]
     a = w.square().sum((1, 2))
     c = (torch.bmm(w, mats) - a.view(B, 1, 1) * v).norm(dim=(1, 2))
     b = (total - a).clamp_min(0)
     upper = (a + b) / 2 + torch.sqrt(((a - b) / 2) ** 2 + c**2)
-    frac = a / total.clamp_min(1e-30)
-    loose = (upper - a > tol * total) & (total > 0)
-    if bool(loose.any()):
-        s = torch.linalg.svdvals(mats[loose])
-        frac[loose] = s[:, 0] ** 2 / (s**2).sum(1).clamp_min(1e-30)
-    return torch.where(total > 0, frac, torch.ones_like(frac))
+    frac = torch.where(total > 0, a / total.clamp_min(1e-30), torch.ones_like(a))
+    return frac, (upper - a > tol * total) & (total > 0)
 
 
 def delta_scale(flat: torch.Tensor, normalization: str) -> torch.Tensor:
@@ -187,6 +207,34 @@ def delta_scale(flat: torch.Tensor, normalization: str) -> torch.Tensor:
     # centred copy is squared in place (one delta-sized temporary, not two: each fresh one costs
     # page faults)
     return (flat - flat.mean(1, keepdim=True)).square_().mean(1).sqrt().clamp_min(1e-20)
+
+
+def scale_from_sums(
+    flat: torch.Tensor, normalization: str, row_sum: torch.Tensor, row_sumsq: torch.Tensor
+) -> torch.Tensor:
+    """:func:`delta_scale` of each row of ``flat`` (B, numel) from its sum and sum of squares
+    (B,), which the caller has already (one pass each, shared with the finite check and the
+    energy): no pass over ``flat`` and no temporary, where :func:`delta_scale` takes three.
+
+    The variance E[x²] - E[x]² is taken in float64 from the float32 sums; rows whose mean
+    carries more than 99 % of E[x²] (the difference would lose digits) or whose sums are not
+    finite are computed by :func:`delta_scale`. It rounds differently from :func:`delta_scale`
+    (about 1e-6 relative), so a collection records which one made its rows (``ROWS_FORMULA``).
+    """
+    n = flat.shape[1]
+    mean_sq = row_sumsq.double() / n
+    if normalization == "rms":
+        out = mean_sq.sqrt()
+        redo = ~torch.isfinite(out)
+    else:
+        mean = row_sum.double() / n
+        var = mean_sq - mean * mean
+        out = var.clamp_min(0).sqrt()
+        redo = ~(torch.isfinite(var) & (var > 0.01 * mean_sq)) & (mean_sq > 0)
+    out = out.float().clamp_min(1e-20)
+    if bool(redo.any()):
+        out[redo] = delta_scale(flat[redo], normalization)
+    return out
 
 
 def rank1_right_factor(layer_input: torch.Tensor, optimizer: str) -> torch.Tensor:
@@ -206,7 +254,10 @@ def rank1_factors(
 
 
 def rank1_energy(
-    delta: torch.Tensor, v: torch.Tensor, image: torch.Tensor | None = None
+    delta: torch.Tensor,
+    v: torch.Tensor,
+    image: torch.Tensor | None = None,
+    total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`top_singular_energy` of deltas whose top right singular vector is close to ``v``.
 
@@ -214,8 +265,21 @@ def rank1_energy(
     so the power iteration can start there: one iteration instead of two from the largest row,
     with the same bracket and the same SVD for the deltas it does not settle. ``image`` = Δv
     (B, out), when known (:func:`rank1_factors` computes it), is not computed again.
+
+    With ``image`` and ``total`` (‖Δ‖²_F, (B,)) the bracket is first taken at ``v`` itself, one
+    product per delta; the deltas it settles within the tolerance keep that value, the rest take
+    the iteration. The two agree within the tolerance but not bit for bit, so a collection
+    records which one made its rows (``ROWS_FORMULA``).
     """
-    return top_singular_energy(delta, iters=1, start=v, start_image=image)
+    if image is None or total is None:
+        return top_singular_energy(delta, iters=1, start=v, start_image=image)
+    mats = delta.reshape(delta.shape[0], delta.shape[1], -1).float()
+    frac, loose = _energy_bracket(mats, *_unit_start(v, image), total, ENERGY_TOL)
+    if bool(loose.any()):
+        frac[loose] = top_singular_energy(
+            delta[loose], iters=1, start=v[loose], start_image=image[loose], total=total[loose]
+        )
+    return frac
 
 
 def canonical_factors(

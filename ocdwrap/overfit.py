@@ -49,6 +49,8 @@ class OverfitResult:
     loss_after: torch.Tensor | None  # None when overfit_batch(loss_after=False)
     finite: torch.Tensor
     layer_input: torch.Tensor  # the raw (unpooled) layer input of the base pass
+    # (B,) float32: the sum of each delta's elements, taken by the finite check (collect reuses it)
+    delta_sum: torch.Tensor | None = None
 
     def spec(self, rank: int | None = None) -> FullDelta | LowRankDelta:
         """The overfit deltas as a spec for :meth:`OCDModel.use_deltas`: the full matrices, or
@@ -233,17 +235,25 @@ def _pass_runner(model: OCDModel, inputs: Any) -> Callable[[], Any]:
 
 def _finite_rows(
     delta: torch.Tensor, cond: Conditioning, losses: tuple[torch.Tensor | None, ...]
-) -> torch.Tensor:
-    """(B,) True where the delta, the losses and the conditioning of a sample are finite."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) True where the delta, the losses and the conditioning of a sample are finite, and
+    the sum of each delta's elements (B,).
+
+    One pass: a NaN or an infinity makes the sum non-finite. A sum of finite elements that
+    overflows (elements near 1e34) is told apart by amax/amin on those rows alone.
+    """
     B = delta.shape[0]
-    flat = delta.reshape(B, -1)  # amax/amin propagate NaN and need no (B, out, in) temporary
-    finite = torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
+    total = delta.reshape(B, -1).sum(1)
+    finite = torch.isfinite(total)
+    if not bool(finite.all()):
+        flat = delta.reshape(B, -1)[~finite]  # amax/amin propagate NaN, and do not overflow
+        finite[~finite] = torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
     for t in losses:
         if t is not None:
             finite &= torch.isfinite(t) if t.dim() else torch.isfinite(t).expand(B)
     for t in (cond.layer_input, cond.layer_output, cond.model_output):
         finite &= torch.isfinite(t).all(1)
-    return finite
+    return finite, total
 
 
 def _raw_input(records: list, kind: str, B: int) -> torch.Tensor:
@@ -349,8 +359,8 @@ def overfit_batch(
     finally:
         model.base_model.train(was_training)
     delta = delta.detach()
-    finite = _finite_rows(delta, cond, (loss_before, after))
-    return OverfitResult(delta, cond, loss_before, after, finite, raw_input)
+    finite, delta_sum = _finite_rows(delta, cond, (loss_before, after))
+    return OverfitResult(delta, cond, loss_before, after, finite, raw_input, delta_sum)
 
 
 def overfit_one(

@@ -41,7 +41,7 @@ _IDENTITY_DEFAULTS = {"delta_normalization": "std"}
 # identity keys added later that older stores lack because they were made the earlier way: a
 # store without such a key is resumed the way it was made (the key is left out of the writer's
 # identity, so the caller sees which way); a store with another value is refused
-_IDENTITY_ADOPTED = ("adam_outer_formula",)
+_IDENTITY_ADOPTED = ("adam_outer_formula", "rows_formula")
 # identity keys known only once the first batch is overfitted (not compared when resuming)
 _LAYOUT_KEYS = ("store_rank1",)
 

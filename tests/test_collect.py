@@ -317,6 +317,46 @@ def test_rank1_energy_from_the_known_right_factor_equals_the_svd() -> None:
     torch.testing.assert_close(rank1_energy(delta, start), want, rtol=0, atol=2e-6)
     image = torch.bmm(delta, start.unsqueeze(2)).squeeze(2)  # Δv given: not computed again
     torch.testing.assert_close(rank1_energy(delta, start, image), want, rtol=0, atol=2e-6)
+    # with ‖Δ‖² given, the bracket is first taken at the start itself; what it leaves loose
+    # (the poor start, the delta far from rank one) takes the iteration and the SVD
+    total = delta.reshape(6, -1).square().sum(1)
+    torch.testing.assert_close(rank1_energy(delta, start, image, total), want, rtol=0, atol=2e-6)
+
+
+def test_scale_from_sums_equals_the_two_pass_scale() -> None:
+    """rho from each row's sum and sum of squares (the rows formula "sums") agrees with
+    delta_scale's centred passes, also where the mean dominates (those rows are recomputed by
+    delta_scale itself) and where the sum of squares overflows."""
+    from ocdwrap.deltas import delta_scale, scale_from_sums
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(7, 500, generator=g) * torch.logspace(-6, 2, 7).unsqueeze(1)
+    flat[1] = 0.5 + torch.randn(500, generator=g)  # a mean half as large as the spread
+    flat[2] = 5.0 + 1e-4 * torch.randn(500, generator=g)  # nearly constant: the mean dominates
+    flat[3] = 0.0
+    flat[4] = 1e30 * torch.randn(500, generator=g)  # its square overflows float32
+    row_sum, row_sumsq = flat.sum(1), torch.linalg.vecdot(flat, flat)
+    assert not torch.isfinite(row_sumsq[4])
+    for normalization in ("std", "rms"):
+        want = delta_scale(flat, normalization)
+        got = scale_from_sums(flat, normalization, row_sum, row_sumsq)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+        redone = [2, 4] if normalization == "std" else [4]
+        assert torch.equal(got[redone], want[redone])
+
+
+def test_the_finite_check_takes_one_sum_and_tells_overflow_from_nan() -> None:
+    from ocdwrap.capture import Conditioning
+    from ocdwrap.overfit import _finite_rows
+
+    delta = torch.randn(5, 4, 3)
+    delta[1, 2, 0] = float("nan")
+    delta[2, 0, 1] = float("inf")
+    delta[3] = 3e37  # finite elements whose sum overflows: still a finite delta
+    cond = Conditioning(torch.zeros(5, 3), torch.zeros(5, 4), torch.zeros(5, 2))
+    finite, sums = _finite_rows(delta, cond, (torch.zeros(5), None))
+    assert finite.tolist() == [True, False, False, True, True]
+    assert torch.equal(sums[[0, 4]], delta.reshape(5, -1).sum(1)[[0, 4]])
 
 
 # --- what a directory already holds: never passed off as more than it is ------------------------

@@ -123,3 +123,29 @@ def test_a_reused_workspace_gives_the_same_deltas() -> None:
         reused = ocdwrap.overfit_batch(m, x, y, CE, workspace=workspace).delta
         assert torch.equal(fresh, reused)
     assert set(workspace) == {"delta", "buf"}
+
+
+def test_collection_identity_names_the_rows_formula_and_never_mixes_two(
+    tmp_path, monkeypatch
+) -> None:
+    """rho and the rank-one energy ("sums") round differently from the two-pass formula the
+    collections made before it used: a partial collection naming another formula is refused,
+    and the two agree to about 1e-6 (one made before the record names none and continues with
+    the two-pass formula: tests/test_compat.py)."""
+    case = mlp_case()
+    x, y = case.inputs(40), case.targets(40)
+    loader = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
+    m = ocdwrap.wrap(case.make(), layer="fc2", config=ocdwrap.OCDConfig())
+    assert collect_module._identity(m, m.config, 4096)["rows_formula"] == "sums"
+    monkeypatch.setattr(collect_module, "ROWS_FORMULA", collect_module.ROWS_FORMULA_V1)
+    old = ocdwrap.collect(m, loader, CE, tmp_path / "old", progress=False).load()
+    ocdwrap.collect(m, loader, CE, tmp_path / "d", max_samples=16, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(CollectionExistsError):
+        ocdwrap.collect(m, loader, CE, tmp_path / "d", progress=False)
+    new = ocdwrap.collect(m, loader, CE, tmp_path / "new", progress=False).load()
+    for k in ("index", "v", "cond_in", "cond_act", "cond_out"):
+        assert torch.equal(new[k], old[k]), k
+    for k in ("rho", "u"):
+        torch.testing.assert_close(new[k], old[k], rtol=1e-5, atol=0, msg=k)
+    torch.testing.assert_close(new["energy"], old["energy"], rtol=0, atol=2e-6)
