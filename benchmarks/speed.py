@@ -468,6 +468,64 @@ def bench_inference_one(
     return out
 
 
+def matmul_macs(module: nn.Module, fn: Callable[[], Any]) -> int:
+    """Multiply-adds of the Linear and Conv2d layers of ``module`` while ``fn()`` runs (counted
+    from the shapes each layer sees: rows x in x out, or output elements x in/groups x kernel)."""
+    total = [0]
+
+    def count(layer: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if isinstance(layer, nn.Linear):
+            total[0] += out.numel() * layer.in_features
+        else:
+            kh, kw = layer.kernel_size
+            total[0] += out.numel() * (layer.in_channels // layer.groups) * kh * kw
+
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def gemm_gflops(width: int, rows: int, reps: int, device: str) -> float:
+    """Achieved GFLOP/s of one Linear of ``width`` x ``width`` on ``rows`` rows (the shape of
+    most of the rank-one generator's work), median of ``reps`` timings of 20 calls each."""
+    a = torch.randn(rows, width, device=device)
+    w = torch.randn(width, width, device=device)
+
+    def call() -> None:
+        for _ in range(20):
+            torch.nn.functional.linear(a, w)
+
+    call()
+    seconds = statistics.median(timed(call, device)[1] for _ in range(reps)) / 20
+    return 2 * rows * width * width / seconds / 1e9
+
+
+def arithmetic_floor(m: ocdwrap.OCDModel, x: torch.Tensor, row: dict[str, Any], gflops: float):
+    """What the matrix products alone cost: the generation's and the base forward's multiply-adds
+    per sample, and the OCD / base ratio if the generation were nothing but its matrix products
+    at ``gflops`` (the rest of the OCD forward as measured in ``row``)."""
+    B = x.shape[0]
+    with torch.no_grad():
+        cond, _ = m.conditioning(x)
+    gen = matmul_macs(m.hypernet, lambda: m.generate(cond))
+    with m.disable_adapter():
+        base = matmul_macs(m.base_model, lambda: m(x))
+    floor_ms = 2 * gen / gflops / 1e6
+    return {
+        "generation_macs_per_sample": gen / B,
+        "base_macs_per_sample": base / B,
+        "gemm_gflops": gflops,
+        "generation_floor_ms": floor_ms,
+        "overhead_floor": (row["breakdown_ms"]["base_passes"] + floor_ms) / row["base_ms"],
+    }
+
+
 def unet_pass_ms(cfg: ocdwrap.OCDConfig, dims: tuple, device: str, reps: int) -> dict[str, Any]:
     """One denoiser pass of a UNet of this config at batch 1 (no OCD model around it)."""
     h = OCDHyperNetwork(cfg, kind="linear", weight_shape=(84, 120), dims=dims).to(device).eval()
@@ -518,13 +576,19 @@ def bench_inference(
                 whole_passes=True,
             ),
         }
+    big = s["big_batch"]
+    gflops = gemm_gflops(PINNED_MLP["mlp_hidden"], big, reps, device)
+    inference["gemm_gflops"] = gflops
     for n in s["fewer_steps"]:  # benchmarks.sampling_steps measures what they cost in accuracy
         with r1.sampling(sampling_steps=n):
             inference[f"rank1_{n}_steps"] = {
                 "generator": f"the same, {n} sampling steps"
                 + (" (the library's default)" if n == DEFAULT_STEPS else ""),
-                **bench_inference_one(r1, x, [s["big_batch"]], reps, device, steps=n),
+                **bench_inference_one(r1, x, [big], reps, device, steps=n),
             }
+            if n == DEFAULT_STEPS:
+                row = inference[f"rank1_{n}_steps"]
+                row["arithmetic"] = arithmetic_floor(r1, x[:big].to(device), row[str(big)], gflops)
     if s["mlp_hidden"] is None:  # smaller generators at the default steps (untrained)
         for hidden, cond_dim, blocks in SMALLER_MLPS:
             cfg = base_config(
@@ -537,10 +601,10 @@ def bench_inference(
                     f"{blocks} blocks, {DEFAULT_STEPS} sampling steps (untrained)",
                     "params": sum(p.numel() for p in m.hypernet.ema.parameters())
                     + sum(p.numel() for p in m.hypernet.scale.parameters()),
-                    **bench_inference_one(
-                        m, x, [s["big_batch"]], reps, device, steps=DEFAULT_STEPS
-                    ),
+                    **bench_inference_one(m, x, [big], reps, device, steps=DEFAULT_STEPS),
                 }
+                row = inference[f"smaller_h{hidden}_c{cond_dim}_b{blocks}"]
+                row["arithmetic"] = arithmetic_floor(m, x[:big].to(device), row[str(big)], gflops)
     fb = s["full_batch"]
     full = models["full"]
     inference["full"] = {
@@ -913,8 +977,7 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
     )
     lines = [
         f"Before: `{before_path}`; after: `{after_path}` ({a['machine']}, {a['threads']} thread, "
-        f"torch {a['torch']}; a machine shared with other jobs, {loads}). Each ratio is taken "
-        "within its run.",
+        f"torch {a['torch']}; {loads}). Each ratio is taken within its run.",
         "",
         "| goal (issue 26) | target | before | after | after vs target |",
         "| --- | --- | --- | --- | --- |",
@@ -985,6 +1048,31 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
             f"| {gen} | {steps} | {v['overhead']:.2f}x | {v['denoiser_pass_ms']:.2f} | "
             f"{v['breakdown_ms']['base_passes']:.1f} / {v['breakdown_ms']['generation']:.1f} |"
         )
+    floors = [(k, inf[k]) for k, _ in rows if "arithmetic" in inf[k]]
+    if floors:  # runs before the arithmetic was recorded have none
+        gf = inf["gemm_gflops"]
+        lines += [
+            "",
+            f"What the matrix products alone cost (after run): a {PINNED_MLP['mlp_hidden']}-wide "
+            f"Linear on {big} rows runs at {gf:.0f} GFLOP/s on this CPU; at that speed, a "
+            "generation that were nothing but its matrix products (no normalisation, activation, "
+            "noise or copy) would take the floor below, and the OCD forward the floor ratio "
+            "(the base passes as measured):",
+            "",
+            "| generator | multiply-adds per sample: generation / base forward | generation "
+            "floor, ms (measured) | OCD / base: floor (measured) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for key, v in floors:
+            ar, row = v["arithmetic"], v[big]
+            gen = inf["rank1"]["generator"] if key.startswith("rank1") else v["generator"]
+            gen = gen.split(", untrained")[0].split(" (untrained)")[0]
+            lines.append(
+                f"| {gen} | {ar['generation_macs_per_sample'] / 1e6:.2f} M / "
+                f"{ar['base_macs_per_sample'] / 1e6:.2f} M | {ar['generation_floor_ms']:.1f} "
+                f"({row['breakdown_ms']['generation']:.1f}) | {ar['overhead_floor']:.2f}x "
+                f"({row['overhead']:.2f}x) |"
+            )
     if "compile" in a:
         cc = a["compile"]
         lines += [
@@ -1234,7 +1322,7 @@ def render(r: dict[str, Any]) -> str:
         if key not in inf:
             continue
         for B, v in inf[key].items():
-            if not isinstance(v, dict):
+            if not isinstance(v, dict) or not B.isdigit():
                 continue
             b = v["breakdown_ms"]
             whole = f"{v['overhead_whole_passes']:.1f}x" if "overhead_whole_passes" in v else "-"
@@ -1243,6 +1331,16 @@ def render(r: dict[str, Any]) -> str:
                 f"{v['ocd_ms_per_sample']:.3f} | {v['base_ms_per_sample']:.4f} | "
                 f"{v['denoiser_pass_ms']:.2f} | {b['base_passes']:.1f} / {b['generation']:.1f} |"
             )
+    if "gemm_gflops" in inf:
+        lines += ["", f"A {PINNED_MLP['mlp_hidden']}-wide Linear: {inf['gemm_gflops']:.0f} GFLOP/s"]
+        for key in (*keys, *smaller):
+            ar = inf[key].get("arithmetic")
+            if ar:
+                lines.append(
+                    f"  {key}: {ar['generation_macs_per_sample'] / 1e6:.2f} M multiply-adds per "
+                    f"sample (base {ar['base_macs_per_sample'] / 1e6:.2f} M); matrix products "
+                    f"alone {ar['generation_floor_ms']:.1f} ms, OCD / base {ar['overhead_floor']:.2f}x"
+                )
     lines += ["", "UNet pass at batch 1 (the paper: 27 ms on an RTX 2060):"]
     for k, v in inf["unet_pass"].items():
         lines.append(
