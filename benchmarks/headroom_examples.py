@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 import ocdwrap
-from ocdwrap.headroom import LEGACY_ROWS, ROWS
+from ocdwrap.headroom import ROWS
 
 from .cli import command
-from .results import fmt_mean_sd
+from .results import current_names, fmt_mean_sd
 from .timing import log, machine
 
 MODULE = "benchmarks.headroom_examples"
@@ -269,7 +269,7 @@ def digits_table(d: dict[str, Any]) -> str:
         reps = [s[e] for s in d["digits"].values()]
 
         def row(name: str, key: str, reps: list = reps) -> list[float | None]:
-            return [_rows_of(r)[name][key] for r in reps]
+            return [current_names(r)["rows"][name][key] for r in reps]
 
         best = max(FREE, key=lambda n: _mean(row(n, "share_loss")))
         shares = []
@@ -294,11 +294,6 @@ def digits_table(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rows_of(report: dict[str, Any]) -> dict[str, Any]:
-    """A report's rows under today's names (the committed JSON has 0.2.0's overfit_on_test)."""
-    return {LEGACY_ROWS.get(k, k): v for k, v in report["rows"].items()}
-
-
 def lenet5_table(d: dict[str, Any], which: str = "cross_fitted") -> str:
     """The report's own table (mean ± sd over seeds) for the ``which`` probe."""
     reps = [s[which] for s in d["lenet5"].values()]
@@ -308,7 +303,7 @@ def lenet5_table(d: dict[str, Any], which: str = "cross_fitted") -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in ROWS:
-        vals = [_rows_of(r)[name] for r in reps]
+        vals = [current_names(r)["rows"][name] for r in reps]
         cells = [
             _cell([v["loss"] for v in vals], ".4f"),
             _cell([v["accuracy"] for v in vals], ".2f", 100),

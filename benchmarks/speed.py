@@ -1039,13 +1039,11 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
         (f"rank1_{n}_steps", n) for n in a["settings"]["fewer_steps"]
     ]
     rows += [(k, DEFAULT_STEPS) for k in inf if k.startswith("smaller_")]
+    labels = {key: _generator_label(inf, key) for key, _ in rows}
     for key, steps in rows:
         v = inf[key][big]
-        gen = inf[key]["generator"].split(", untrained")[0].split(" (untrained)")[0]
-        if key.startswith("rank1"):
-            gen = inf["rank1"]["generator"]
         lines.append(
-            f"| {gen} | {steps} | {v['overhead']:.2f}x | {v['denoiser_pass_ms']:.2f} | "
+            f"| {labels[key]} | {steps} | {v['overhead']:.2f}x | {v['denoiser_pass_ms']:.2f} | "
             f"{v['breakdown_ms']['base_passes']:.1f} / {v['breakdown_ms']['generation']:.1f} |"
         )
     floors = [(k, inf[k]) for k, _ in rows if "arithmetic" in inf[k]]
@@ -1065,10 +1063,8 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
         ]
         for key, v in floors:
             ar, row = v["arithmetic"], v[big]
-            gen = inf["rank1"]["generator"] if key.startswith("rank1") else v["generator"]
-            gen = gen.split(", untrained")[0].split(" (untrained)")[0]
             lines.append(
-                f"| {gen} | {ar['generation_macs_per_sample'] / 1e6:.2f} M / "
+                f"| {labels[key]} | {ar['generation_macs_per_sample'] / 1e6:.2f} M / "
                 f"{ar['base_macs_per_sample'] / 1e6:.2f} M | {ar['generation_floor_ms']:.1f} "
                 f"({row['breakdown_ms']['generation']:.1f}) | {ar['overhead_floor']:.2f}x "
                 f"({row['overhead']:.2f}x) |"
@@ -1111,6 +1107,13 @@ def doc_tables(before_path: str, after_path: str, memory_ab_path: str | None = N
             runs = ", ".join(f"{x:.0f}" for x in v["host_peak_mb"])
             lines.append(f"| {label} | {len(v['host_peak_mb'])} | {runs} | {v['median_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def _generator_label(inf: dict[str, Any], key: str) -> str:
+    """The generator of inference row ``key`` as the doc's tables name it (the default's rows
+    by the default generator, the others without their "untrained" remark)."""
+    gen = inf["rank1" if key.startswith("rank1") else key]["generator"]
+    return gen.split(", untrained")[0].split(" (untrained)")[0]
 
 
 def detail_tables(a: dict[str, Any], path: str) -> list[str]:

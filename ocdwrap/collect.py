@@ -138,12 +138,12 @@ def _rows(
         row_sum = None if row_sum is None else row_sum.masked_fill(~res.finite, 0.0)
     flat = delta.reshape(B, -1)
     total = None  # ‖Δ‖²_F per row, with the "sums" formula
-    if formula == ROWS_FORMULA:
+    if formula == ROWS_FORMULA_V1:
+        rho = delta_scale(flat, cfg.delta_normalization)  # (B,)
+    else:
         total = torch.linalg.vecdot(flat, flat)
         row_sum = flat.sum(1) if row_sum is None else row_sum
         rho = scale_from_sums(flat, cfg.delta_normalization, row_sum, total)  # (B,)
-    else:
-        rho = delta_scale(flat, cfg.delta_normalization)  # (B,)
     rows = {"index": torch.arange(first, first + B, dtype=torch.int64), "rho": rho}
     rows.update(res.cond.as_dict())
     if "u" in keys:

@@ -42,7 +42,7 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
     every submodule, which at batch 1 took longer than the whole denoising loop).
     """
     training, stack = [], [module]
-    while stack:  # Module.modules() builds every submodule's name: 5x slower on the generator
+    while stack:  # not Module.modules(), which builds every submodule's name on each call
         m = stack.pop()
         if m.training:
             training.append(m)
@@ -359,17 +359,24 @@ class OCDHyperNetwork(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, cond: Conditioning, *, num_draws: int = 1, scale: str | None = None, **kw: Any
+        self,
+        cond: Conditioning,
+        *,
+        num_draws: int = 1,
+        scale: str | None = None,
+        rng: torch.Generator | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
     ) -> DeltaSpec:
         """Per-sample deltas rho(I(x)) * delta_hat, ``num_draws`` per sample (sample-major).
 
-        ``scale`` overrides ``config.scale`` ("learned" or "global"); ``kw`` goes to
-        :meth:`sample_normalised`.
+        ``scale`` overrides ``config.scale`` ("learned" or "global"); ``rng``, ``sampler``,
+        ``steps`` and ``eta`` as for :meth:`sample_normalised`.
         """
         with _eval_mode(self):  # no dropout while sampling
             feats = self.features(cond)  # once, for the generator and the scale model
-            kw = {"sampler": None, "steps": None, "eta": None, **kw}
-            x = self._sample(feats, num_draws, kw.pop("rng", None), **kw)
+            x = self._sample(feats, num_draws, rng, sampler, steps, eta)
             rho = self._rho(feats, scale)
         if num_draws > 1:
             rho = rho.repeat_interleave(num_draws, 0)

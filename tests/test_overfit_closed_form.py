@@ -137,13 +137,23 @@ def test_collection_identity_names_the_rows_formula_and_never_mixes_two(
     loader = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
     m = ocdwrap.wrap(case.make(), layer="fc2", config=ocdwrap.OCDConfig())
     assert collect_module._identity(m, m.config, 4096)["rows_formula"] == "sums"
+    calls: list[int] = []  # batches whose rho came from the sums
+    from_sums = collect_module.scale_from_sums
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return from_sums(*a, **kw)
+
     monkeypatch.setattr(collect_module, "ROWS_FORMULA", collect_module.ROWS_FORMULA_V1)
+    monkeypatch.setattr(collect_module, "scale_from_sums", counted)
     old = ocdwrap.collect(m, loader, CE, tmp_path / "old", progress=False).load()
     ocdwrap.collect(m, loader, CE, tmp_path / "d", max_samples=16, progress=False)
-    monkeypatch.undo()
+    assert calls == []  # the two-pass formula throughout
+    monkeypatch.setattr(collect_module, "ROWS_FORMULA", "sums")
     with pytest.raises(CollectionExistsError):
         ocdwrap.collect(m, loader, CE, tmp_path / "d", progress=False)
     new = ocdwrap.collect(m, loader, CE, tmp_path / "new", progress=False).load()
+    assert len(calls) == len(loader)  # every batch of a new collection
     for k in ("index", "v", "cond_in", "cond_act", "cond_out"):
         assert torch.equal(new[k], old[k]), k
     for k in ("rho", "u"):
